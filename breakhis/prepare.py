@@ -1,0 +1,314 @@
+"""Prepare job: catalog a BreakHis tree, check every image decodes, pack the
+PNG bytes into Parquet shards for streaming, and assign patient-disjoint splits.
+
+Writes to DEST (local or ``s3://``):
+
+- ``shards/part-NNNNN-<hash>.parquet``: catalog columns, ``width``, ``height``
+  and ``png`` (the file's bytes), ~``shard_mb`` per file in row groups of at
+  most ``row_group_rows`` rows;
+- ``manifest.parquet``: one row per accepted image with the split columns
+  (``fold``, ``rep0``..) but no pixels;
+- ``rejects.parquet``: every file that failed to parse or decode, with the reason.
+
+Shards are planned deterministically from the catalog and named by a hash of
+their members, so a re-run skips shards that are already complete (a job that
+died part-way resumes), rewrites none twice, and deletes shards of an older
+plan: the result is the same whatever happened before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from breakhis import storage
+from breakhis.catalog import CATALOG_SCHEMA, Reject, rejects_table, scan_catalog
+from breakhis.imaging import decode_check
+from breakhis.splits import add_split_columns
+
+log = logging.getLogger(__name__)
+
+SHARD_SCHEMA = (
+    CATALOG_SCHEMA.append(pa.field("width", pa.int32()))
+    .append(pa.field("height", pa.int32()))
+    .append(pa.field("png", pa.binary()))
+)
+_REJECTS_KEY = b"breakhis.rejects"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Options of the prepare job.
+
+    src: root of a BreakHis tree (local path or s3:// URI), any nesting.
+    dest: where shards, manifest and rejects go (local path or s3:// URI).
+    strict: fail, naming every file, when a name does not parse (default: skip them).
+    folds: number of patient-grouped folds (the ``fold`` column).
+    repetitions: number of the paper's 70/30 patient splits (``rep0``.. columns).
+    test_fraction: share of patients tested in each repetition.
+    seed: seed of both split schemes.
+    shard_mb: target shard size in MB of PNG bytes.
+    row_group_rows: most rows per Parquet row group (bounds a reader's memory).
+    """
+
+    src: str
+    dest: str
+    strict: bool = False
+    folds: int = 5
+    repetitions: int = 5
+    test_fraction: float = 0.3
+    seed: int = 0
+    shard_mb: float = 128.0
+    row_group_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"--folds must be >= 2, got {self.folds}")
+        if self.repetitions < 1:
+            raise ValueError(f"--repetitions must be >= 1, got {self.repetitions}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.shard_mb <= 0:
+            raise ValueError(f"--shard-mb must be > 0, got {self.shard_mb}")
+        if self.row_group_rows < 1:
+            raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
+        if self.src.rstrip("/") == self.dest.rstrip("/"):
+            raise ValueError("SRC and DEST must differ")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The rows that go into one shard, and its file name."""
+
+    index: int
+    rows: tuple[dict, ...]
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256()
+        for row in self.rows:
+            digest.update(f"{row['uri']}\0{row['size_bytes']}\n".encode())
+        return f"part-{self.index:05d}-{digest.hexdigest()[:12]}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What writing (or finding) one shard produced."""
+
+    name: str
+    metadata: pa.Table  # accepted rows, without the png column
+    rejects: tuple[Reject, ...]
+    skipped: bool  # True when the shard was already complete
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What the prepare job produced."""
+
+    dest: str
+    images: int
+    patients: int
+    rejects: int
+    shards: int
+    shards_written: int
+    shards_deleted: int
+    counts: dict[str, int]  # "class/magnification" -> images
+    split_counts: dict[str, int]  # "fold K test" -> images
+
+    def format_table(self) -> str:
+        """A plain-text summary table for the terminal."""
+        lines = [
+            f"prepared {self.images} images of {self.patients} patients into {self.dest}",
+            f"shards: {self.shards} ({self.shards_written} written, "
+            f"{self.shards - self.shards_written} already complete, "
+            f"{self.shards_deleted} stale deleted); rejects: {self.rejects}",
+            "",
+            f"{'class':<10}{'40X':>7}{'100X':>7}{'200X':>7}{'400X':>7}{'total':>8}",
+        ]
+        for cls in ("benign", "malignant"):
+            cells = [self.counts.get(f"{cls}/{m}", 0) for m in (40, 100, 200, 400)]
+            lines.append(f"{cls:<10}" + "".join(f"{c:>7}" for c in cells) + f"{sum(cells):>8}")
+        lines.append("")
+        lines.append(
+            "test images per split: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(self.split_counts.items()))
+        )
+        return "\n".join(lines)
+
+
+def plan_shards(catalog: pa.Table, *, shard_mb: float) -> list[ShardPlan]:
+    """Group catalog rows (in uri order) into shards of about ``shard_mb`` MB."""
+    limit = shard_mb * 1e6
+    plans: list[ShardPlan] = []
+    current: list[dict] = []
+    size = 0
+    for row in catalog.sort_by("uri").to_pylist():
+        if current and size + row["size_bytes"] > limit:
+            plans.append(ShardPlan(len(plans), tuple(current)))
+            current, size = [], 0
+        current.append(row)
+        size += row["size_bytes"]
+    if current:
+        plans.append(ShardPlan(len(plans), tuple(current)))
+    return plans
+
+
+def _read_existing(uri: str) -> ShardResult | None:
+    """The metadata of a complete shard already at ``uri``, or None."""
+    fs, path = storage.resolve(uri)
+    try:
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+    metadata = parquet.read(columns=[f.name for f in SHARD_SCHEMA if f.name != "png"])
+    raw = parquet.schema_arrow.metadata or {}
+    rejects = tuple(Reject(**r) for r in json.loads(raw.get(_REJECTS_KEY, b"[]")))
+    return ShardResult(uri.rsplit("/", 1)[-1], metadata, rejects, skipped=True)
+
+
+def write_shard(plan: ShardPlan, shards_uri: str, row_group_rows: int) -> ShardResult:
+    """Read, decode-check and pack one shard; skip it when already complete.
+
+    Files that cannot be read or decoded become rejects; they never raise.
+    """
+    uri = storage.join(shards_uri, plan.name)
+    existing = _read_existing(uri)
+    if existing is not None:
+        return existing
+    rows: list[dict] = []
+    rejects: list[Reject] = []
+    for row in plan.rows:
+        try:
+            data = storage.read_bytes(row["uri"])
+        except OSError as err:
+            rejects.append(Reject(row["uri"], "read", str(err)))
+            continue
+        problem, width, height = decode_check(data)
+        if problem:
+            rejects.append(Reject(row["uri"], "decode", problem))
+            continue
+        rows.append({**row, "size_bytes": len(data), "width": width, "height": height, "png": data})
+    meta = {_REJECTS_KEY: json.dumps([asdict(r) for r in rejects]).encode()}
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA.with_metadata(meta))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group_rows, compression="none")
+    storage.write_bytes(uri, buffer.getvalue())
+    return ShardResult(plan.name, table.drop_columns(["png"]), tuple(rejects), skipped=False)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def manifest_hash(manifest: pa.Table) -> str:
+    """A short content hash of a manifest: which tiles, labels and splits.
+
+    Model artifacts record it so that evaluation can tell which data a model saw.
+    """
+    digest = hashlib.sha256()
+    keep = [
+        c
+        for c in manifest.column_names
+        if c in ("tile_id", "patient_id", "label", "fold") or c.startswith("rep")
+    ]
+    for row in manifest.select(keep).sort_by("tile_id").to_pylist():
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(dest: str) -> pa.Table:
+    """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
+    uri = storage.join(dest, "manifest.parquet")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first")
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def prepare(config: PrepareConfig) -> PrepareSummary:
+    """Run the prepare job on the current Ray cluster (started locally if none).
+
+    Returns a PrepareSummary. Raises FileNotFoundError when SRC does not
+    exist, CatalogError when it holds no BreakHis image (or, with strict, a
+    name does not parse), ValueError when the patients cannot be split.
+    """
+    import ray
+
+    catalog = scan_catalog(config.src, strict=config.strict)
+    plans = plan_shards(catalog.table, shard_mb=config.shard_mb)
+    shards_uri = storage.join(config.dest, "shards")
+    storage.make_dirs(shards_uri)
+    log.info("checking and packing %d images into %d shard(s)", catalog.num_images, len(plans))
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    refs = [remote.remote(plan, shards_uri, config.row_group_rows) for plan in plans]
+    results: list[ShardResult] = ray.get(refs)
+
+    wanted = {p.name for p in plans}
+    stale = [
+        e.uri
+        for e in storage.walk(shards_uri, (".parquet",))
+        if e.uri.rsplit("/", 1)[-1] not in wanted
+    ]
+    for uri in stale:
+        storage.delete(uri)
+
+    accepted = pa.concat_tables([r.metadata for r in results]).sort_by("uri")
+    rejects = list(catalog.rejects) + [rej for r in results for rej in r.rejects]
+    if accepted.num_rows == 0:
+        raise ValueError(f"{config.src}: no image decoded; see {config.dest}/rejects.parquet")
+    manifest = add_split_columns(
+        accepted,
+        folds=config.folds,
+        repetitions=config.repetitions,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+    )
+    manifest = manifest.replace_schema_metadata(
+        {
+            "breakhis.split": json.dumps(
+                {
+                    "folds": config.folds,
+                    "repetitions": config.repetitions,
+                    "test_fraction": config.test_fraction,
+                    "seed": config.seed,
+                }
+            ),
+            "breakhis.manifest_hash": manifest_hash(manifest),
+        }
+    )
+    storage.write_bytes(storage.join(config.dest, "manifest.parquet"), _table_bytes(manifest))
+    storage.write_bytes(
+        storage.join(config.dest, "rejects.parquet"),
+        _table_bytes(rejects_table(sorted(rejects, key=lambda r: r.uri))),
+    )
+    for reject in rejects:
+        log.info("rejected %s (%s): %s", reject.uri, reject.stage, reject.reason)
+
+    labels = manifest.column("label").to_pylist()
+    mags = manifest.column("magnification").to_pylist()
+    counts = Counter(f"{('benign', 'malignant')[c]}/{m}" for c, m in zip(labels, mags, strict=True))
+    split_counts = Counter(f"fold{f}" for f in manifest.column("fold").to_pylist())
+    for i in range(config.repetitions):
+        split_counts[f"rep{i}"] = pc.sum(pc.equal(manifest.column(f"rep{i}"), "test")).as_py()
+    return PrepareSummary(
+        dest=config.dest,
+        images=manifest.num_rows,
+        patients=len(set(manifest.column("patient_id").to_pylist())),
+        rejects=len(rejects),
+        shards=len(plans),
+        shards_written=sum(not r.skipped for r in results),
+        shards_deleted=len(stale),
+        counts=dict(counts),
+        split_counts=dict(split_counts),
+    )

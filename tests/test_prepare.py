@@ -1,0 +1,138 @@
+"""The prepare job on real Ray, locally and against the embedded S3 server."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from breakhis import storage
+from breakhis.catalog import scan_catalog
+from breakhis.prepare import PrepareConfig, prepare, read_manifest
+from breakhis.splits import SplitSpec, select_split
+
+pytestmark = [pytest.mark.ray]
+
+
+def _shard_names(dest: str) -> list[str]:
+    return [e.uri.rsplit("/", 1)[-1] for e in storage.walk(storage.join(dest, "shards"))]
+
+
+def _real_tree_with_bad_files(realdata_dir: Path, root: Path) -> dict[str, str]:
+    """The real sample, in the official layout, plus four bad files."""
+    from breakhis.names import official_relative_path, parse_name
+
+    for src in realdata_dir.glob("*.png"):
+        dest = root / official_relative_path(parse_name(src.name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    good = (realdata_dir / "SOB_B_F-14-25197-100-001.png").read_bytes()
+    bad = {
+        "SOB_B_F-14-25197-40-901.png": (good[: len(good) // 3], "decode"),
+        "SOB_B_F-14-25197-40-902.png": (b"", "decode"),
+        "SOB_B_F-14-25197-40-903.png": (b"<html>not a png</html>", "decode"),
+        "scan-0001.png": (good, "parse"),
+    }
+    for name, (data, _) in bad.items():
+        (root / "extra" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "extra" / name).write_bytes(data)
+    return {name: stage for name, (_, stage) in bad.items()}
+
+
+def test_prepare_real_sample_locally(realdata_dir, tmp_path, ray_local):
+    src, dest = tmp_path / "src", str(tmp_path / "prepared")
+    bad = _real_tree_with_bad_files(realdata_dir, src)
+    summary = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, row_group_rows=4))
+
+    assert summary.images == 60
+    assert summary.patients == 11
+    assert summary.rejects == 4
+    assert summary.shards > 1 and summary.shards_written == summary.shards
+
+    rejects = pq.read_table(f"{dest}/rejects.parquet").to_pylist()
+    assert {r["file_name"]: r["stage"] for r in rejects} == bad
+    assert all(r["reason"] for r in rejects)
+
+    # Read back with a different reader (pandas over the whole shard folder).
+    shards = pd.read_parquet(f"{dest}/shards")
+    assert len(shards) == 60
+    manifest = read_manifest(dest)
+    catalog = scan_catalog(str(src)).table.to_pandas().set_index("tile_id")
+    for row in shards.itertuples():
+        expect = catalog.loc[row.tile_id]
+        assert (row.patient_id, row.label, row.magnification) == (
+            expect.patient_id,
+            expect.label,
+            expect.magnification,
+        )
+        assert row.png == (src / Path(row.uri).relative_to(src)).read_bytes()
+    sizes = dict(zip(manifest["tile_id"].to_pylist(), manifest["height"].to_pylist(), strict=True))
+    assert sizes["SOB_M_PC-14-12465-100-001"] == 456  # the real quirk: 700x456 tiles
+    assert sizes["SOB_B_F-14-25197-100-001"] == 460
+    for shard in _shard_names(dest):
+        meta = pq.ParquetFile(f"{dest}/shards/{shard}").metadata
+        assert all(meta.row_group(i).num_rows <= 4 for i in range(meta.num_row_groups))
+
+    # Slide 14-13412 (DC and LC) is one patient: never on two sides of any split.
+    for spec in [SplitSpec("fold", k) for k in range(5)] + [SplitSpec("rep", r) for r in range(5)]:
+        split = select_split(manifest, spec)
+        assert ("14-13412" in split.train) != ("14-13412" in split.test)
+
+
+def test_rerun_is_idempotent_and_resumes(realdata_dir, tmp_path, ray_local):
+    src, dest = tmp_path / "src", str(tmp_path / "prepared")
+    _real_tree_with_bad_files(realdata_dir, src)
+    config = PrepareConfig(src=str(src), dest=dest, shard_mb=8)
+    prepare(config)
+    first = _shard_names(dest)
+    manifest_bytes = Path(dest, "manifest.parquet").read_bytes()
+
+    again = prepare(config)
+    assert again.shards_written == 0
+    assert _shard_names(dest) == first
+    assert Path(dest, "manifest.parquet").read_bytes() == manifest_bytes
+
+    # A job that died after some shards: only the missing one is written.
+    Path(dest, "shards", first[1]).unlink()
+    Path(dest, "shards", "part-99999-stale.parquet").write_bytes(b"old plan")
+    resumed = prepare(config)
+    assert resumed.shards_written == 1
+    assert resumed.shards_deleted == 1
+    assert _shard_names(dest) == first
+    assert Path(dest, "manifest.parquet").read_bytes() == manifest_bytes
+    assert resumed.rejects == 4  # rejects of skipped shards come from their metadata
+
+
+def test_prepare_generated_data_in_s3(s3_prefix, ray_local):
+    from breakhis.synth import corrupt_files, synthesize
+
+    raw, dest = f"{s3_prefix}/raw", f"{s3_prefix}/prepared"
+    made = synthesize(raw, scale=0.02, seed=3, width=64, height=42)
+    bad = corrupt_files(raw, seed=3)
+    summary = prepare(PrepareConfig(src=raw, dest=dest, shard_mb=0.2))
+    assert summary.images == made.images
+    assert summary.rejects == len(bad)
+    assert summary.shards > 1
+
+    fs, path = storage.resolve(dest)
+    shards = pads.dataset(f"{path}/shards", filesystem=fs, format="parquet").to_table()
+    manifest = read_manifest(dest)
+    assert shards.num_rows == manifest.num_rows == made.images
+    assert sorted(shards["tile_id"].to_pylist()) == sorted(manifest["tile_id"].to_pylist())
+    catalog = {r["tile_id"]: r for r in scan_catalog(raw).table.to_pylist()}
+    for row in shards.select(["tile_id", "uri", "patient_id", "label", "width"]).to_pylist():
+        assert row["uri"] == catalog[row["tile_id"]]["uri"]
+        assert row["patient_id"] == catalog[row["tile_id"]]["patient_id"]
+        assert row["label"] == catalog[row["tile_id"]]["label"]
+        assert row["width"] == 64
+    rejects = pq.read_table(f"{path}/rejects.parquet", filesystem=fs).to_pylist()
+    assert {r["uri"]: r["stage"] for r in rejects} == bad
+
+
+def test_bad_config_is_refused_before_work(tmp_path):
+    with pytest.raises(ValueError, match="--folds"):
+        PrepareConfig(src="a", dest="b", folds=1)
+    with pytest.raises(ValueError, match="differ"):
+        PrepareConfig(src="s3://x/a", dest="s3://x/a/")
