@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: real data on disk and the embedded S3 server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from breakhis.s3server import S3Server, embedded_s3
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the S3 server ``s3``, so ``-m "not s3"`` leaves it out."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
+# --- real data ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def realdata_dir() -> Path:
+    """The small real BreakHis sample shipped beside the repo (skips the test if absent)."""
+    path = (REPO_ROOT / ".." / "shared" / "realdata" / "breakhis-sample").resolve()
+    if not path.is_dir():
+        pytest.skip(f"real BreakHis sample not found at {path}")
+    return path
+
+
+# --- S3 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One embedded SeaweedFS for the session, buckets ``breakhis`` and ``test``.
+
+    The AWS_* variables point at it from the first test that asks for it until the session
+    ends, so fixtures that start processes needing S3 (Ray) must depend on this one.
+    """
+    with embedded_s3(buckets=("breakhis", "test"), set_env=True) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server) -> str:
+    """A fresh ``s3://test/<uuid>`` prefix, so tests never see each other's objects."""
+    return f"s3://test/{uuid.uuid4().hex}"
+
+
+# --- Ray ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: S3Server) -> Iterator[None]:
+    """One local Ray instance for the whole session (starting one costs seconds).
+
+    Depends on ``s3_server`` so that Ray's workers inherit the AWS_* variables that point
+    at it. ``address="local"`` never attaches to a cluster someone else started.
+    """
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
