@@ -2,6 +2,12 @@
 
     breakhis synth OUT [--scale F] [--seed S]
     breakhis prepare SRC DEST [--strict] [--folds K] ...
+    breakhis train --data DEST --storage URI --name NAME [--fold K] ...
+    breakhis tune --data DEST --storage URI --name NAME --search-space YAML ...
+    breakhis score --model URI --input URI --output URI [--attribution gradcam]
+    breakhis evaluate --model URI --data DEST [--fold K] --out DIR
+    breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
+    breakhis benchmark {ingest,train,tune,score}
     breakhis demo [--data SRC] [--workdir DIR]
 
 Each ``jobs/<name>.py`` calls ``main([name, *argv])``, so ``ray job submit``
@@ -12,9 +18,12 @@ imports (Ray, torch) happen inside the subcommands so ``--help`` is fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+
+from breakhis.options import add_config_options, build_config
 
 log = logging.getLogger("breakhis")
 
@@ -128,30 +137,169 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
 
 @command("demo", "run the whole pipeline end to end on generated (or given) data")
 def _demo(p: argparse.ArgumentParser) -> Command:
-    p.add_argument(
-        "--data",
-        default=None,
-        help="a real BreakHis root to use instead of generated data (local or s3://)",
-    )
-    p.add_argument(
-        "--workdir",
-        default="demo-output",
-        help="local folder for the demo's outputs (default demo-output)",
-    )
-    p.add_argument("--scale", type=float, default=0.05, help="size of the generated data set")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, splits and training")
+    bindings = add_config_options(p, _load("breakhis.demo:DemoConfig"))
 
     def run(args: argparse.Namespace) -> int:
         from breakhis.demo import DemoConfig, run_demo
 
-        run_demo(DemoConfig(data=args.data, workdir=args.workdir, scale=args.scale, seed=args.seed))
+        run_demo(build_config(DemoConfig, args, bindings))
         return 0
 
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+def _split_aliases(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("split shortcuts (instead of --split)")
+    group.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        metavar="K",
+        help="use the patient-grouped fold K (same as --split fold:K)",
+    )
+    group.add_argument(
+        "--rep",
+        type=int,
+        default=None,
+        metavar="K",
+        help="use the paper's 70/30 repetition K (same as --split rep:K)",
+    )
+
+
+def _split_from_aliases(args: argparse.Namespace, dest: str = "split") -> None:
+    if args.fold is not None and args.rep is not None:
+        raise ValueError("give one of --fold and --rep, not both")
+    if args.fold is not None:
+        setattr(args, dest, f"fold:{args.fold}")
+    elif args.rep is not None:
+        setattr(args, dest, f"rep:{args.rep}")
+
+
+def _job(
+    name: str,
+    help_text: str,
+    config: str,
+    runner: str,
+    *,
+    split_dest: str | None = None,
+    needs_ray: bool = True,
+) -> None:
+    """Register a subcommand whose options are the fields of a config dataclass
+    (``module:Class``) and which prints the ``format_table()`` of what
+    ``module:function`` returns."""
+
+    def setup(p: argparse.ArgumentParser) -> Command:
+        cls = _load(config)
+        bindings = add_config_options(p, cls)
+        if split_dest:
+            _split_aliases(p)
+        if needs_ray:
+            p.add_argument(
+                "--ray-address",
+                default=None,
+                help="Ray cluster address (default: RAY_ADDRESS, else a local instance)",
+            )
+
+        def run(args: argparse.Namespace) -> int:
+            if split_dest:
+                _split_from_aliases(args, split_dest)
+            cfg = build_config(cls, args, bindings)  # validates before Ray starts
+            if needs_ray:
+                init_ray(args.ray_address)
+            result = _load(runner)(cfg)
+            print(result.format_table())
+            return 0
+
+        return run
+
+    command(name, help_text)(setup)
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_job(
+    "train",
+    "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST",
+    "breakhis.train:TrainConfig",
+    "breakhis.train:run_training",
+    split_dest="split",
+)
+_job(
+    "tune",
+    "hyperparameter sweep with Ray Tune (ASHA) over full training runs",
+    "breakhis.tune:SweepConfig",
+    "breakhis.tune:run_sweep",
+    split_dest="split",
+)
+_job(
+    "score",
+    "batch-score tiles: predictions and attribution maps as Parquet, exactly once",
+    "breakhis.score:ScoreConfig",
+    "breakhis.score:run_scoring",
+)
+_job(
+    "evaluate",
+    "evaluate a model on its held-out patients and write the report",
+    "breakhis.evaluate:EvaluateConfig",
+    "breakhis.evaluate:run_evaluation",
+    split_dest="split",
+)
+_job(
+    "protocol",
+    "the paper's protocol: train and evaluate one model per split, mean +- std",
+    "breakhis.protocol:ProtocolConfig",
+    "breakhis.protocol:run_protocol",
+)
+
+_BENCHMARKS = {
+    "ingest": (
+        "breakhis.benchmarks.ingest:IngestBenchmarkConfig",
+        "breakhis.benchmarks.ingest:run_ingest_benchmark",
+        "Ray Data ingest vs a torch DataLoader (images/s, first and later epoch)",
+    ),
+    "train": (
+        "breakhis.benchmarks.train:TrainBenchmarkConfig",
+        "breakhis.benchmarks.train:run_train_benchmark",
+        "Ray Train epoch time vs a plain PyTorch loop",
+    ),
+    "tune": (
+        "breakhis.benchmarks.tune:TuneBenchmarkConfig",
+        "breakhis.benchmarks.tune:run_tune_benchmark",
+        "an N-trial sweep vs the same N runs one after another",
+    ),
+    "score": (
+        "breakhis.benchmarks.score:ScoreBenchmarkConfig",
+        "breakhis.benchmarks.score:run_score_benchmark",
+        "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
+    ),
+}
+
+
+@command("benchmark", "speed benchmarks, each against a baseline in the same run (a ratio)")
+def _benchmark(p: argparse.ArgumentParser) -> Command:
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (config, runner, help_text) in _BENCHMARKS.items():
+        bp = sub.add_parser(name, help=help_text, description=help_text)
+        cls = _load(config)
+        bindings = add_config_options(bp, cls)
+        bp.set_defaults(_bench=(cls, runner, bindings))
+
+    def run(args: argparse.Namespace) -> int:
+        cls, runner, bindings = args._bench
+        result = _load(runner)(build_config(cls, args, bindings))
+        print(result.format_table())
+        return 0
+
+    return run
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Only the ``chosen`` subcommand's options are built
+    (they import its config module, which may import torch and Ray); the
+    others are listed with their help line."""
     parser = argparse.ArgumentParser(
         prog="breakhis",
         description="Ray-native pipeline for BreakHis histopathology: prepare, train, tune, "
@@ -161,14 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (setup, help_text) in _COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        sub_parser.set_defaults(_run=setup(sub_parser))
+        if name == chosen:
+            sub_parser.set_defaults(_run=setup(sub_parser))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Returns the exit status: 0 on success, 2 for bad
     input (with a one-line message naming what was wrong), 1 otherwise."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in _COMMANDS else None).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

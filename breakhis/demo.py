@@ -23,18 +23,16 @@ BUCKET = "breakhis"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Options of the demo.
-
-    data: a real BreakHis root (local or s3://) to use instead of generated data.
-    workdir: local folder for outputs that should outlive the embedded S3 server.
-    scale: size of the generated data set (fraction of the real counts).
-    seed: seed for data, splits and training.
-    """
+    """Options of the demo."""
 
     data: str | None = None
+    """A real BreakHis root (local or s3://) to use instead of generated data."""
     workdir: str = "demo-output"
+    """Local folder for the outputs that outlive the embedded S3 server (report, scores)."""
     scale: float = 0.05
+    """Size of the generated data set, as a fraction of the real per-subtype counts."""
     seed: int = 0
+    """Seed of the data, the splits and training."""
 
     def __post_init__(self) -> None:
         if self.scale <= 0:

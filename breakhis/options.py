@@ -1,0 +1,188 @@
+"""Command-line options made from the config dataclasses.
+
+Every job's options are the fields of its frozen config dataclass, with the
+field's docstring as help, so ``--help``, the config and its validation never
+drift apart. Nested config dataclasses (``SweepConfig.train``) are flattened:
+their fields become options too; a name already taken by the outer config is
+prefixed with the nested field's name (``--train-seed``).
+
+Types: str, int, float, bool (``--flag`` / ``--no-flag``), ``X | None``
+(``none`` or ``all`` gives None), ``tuple[X, ...]`` (comma-separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+_NONE_WORDS = ("none", "all")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where one command-line option goes in a (nested) config."""
+
+    dest: str  # argparse destination
+    path: tuple[str, ...]  # field names from the outer config down
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (first paragraph, one line)."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            text = inspect.cleandoc(after.value.value).split("\n\n")[0]
+            docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        # str | SomeObject | None: the command line can only give the str form.
+        scalar = [a for a in args if a in (str, int, float, bool)]
+        return (scalar[0] if scalar else args[0]), optional
+    return hint, False
+
+
+def _parser_for(kind: Any, optional: bool) -> Callable[[str], Any]:
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        item, item_optional = _unwrap_optional(typing.get_args(kind)[0])
+        parse_item = _parser_for(item, item_optional)
+
+        def parse_tuple(text: str) -> tuple:
+            return tuple(parse_item(part.strip()) for part in text.split(",") if part.strip())
+
+        return parse_tuple
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in _NONE_WORDS:
+            return None
+        try:
+            return kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from err
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _is_config(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+) -> list[Binding]:
+    """Add one option per field of ``cls`` (nested configs flattened).
+
+    ``skip`` names fields (at any depth) the caller sets itself; ``required``
+    marks fields that must be given. Returns the bindings for build_config.
+    """
+    bindings: list[Binding] = []
+    taken: set[str] = {a.dest for a in parser._actions}
+
+    def visit(klass: type, path: tuple[str, ...], prefix: str) -> None:
+        hints = typing.get_type_hints(klass)
+        docs = field_docs(klass)
+        nested = []
+        for item in dataclasses.fields(klass):
+            if item.name in skip or not item.init:
+                continue
+            kind, optional = _unwrap_optional(hints[item.name])
+            if _is_config(kind):
+                nested.append((item, kind))
+                continue
+            dest = item.name if item.name not in taken else f"{prefix}{item.name}"
+            taken.add(dest)
+            flag = "--" + dest.replace("_", "-")
+            default = item.default if item.default is not dataclasses.MISSING else None
+            help_text = docs.get(item.name, "")
+            is_required = item.name in required or (
+                item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+            )
+            if kind is bool and not optional:
+                parser.add_argument(
+                    flag,
+                    dest=dest,
+                    action=argparse.BooleanOptionalAction,
+                    default=default,
+                    help=help_text,
+                )
+            else:
+                if default is not None and not is_required:
+                    help_text = f"{help_text} (default: {_show(default)})"
+                parser.add_argument(
+                    flag,
+                    dest=dest,
+                    type=_parser_for(kind, optional),
+                    default=default,
+                    required=is_required,
+                    help=help_text,
+                    metavar=dest.upper(),
+                )
+            bindings.append(Binding(dest, (*path, item.name)))
+        for item, kind in nested:
+            visit(kind, (*path, item.name), f"{item.name}_")
+
+    visit(cls, (), "")
+    return bindings
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join("all" if v is None else str(v) for v in value)
+    return str(value)
+
+
+def build_config(cls: type, args: argparse.Namespace, bindings: list[Binding], **fixed: Any):
+    """Build ``cls`` from parsed options (nested configs included).
+
+    ``fixed`` gives values for fields the caller set itself (top level, or
+    ``nested__field`` for a nested one). Raises what the configs' validation
+    raises (ValueError naming the option).
+    """
+    values: dict[tuple[str, ...], Any] = {b.path: getattr(args, b.dest) for b in bindings}
+    for key, value in fixed.items():
+        values[tuple(key.split("__"))] = value
+
+    def make(klass: type, path: tuple[str, ...]) -> Any:
+        hints = typing.get_type_hints(klass)
+        kwargs = {}
+        for item in dataclasses.fields(klass):
+            kind, _ = _unwrap_optional(hints[item.name])
+            here = (*path, item.name)
+            if _is_config(kind) and here not in values:
+                kwargs[item.name] = make(kind, here)
+            elif here in values:
+                kwargs[item.name] = values[here]
+        return klass(**kwargs)
+
+    return make(cls, ())

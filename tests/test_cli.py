@@ -1,0 +1,118 @@
+"""The console command and the job entry points: help for every option, clear errors."""
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from breakhis import cli
+from breakhis.options import field_docs
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIGS = {
+    "train": "breakhis.train:TrainConfig",
+    "score": "breakhis.score:ScoreConfig",
+    "evaluate": "breakhis.evaluate:EvaluateConfig",
+    "protocol": "breakhis.protocol:ProtocolConfig",
+    "tune": "breakhis.tune:SweepConfig",
+    "demo": "breakhis.demo:DemoConfig",
+}
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def _flags(cls) -> set[str]:
+    flags = set()
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[item.name]):
+            flags |= _flags(hints[item.name])
+        else:
+            flags.add("--" + item.name.replace("_", "-"))
+    return flags
+
+
+def test_top_level_help_lists_every_command(capsys):
+    out = _help(capsys)
+    for name in (
+        "synth",
+        "prepare",
+        "train",
+        "tune",
+        "score",
+        "evaluate",
+        "protocol",
+        "benchmark",
+        "demo",
+    ):
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_field_is_an_option_with_help(capsys, name):
+    out = _help(capsys, name)
+    cls = cli._load(CONFIGS[name])
+    for flag in _flags(cls):
+        assert flag in out or flag.replace("--", "--train-") in out, (name, flag)
+    docs = field_docs(cls)
+    assert docs and all(docs.values())
+
+
+@pytest.mark.parametrize("bench", ["ingest", "train", "tune", "score"])
+def test_benchmark_help(capsys, bench):
+    assert "--" in _help(capsys, "benchmark", bench)
+
+
+@pytest.mark.parametrize("name", ["synth", "prepare"])
+def test_positional_commands_help(capsys, name):
+    assert "usage: breakhis " + name in _help(capsys, name)
+
+
+def test_bad_option_value_names_the_option_and_what_is_accepted(capsys):
+    code = cli.main(["train", "--data", "d", "--storage", "s", "--name", "n", "--arch", "alexnet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "alexnet" in err and "resnet50" in err
+    assert "Traceback" not in err
+
+
+def test_split_shortcuts(capsys):
+    code = cli.main(
+        ["train", "--data", "d", "--storage", "s", "--name", "n", "--fold", "1", "--rep", "2"]
+    )
+    assert code == 2
+    assert "--fold and --rep" in capsys.readouterr().err
+
+
+def test_missing_source_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["prepare", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert code == 2
+    assert "nope: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "jobs").glob("*.py")))
+def test_job_entry_points_are_thin_and_match_a_command(job):
+    text = (REPO / "jobs" / f"{job}.py").read_text()
+    assert f'main(["{job}", *sys.argv[1:]])' in text
+    assert job in cli._COMMANDS
+
+
+def test_job_entry_point_runs_from_any_directory(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "prepare.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--shard-mb" in done.stdout
