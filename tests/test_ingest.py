@@ -1,0 +1,283 @@
+"""Ray Data ingest on generated data in the embedded SeaweedFS (tiny 64x42 tiles, S = 32)."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from breakhis import storage
+from breakhis.ingest import IngestConfig, IngestData, TileCollate, build_datasets
+from breakhis.splits import SplitSpec, select_split
+from breakhis.transforms import normalize
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+SIZE = 32
+SPLIT = SplitSpec.parse("fold:0", val_fraction=0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server) -> Iterator[None]:
+    """A private local Ray for this module, started after the S3 server so its workers
+    see the AWS_* variables (an instance another module left running is reused)."""
+    import ray
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dest(ray_session, s3_server) -> str:
+    """78 generated tiles of 14 patients, prepared into S3 in several small shards."""
+    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.synth import synthesize
+
+    root = f"s3://test/{uuid.uuid4().hex}"
+    synthesize(f"{root}/raw", scale=0.01, seed=0, width=64, height=42, workers=1)
+    prepare(
+        PrepareConfig(
+            src=f"{root}/raw", dest=f"{root}/prepared", folds=3, shard_mb=0.03, row_group_rows=8
+        )
+    )
+    return f"{root}/prepared"
+
+
+@pytest.fixture(scope="module")
+def manifest(dest: str) -> pa.Table:
+    from breakhis.prepare import read_manifest
+
+    return read_manifest(dest)
+
+
+@pytest.fixture(scope="module")
+def cached(dest: str) -> IngestData:
+    return build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
+
+
+def _epoch(ds, columns=("image", "label", "tile_id", "patient_id", "magnification")) -> dict:
+    """One pass over a dataset: numpy columns concatenated."""
+    parts: dict[str, list] = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        for c in columns:
+            parts[c].append(batch[c])
+    return {c: np.concatenate(v) for c, v in parts.items()}
+
+
+def _by_tile(epoch: dict) -> dict[str, list[bytes]]:
+    images: dict[str, list[bytes]] = {}
+    for tile, image in zip(epoch["tile_id"], epoch["image"], strict=True):
+        images.setdefault(str(tile), []).append(image.tobytes())
+    return {t: sorted(v) for t, v in images.items()}
+
+
+def test_batches_have_the_contract_shapes_dtypes_ranges_and_manifest_labels(
+    cached: IngestData, manifest: pa.Table
+) -> None:
+    assert set(cached.datasets) == {"train", "val", "test"}
+    labels = dict(
+        zip(
+            manifest.column("tile_id").to_pylist(),
+            manifest.column("label").to_pylist(),
+            strict=True,
+        )
+    )
+    for side in ("val", "test"):
+        epoch = _epoch(cached.datasets[side])
+        assert epoch["image"].dtype == np.uint8 and epoch["image"].shape[1:] == (3, SIZE, SIZE)
+        assert len(epoch["tile_id"]) == cached.num_rows[side]
+        assert [labels[t] for t in epoch["tile_id"]] == epoch["label"].tolist()
+    seen = 0
+    batches = cached.datasets["train"].iter_torch_batches(
+        batch_size=8, prefetch_batches=2, collate_fn=TileCollate()
+    )
+    for batch in batches:
+        assert set(batch) == {"image", "label", "magnification"}
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, SIZE, SIZE)
+        assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1}
+        assert set(batch["magnification"].tolist()) <= {40, 100, 200, 400}
+        assert int(batch["image"].max()) > 0  # not a blank tile
+        x = normalize(batch["image"])
+        assert x.dtype == torch.float32 and float(x.min()) > -2.2 and float(x.max()) < 2.7
+        seen += len(batch["label"])
+    assert seen == cached.num_rows["train"]
+
+
+def test_each_side_holds_exactly_its_patients_tiles(
+    cached: IngestData, dest: str, manifest: pa.Table
+) -> None:
+    patients = select_split(manifest, SPLIT)
+    assert cached.split == patients
+    rows = manifest.to_pylist()
+    for side in ("train", "val", "test"):
+        members = getattr(patients, side)
+        epoch = _epoch(cached.datasets[side], columns=("tile_id", "patient_id"))
+        assert set(epoch["patient_id"]) == set(members)
+        assert set(epoch["tile_id"]) == {r["tile_id"] for r in rows if r["patient_id"] in members}
+    one_mag = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, magnification=100))
+    epoch = _epoch(one_mag.datasets["test"], columns=("tile_id", "magnification", "patient_id"))
+    assert set(epoch["magnification"]) == {100}
+    assert set(epoch["patient_id"]) <= patients.test
+    assert len(epoch["tile_id"]) == sum(
+        r["magnification"] == 100 and r["patient_id"] in patients.test for r in rows
+    )
+
+
+def test_oversampling_and_class_weights_follow_the_train_counts(
+    cached: IngestData, manifest: pa.Table
+) -> None:
+    train_labels = [
+        r["label"] for r in manifest.to_pylist() if r["patient_id"] in cached.split.train
+    ]
+    counts = (train_labels.count(0), train_labels.count(1))
+    assert cached.class_counts == counts
+    factor = cached.oversample_factor
+    assert factor[0] == max(1, round(counts[1] / counts[0])) and factor[1] == 1
+    seen = (counts[0] * factor[0], counts[1] * factor[1])
+    assert cached.class_weights[0] * seen[0] == pytest.approx(cached.class_weights[1] * seen[1])
+    epoch = _epoch(cached.datasets["train"], columns=("tile_id", "label"))
+    assert Counter(epoch["label"].tolist()) == {0: seen[0], 1: seen[1]}
+    per_tile = Counter(epoch["tile_id"].tolist())
+    assert {
+        per_tile[t] for t, lab in zip(epoch["tile_id"], epoch["label"], strict=True) if lab == 0
+    } == {factor[0]}
+
+
+def test_augmentation_changes_pixels_not_labels_differs_per_epoch_and_repeats_for_a_seed(
+    dest: str,
+) -> None:
+    # Fresh datasets: the module's `cached` one has run epochs in other tests already, and
+    # the epoch number is the dataset's own execution count.
+    plain = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, augment_strength=0.0))
+    base = _by_tile(_epoch(plain.datasets["train"]))
+    run = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
+    again = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
+    other_seed = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=6))
+
+    first = _epoch(run.datasets["train"])
+    second = _epoch(run.datasets["train"])
+    repeat = _epoch(again.datasets["train"])
+    labels = dict(zip(first["tile_id"], first["label"], strict=True))
+    assert dict(zip(second["tile_id"], second["label"], strict=True)) == labels
+
+    first_images, second_images = _by_tile(first), _by_tile(second)
+    assert set(first_images) == set(base)
+    assert all(base[t][0] not in first_images[t] for t in base)
+    assert all(first_images[t] != second_images[t] for t in base)
+    assert _by_tile(repeat) == first_images  # same seed, same first epoch
+    assert _by_tile(_epoch(other_seed.datasets["train"])) != first_images
+    # Strength 0 is the evaluation transform: the train tiles equal the decoded ones.
+    assert _by_tile(_epoch(plain.datasets["train"])) == base
+
+
+def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest: str) -> None:
+    data = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE))
+    decoded_at_build = data.decode_stats().decoded
+    assert decoded_at_build == sum(data.num_rows.values())
+    for _ in range(2):
+        _epoch(data.datasets["train"], columns=("label",))
+        _epoch(data.datasets["val"], columns=("label",))
+    assert data.decode_stats().decoded == decoded_at_build
+
+    streaming = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, cache=False))
+    assert streaming.decode_stats().decoded == 0
+    for epoch in (1, 2):
+        rows = len(_epoch(streaming.datasets["train"], columns=("label",))["label"])
+        assert rows == streaming.num_rows["train"] == data.num_rows["train"]
+        assert streaming.decode_stats().decoded == epoch * rows
+
+
+def test_workers_shards_cover_the_train_set_once_per_epoch_with_fresh_augmentation(
+    cached: IngestData,
+) -> None:
+    """What Ray Train does: streaming_split into one shard per worker, epochs in lockstep."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def consume(shard, epochs: int) -> list[list[tuple[str, bytes]]]:
+        return [
+            [
+                (str(tile), image.tobytes())
+                for batch in shard.iter_batches(batch_size=8, batch_format="numpy")
+                for tile, image in zip(batch["tile_id"], batch["image"], strict=True)
+            ]
+            for _ in range(epochs)
+        ]
+
+    shards = cached.datasets["train"].streaming_split(2, equal=False)
+    workers = ray.get([consume.remote(s, 2) for s in shards])
+    epochs = []
+    for epoch in range(2):
+        rows = [row for worker in workers for row in worker[epoch]]
+        assert len(rows) == cached.num_rows["train"]
+        images: dict[str, list[bytes]] = {}
+        for tile, image in rows:
+            images.setdefault(tile, []).append(image)
+        epochs.append({t: sorted(v) for t, v in images.items()})
+    first, second = epochs
+    assert set(first) == set(second)
+    assert all(first[t] != second[t] for t in first)
+
+
+def test_a_corrupt_tile_is_skipped_logged_and_counted(dest: str, manifest: pa.Table) -> None:
+    broken = f"s3://test/{uuid.uuid4().hex}/prepared"
+    shards = [e.uri for e in storage.walk(storage.join(dest, "shards"), (".parquet",))]
+    storage.write_bytes(
+        storage.join(broken, "manifest.parquet"),
+        storage.read_bytes(storage.join(dest, "manifest.parquet")),
+    )
+    patients = select_split(manifest, SPLIT)
+    victim = None
+    for uri in shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        if victim is None:
+            test_rows = [
+                i
+                for i, p in enumerate(table.column("patient_id").to_pylist())
+                if p in patients.test
+            ]
+            if test_rows:
+                i = test_rows[0]
+                victim = (table.column("tile_id")[i].as_py(), table.column("uri")[i].as_py())
+                png = table.column("png").to_pylist()
+                png[i] = png[i][: len(png[i]) // 3]  # a truncated PNG
+                table = table.set_column(
+                    table.schema.get_field_index("png"), "png", pa.array(png, pa.binary())
+                )
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(
+            storage.join(broken, "shards", uri.rsplit("/", 1)[-1]), buffer.getvalue()
+        )
+    assert victim is not None
+
+    data = build_datasets(broken, SPLIT, IngestConfig(image_size=SIZE))
+    stats = data.decode_stats()
+    assert stats.failed == 1
+    assert stats.failures[0][0] == victim[1] and stats.failures[0][1]
+    expected = sum(p in patients.test for p in manifest.column("patient_id").to_pylist())
+    tiles = _epoch(data.datasets["test"], columns=("tile_id",))["tile_id"]
+    assert data.num_rows["test"] == len(tiles) == expected - 1
+    assert victim[0] not in set(tiles)
+
+
+def test_missing_data_and_unknown_split_fail_with_the_place(dest: str, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        build_datasets(str(tmp_path / "nothing"), SPLIT, IngestConfig(image_size=SIZE))
+    with pytest.raises(ValueError, match="fold:7"):
+        build_datasets(dest, SplitSpec.parse("fold:7"), IngestConfig(image_size=SIZE))
