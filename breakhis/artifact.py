@@ -1,0 +1,202 @@
+"""The model artifact: weights plus everything needed to use them, at one URI.
+
+    save_artifact("s3://bucket/runs/rn50-fold0/model", model, card)
+    model, card = load_artifact("s3://bucket/runs/rn50-fold0/model")
+
+A directory (local or ``s3://``) holding
+
+- ``model.pt``: the model's state dict (``torch.save``);
+- ``model.json``: the ModelCard: architecture, classes, input size and
+  normalisation (what a scorer must do to a tile), the training config, the
+  manifest hash and split (which data the model saw), validation metrics,
+  creation time and ``model_id``, a short hash of ``model.pt``'s bytes.
+
+``model.json`` is written last, so a directory with it is complete; loading
+checks the weights against ``model_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from torch import nn
+
+from breakhis import storage
+from breakhis.model import build_model, check_arch
+from breakhis.names import CLASS_NAMES
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+CARD_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is and how to feed it; stored as ``model.json``."""
+
+    architecture: str
+    """One of breakhis.model.ARCHITECTURES."""
+    image_size: int
+    """Side of the square input in pixels."""
+    mean: tuple[float, float, float]
+    """Per-channel mean subtracted from RGB values scaled to [0, 1]."""
+    std: tuple[float, float, float]
+    """Per-channel standard deviation divided out after the mean."""
+    dropout: float = 0.2
+    """Dropout of the head (needed to rebuild the same module)."""
+    class_names: tuple[str, ...] = CLASS_NAMES
+    """Name of each output index: 0 benign, 1 malignant."""
+    num_classes: int = 2
+    """Number of logits."""
+    magnification: int | None = None
+    """The magnification the model was trained on, or None for all."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The training config (TrainConfig as a dict)."""
+    manifest_hash: str = ""
+    """breakhis.prepare.manifest_hash of the data the model was trained on."""
+    split: str = ""
+    """The split used, e.g. ``fold:0``."""
+    epoch: int = 0
+    """The epoch whose weights these are."""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    """Validation metrics of that epoch (NaN stored as null)."""
+    created_at: str = ""
+    """UTC time of saving, ISO 8601; filled by save_artifact()."""
+    model_id: str = ""
+    """First 12 hex digits of the SHA-256 of ``model.pt``; filled by save_artifact()."""
+    version: int = FORMAT_VERSION
+    """Format version of the artifact."""
+
+    def __post_init__(self) -> None:
+        check_arch(self.architecture)
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std need one value per RGB channel")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    def to_json(self) -> str:
+        """The card as JSON text (NaN metrics become null)."""
+        data = asdict(self)
+        data["metrics"] = {k: _json_number(v) for k, v in self.metrics.items()}
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "model.json") -> ModelCard:
+        """Parse a card. Raises ValueError naming ``source`` for bad JSON, a newer
+        format version or unknown fields."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: artifact format version {version!r}; this code reads {FORMAT_VERSION}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        for key in ("mean", "std", "class_names"):
+            if key in data:
+                data[key] = tuple(data[key])
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _state_bytes(model: nn.Module) -> bytes:
+    # Unwrap DDP / torch.compile so the keys are those of build_model()'s module.
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    state = {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_artifact(uri: str, model: nn.Module, card: ModelCard) -> ModelCard:
+    """Write ``model.pt`` and then ``model.json`` under ``uri`` (local or s3://).
+
+    Returns the card as written: ``model_id`` and ``created_at`` filled, NaN
+    metrics as None.
+    Raises ValueError when the model's output size differs from the card's
+    classes; storage errors propagate from breakhis.storage.
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if head and head[-1].out_features != card.num_classes:
+        raise ValueError(
+            f"model has {head[-1].out_features} outputs, card says {card.num_classes} classes"
+        )
+    data = _state_bytes(model)
+    card = replace(
+        card,
+        model_id=hashlib.sha256(data).hexdigest()[:12],
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics={k: _json_number(v) for k, v in card.metrics.items()},
+    )
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), data)
+    storage.write_bytes(storage.join(uri, CARD_FILE), card.to_json().encode())
+    return card
+
+
+def read_card(uri: str) -> ModelCard:
+    """The ModelCard of the artifact at ``uri``, without loading weights.
+
+    Raises FileNotFoundError naming the URI when there is no artifact there,
+    ValueError for a card that does not parse.
+    """
+    card_uri = storage.join(uri, CARD_FILE)
+    try:
+        text = storage.read_bytes(card_uri).decode()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{card_uri}: no model artifact here (expected {CARD_FILE} and {WEIGHTS_FILE})"
+        ) from err
+    return ModelCard.from_json(text, source=card_uri)
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Load the artifact at ``uri``: the model in eval mode on ``device``, and its card.
+
+    Raises FileNotFoundError when the artifact or its weights are missing, and
+    ValueError when the card does not parse or the weights do not match the
+    card's ``model_id`` (a partial copy or an edited file).
+    """
+    card = read_card(uri)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        data = storage.read_bytes(weights_uri)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{weights_uri}: the artifact's weights are missing") from err
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    if card.model_id and digest != card.model_id:
+        raise ValueError(
+            f"{weights_uri}: weights hash {digest} does not match model_id {card.model_id} "
+            f"in {CARD_FILE}; the artifact is incomplete or was modified"
+        )
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = build_model(card.architecture, weights="none", dropout=card.dropout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_uri}: weights do not fit {card.architecture}: {err}") from err
+    return model.to(device).eval(), card

@@ -1,0 +1,410 @@
+"""The training job: pure per-epoch pieces, then real 2-worker Ray Train runs on
+generated data (learning, resume, failure recovery) and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import breakhis.train as train_module
+from breakhis.metrics import classification_metrics, majority_rate
+from breakhis.model import WeightsError, build_model
+from breakhis.splits import LeakageError
+from breakhis.train import (
+    TrainConfig,
+    early_stopping,
+    evaluate,
+    lr_scale,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    run_training,
+    train_one_epoch,
+    write_curves,
+)
+
+SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizing
+
+
+def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
+    values = dict(
+        data=data,
+        storage=str(tmp_path / "runs"),
+        name="run",
+        arch="smallcnn",
+        weights="none",
+        freeze_epochs=0,
+        image_size=32,
+        augment_strength=0.0,
+        epochs=1,
+        batch_size=16,
+        lr=3e-3,
+        warmup_epochs=0.0,
+        num_workers=2,
+        max_failures=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arch": "resnet51"}, "unknown model 'resnet51'; accepted: resnet50"),
+        ({"optimizer": "adam"}, "--optimizer 'adam' unknown; accepted: adamw, sgd"),
+        ({"metric": "val_auc"}, "--metric 'val_auc' unknown; accepted: val_loss"),
+        ({"val_fraction": 0.0}, "--val-fraction must be in"),
+        ({"name": "runs/x"}, "no slashes"),
+        ({"split": "fold0"}, "expected fold:K or rep:K"),
+        ({"weights": "none", "freeze_epochs": 2}, "freeze a randomly initialised backbone"),
+        ({"weights": "imagenet"}, "smallcnn has no ImageNet weights"),
+        ({"magnification": 50}, "accepted 40, 100, 200, 400"),
+        ({"batch_size": 0}, "--batch-size must be > 0"),
+    ],
+)
+def test_config_errors_name_the_option(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, "data", **overrides)
+
+
+def test_config_round_trips_through_a_dict(tmp_path: Path) -> None:
+    config = _config(tmp_path, "data", metric="val_roc_auc")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert config.metric_mode == "max" and _config(tmp_path, "data").metric_mode == "min"
+    with pytest.raises(ValueError, match="unknown training option.*colour"):
+        TrainConfig.from_dict({**config.to_dict(), "colour": 1})
+
+
+def test_lr_warms_up_then_follows_a_cosine_to_the_floor() -> None:
+    scales = [lr_scale(s, total_steps=100, warmup_steps=10, min_scale=0.01) for s in range(101)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == pytest.approx(1.0)
+    assert scales[10] == pytest.approx(1.0)
+    assert scales[55] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert scales[100] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(scales[10:], scales[11:], strict=False))
+
+
+def test_early_stopping_counts_epochs_since_the_best() -> None:
+    history = [
+        {"epoch": 1, "val_loss": 0.7},
+        {"epoch": 2, "val_loss": 0.5},
+        {"epoch": 3, "val_loss": 0.6},
+        {"epoch": 4, "val_loss": float("nan")},
+    ]
+    assert early_stopping(history, "val_loss", "min", patience=2) == (2, True)
+    assert early_stopping(history, "val_loss", "min", patience=3) == (2, False)
+    assert early_stopping(history, "val_loss", "min", patience=0) == (2, False)
+    assert early_stopping(history, "val_loss", "max", patience=1) == (1, True)
+    assert early_stopping([], "val_loss", "min", patience=1) == (0, False)
+
+
+def _toy_batches(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Malignant tiles are darker: a signal a small CNN picks up in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    base = np.where(labels == 1, 90, 170)[:, None, None, None]
+    images = np.clip(base + rng.normal(0, 25, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def test_train_one_epoch_and_evaluate_learn_in_memory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = _config(tmp_path, "data", epochs=3, lr=1e-2)
+    model = build_model("smallcnn")
+    backbone, head = train_module.split_parameters(model, "smallcnn")
+    optimizer = make_optimizer(config, backbone, head)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=4)
+    loss_fn = make_loss(config, class_weights=(1.0, 1.0))
+    images, labels = _toy_batches(64, seed=1)
+    batches = [{"image": images[i : i + 16], "label": labels[i : i + 16]} for i in range(0, 64, 16)]
+    losses = []
+    for _ in range(config.epochs):
+        model.train()
+        stats = train_one_epoch(
+            model,
+            batches,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            device=torch.device("cpu"),
+        )
+        assert (stats.images, stats.steps) == (64, 4)
+        losses.append(stats.loss)
+    assert losses[-1] < losses[0]
+    assert scheduler.last_epoch == 12
+
+    test_images, test_labels = _toy_batches(40, seed=2)
+    patients = np.array([f"P{i % 8}" for i in range(40)])
+    predictions = evaluate(
+        model,
+        [{"image": test_images.numpy(), "label": test_labels.numpy(), "patient_id": patients}],
+        device=torch.device("cpu"),
+    )
+    assert not model.training
+    assert predictions.probs.shape == (40,)
+    assert classification_metrics(predictions.labels, predictions.probs)["accuracy"] >= 0.9
+
+
+def test_write_curves(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_roc_auc": float("nan"),
+         "backbone_frozen": 1.0, "best_epoch": 1},
+        {"epoch": 2, "train_loss": 0.5, "val_loss": 0.4, "val_roc_auc": 0.8,
+         "backbone_frozen": 0.0, "best_epoch": 2},
+    ]  # fmt: skip
+    png = write_curves(history, str(tmp_path), "val_loss")
+    assert Path(png).read_bytes().startswith(b"\x89PNG")
+    saved = json.loads((tmp_path / "curves.json").read_text())
+    assert saved["metric"] == "val_loss"
+    assert [r["epoch"] for r in saved["epochs"]] == [1, 2]
+    assert saved["epochs"][0]["val_roc_auc"] is None
+
+
+# --------------------------------------------------------------------------- Ray fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_local) -> Iterator[None]:
+    """The session's local Ray (4 logical CPUs: 2 workers + Ray Data), started after the
+    S3 server so that its processes see the AWS_* variables."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Generated BreakHis-shaped tiles (~400 images, 81 patients), prepared."""
+    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.synth import synthesize
+
+    root = tmp_path_factory.mktemp("train-data")
+    synthesize(str(root / "raw"), scale=0.05, seed=0, width=SIDE, height=SIDE, workers=1)
+    prepare(PrepareConfig(src=str(root / "raw"), dest=str(root / "prepared")))
+    return str(root / "prepared")
+
+
+# --------------------------------------------------------------------------- Ray runs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path: Path) -> None:
+    from breakhis.artifact import load_artifact
+    from breakhis.ingest import IngestConfig, build_datasets
+    from breakhis.splits import SplitSpec
+    from breakhis.transforms import normalize
+
+    config = _config(
+        tmp_path,
+        prepared,
+        name="learn",
+        image_size=SIDE,
+        epochs=6,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        metric="val_balanced_accuracy",
+        patience=0,
+    )
+    result = run_training(config)
+    assert result.last_epoch == 6 and len(result.history) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert Path(result.curves_uri).is_file()
+    assert Path(result.curves_uri).with_name("curves.json").is_file()
+
+    # Score the artifact on the test patients (never seen, not used for selection).
+    model, card = load_artifact(result.artifact_uri)
+    assert (card.architecture, card.image_size, card.epoch) == ("smallcnn", SIDE, result.best_epoch)
+    assert card.model_id == result.model_id and card.split == "fold:0"
+    assert card.metrics["val_balanced_accuracy"] == pytest.approx(
+        result.best_metrics["val_balanced_accuracy"]
+    )
+    data = build_datasets(
+        prepared, SplitSpec.parse("fold:0", val_fraction=0.2), IngestConfig(image_size=SIDE)
+    )
+    rows = data.datasets["test"].take_all()
+    images = torch.from_numpy(np.stack([r["image"] for r in rows]))
+    labels = np.array([r["label"] for r in rows])
+    patients = np.array([r["patient_id"] for r in rows])
+    with torch.no_grad():
+        probs = torch.softmax(model(normalize(images)), dim=1)[:, 1].numpy()
+    test = classification_metrics(labels, probs, patients)
+    patient_labels = {p: label for p, label in zip(patients, labels, strict=True)}
+    chance_bar = majority_rate(list(patient_labels.values()))
+    assert test["patient_recognition_rate"] >= chance_bar + 0.15, (test, chance_bar)
+    assert test["balanced_accuracy"] >= 0.75, test
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rerun_resumes_at_the_next_epoch_on_s3(
+    prepared: str, s3_prefix: str, tmp_path: Path
+) -> None:
+    from breakhis import storage
+
+    config = _config(tmp_path, prepared, storage=f"{s3_prefix}/runs", name="resume", epochs=1)
+    first = run_training(config)
+    assert [r["epoch"] for r in first.history] == [1]
+    fs, path = storage.resolve(f"{s3_prefix}/runs/resume/epoch_0001/checkpoint.pt")
+    written = fs.get_file_info(path).mtime
+
+    second = run_training(TrainConfig.from_dict({**config.to_dict(), "epochs": 2}))
+    assert [r["epoch"] for r in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]  # epoch 1 restored, not trained again
+    assert fs.get_file_info(path).mtime == written
+    assert storage.exists(f"{s3_prefix}/runs/resume/model/model.json")
+
+    # Same name, other model: refused before any worker starts.
+    with pytest.raises(ValueError, match=r"--arch 'smallcnn' \(now 'resnet18'\)"):
+        run_training(TrainConfig.from_dict({**config.to_dict(), "arch": "resnet18"}))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_that_fails_mid_epoch_is_restarted_from_the_checkpoint(
+    prepared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = str(tmp_path / "failed-once")
+
+    def flaky_loop(config: dict) -> None:
+        # Runs on each worker: rank 1 raises after one step of epoch 2, once per test.
+        import ray.train
+
+        import breakhis.train as worker_module
+
+        # The worker's own module is not monkeypatched: these are the real functions.
+        real_loop, real_epoch = worker_module.train_loop_per_worker, worker_module.train_one_epoch
+        calls = []
+        if ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
+
+            def failing_epoch(model, batches, **kwargs):
+                calls.append(1)
+                if len(calls) == 1:  # epoch 1 trains and is checkpointed
+                    return real_epoch(model, batches, **kwargs)
+
+                def one_batch_then_fail():
+                    for batch in batches:
+                        yield batch
+                        open(marker, "w").close()
+                        raise RuntimeError("injected worker failure")
+
+                return real_epoch(model, one_batch_then_fail(), **kwargs)
+
+            worker_module.train_one_epoch = failing_epoch
+        real_loop(config)
+
+    monkeypatch.setattr(train_module, "train_loop_per_worker", flaky_loop)
+    # Pretrained-from-file weights with a frozen first epoch: the restart crosses the unfreeze.
+    weights = tmp_path / "smallcnn.pt"
+    torch.save(build_model("smallcnn").state_dict(), weights)
+    config = _config(
+        tmp_path, prepared, name="flaky", epochs=2, max_failures=1, weights=str(weights),
+        freeze_epochs=1,
+    )  # fmt: skip
+    result = run_training(config)
+    assert os.path.exists(marker), "the injected failure never happened"
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert [r["backbone_frozen"] for r in result.history] == [1.0, 0.0]
+    assert math.isfinite(result.history[-1]["val_loss"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _leaky_copy(prepared: str, dest: Path) -> str:
+    """A copy of the prepared data whose manifest puts one patient in two folds."""
+    manifest = pq.read_table(Path(prepared) / "manifest.parquet")
+    fold = manifest.column("fold").to_numpy().copy()
+    patient = manifest.column("patient_id")[int(np.flatnonzero(fold == 0)[0])].as_py()
+    rows = np.flatnonzero(pc.equal(manifest.column("patient_id"), patient).to_numpy())
+    fold[rows[-1]] = 1
+    dest.mkdir()
+    index = manifest.column_names.index("fold")
+    leaky = manifest.set_column(index, "fold", pa.array(fold, pa.int8()))
+    pq.write_table(leaky, dest / "manifest.parquet")
+    os.symlink(Path(prepared) / "shards", dest / "shards")
+    return str(dest)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    "case", ["missing data", "leaky split", "weights that do not fit", "imagenet offline",
+             "batch larger than the data"],
+)  # fmt: skip
+def test_bad_input_fails_before_any_worker_starts(
+    case: str, prepared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a trainer was built: the error came too late")
+
+    monkeypatch.setattr(train_module, "make_trainer", no_workers)
+    if case == "missing data":
+        config, error, message = (
+            _config(tmp_path, str(tmp_path / "nowhere")),
+            FileNotFoundError,
+            "no manifest",
+        )
+    elif case == "leaky split":
+        data = _leaky_copy(prepared, tmp_path / "leaky")
+        config, error, message = _config(tmp_path, data), LeakageError, "patient-disjoint"
+    elif case == "weights that do not fit":
+        other = tmp_path / "resnet18.pt"
+        torch.save(build_model("resnet18").state_dict(), other)
+        config = _config(tmp_path, prepared, weights=str(other))
+        error, message = WeightsError, "does not fit smallcnn"
+    elif case == "imagenet offline":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+        for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        config = _config(tmp_path, prepared, arch="resnet18", weights="imagenet", freeze_epochs=1)
+        error, message = WeightsError, "cannot download resnet18 ImageNet weights"
+    else:
+        config = _config(tmp_path, prepared, batch_size=4096)
+        error, message = ValueError, "do not fill one batch of --batch-size 4096"
+    with pytest.raises(error, match=message):
+        run_training(config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpus_per_worker_is_checked_first(tmp_path: Path) -> None:
+    config = _config(tmp_path, str(tmp_path / "nowhere"), use_gpu=True)
+    with pytest.raises(ValueError, match=r"gpus_per_worker must be in \(0, 1\]"):
+        run_training(config, gpus_per_worker=2.0)
+
+
+def test_benchmark_figures_leave_out_the_warm_up_epoch() -> None:
+    from breakhis.benchmarks.train import TrainBenchmarkConfig, TrainBenchmarkResult
+
+    config = TrainBenchmarkConfig(workdir="unused")
+    assert config.resolved()["arch"] == "resnet18"
+    assert TrainBenchmarkConfig(use_gpu=True).resolved()["image_size"] == 224
+    result = TrainBenchmarkResult(
+        date="2026-11-22",
+        device="test CPU",
+        gpus=0,
+        config=config.resolved(),
+        train_images=100,
+        job_epoch_s=[9.0, 2.2, 2.0, 2.4],
+        job_full_epoch_s=[10.0, 3.0, 3.0, 3.0],
+        loop_epoch_s=[5.0, 2.0, 1.9, 2.1],
+        job_wall_s=40.0,
+    )
+    assert result.ratio == pytest.approx(2.2 / 2.0)
+    assert result.startup_s == pytest.approx(40.0 - 19.0)
+    assert result.job_images_per_s_per_worker == pytest.approx(100 / 2.2)
+    assert "1.100 (target <= 1.15)" in result.format_table()
+    with pytest.raises(ValueError, match="--epochs must be >= 2"):
+        TrainBenchmarkConfig(epochs=1)
