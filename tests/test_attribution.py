@@ -1,0 +1,112 @@
+"""Attribution maps: shapes, determinism, where they point, and the overlay PNG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from breakhis.attribution import (
+    METHODS,
+    attribute,
+    canonical_method,
+    grid_mask,
+    image_seed,
+    overlay_png,
+)
+from breakhis.model import build_model, last_conv_layer
+
+SIDE = 32
+FAST = {"ig_steps": 8, "lime_samples": 24, "lime_grid": 4, "occlusion_window": 8, "map_size": 16}
+
+
+@pytest.fixture(scope="module")
+def smallcnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("smallcnn").eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_small_varied_reproducible_maps(smallcnn, images, method) -> None:
+    layer = last_conv_layer(smallcnn, "smallcnn")
+    maps = attribute(smallcnn, images, method, [1, 0, 1], layer=layer, **FAST)
+    assert maps.shape == (3, 16, 16) and maps.dtype == torch.float32
+    assert maps.device.type == "cpu"
+    assert torch.isfinite(maps).all()
+    assert all(float(m.std()) > 0 for m in maps), "a map is constant"
+    again = attribute(smallcnn, images, method, [1, 0, 1], layer=layer, **FAST)
+    assert torch.equal(maps, again)
+    # The same tile in another batch gets the same map (LIME's seed comes from the pixels).
+    alone = attribute(smallcnn, images[2:], method, [1], layer=layer, **FAST)
+    assert torch.allclose(alone[0], maps[2], rtol=1e-4, atol=1e-9)
+    if method == "gradcam":
+        assert (maps >= 0).all()  # ReLU'd: evidence for the target only
+
+
+class _LeftHalfModel(nn.Module):
+    """Malignant logit = mean red intensity of the left half; the right half is ignored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = self.conv(x)[:, :, :, : x.shape[3] // 2].mean(dim=(1, 2, 3))
+        return torch.stack([-feature, feature], dim=1)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "lime"])
+def test_maps_point_at_the_pixels_the_model_uses(method: str) -> None:
+    model = _LeftHalfModel().eval()
+    x = torch.rand(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(2)) + 0.5
+    maps = attribute(model, x, method, 1, **{**FAST, "lime_samples": 64})
+    # Columns of 2 px: 0-5 lie in the left half, 10-15 away from every window touching it.
+    left, right = maps[:, :, :6].abs().mean(), maps[:, :, 10:].abs().mean()
+    assert float(left) > 20 * float(right)
+    assert float(maps[:, :, :6].mean()) > 0  # red on the left raises the malignant logit
+
+
+def test_gradcam_needs_the_layer_and_names_are_checked(smallcnn, images) -> None:
+    with pytest.raises(ValueError, match="layer="):
+        attribute(smallcnn, images, "gradcam", 1)
+    with pytest.raises(ValueError, match="accepted: gradcam, integrated_gradients"):
+        attribute(smallcnn, images, "shap", 1)
+    with pytest.raises(ValueError, match="2 entries for 3 images"):
+        attribute(smallcnn, images, "ig", [0, 1])
+    assert canonical_method("IG") == "integrated_gradients"
+
+
+def test_lime_superpixel_grid_and_seed() -> None:
+    mask = grid_mask(6, 4, 2)
+    assert mask.shape == (1, 1, 6, 4)
+    assert mask[0, 0].tolist() == [[0, 0, 1, 1]] * 3 + [[2, 2, 3, 3]] * 3
+    image = torch.rand(1, 3, 8, 8)
+    assert image_seed(image) == image_seed(image.clone())
+    assert image_seed(image) != image_seed(image + 1)
+
+
+def test_overlay_heats_only_where_the_map_is_positive() -> None:
+    image = np.full((40, 60, 3), 128, dtype=np.uint8)
+    attribution_map = np.full((8, 8), -1.0, dtype=np.float32)
+    attribution_map[:4, :4] = 2.0  # top-left quarter
+    decoded = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map))))
+    assert decoded.shape == (40, 60, 3)
+    assert np.abs(decoded[:12, :20].astype(int) - 128).max() > 40
+    assert (decoded[30:, 40:] == 128).all()  # negative evidence: no heat
+    with pytest.raises(ValueError, match="uint8"):
+        overlay_png(image.astype(np.float32), attribution_map)

@@ -1,0 +1,368 @@
+"""The batch scoring job: one row per tile, errors kept, maps stored, exactly once."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from breakhis import storage
+from breakhis.artifact import ModelCard, load_artifact, save_artifact
+from breakhis.imaging import decode_rgb
+from breakhis.model import build_model
+from breakhis.score import (
+    JobMismatchError,
+    ScoreConfig,
+    TilePredictor,
+    patient_table,
+    plan_units,
+    run_scoring,
+)
+from breakhis.synth import corrupt_files, synthesize
+
+SIZE = 32  # the model's input side
+MAP = 16
+
+
+def _save_model(uri: str) -> ModelCard:
+    torch.manual_seed(0)
+    card = ModelCard(
+        architecture="smallcnn",
+        image_size=SIZE,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    return save_artifact(uri, build_model("smallcnn").eval(), card)
+
+
+def _make_tiles(root: str) -> dict[str, str]:
+    """36 generated tiles (64x48) under ``root``: 32 good, 3 that do not decode, and a good
+    one whose name is not a BreakHis name. Returns {uri: stage} of the broken ones."""
+    synthesize(root, scale=0.001, seed=0, width=64, height=48, workers=1)
+    return corrupt_files(root, seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("score")
+    _make_tiles(str(root / "tiles"))
+    card = _save_model(str(root / "model"))
+    return {"tiles": str(root / "tiles"), "model": str(root / "model"), "model_id": card.model_id}
+
+
+def _plain_probabilities(model_uri: str, uris: list[str]) -> np.ndarray:
+    """The malignant probability computed by hand, outside Ray: what the job must match."""
+    model, card = load_artifact(model_uri)
+    images = np.stack([decode_rgb(storage.read_bytes(u), card.image_size) for u in uris])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(card.mean).view(1, 3, 1, 1)) / torch.tensor(card.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)[:, 1].numpy()
+
+
+def _maps(table: pa.Table) -> np.ndarray:
+    return table.column("attribution").combine_chunks().to_numpy_ndarray()
+
+
+# --------------------------------------------------------------------------- without Ray
+
+
+def test_config_refuses_bad_options() -> None:
+    base = {"model": "m", "input": "s3://archive/tiles", "output": "s3://bucket/scores"}
+    with pytest.raises(ValueError, match="accepted: gradcam, integrated_gradients, ig"):
+        ScoreConfig(**base, attribution="shap")
+    with pytest.raises(ValueError, match="overlap"):
+        ScoreConfig(**{**base, "output": "s3://archive/tiles/scores"})
+    with pytest.raises(ValueError, match="--overlays needs"):
+        ScoreConfig(**base, attribution="none", overlays=True)
+    with pytest.raises(ValueError, match="--unit-size must be an integer >= 1"):
+        ScoreConfig(**base, unit_size=0)
+    assert ScoreConfig(**base, attribution="ig").method == "integrated_gradients"
+
+
+def test_units_are_named_by_their_members() -> None:
+    table = pa.table({"uri": [f"/t/{i:03d}.png" for i in range(10)][::-1]})
+    units = plan_units(table, 4)
+    assert [u.members.num_rows for u in units] == [4, 4, 2]
+    assert units[0].members.column("uri").to_pylist()[0] == "/t/000.png"
+    names = [u.name for u in units]
+    assert names == [u.name for u in plan_units(table, 4)]
+    assert names[0].startswith("unit-00000-") and names[0].endswith(".parquet")
+    # One tile fewer at the start shifts every unit: none keeps its name.
+    changed = plan_units(table.filter(pa.compute.not_equal(table["uri"], "/t/000.png")), 4)
+    assert not {u.name for u in changed} & set(names)
+
+
+def test_patient_table_calls_on_the_mean_probability() -> None:
+    tiles = pa.table(
+        {
+            "patient_id": ["p1", "p1", "p1", "p2", "p3"],
+            "label": pa.array([1, 1, 1, 0, None], pa.int8()),
+            "prob_malignant": pa.array([0.9, 0.3, None, 0.2, None], pa.float32()),
+            "predicted_label": pa.array([1, 0, None, 0, None], pa.int8()),
+            "error": [None, None, "decode: empty file (0 bytes)", None, "read: gone"],
+        }
+    )
+    rows = {r["patient_id"]: r for r in patient_table(tiles, 0.5).to_pylist()}
+    assert rows["p1"]["tiles"] == 3 and rows["p1"]["scored"] == 2 and rows["p1"]["errors"] == 1
+    assert rows["p1"]["mean_prob_malignant"] == pytest.approx(0.6)
+    assert rows["p1"]["frac_predicted_malignant"] == pytest.approx(0.5)
+    assert rows["p1"]["patient_call"] == "malignant" and rows["p1"]["label"] == 1
+    assert rows["p2"]["patient_call"] == "benign"
+    assert rows["p3"]["patient_call"] is None and rows["p3"]["mean_prob_malignant"] is None
+
+
+def _predictor(model_uri: str, **overrides) -> TilePredictor:
+    options = dict(
+        model_uri=model_uri,
+        method="gradcam",
+        map_size=MAP,
+        tta=False,
+        threshold=0.5,
+        device="cpu",
+        torch_threads=1,
+        overlay_root=None,
+        ig_steps=4,
+        occlusion_window=0,
+        lime_samples=8,
+        lime_grid=4,
+    )
+    return TilePredictor(**{**options, **overrides})
+
+
+def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    views = np.stack([image, np.rot90(image), np.flip(image, 1), np.rot90(image, 3)])
+    batch = {
+        "uri": np.array(["a", "b", "c", "d", "e"], dtype=object),
+        "tile_id": np.array(["a", "b", "c", "d", "e"], dtype=object),
+        "unit": np.zeros(5, np.int32),
+        "image": np.concatenate([views, np.zeros((1, SIZE, SIZE, 3), np.uint8)]),
+        "error": np.array(["", "", "", "", "decode: empty file (0 bytes)"], dtype=object),
+    }
+    plain = _predictor(local_job["model"])(batch)
+    with_tta = _predictor(local_job["model"], tta=True)(batch)
+    assert np.allclose(with_tta["prob"][:4], with_tta["prob"][0], atol=1e-6)
+    assert not np.allclose(plain["prob"][:4], plain["prob"][0], atol=1e-6)
+    for out in (plain, with_tta):
+        assert math.isnan(out["prob"][4]) and out["target"][4] == -1
+        assert out["map"].shape == (5, MAP, MAP) and out["map"].dtype == np.float16
+        assert np.abs(out["map"][:4]).max() == 1.0  # each map divided by its peak
+        assert (out["map"][4] == 0).all() and out["error"][4].startswith("decode")
+
+
+def test_rerun_with_other_options_is_refused_before_any_work(local_job, tmp_path) -> None:
+    config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], output=str(tmp_path))
+    other = replace(config, attribution="lime").job_record(local_job["model_id"], SIZE)
+    (tmp_path / "_job.json").write_text(json.dumps(other))
+    with pytest.raises(JobMismatchError, match="attribution: 'lime' there, 'gradcam' now"):
+        run_scoring(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json"]
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -> None:
+    tiles, model, output = f"{s3_prefix}/in", f"{s3_prefix}/model", f"{s3_prefix}/scores"
+    bad = _make_tiles(tiles)
+    card = _save_model(model)
+    original = (
+        f"{tiles}/BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/"
+        "SOB_B_A_14-22549AB/40X/SOB_B_A-14-22549AB-40-001.png"
+    )
+    copy = f"{tiles}/copies/same-tile.png"  # the same bytes at another URI
+    storage.write_bytes(copy, storage.read_bytes(original))
+    inputs = [e.uri for e in storage.walk(tiles)]
+    config = ScoreConfig(
+        model=model,
+        input=tiles,
+        output=output,
+        map_size=MAP,
+        unit_size=8,
+        batch_size=8,
+        num_actors=1,
+        overlays=True,
+    )
+    summary = run_scoring(config)
+    assert (summary.tiles, summary.errors, summary.scored) == (37, 3, 34)
+    assert summary.units == summary.units_written == 5 and summary.patients == 7
+
+    fs, path = storage.resolve(f"{output}/tiles")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table().sort_by("uri")
+    assert table.column("uri").to_pylist() == sorted(inputs)  # one row each: no gap, no dup
+    assert table.schema.field("attribution").type.shape == [MAP, MAP]
+    assert table.schema.field("attribution").type.value_type == pa.float16()
+    rows = {r["uri"]: r for r in table.drop_columns(["attribution"]).to_pylist()}
+    broken = {u for u, stage in bad.items() if stage == "decode"}
+    for uri, row in rows.items():
+        if uri in broken:
+            assert row["error"].startswith("decode: ")
+            assert row["prob_malignant"] is None and row["predicted_label"] is None
+            assert row["attribution_method"] is None and row["overlay_uri"] is None
+        else:
+            assert row["error"] is None
+            assert 0.0 <= row["prob_malignant"] <= 1.0
+            assert row["predicted_label"] == int(row["prob_malignant"] >= 0.5)
+            assert row["attribution_method"] == "gradcam" and row["model_id"] == card.model_id
+            png = Image.open(io.BytesIO(storage.read_bytes(row["overlay_uri"])))
+            assert png.size == (SIZE, SIZE)  # what the model saw
+    unparsed = next(u for u, stage in bad.items() if stage == "parse")
+    assert rows[unparsed]["error"] is None and rows[unparsed]["patient_id"] is None
+
+    scored = table.filter(pa.compute.is_null(table["error"]))
+    maps = _maps(scored)
+    assert maps.shape == (34, MAP, MAP)
+    assert (maps.reshape(34, -1).std(axis=1) > 0).all(), "a map is constant"
+    assert np.allclose(np.abs(maps).reshape(34, -1).max(axis=1), 1.0)
+    assert table.filter(pa.compute.is_valid(table["error"]))["attribution"].null_count == 3
+
+    # Scoring the same tile twice gives the same prediction and map.
+    twin = scored.filter(pa.compute.is_in(scored["uri"], pa.array([original, copy])))
+    assert twin.num_rows == 2
+    assert twin["prob_malignant"][0].as_py() == pytest.approx(
+        twin["prob_malignant"][1].as_py(), abs=1e-6
+    )
+    assert np.allclose(_maps(twin)[0], _maps(twin)[1], atol=2e-3)
+
+    frame = pd.read_parquet(path, filesystem=fs).sort_values("uri").reset_index(drop=True)
+    assert len(frame) == 37 and frame["uri"].is_unique
+    first = frame.index[frame["uri"] == original][0]
+    assert np.array_equal(frame.at[first, "attribution"].reshape(MAP, MAP), _maps(twin)[0])
+    assert frame.loc[frame["uri"].isin(broken), "attribution"].isna().all()
+
+    fs, path = storage.resolve(f"{output}/patients.parquet")
+    patients = pd.read_parquet(path, filesystem=fs)
+    assert patients["tiles"].sum() == sum(r["patient_id"] is not None for r in rows.values())
+    assert set(patients["patient_call"]) <= {"benign", "malignant"}
+    assert storage.exists(f"{output}/_SUCCESS")
+
+    again = run_scoring(config)
+    assert (again.units_written, again.units_skipped, again.tiles) == (0, 5, 37)
+    with pytest.raises(JobMismatchError, match="tta: False there, True now"):
+        run_scoring(replace(config, tta=True))
+
+
+_KILLABLE_JOB = textwrap.dedent(
+    """
+    import sys, time, ray
+    from breakhis import storage
+    from breakhis.score import ScoreConfig, run_scoring
+
+    real_write, units = storage.write_bytes, []
+
+    def write_then_hang(uri, data):
+        # Test aid in this script only: after 3 unit files, write half of the 4th to a temp
+        # file and hang there, so the test kills a job that is part-way and mid-write.
+        if "/tiles/unit-" in uri:
+            if len(units) == 3:
+                folder, name = uri.rsplit("/", 1)
+                with open(f"{folder}/.{name}.partial.tmp", "wb") as out:
+                    out.write(data[: len(data) // 2])
+                print("HANGING", flush=True)
+                time.sleep(3600)
+            units.append(uri)
+        real_write(uri, data)
+
+    storage.write_bytes = write_then_hang
+    ray.init(address=sys.argv[2], log_to_driver=False)
+    run_scoring(ScoreConfig(**eval(sys.argv[1])))
+    """
+)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ray_local) -> None:
+    """A job on a prepared DEST (LIME maps) killed mid-write, then run again to the end."""
+    import ray
+
+    from breakhis.prepare import PrepareConfig, prepare, read_manifest
+
+    dest = str(tmp_path / "prepared")
+    prepare(
+        PrepareConfig(
+            src=local_job["tiles"],
+            dest=dest,
+            folds=2,
+            repetitions=1,
+            shard_mb=0.02,
+            row_group_rows=4,
+        )
+    )
+    output = tmp_path / "scores"
+    options = dict(
+        model=local_job["model"],
+        input=dest,
+        output=str(output),
+        unit_size=2,
+        batch_size=2,
+        num_actors=1,
+        map_size=8,
+        attribution="lime",
+        lime_samples=16,
+        lime_grid=4,
+    )
+    log = tmp_path / "job.log"
+    # A second driver on the session's cluster, killed by its PID; Ray then ends its actors.
+    address = ray.get_runtime_context().gcs_address
+    with log.open("w") as out:
+        job = subprocess.Popen(
+            [sys.executable, "-c", _KILLABLE_JOB, repr(options), address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "HANGING" not in log.read_text() and time.monotonic() < deadline:
+            assert job.poll() is None, f"the job ended early: {log.read_text()[-3000:]}"
+            time.sleep(0.1)
+    finally:
+        job.kill()
+        job.wait()
+    assert "HANGING" in log.read_text(), f"the job never got part-way: {log.read_text()[-3000:]}"
+
+    tiles_dir = output / "tiles"
+    before = {p.name: p.stat() for p in tiles_dir.glob("unit-*.parquet")}
+    assert len(before) == 3 and len(list(tiles_dir.glob(".unit-*.tmp"))) == 1
+    assert not (output / "_SUCCESS").exists()
+    assert pq.read_table(tiles_dir).num_rows == 6  # readers skip the half-written temp file
+
+    summary = run_scoring(ScoreConfig(**options))
+    assert (summary.units, summary.units_skipped, summary.units_written) == (16, 3, 13)
+    for name, stat in before.items():  # finished units are kept, not rewritten
+        now = (tiles_dir / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    names = sorted(p.name for p in tiles_dir.iterdir())
+    assert len(names) == 16 and all(n.startswith("unit-") for n in names), "a temp file is left"
+
+    table = pq.read_table(tiles_dir).sort_by("uri")
+    manifest = read_manifest(dest).sort_by("uri")
+    assert table.num_rows == manifest.num_rows == 32  # prepare left out the 4 broken files
+    assert table.column("uri").to_pylist() == manifest.column("uri").to_pylist()
+    assert table.column("tile_id").to_pylist() == manifest.column("tile_id").to_pylist()
+    assert table["error"].null_count == 32 and (output / "_SUCCESS").exists()
+    # The pipeline's probabilities are a plain torch loop's over the same files.
+    expected = _plain_probabilities(local_job["model"], table.column("uri").to_pylist())
+    assert np.allclose(table.column("prob_malignant").to_numpy(), expected, atol=1e-5)
+    maps = _maps(table)
+    assert maps.shape == (32, 8, 8)
+    assert (maps.reshape(32, -1).std(axis=1) > 0).all(), "a map is constant"
+    assert set(table.column("attribution_method").to_pylist()) == {"lime"}
