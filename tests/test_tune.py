@@ -1,0 +1,403 @@
+"""Sweeps: search-space files and their errors, the sweep's resource arithmetic, then
+real Ray Tune sweeps of Train V2 runs on generated data (ASHA stops, leaderboard, best
+artifact) and a sweep whose driver is killed and resumed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from breakhis.train import TrainConfig
+from breakhis.tune import (
+    DEFAULT_SEARCH_SPACE,
+    SearchSpaceError,
+    SweepConfig,
+    check_search_space,
+    derive_max_concurrent,
+    load_search_space,
+    orphaned_placement_groups,
+    parse_search_space,
+    run_sweep,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIDE = 32  # generated tiles are SIDE x SIDE, so trials train without resizing
+
+
+def _train(data: str, storage: str, **overrides) -> TrainConfig:
+    """A smallcnn training run small enough for a 2-core machine."""
+    values = dict(
+        data=data,
+        storage=storage,
+        name="sweep",
+        arch="smallcnn",
+        weights="none",
+        freeze_epochs=0,
+        image_size=SIDE,
+        augment_strength=0.0,
+        epochs=3,
+        batch_size=16,
+        warmup_epochs=0.0,
+        num_workers=1,
+        max_failures=0,
+        patience=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+def test_the_shipped_search_space_is_the_default_and_fits_the_default_run() -> None:
+    path = REPO_ROOT / "cluster" / "search_space.yaml"
+    assert yaml.safe_load(path.read_text()) == DEFAULT_SEARCH_SPACE
+    space = load_search_space(str(path))
+    assert space.to_dict() == DEFAULT_SEARCH_SPACE
+    assert load_search_space(None).to_dict() == DEFAULT_SEARCH_SPACE
+    check_search_space(space, TrainConfig(data="d", storage="s", name="n"))
+    wanted = {"lr", "weight_decay", "batch_size", "freeze_epochs", "augment_strength"}
+    assert wanted | {"label_smoothing", "dropout", "arch"} <= set(space.keys)
+
+
+def test_a_space_file_becomes_tune_domains(tmp_path: Path) -> None:
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = load_search_space(
+        _write(
+            tmp_path,
+            """
+            lr: {loguniform: [1e-4, 1.0e-2]}   # PyYAML reads 1e-4 as text: accepted
+            batch_size: {randint: [16, 65]}
+            arch: {grid: [resnet18, resnet50]}
+            dropout: 0.3
+            oversample: {choice: [true, false]}
+            """,
+        )
+    )
+    domains = space.to_tune()
+    assert isinstance(domains["lr"], Float) and domains["lr"].lower == pytest.approx(1e-4)
+    assert isinstance(domains["batch_size"], Integer)
+    assert domains["arch"] == {"grid_search": ["resnet18", "resnet50"]}
+    assert domains["dropout"] == 0.3
+    assert isinstance(domains["oversample"], Categorical)
+    assert space.grid_size == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learning_rate: {loguniform: [1.0e-4, 1.0e-2]}", "unknown key 'learning_rate'"),
+        ("lrr: {loguniform: [1.0e-4, 1.0e-2]}", "did you mean 'lr'"),
+        ("epochs: {choice: [5, 10]}", "'epochs' is fixed for the whole sweep"),
+        ("split: fold:1", "'split' is fixed"),
+        ("lr: {normal: [0.001, 0.0001]}", "key 'lr': unknown distribution 'normal'"),
+        ("lr: [0.001, 0.01]", "key 'lr': a bare list is ambiguous"),
+        ("lr: {loguniform: [0.0, 0.01]}", "key 'lr' \\(loguniform\\): loguniform needs low > 0"),
+        ("lr: {uniform: [0.01, 0.001]}", "key 'lr' \\(uniform\\): low \\(0.01\\) must be below"),
+        ("lr: {uniform: [fast, 0.1]}", "key 'lr' \\(uniform\\): expected a number"),
+        ("batch_size: {uniform: [16, 64]}", "key 'batch_size' .*integer option; use choice"),
+        ("batch_size: {choice: [16, 16.5]}", "key 'batch_size' .*expected an integer"),
+        ("arch: {loguniform: [1, 2]}", "key 'arch' .*not numeric; use choice or grid"),
+        ("arch: {choice: [resnet50, resnet50]}", "key 'arch' \\(choice\\): values repeat"),
+        ("lr: {loguniform: [1.0e-4, 1.0e-2], choice: [1]}", "key 'lr': expected one distribution"),
+        ("[lr, dropout]", "expected a mapping of option -> distribution"),
+        ("lr: {loguniform: [1.0e-4, 1.0e-2]\n", "not valid YAML"),
+    ],
+)
+def test_bad_space_files_fail_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(SearchSpaceError, match=message) as caught:
+        load_search_space(path)
+    assert path in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("arch: {choice: [resnet18, resnet51]}", "key 'arch': 'resnet51' .*unknown model"),
+        ("dropout: {uniform: [0.0, 1.0]}", "key 'dropout': 1.0 .*--dropout must be in \\[0, 1\\)"),
+        ("freeze_epochs: {choice: [0, 2]}", "key 'freeze_epochs': 2 .*--weights none"),
+        (
+            "arch: {choice: [smallcnn, resnet18]}\nweights: {choice: [none, imagenet]}",
+            "keys 'arch' = 'smallcnn' and 'weights' = 'imagenet' cannot go together",
+        ),
+    ],
+)
+def test_values_are_checked_against_the_sweeps_options(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    space = load_search_space(_write(tmp_path, text))
+    with pytest.raises(SearchSpaceError, match=message):
+        check_search_space(space, _train("d", "s", arch="resnet18"))
+
+
+def test_a_bad_space_fails_before_any_trial(tmp_path: Path) -> None:
+    path = _write(tmp_path, "dropout: {uniform: [0.1, 1.5]}")
+    config = SweepConfig(train=_train(str(tmp_path / "data"), str(tmp_path / "sweeps")),
+                         search_space=path)  # fmt: skip
+    with pytest.raises(SearchSpaceError, match="key 'dropout': 1.5"):
+        run_sweep(config)  # no Ray needed: nothing has started
+    assert not (tmp_path / "sweeps").exists()
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        run_sweep(SweepConfig(train=config.train, search_space=str(tmp_path / "nowhere.yaml")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"gpus_per_trial": 3, "workers_per_trial": 2},
+            "1.5 GPUs per worker.*--workers-per-trial to 3",
+        ),
+        ({"num_samples": 0}, "--num-samples must be >= 1"),
+        ({"scheduler": "pbt"}, "--scheduler 'pbt' unknown; accepted: asha, fifo"),
+        ({"grace_period": 3}, "--grace-period must be in 1..2"),
+        ({"reduction_factor": 1.0}, "--reduction-factor must be > 1"),
+        ({"max_concurrent_trials": 0}, "--max-concurrent-trials must be >= 1"),
+    ],
+)
+def test_sweep_config_errors_name_the_option(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SweepConfig(train=_train("d", "s"), **overrides)
+    with pytest.raises(ValueError, match="ASHA needs at least 2 epochs"):
+        SweepConfig(train=_train("d", "s", epochs=1))
+    SweepConfig(train=_train("d", "s", epochs=1), scheduler="fifo")
+
+
+def test_concurrency_follows_the_scarcest_resource() -> None:
+    whole = SweepConfig(train=_train("d", "s", cpus_per_worker=4), gpus_per_trial=1)
+    assert (whole.num_workers, whole.gpus_per_worker) == (1, 1.0)
+    assert whole.trial_request() == {"CPU": 0.25 + 4 + 1, "GPU": 1}
+    assert derive_max_concurrent({"CPU": 64, "GPU": 8}, whole.trial_request(), 32) == 8
+    assert derive_max_concurrent({"CPU": 16, "GPU": 8}, whole.trial_request(), 32) == 3
+
+    shared = SweepConfig(train=_train("d", "s"), gpus_per_trial=0.25)
+    assert (shared.num_workers, shared.gpus_per_worker) == (1, 0.25)
+    assert derive_max_concurrent({"CPU": 64, "GPU": 2}, shared.trial_request(), 32) == 8
+    assert derive_max_concurrent({"CPU": 64, "GPU": 2}, shared.trial_request(), 5) == 5
+
+    multi = SweepConfig(train=_train("d", "s"), gpus_per_trial=2)
+    assert (multi.num_workers, multi.gpus_per_worker) == (2, 1.0)
+    cpu = SweepConfig(train=_train("d", "s"))
+    assert cpu.trial_request() == {"CPU": 2.25}
+    assert derive_max_concurrent({"CPU": 4}, cpu.trial_request(), 4) == 1
+    # Nothing fits now (e.g. GPUs an autoscaler has yet to add): one at a time, not zero.
+    assert derive_max_concurrent({"CPU": 8}, whole.trial_request(), 4) == 1
+
+
+def test_benchmark_figures_and_options() -> None:
+    from dataclasses import asdict
+
+    from breakhis.benchmarks.tune import TuneBenchmarkConfig, TuneBenchmarkResult
+
+    config = TuneBenchmarkConfig(trials=4)
+    assert config.learning_rates() == [0.001, 0.00215, 0.00464, 0.01]
+    assert TuneBenchmarkConfig(trials=1).learning_rates() == [0.003]
+    result = TuneBenchmarkResult(
+        date="2026-11-22",
+        device="test CPU",
+        config=asdict(config),
+        train_images=96,
+        job_run_s=[10.0, 11.0, 12.0, 13.0],
+        job_wall_s=46.0,
+        sweep_wall_s=66.0,
+        warmup_s=9.0,
+    )
+    assert result.overhead_per_trial_s == pytest.approx(5.0)
+    assert result.job_trials_per_hour == pytest.approx(3600 * 4 / 46)
+    assert result.sweep_trials_per_hour == pytest.approx(3600 * 4 / 66)
+    table = result.format_table()
+    assert "Scheduler overhead per trial: +5.0 s" in table and "| 46.0 |" in table
+    assert result.to_dict()["overhead_per_trial_s"] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="--trials must be >= 1"):
+        TuneBenchmarkConfig(trials=0)
+
+
+# --------------------------------------------------------------------------- Ray sweeps
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Generated BreakHis-shaped tiles (~160 images, 31 patients) at 32 px, prepared."""
+    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tune-data")
+    synthesize(str(root / "raw"), scale=0.02, seed=0, width=SIDE, height=SIDE, workers=1)
+    prepare(PrepareConfig(src=str(root / "raw"), dest=str(root / "prepared")))
+    return str(root / "prepared")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
+    prepared: str, s3_prefix: str
+) -> None:
+    import ray
+
+    from breakhis import storage
+    from breakhis.artifact import load_artifact, read_card
+
+    # One trial at a time (2.25 CPUs each on 4), so trials reach the rungs in grid order.
+    # lr 0.5 and 1.0 blow the validation loss up after one epoch (> 5 against ~0.7).
+    space = parse_search_space({"lr": {"grid": [1.0e-2, 3.0e-3, 0.5, 1.0]}}, "test grid")
+    config = SweepConfig(
+        train=_train(prepared, f"{s3_prefix}/sweeps", name="asha"),
+        search_space=space,
+        num_samples=1,
+        reduction_factor=2,  # rungs at epochs 1 and 2 of 3
+        progress=0,
+    )
+    result = run_sweep(config)
+    assert not result.resumed
+    rows = {row["lr"]: row for row in result.rows}
+    assert sorted(rows) == [3.0e-3, 1.0e-2, 0.5, 1.0]
+    # The first trial is the first to reach every rung: nothing to compare it with.
+    assert (rows[1.0e-2]["stop_reason"], rows[1.0e-2]["epochs_run"]) == ("completed", 3)
+    for lr in (0.5, 1.0):
+        assert (rows[lr]["stop_reason"], rows[lr]["epochs_run"]) == ("asha", 1), rows[lr]
+        assert rows[lr]["val_loss"] > 2 * rows[1.0e-2]["val_loss"]
+    for row in result.rows:
+        completed = row["stop_reason"] == "completed"
+        assert row["stop_reason"] in ("completed", "asha"), row
+        assert row["epochs_run"] in ((3,) if completed else (1, 2))  # ASHA stops at rungs
+        assert (row["artifact_uri"] is not None) == completed
+        if completed:
+            assert storage.exists(f"{row['artifact_uri']}/model.json")
+        assert 1 <= row["best_epoch"] <= row["epochs_run"]
+    # Stopped trials' Train workers gave their CPUs back (breakhis.tune releases them).
+    assert orphaned_placement_groups() == []
+    deadline = time.monotonic() + 60  # the last trial's actors take a moment to go
+    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(1)
+    assert [row["rank"] for row in result.rows] == [1, 2, 3, 4]
+    assert [row["val_loss"] for row in result.rows] == sorted(r["val_loss"] for r in result.rows)
+
+    fs, path = storage.resolve(result.leaderboard_uri)
+    table = pq.read_table(path, filesystem=fs)
+    assert table.num_rows == 4
+    assert table.column("trial_id").to_pylist() == [r["trial_id"] for r in result.rows]
+    assert table.column("stop_reason").to_pylist() == [r["stop_reason"] for r in result.rows]
+    assert {"epochs_run", "best_epoch", "val_loss", "val_roc_auc", "lr", "config"} <= set(
+        table.column_names
+    )
+    csv = pacsv.read_csv(io.BytesIO(storage.read_bytes(f"{config.experiment_uri}/leaderboard.csv")))
+    assert csv.num_rows == 4
+    assert "asha" in result.format_table() and rows[1.0e-2]["trial_id"] in result.format_table()
+
+    best = next(r for r in result.rows if r["trial_id"] == result.best_trial_id)
+    finished = [r for r in result.rows if r["stop_reason"] == "completed"]
+    assert best["val_loss"] == min(r["val_loss"] for r in finished)
+    assert result.best_artifact_uri == f"{s3_prefix}/sweeps/asha/best"
+    model, card = load_artifact(result.best_artifact_uri)
+    assert card.model_id == read_card(best["artifact_uri"]).model_id
+    assert (card.architecture, card.image_size) == ("smallcnn", SIDE)
+    assert card.config["lr"] == best["lr"]
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, SIDE, SIDE)).shape == (2, 2)
+
+    # The same command again finds the finished sweep: no trial runs twice.
+    again = run_sweep(config)
+    assert again.resumed
+    assert [(r["trial_id"], r["stop_reason"]) for r in again.rows] == [
+        (r["trial_id"], r["stop_reason"]) for r in result.rows
+    ]
+    # A rerun with other options under the same name is refused before anything runs.
+    other = SweepConfig(train=config.train, search_space=space, num_samples=2, progress=0)
+    with pytest.raises(ValueError, match="num-samples 1 \\(now 2\\)"):
+        run_sweep(other)
+
+
+def _interrupted_sweep(prepared: str, storage: str) -> SweepConfig:
+    """Three trials of two epochs, one at a time, no early stopping: the sweep the
+    interrupt test kills (in a subprocess) and resumes (here)."""
+    return SweepConfig(
+        train=_train(prepared, storage, name="killed", epochs=2),
+        search_space=parse_search_space({"lr": {"grid": [1.0e-2, 3.0e-3, 1.0e-3]}}, "grid"),
+        num_samples=1,
+        scheduler="fifo",
+        max_concurrent_trials=1,
+        progress=0,
+    )
+
+
+_DRIVER = """
+import sys
+import ray
+sys.path.insert(0, sys.argv[3])
+from test_tune import _interrupted_sweep
+from breakhis.tune import run_sweep
+ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
+         log_to_driver=False)
+run_sweep(_interrupted_sweep(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _terminated_trials(experiment: Path) -> set[str]:
+    """Trials the sweep's saved state records as finished (what a restore will keep)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(experiment)).trials
+    except Exception:  # no state saved yet, or caught mid-write: ask again later
+        return set()
+    return {t.trial_id for t in trials if t.status == "TERMINATED"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_keeping_finished_trials(prepared: str, tmp_path: Path) -> None:
+    sweeps = tmp_path / "sweeps"
+    experiment = sweeps / "killed"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, prepared, str(sweeps), str(Path(__file__).parent)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: its Ray instance dies with it
+    )
+    try:
+        deadline = time.monotonic() + 600
+        finished: set[str] = set()
+        while not finished:
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished within 10 minutes"
+            time.sleep(2)
+            finished = _terminated_trials(experiment)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray, as if the node died
+        driver.wait()
+    assert len(finished) < 3, "the sweep ended before it was killed: nothing to resume"
+    models = {t: experiment / "runs" / f"trial-{t}" / "model" / "model.json" for t in finished}
+    written = {t: path.stat().st_mtime_ns for t, path in models.items()}
+
+    result = run_sweep(_interrupted_sweep(prepared, str(sweeps)))
+    assert result.resumed
+    assert len(result.rows) == 3
+    assert {r["stop_reason"] for r in result.rows} == {"completed"}
+    assert {r["epochs_run"] for r in result.rows} == {2}
+    assert finished <= {r["trial_id"] for r in result.rows}
+    assert len({r["trial_id"] for r in result.rows}) == 3
+    # Trials that had finished were kept, not trained again.
+    assert {t: path.stat().st_mtime_ns for t, path in models.items()} == written
+    assert (experiment / "best" / "model.json").is_file()
