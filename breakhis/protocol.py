@@ -1,0 +1,554 @@
+"""The paper's protocol end to end: one model per split, each evaluated on its own
+held-out patients, reported as mean +- std over the splits.
+
+    breakhis protocol --data s3://bucket/prepared --storage s3://bucket/runs --name rn50-paper
+    breakhis protocol --data ... --storage ... --name rn50-per-mag --per-magnification
+    ray job submit --working-dir . -- python jobs/protocol.py --data ... (same options)
+
+Spanhol et al. (2016) split the patients at random 70/30 five times and report
+the mean and standard deviation of the recognition rates over the five
+repetitions, per magnification. ``scheme="rep"`` runs exactly that on the
+manifest's ``rep0..rep4`` columns; ``scheme="fold"`` runs k-fold
+cross-validation by patient instead. Each split trains the
+magnification-independent model (``None`` in ``magnifications``) and, with
+``--per-magnification``, one model per magnification as well; every model is
+evaluated on its split's test patients at all four magnifications, which gives
+both the paper's per-magnification table and the cross-magnification matrix
+(trained at one magnification, evaluated at each other).
+
+Concurrency. Each run is ``train.run_training`` then ``evaluate.run_evaluation``
+in a driver thread. A Ray Train V2 ``fit()`` only waits on its own controller
+actor (which takes no CPU), so several fits from threads of one driver run side
+by side, each with its own worker group, and Ray places their workers wherever
+the cluster has room; the same holds for the evaluations' Ray Data pipelines.
+The number of threads is what the cluster holds at once: a run takes
+``num_workers x cpus_per_worker`` CPUs (and ``num_workers`` GPUs with
+``use_gpu``) plus one CPU for its Ray Data decoding, so runs never starve
+each other's data pipelines (all CPUs held by training workers would leave
+none for the reads that feed them). On a 64-GPU cluster and 8-GPU runs, 8
+splits train at once; on a laptop, one at a time. Ray Tune would add a trial
+scheduler and experiment state this does not need: each run already resumes
+from its own checkpoints (same STORAGE/NAME), and a finished run whose
+artifact was written with the same options is not trained again, so running
+the same command after a failure only redoes what is missing.
+
+Outputs under STORAGE/NAME: one run folder per (split, magnification)
+(``rep0-all``, ``rep0-40x``, ...) holding the training job's checkpoints,
+``model/`` artifact and curves, plus ``evaluation/`` (that run's full report);
+and ``report/`` (or ``out``): the protocol's ``report.html`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from breakhis import storage
+from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
+from breakhis.names import MAGNIFICATIONS
+from breakhis.splits import SCHEMES, SplitSpec
+from breakhis.train import ARTIFACT_DIR, TrainConfig
+
+log = logging.getLogger(__name__)
+
+PER_MAGNIFICATION: tuple[int | None, ...] = (None, *MAGNIFICATIONS)
+"""``magnifications`` for ``--per-magnification``: the magnification-independent model
+and one per magnification."""
+REPORT_DIR = "report"
+EVALUATION_DIR = "evaluation"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Options of ``breakhis protocol``."""
+
+    train: TrainConfig
+    """Training options of every run. Its ``data``, ``storage`` and ``name`` are the
+    protocol's: runs live at STORAGE/NAME/<split>-<magnification>. Its ``split`` and
+    ``magnification`` are set per run (leave them at their defaults)."""
+    scheme: str = "rep"
+    """``rep``: the paper's random 70/30 patient splits; ``fold``: k-fold by patient."""
+    splits: tuple[int, ...] = ()
+    """Split indices to run; empty: every split of the scheme in the manifest."""
+    magnifications: tuple[int | None, ...] = (None,)
+    """Models per split: None is the magnification-independent model, 40..400 a model
+    trained at that magnification only (PER_MAGNIFICATION for all five)."""
+    evaluation: EvaluateOptions = field(default_factory=EvaluateOptions)
+    """How each run is evaluated."""
+    max_concurrent: int = 0
+    """Runs at a time; 0: as many as the cluster's CPUs/GPUs hold (see the module doc)."""
+    out: str | None = None
+    """Protocol report folder; None: STORAGE/NAME/report."""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"--scheme {self.scheme!r}; accepted: {', '.join(SCHEMES)}")
+        if any(i < 0 for i in self.splits) or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"--splits {list(self.splits)}: expected distinct indices >= 0")
+        if not self.magnifications:
+            raise ValueError("magnifications: give at least one (None: all magnifications)")
+        for mag in self.magnifications:
+            if mag is not None and mag not in MAGNIFICATIONS:
+                raise ValueError(
+                    f"magnification {mag}: accepted {', '.join(map(str, MAGNIFICATIONS))} or None"
+                )
+        if len(set(self.magnifications)) != len(self.magnifications):
+            raise ValueError(f"magnifications {self.magnifications} repeat a value")
+        if self.train.magnification is not None:
+            raise ValueError(
+                "the protocol sets each run's magnification: leave --magnification unset and "
+                "use --per-magnification (or magnifications=...)"
+            )
+        if self.max_concurrent < 0:
+            raise ValueError(f"--max-concurrent must be >= 0, got {self.max_concurrent}")
+
+    @property
+    def root(self) -> str:
+        """STORAGE/NAME: where the runs and the report live."""
+        return self.train.run_uri
+
+    @property
+    def report_dir(self) -> str:
+        return self.out or storage.join(self.root, REPORT_DIR)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training + evaluation of the protocol."""
+
+    name: str
+    split: str
+    magnification: int | None
+    train: TrainConfig
+
+    @property
+    def artifact_uri(self) -> str:
+        return storage.join(self.train.run_uri, ARTIFACT_DIR)
+
+    @property
+    def evaluation_dir(self) -> str:
+        return storage.join(self.train.run_uri, EVALUATION_DIR)
+
+
+@dataclass(frozen=True)
+class ProtocolRun:
+    """What one run of the protocol produced."""
+
+    name: str
+    split: str
+    magnification: int | None
+    """The magnification the model was trained at (None: all)."""
+    artifact_uri: str
+    report_html: str | None
+    metrics: dict[str, float]
+    """Headline metrics: at the trained magnification, or all images."""
+    per_magnification: dict[int, dict[str, float]]
+    """Metrics on each magnification's test images."""
+    test_patients: int
+    test_images: int
+    trained: bool
+    """False when a finished artifact with the same options was reused."""
+    started: float
+    finished: float
+
+
+def run_name(scheme: str, index: int, magnification: int | None) -> str:
+    """The run folder name, e.g. ``rep0-all`` or ``fold3-40x``."""
+    return f"{scheme}{index}-{'all' if magnification is None else f'{magnification}x'}"
+
+
+def available_splits(manifest_columns: Sequence[str], fold_count: int, scheme: str) -> list[int]:
+    """Indices of the scheme's splits in a manifest (``fold_count``: folds in its fold column)."""
+    if scheme == "fold":
+        return list(range(fold_count))
+    return sorted(int(c[3:]) for c in manifest_columns if c.startswith("rep") and c[3:].isdigit())
+
+
+def plan_runs(config: ProtocolConfig, indices: Sequence[int]) -> list[RunPlan]:
+    """One RunPlan per (split, magnification), splits first so that concurrent threads
+    start on different splits."""
+    plans = []
+    for magnification in config.magnifications:
+        for index in indices:
+            name = run_name(config.scheme, index, magnification)
+            split = str(SplitSpec(config.scheme, index))
+            train = replace(
+                config.train,
+                storage=config.root,
+                name=name,
+                split=split,
+                magnification=magnification,
+            )
+            plans.append(RunPlan(name, split, magnification, train))
+    return plans
+
+
+def concurrent_runs(
+    train: TrainConfig, runs: int, resources: Mapping[str, float], max_concurrent: int = 0
+) -> int:
+    """How many runs to start at once on a cluster with ``resources`` (ray.cluster_resources()).
+
+    ``max_concurrent`` > 0 is taken as given; otherwise each run needs its
+    training workers' CPUs plus one for its data pipeline (and its workers' GPUs
+    with ``use_gpu``). Returns a number in 1..runs.
+    """
+    if runs < 1:
+        return 1
+    if max_concurrent > 0:
+        return min(max_concurrent, runs)
+    per_run = train.num_workers * train.cpus_per_worker + 1
+    fit = math.floor(resources.get("CPU", 0) / per_run)
+    if train.use_gpu:
+        fit = min(fit, math.floor(resources.get("GPU", 0) / train.num_workers))
+    return max(1, min(fit, runs))
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The paper's table: mean and std over splits, one column per (trained, evaluated)."""
+
+    columns: tuple[str, ...]
+    """``all@40`` .. ``all@400``, ``all@all`` (the magnification-independent model on each
+    magnification and on all), ``40@40`` .. (a model per magnification on its own)."""
+    mean: dict[str, dict[str, float]]
+    std: dict[str, dict[str, float]]
+    """Sample standard deviation (ddof 1) over splits; NaN with one split."""
+    count: dict[str, int]
+    """Splits per column."""
+
+
+@dataclass(frozen=True)
+class CrossMagnification:
+    """Models trained at each magnification (rows) evaluated at each magnification (columns)."""
+
+    trained: tuple[int | None, ...]
+    evaluated: tuple[int, ...]
+    mean: dict[str, list[list[float]]]
+    """metric -> rows x columns, mean over splits (NaN where no run)."""
+    std: dict[str, list[list[float]]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.trained), len(self.evaluated)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    data = np.asarray([v for v in values if v is not None], dtype=float)
+    data = data[~np.isnan(data)]
+    if data.size == 0:
+        return float("nan"), float("nan")
+    return float(data.mean()), float(data.std(ddof=1)) if data.size > 1 else float("nan")
+
+
+def aggregate(
+    runs: Sequence[ProtocolRun], magnifications: Sequence[int | None]
+) -> tuple[Summary, CrossMagnification]:
+    """The mean +- std table and the cross-magnification matrix of finished runs.
+
+    Metrics averaged are HEADLINE_METRICS; a metric undefined in a split (NaN)
+    is left out of that cell's mean. Returns (Summary, CrossMagnification).
+    """
+    cells: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        if run.magnification is None:
+            for mag, values in run.per_magnification.items():
+                cells.setdefault(f"all@{mag}", []).append(values)
+            cells.setdefault("all@all", []).append(run.metrics)
+        else:
+            own = run.per_magnification.get(run.magnification)
+            if own is not None:
+                cells.setdefault(f"{run.magnification}@{run.magnification}", []).append(own)
+
+    def order(column: str) -> tuple[int, ...]:
+        # Per-magnification models first, by magnification; "all" after the numbers.
+        return tuple(10**6 if part == "all" else int(part) for part in column.split("@"))
+
+    columns = tuple(sorted(cells, key=order))
+    mean: dict[str, dict[str, float]] = {}
+    std: dict[str, dict[str, float]] = {}
+    for column in columns:
+        mean[column], std[column] = {}, {}
+        for metric in HEADLINE_METRICS:
+            mean[column][metric], std[column][metric] = _mean_std(
+                [values.get(metric, float("nan")) for values in cells[column]]
+            )
+    summary = Summary(
+        columns=columns, mean=mean, std=std, count={c: len(cells[c]) for c in columns}
+    )
+
+    evaluated = tuple(sorted({m for run in runs for m in run.per_magnification}))
+    trained = tuple(magnifications)
+    matrix_mean: dict[str, list[list[float]]] = {}
+    matrix_std: dict[str, list[list[float]]] = {}
+    for metric in HEADLINE_METRICS:
+        matrix_mean[metric], matrix_std[metric] = [], []
+        for row in trained:
+            means, stds = [], []
+            for col in evaluated:
+                values = [
+                    run.per_magnification[col].get(metric, float("nan"))
+                    for run in runs
+                    if run.magnification == row and col in run.per_magnification
+                ]
+                m, s = _mean_std(values)
+                means.append(m)
+                stds.append(s)
+            matrix_mean[metric].append(means)
+            matrix_std[metric].append(stds)
+    return summary, CrossMagnification(trained, evaluated, matrix_mean, matrix_std)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """What ``breakhis protocol`` produced."""
+
+    name: str
+    data: str
+    root: str
+    scheme: str
+    config_splits: tuple[str, ...]
+    magnifications: tuple[int | None, ...]
+    patients: int
+    protocol_description: str
+    train_config: dict[str, Any]
+    runs: tuple[ProtocolRun, ...]
+    summary: Summary
+    cross_magnification: CrossMagnification
+    concurrency: int
+    seconds: float
+    report_dir: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The content of the protocol's ``metrics.json``."""
+        matrix = self.cross_magnification
+        return {
+            "name": self.name,
+            "data": self.data,
+            "root": self.root,
+            "protocol": {
+                "scheme": self.scheme,
+                "description": self.protocol_description,
+                "splits": list(self.config_splits),
+                "patients_in_manifest": self.patients,
+                "std": "sample standard deviation over splits (ddof 1)",
+            },
+            "magnifications": ["all" if m is None else m for m in self.magnifications],
+            "train_config": self.train_config,
+            "concurrency": self.concurrency,
+            "summary": {
+                column: {
+                    "mean": self.summary.mean[column],
+                    "std": self.summary.std[column],
+                    "splits": self.summary.count[column],
+                }
+                for column in self.summary.columns
+            },
+            "cross_magnification": {
+                "rows_trained_at": ["all" if m is None else m for m in matrix.trained],
+                "columns_evaluated_at": list(matrix.evaluated),
+                "mean": matrix.mean,
+                "std": matrix.std,
+            },
+            "runs": [
+                {
+                    "name": run.name,
+                    "split": run.split,
+                    "trained_at": "all" if run.magnification is None else run.magnification,
+                    "artifact": run.artifact_uri,
+                    "report": run.report_html,
+                    "test_patients": run.test_patients,
+                    "test_images": run.test_images,
+                    "metrics": {k: run.metrics.get(k) for k in HEADLINE_METRICS},
+                    "per_magnification": {
+                        str(m): {k: v.get(k) for k in HEADLINE_METRICS}
+                        for m, v in run.per_magnification.items()
+                    },
+                    "trained": run.trained,
+                    "seconds": run.finished - run.started,
+                }
+                for run in self.runs
+            ],
+            "seconds": self.seconds,
+        }
+
+    def format_table(self) -> str:
+        """The mean +- std table (percent) for the terminal."""
+        columns = self.summary.columns
+        lines = [
+            f"protocol {self.name}: {len(self.runs)} run(s) over {len(self.config_splits)} "
+            f"split(s) ({self.scheme}), {self.concurrency} at a time, {self.seconds:.0f} s",
+            f"{'trained@evaluated':<26}" + "".join(f"{c:>14}" for c in columns),
+        ]
+        for metric in ("patient_recognition_rate", "image_recognition_rate", "balanced_accuracy"):
+            cells = "".join(
+                f"{_pct(self.summary.mean[c][metric]):>7}±{_pct(self.summary.std[c][metric]):<6}"
+                for c in columns
+            )
+            lines.append(f"{metric:<26}{cells}")
+        if self.report_dir:
+            lines.append(f"report: {storage.join(self.report_dir, 'report.html')}")
+        return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _finished_artifact(plan: RunPlan) -> bool:
+    """True when the run's artifact exists and was trained with exactly these options."""
+    from breakhis.artifact import read_card
+
+    try:
+        card = read_card(plan.artifact_uri)
+    except (FileNotFoundError, ValueError):
+        return False
+    return card.config == plan.train.to_dict()
+
+
+def _run_one(plan: RunPlan, options: EvaluateOptions) -> ProtocolRun:
+    """Train (unless finished before) and evaluate one run; runs in a driver thread."""
+    from breakhis.evaluate import run_evaluation
+    from breakhis.train import run_training
+
+    started = time.time()
+    reuse = _finished_artifact(plan)
+    if reuse:
+        log.info("%s: artifact with the same options exists, not training again", plan.name)
+        artifact = plan.artifact_uri
+    else:
+        log.info("%s: training (%s, %s)", plan.name, plan.split, _mag_text(plan.magnification))
+        artifact = run_training(plan.train).artifact_uri
+    result = run_evaluation(
+        EvaluateConfig(
+            model=artifact,
+            data=plan.train.data,
+            out=plan.evaluation_dir,
+            split=plan.split,
+            options=options,
+        )
+    )
+    finished = time.time()
+    headline = result.predictions[result.predictions["headline"]]
+    log.info(
+        "%s: patient rate %.3f, image rate %.3f (%d test patients)",
+        plan.name,
+        result.metrics["patient_recognition_rate"],
+        result.metrics["image_recognition_rate"],
+        result.split.test_patients,
+    )
+    return ProtocolRun(
+        name=plan.name,
+        split=plan.split,
+        magnification=plan.magnification,
+        artifact_uri=artifact,
+        report_html=storage.join(plan.evaluation_dir, "report.html"),
+        metrics=dict(result.metrics),
+        per_magnification={m: dict(v) for m, v in result.per_magnification.items()},
+        test_patients=int(headline["patient_id"].nunique()),
+        test_images=int(len(headline)),
+        trained=not reuse,
+        started=started,
+        finished=finished,
+    )
+
+
+def _mag_text(magnification: int | None) -> str:
+    return "all magnifications" if magnification is None else f"{magnification}X"
+
+
+def run_protocol(config: ProtocolConfig) -> ProtocolResult:
+    """Train and evaluate one model per (split, magnification) on the current Ray cluster
+    (started locally if none), as many at a time as it holds, and write the report.
+
+    Returns the ProtocolResult. Raises FileNotFoundError for missing data,
+    ValueError for splits the manifest lacks, LeakageError for a leaking
+    manifest, and RuntimeError naming every run that failed (the others are
+    kept: running the same command again redoes only the failed ones).
+    """
+    import ray
+
+    from breakhis.evaluate import describe_scheme
+    from breakhis.prepare import read_manifest
+    from breakhis.report import write_protocol_report
+    from breakhis.splits import select_split
+
+    started = time.perf_counter()
+    manifest = read_manifest(config.train.data)
+    folds = (
+        int(max(manifest.column("fold").to_pylist())) + 1 if "fold" in manifest.column_names else 0
+    )
+    present = available_splits(manifest.column_names, folds, config.scheme)
+    indices = list(config.splits) or present
+    missing = sorted(set(indices) - set(present))
+    if missing or not indices:
+        raise ValueError(
+            f"{config.train.data}: the manifest has {config.scheme} splits {present}, "
+            f"not {missing or indices}"
+        )
+    for index in indices:  # refuse a leaking manifest before any training starts
+        select_split(manifest, SplitSpec(config.scheme, index))
+    plans = plan_runs(config, indices)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    concurrency = concurrent_runs(
+        config.train, len(plans), ray.cluster_resources(), config.max_concurrent
+    )
+    log.info(
+        "protocol %s: %d run(s) (%d split(s) x %d model(s)), %d at a time",
+        config.train.name,
+        len(plans),
+        len(indices),
+        len(config.magnifications),
+        concurrency,
+    )
+    runs: list[ProtocolRun] = []
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="protocol") as pool:
+        futures = {pool.submit(_run_one, plan, config.evaluation): plan for plan in plans}
+        for future, plan in futures.items():
+            try:
+                runs.append(future.result())
+            except Exception as err:  # one failed split must not lose the others' work
+                log.error("%s failed: %s", plan.name, err)
+                failures.append(f"{plan.name}: {type(err).__name__}: {err}")
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(plans)} protocol run(s) failed (the others are kept; run "
+            "the same command again to redo only these): " + "; ".join(failures)
+        )
+    summary, matrix = aggregate(runs, config.magnifications)
+    result = ProtocolResult(
+        name=config.train.name,
+        data=config.train.data,
+        root=config.root,
+        scheme=config.scheme,
+        config_splits=tuple(str(SplitSpec(config.scheme, i)) for i in indices),
+        magnifications=tuple(config.magnifications),
+        patients=len(set(manifest.column("patient_id").to_pylist())),
+        protocol_description=describe_scheme(manifest, config.scheme),
+        train_config={
+            k: v
+            for k, v in config.train.to_dict().items()
+            if k not in ("name", "split", "magnification")
+        },
+        runs=tuple(runs),
+        summary=summary,
+        cross_magnification=matrix,
+        concurrency=concurrency,
+        seconds=time.perf_counter() - started,
+    )
+    write_protocol_report(result, config.report_dir)
+    return replace(result, report_dir=config.report_dir)
