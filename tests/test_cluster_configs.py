@@ -1,0 +1,330 @@
+"""Every file in cluster/ loads, names job entry points that exist with options they accept,
+pins the versions pyproject.toml pins, and has the fields Ray and KubeRay require."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+# Where cluster/Dockerfile puts the repository inside the image.
+IMAGE_CODE_DIR = "/home/ray/breakhis"
+# KubeRay's limits (ray-operator/controllers/ray/utils: MaxRayClusterNameLength...).
+MAX_CLUSTER_NAME = 63
+MAX_JOB_NAME = 47
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+# rayStartParams that set resources; KubeRay refuses them beside a group's `resources`.
+RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
+CREDENTIAL_PATTERNS = (
+    re.compile(r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN", re.I),
+    re.compile(r"aws_access_key|aws_secret", re.I),
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+)
+
+
+def _pins() -> dict[str, str]:
+    """``name -> version`` of every ``==`` dependency in pyproject.toml."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {}
+    for dep in deps:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.strip())
+        if match:
+            pins[match.group(1).lower()] = match.group(3)
+    return pins
+
+
+PINS = _pins()
+RAY_VERSION = PINS["ray"]
+PROJECT_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+PYTHON_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _cluster_files() -> list[Path]:
+    return sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _kuberay(kind: str) -> list[tuple[Path, dict]]:
+    found = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == kind:
+                found.append((path, doc))
+    return found
+
+
+def _dockerfile_from_and_workdir() -> tuple[str, str]:
+    text = (CLUSTER / "Dockerfile").read_text()
+    images = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", text, re.M)
+    assert len(images) == 1, f"cluster/Dockerfile: expected one FROM, found {images}"
+    assert workdirs, "cluster/Dockerfile: no WORKDIR"
+    return images[0], workdirs[-1]
+
+
+def _pip_installs(text: str) -> list[str]:
+    """Each ``pip install ...`` command in a shell text (continuation lines joined)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [m.group(0) for m in re.finditer(r"pip install[^&;\n]*", joined)]
+
+
+def _check_pinned_stack(where: str, command: str) -> None:
+    for name in ("ray", "torch", "torchvision"):
+        wanted = f"{name}==" if name != "ray" else "ray["
+        assert wanted in command, f"{where}: `{command}` does not install {name}"
+        version = re.search(rf"\b{name}(\[[^\]]*\])?==([0-9][^\s\"']*)", command)
+        assert version, f"{where}: {name} is not pinned with == in `{command}`"
+        assert version.group(2) == PINS[name], (
+            f"{where}: {name}=={version.group(2)} but pyproject.toml pins {PINS[name]}"
+        )
+
+
+def _ray_image_tag(where: str, image: str) -> None:
+    match = re.fullmatch(r"rayproject/ray:([0-9.]+)-(py[0-9]+)(-[a-z0-9]+)?", image)
+    assert match, f"{where}: {image!r} is not an official rayproject/ray:VERSION-pyXY image"
+    assert match.group(1) == RAY_VERSION, f"{where}: {image} but ray=={RAY_VERSION} is pinned"
+    assert match.group(2) == PYTHON_TAG, f"{where}: {image} but the project runs on {PYTHON_TAG}"
+
+
+# --- every file ------------------------------------------------------------------------
+
+
+def test_every_file_in_cluster_loads_and_holds_no_credentials() -> None:
+    files = _cluster_files()
+    names = {p.relative_to(CLUSTER).as_posix() for p in files}
+    for required in (
+        "aws.yaml",
+        "runtime_env.yaml",
+        "Dockerfile",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-train.yaml",
+        "kuberay/rayjob-tune.yaml",
+        "kuberay/rayjob-score.yaml",
+    ):
+        assert required in names, f"cluster/{required} is missing"
+    for path in files:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            assert docs and all(isinstance(d, dict) for d in docs), f"{path}: not YAML mappings"
+        elif path.name == "Dockerfile":
+            _dockerfile_from_and_workdir()
+        else:
+            pytest.fail(f"{path}: no check knows this kind of file; add one to this test")
+        for pattern in CREDENTIAL_PATTERNS:
+            assert not pattern.search(text), f"{path}: looks like a credential: {pattern.pattern}"
+
+
+def test_every_job_script_mentioned_exists() -> None:
+    mentioned = set()
+    for path in _cluster_files():
+        for script in re.findall(r"\bjobs/[A-Za-z0-9_]+\.py\b", path.read_text()):
+            mentioned.add(script)
+            assert (REPO / script).is_file(), f"{path} mentions {script}, which does not exist"
+    assert {"jobs/train.py", "jobs/tune.py", "jobs/score.py"} <= mentioned
+
+
+# --- images and pinned versions ----------------------------------------------------------
+
+
+def test_dockerfile_builds_on_the_pinned_ray_image_and_installs_the_pinned_stack() -> None:
+    image, workdir = _dockerfile_from_and_workdir()
+    _ray_image_tag("cluster/Dockerfile", image)
+    assert workdir == IMAGE_CODE_DIR
+    text = (CLUSTER / "Dockerfile").read_text()
+    installs = _pip_installs(text)
+    assert any("ray[" in c for c in installs), "cluster/Dockerfile installs no pinned stack"
+    for command in installs:
+        if "ray[" in command:
+            _check_pinned_stack("cluster/Dockerfile", command)
+    for folder in ("breakhis", "jobs", "cluster"):
+        assert re.search(rf"^COPY\b.*\b{folder}\b", text, re.M), f"Dockerfile copies no {folder}/"
+
+
+def test_aws_launcher_config_is_valid_for_ray_and_pins_the_stack() -> None:
+    import jsonschema
+    import ray.autoscaler
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+
+    assert config["provider"]["type"] == "aws"
+    _ray_image_tag("aws.yaml docker.image", config["docker"]["image"])
+    _ray_image_tag("aws.yaml docker.head_image", config["docker"]["head_image"])
+    assert config["docker"]["image"].endswith("-gpu"), "workers need the GPU image"
+
+    installs = [c for cmd in config["setup_commands"] for c in _pip_installs(cmd)]
+    assert installs, "aws.yaml: setup_commands install nothing"
+    for command in installs:
+        _check_pinned_stack("aws.yaml setup_commands", command)
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "the head should run job drivers only"
+    assert "GPU" not in head["resources"]
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpu_types = [n for n, t in workers.items() if t["node_config"]["InstanceType"][0] in "gpq"]
+    assert gpu_types, "aws.yaml: no GPU worker type (g*/p* instances)"
+    for name in gpu_types:
+        assert workers[name]["max_workers"] > workers[name]["min_workers"], (
+            f"aws.yaml: worker type {name} does not autoscale"
+        )
+    # S3 access through instance roles, on every node that reads or writes data.
+    for name, node_type in types.items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        assert profile and (profile.get("Name") or profile.get("Arn")), (
+            f"aws.yaml: node type {name} has no IamInstanceProfile"
+        )
+
+
+# --- KubeRay -----------------------------------------------------------------------------
+
+
+def _check_pod_template(where: str, template: dict) -> None:
+    containers = template["spec"]["containers"]
+    assert containers, f"{where}: template.spec.containers is empty"
+    ray_container = containers[0]  # KubeRay treats the first container as Ray's
+    assert ray_container.get("name"), f"{where}: the Ray container has no name"
+    assert ray_container.get("image") == f"breakhis-ray:{PROJECT_VERSION}", (
+        f"{where}: image {ray_container.get('image')!r}; expected the image cluster/Dockerfile "
+        f"builds, breakhis-ray:{PROJECT_VERSION}"
+    )
+    assert template["spec"].get("serviceAccountName"), (
+        f"{where}: no serviceAccountName (S3 access goes through IRSA)"
+    )
+
+
+def _check_group(where: str, group: dict) -> None:
+    params = group["rayStartParams"]  # required by the CRD, may be empty
+    assert isinstance(params, dict), f"{where}: rayStartParams must be a mapping"
+    for key, value in params.items():
+        assert isinstance(value, str), f"{where}: rayStartParams.{key} must be a string"
+    if any(k in params for k in RESOURCE_PARAMS):
+        assert not group.get("resources"), f"{where}: resources set twice"
+    _check_pod_template(where, group["template"])
+
+
+def _check_cluster_spec(where: str, spec: dict) -> None:
+    assert spec["rayVersion"] == RAY_VERSION, f"{where}: rayVersion {spec['rayVersion']!r}"
+    _check_group(f"{where} headGroupSpec", spec["headGroupSpec"])
+    assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", (
+        f"{where}: the head should run job drivers only (num-cpus: '0')"
+    )
+    groups = spec["workerGroupSpecs"]
+    names = [g["groupName"] for g in groups]
+    assert len(set(names)) == len(names), f"{where}: duplicate worker group names {names}"
+    gpus = []
+    for group in groups:
+        label = f"{where} worker group {group['groupName']}"
+        _check_group(label, group)
+        low, high = group["minReplicas"], group["maxReplicas"]
+        replicas = group.get("replicas", low)
+        assert 0 <= low <= replicas <= high, f"{label}: needs min <= replicas <= max"
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus.append(int(limits.get("nvidia.com/gpu", 0)))
+    assert any(gpus), f"{where}: no worker group has GPUs"
+
+
+@pytest.mark.parametrize("path_and_doc", _kuberay("RayCluster"), ids=lambda p: p[0].name)
+def test_kuberay_raycluster_has_the_required_fields(path_and_doc) -> None:
+    path, doc = path_and_doc
+    assert doc["apiVersion"] == "ray.io/v1"
+    name = doc["metadata"]["name"]
+    assert DNS_1035.fullmatch(name) and len(name) <= MAX_CLUSTER_NAME
+    _check_cluster_spec(path.name, doc["spec"])
+    assert doc["spec"].get("enableInTreeAutoscaling") is True, "the GPU group should autoscale"
+
+
+JOBS = _kuberay("RayJob")
+
+
+def test_there_is_a_rayjob_for_train_tune_and_score() -> None:
+    scripts = {shlex.split(doc["spec"]["entrypoint"])[1].rsplit("/", 1)[-1] for _, doc in JOBS}
+    assert {"train.py", "tune.py", "score.py"} <= scripts
+
+
+@pytest.mark.parametrize("path_and_doc", JOBS, ids=lambda p: p[0].name)
+def test_kuberay_rayjob_has_the_required_fields(path_and_doc) -> None:
+    path, doc = path_and_doc
+    assert doc["apiVersion"] == "ray.io/v1"
+    name = doc["metadata"]["name"]
+    assert DNS_1035.fullmatch(name) and len(name) <= MAX_JOB_NAME, f"{path}: bad name {name!r}"
+    spec = doc["spec"]
+    assert spec["entrypoint"].strip(), f"{path}: empty entrypoint"
+    assert spec.get("rayClusterSpec") or spec.get("clusterSelector"), (
+        f"{path}: needs rayClusterSpec or clusterSelector"
+    )
+    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+    if spec.get("clusterSelector"):
+        assert not spec.get("shutdownAfterJobFinishes"), f"{path}: can't shut down a selected one"
+    assert spec.get("ttlSecondsAfterFinished", 0) >= 0
+    assert spec.get("backoffLimit", 0) >= 0
+    if spec.get("rayClusterSpec"):
+        _check_cluster_spec(path.name, spec["rayClusterSpec"])
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
+    assert isinstance(runtime_env, dict), f"{path}: runtimeEnvYAML is not a YAML mapping"
+    # The same job settings as `ray job submit --runtime-env cluster/runtime_env.yaml`.
+    shared = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert runtime_env.get("env_vars") == shared.get("env_vars"), (
+        f"{path}: runtimeEnvYAML env_vars differ from cluster/runtime_env.yaml"
+    )
+    for key in ("pip", "conda", "uv"):
+        assert key not in runtime_env, f"{path}: the image has the stack; nothing to install"
+
+
+@pytest.mark.parametrize("path_and_doc", JOBS, ids=lambda p: p[0].name)
+def test_rayjob_entrypoint_runs_a_job_script_with_options_it_accepts(path_and_doc) -> None:
+    """The entrypoint is ``python <code dir>/jobs/<job>.py ARGS`` and ARGS parse with the
+    options of the subcommand that script runs."""
+    from breakhis.cli import build_parser
+
+    path, doc = path_and_doc
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[0] == "python", f"{path}: entrypoint should start with `python`"
+    script = argv[1]
+    assert script.startswith(f"{IMAGE_CODE_DIR}/jobs/"), (
+        f"{path}: {script} is not under the image's code dir {IMAGE_CODE_DIR}/jobs/"
+    )
+    local = REPO / script[len(IMAGE_CODE_DIR) + 1 :]
+    assert local.is_file(), f"{path}: {script} has no {local.relative_to(REPO)} in the repo"
+    subcommand = re.search(r"main\(\[\s*\"([a-z_-]+)\"", local.read_text())
+    assert subcommand, f"{local}: does not call breakhis.cli.main([SUBCOMMAND, ...])"
+    args = argv[2:]
+    for arg in args:
+        if arg.startswith(IMAGE_CODE_DIR + "/"):
+            inside = REPO / arg[len(IMAGE_CODE_DIR) + 1 :]
+            assert inside.exists(), f"{path}: {arg} is not in the image (no {inside})"
+    try:
+        parsed = build_parser(subcommand.group(1)).parse_args([subcommand.group(1), *args])
+    except SystemExit as exit_:
+        pytest.fail(f"{path}: `{script}` refuses its arguments {args} (exit {exit_.code})")
+    assert parsed.command == subcommand.group(1)
+
+
+# --- runtime_env -------------------------------------------------------------------------
+
+
+def test_runtime_env_is_valid_for_ray_and_ships_only_the_code() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    from breakhis.localcluster import load_runtime_env
+
+    raw = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert raw["working_dir"] == ".", "the working_dir is the repository root"
+    for key in ("pip", "conda", "uv", "container", "image_uri"):
+        assert key not in raw, f"runtime_env.yaml: {key}: the nodes already have the stack"
+    assert not any(k.startswith("AWS_") for k in raw.get("env_vars", {}))
+    assert ".venv/" in raw["excludes"], "the virtualenv must not be uploaded with every job"
+    resolved = load_runtime_env()
+    assert Path(resolved["working_dir"]) == REPO
+    RuntimeEnv(**resolved)  # raises on an unknown or malformed field
