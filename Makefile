@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check breakhis jobs tests
 	$(BIN)/ruff format --check breakhis jobs tests
 
+# Everything but the tests marked slow (multi-node cluster, fault injection, full
+# training/tuning runs); those run with `make test-slow`.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
 
-# Unit tests only: no Ray, no S3 server.
-test-fast: $(STAMP)
-	$(BIN)/pytest -m "not ray and not s3 and not slow"
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -115,6 +115,7 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
     )
 
     def run(args: argparse.Namespace) -> int:
+        from breakhis import storage
         from breakhis.prepare import PrepareConfig, prepare
 
         config = PrepareConfig(
@@ -128,6 +129,8 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
             shard_mb=args.shard_mb,
             row_group_rows=args.row_group_rows,
         )
+        if not storage.exists(config.src):  # before Ray starts: a typo costs no cluster
+            raise FileNotFoundError(f"{config.src}: no such file or folder")
         init_ray(args.ray_address)
         print(prepare(config).format_table())
         return 0

@@ -3,9 +3,14 @@
 A local Ray instance, the embedded SeaweedFS S3 server on 127.0.0.1, and a
 generated BreakHis-shaped data set (or the real one with ``--data``):
 
-1. generate data into ``s3://breakhis/raw`` (skipped with ``--data``);
-2. prepare it into ``s3://breakhis/prepared`` (shards, manifest, rejects),
-   with a few deliberately corrupt files that the job must record and skip.
+1. generate data into ``s3://breakhis/raw`` (skipped with ``--data``),
+   with a few deliberately corrupt files that the jobs must record and skip;
+2. prepare it into ``s3://breakhis/prepared`` (shards, manifest, rejects);
+3. train a small CNN on fold 0 with Ray Train (2 CPU workers, DDP), checkpoints
+   and the model artifact in ``s3://breakhis/runs/demo``;
+4. score the raw tiles (corrupt ones included) with Grad-CAM maps into
+   ``s3://breakhis/scores`` as Parquet;
+5. evaluate the model on its held-out patients: ``<workdir>/report/report.html``.
 
 Each step prints what it produced. Local outputs go under ``--workdir``.
 """
@@ -29,6 +34,10 @@ class DemoConfig:
     """A real BreakHis root (local or s3://) to use instead of generated data."""
     workdir: str = "demo-output"
     """Local folder for the outputs that outlive the embedded S3 server (report, scores)."""
+    epochs: int = 6
+    """Training epochs of the demo model."""
+    image_size: int = 64
+    """Side of the demo model's input in pixels (small, so the demo runs on 2 CPUs)."""
     scale: float = 0.05
     """Size of the generated data set, as a fraction of the real per-subtype counts."""
     seed: int = 0
@@ -53,22 +62,32 @@ def run_demo(config: DemoConfig) -> None:
     """
     import ray
 
+    from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
     from breakhis.prepare import PrepareConfig, prepare
     from breakhis.s3server import embedded_s3
+    from breakhis.score import ScoreConfig, run_scoring
     from breakhis.synth import corrupt_files, synthesize
+    from breakhis.train import TrainConfig, run_training
 
     os.makedirs(config.workdir, exist_ok=True)
     with embedded_s3(buckets=(BUCKET,)) as server:
         print(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, pid {server.pid}")
         # Ray starts after the server so that its workers inherit the AWS_* variables.
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
+        # Logical CPUs beyond the cores: the two training workers hold one each, and Ray
+        # Data needs CPUs of its own to feed them, or the pipeline waits for ever.
+        ray.init(
+            address="local",
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            configure_logging=False,
+        )
         try:
             if config.data:
                 src = config.data
-                _banner(f"1/2 data: using {src}")
+                _banner(f"1/5 data: using {src}")
             else:
                 src = f"s3://{BUCKET}/raw"
-                _banner(f"1/2 generating BreakHis-shaped data into {src}")
+                _banner(f"1/5 generating BreakHis-shaped data into {src}")
                 summary = synthesize(src, scale=config.scale, seed=config.seed)
                 print(summary.format_table())
                 bad = corrupt_files(src, seed=config.seed)
@@ -77,8 +96,53 @@ def run_demo(config: DemoConfig) -> None:
                     + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
                 )
             dest = f"s3://{BUCKET}/prepared"
-            _banner(f"2/2 prepare {src} -> {dest}")
+            _banner(f"2/5 prepare {src} -> {dest}")
             print(prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)).format_table())
+
+            _banner("3/5 train a small CNN on fold 0 (Ray Train, 2 CPU workers)")
+            trained = run_training(
+                TrainConfig(
+                    data=dest,
+                    storage=f"s3://{BUCKET}/runs",
+                    name="demo",
+                    split="fold:0",
+                    arch="smallcnn",
+                    weights="none",
+                    image_size=config.image_size,
+                    epochs=config.epochs,
+                    batch_size=32,
+                    lr=3e-3,
+                    freeze_epochs=0,
+                    metric="val_balanced_accuracy",
+                    patience=0,
+                    num_workers=2,
+                    seed=config.seed,
+                )
+            )
+            print(trained.format_table())
+
+            scores = f"s3://{BUCKET}/scores"
+            _banner(f"4/5 score every raw tile with Grad-CAM -> {scores}")
+            print(
+                run_scoring(
+                    ScoreConfig(
+                        model=trained.artifact_uri, input=src, output=scores, attribution="gradcam"
+                    )
+                ).format_table()
+            )
+
+            report = os.path.join(os.path.abspath(config.workdir), "report")
+            _banner(f"5/5 evaluate on the held-out patients of fold 0 -> {report}")
+            evaluation = run_evaluation(
+                EvaluateConfig(
+                    model=trained.artifact_uri,
+                    data=dest,
+                    out=report,
+                    options=EvaluateOptions(bootstrap=200),
+                )
+            )
+            print(evaluation.format_table())
+            print(f"\nreport: {os.path.join(report, 'report.html')}")
         finally:
             ray.shutdown()
     print(f"\ndemo finished; local outputs in {os.path.abspath(config.workdir)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,7 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
     """
     import ray
 
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(
         address="local",
         num_cpus=4,
