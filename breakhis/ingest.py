@@ -164,6 +164,16 @@ class DecodeLedger:
         return DecodeStats(self._decoded, self._failed, tuple(self._failures))
 
 
+def new_ledger() -> ray.actor.ActorHandle:
+    """A DecodeLedger on this driver's node: it lives as long as the job does, and a worker
+    node that dies does not take it along (decode tasks on every node report to it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=True)
+    return DecodeLedger.options(scheduling_strategy=strategy).remote()
+
+
 @dataclass(frozen=True)
 class IngestData:
     """The datasets of one split and what a training run needs to know about them.
@@ -236,7 +246,11 @@ def decode_tiles(
         keep.append(i)
     if ledger is not None:
         # Waited for, so counts are complete when the epoch that caused them ends.
-        ray.get(ledger.record.remote(len(keep), failures))
+        try:
+            ray.get(ledger.record.remote(len(keep), failures))
+        except ray.exceptions.RayActorError as err:
+            # Counting is bookkeeping: a lost ledger (its node died) must not fail training.
+            log.warning("decode ledger lost, decode counts are incomplete from here: %s", err)
     rows = batch.take(pa.array(keep, pa.int64()))
     return {
         "image": images[: len(keep)],
@@ -470,7 +484,7 @@ def build_datasets(dest: str, split: SplitSpec, config: IngestConfig) -> IngestD
     if rows["train"].num_rows == 0:
         raise ValueError(f"{dest}: {where} has no training image")
 
-    ledger = DecodeLedger.remote()
+    ledger = new_ledger()
     datasets: dict[str, Dataset] = {}
     num_rows: dict[str, int] = {}
     for side, members in sides.items():

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import pytest
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from breakhis import storage
 from breakhis.localcluster import LocalCluster, LocalClusterConfig
@@ -410,27 +411,37 @@ def test_training_over_two_nodes_resumes_from_its_checkpoint_after_losing_one(
     full_cluster.add_worker()
     submission_id = full_cluster.submit(
         f"python jobs/train.py --data {prepared.dest} --storage {runs} --name {name} "
-        "--fold 0 --arch smallcnn --weights none --image-size 32 --epochs 3 --batch-size 16 "
-        "--freeze-epochs 0 --no-cache --keep-checkpoints 3 --num-workers 2 --cpus-per-worker 2 "
+        "--fold 0 --arch smallcnn --weights none --image-size 32 --epochs 4 --batch-size 16 "
+        "--freeze-epochs 0 --no-cache --keep-checkpoints 4 --num-workers 2 --cpus-per-worker 2 "
         "--max-failures 3"
     )
     first = f"{run}/epoch_0001/checkpoint.pt"
-    _wait_for(full_cluster, submission_id, lambda: storage.exists(first), "a first checkpoint")
+
+    def first_committed() -> bool:
+        # Ray Train commits a checkpoint (the one a restart resumes from) once every worker
+        # has reported it, by rewriting this snapshot; the file alone is not yet that.
+        snapshot = f"{run}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+        return storage.exists(snapshot) and b"epoch_0001" in storage.read_bytes(snapshot)
+
+    _wait_for(full_cluster, submission_id, first_committed, "a first committed checkpoint")
     first_bytes = storage.read_bytes(first)
     placed = _placement(full_cluster, submission_id, StateResource.ACTORS, "RayTrainWorker")
     assert len(placed) == 2 and set(placed) <= set(full_cluster.workers), (
         f"training workers on {dict(placed)}; one on each of two nodes expected"
     )
 
-    # Epoch 2 is under way: lose a node that holds a training worker.
+    # A later epoch is under way: lose a node that holds a training worker.
     full_cluster.kill_worker(min(placed))
+    assert str(full_cluster.job_client().get_job_status(submission_id)) == "RUNNING"
     status = full_cluster.wait(submission_id, timeout_s=JOB_TIMEOUT_S)
     assert str(status) == "SUCCEEDED", _why(full_cluster, submission_id)
 
-    # Resumed, not restarted: epoch 1 was not trained (nor checkpointed) again, and every
-    # epoch appears once in the run's history.
+    # The worker group was started again (two more training workers)...
+    started = _placement(full_cluster, submission_id, StateResource.ACTORS, "RayTrainWorker")
+    assert sum(started.values()) >= 4, f"training workers: {dict(started)}"
+    # ...from the checkpoint, not from scratch: epoch 1 was not trained (nor checkpointed)
+    # again, and every epoch appears once in the run's history.
     assert storage.read_bytes(first) == first_bytes
     history = json.loads(storage.read_bytes(f"{run}/curves.json"))["epochs"]
-    epochs = [int(row["epoch"]) for row in history]
-    assert epochs == [1, 2, 3], history
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3, 4], history
     assert storage.exists(f"{run}/model/model.json")
