@@ -317,7 +317,11 @@ def parse_search_space(mapping: Any, source: str = "<search space>") -> SearchSp
             raise SearchSpaceError(
                 f"search space {source}: {reason}; tunable keys: {', '.join(TUNABLE)}"
             )
-        params.append(_parse_param(key, spec, types[key], source))
+        param = _parse_param(key, spec, types[key], source)
+        if key == "weights":  # trials run in their own working directories
+            paths = (v if v in ("imagenet", "none") else _absolute(v) for v in param.args)
+            param = dataclasses.replace(param, args=tuple(paths))
+        params.append(param)
     return SearchSpace(params=tuple(params), source=source)
 
 

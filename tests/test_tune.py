@@ -236,15 +236,9 @@ def test_benchmark_figures_and_options() -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
+def prepared(make_prepared) -> str:
     """Generated BreakHis-shaped tiles (~160 images, 31 patients) at 32 px, prepared."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = tmp_path_factory.mktemp("tune-data")
-    synthesize(str(root / "raw"), scale=0.02, seed=0, width=SIDE, height=SIDE, workers=1)
-    prepare(PrepareConfig(src=str(root / "raw"), dest=str(root / "prepared")))
-    return str(root / "prepared")
+    return make_prepared(scale=0.02, width=SIDE, height=SIDE)
 
 
 @pytest.mark.ray
@@ -347,8 +341,7 @@ import ray
 sys.path.insert(0, sys.argv[3])
 from test_tune import _interrupted_sweep
 from breakhis.tune import run_sweep
-ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
-         log_to_driver=False)
+ray.init(address=sys.argv[4], configure_logging=False, log_to_driver=False)
 run_sweep(_interrupted_sweep(sys.argv[1], sys.argv[2]))
 """
 
@@ -367,25 +360,28 @@ def _terminated_trials(experiment: Path) -> set[str]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_keeping_finished_trials(prepared: str, tmp_path: Path) -> None:
+    import ray
+
     sweeps = tmp_path / "sweeps"
     experiment = sweeps / "killed"
-    driver = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, prepared, str(sweeps), str(Path(__file__).parent)],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: its Ray instance dies with it
-    )
+    # The sweep's driver as `ray job submit` runs it: its own process on the running cluster.
+    cluster = ray.get_runtime_context().gcs_address
+    args = [prepared, str(sweeps), str(Path(__file__).parent), cluster]
+    output = tmp_path / "driver.log"
+    with output.open("wb") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, *args], cwd=REPO_ROOT, stdout=log, stderr=log
+        )
     try:
         deadline = time.monotonic() + 600
         finished: set[str] = set()
         while not finished:
-            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert driver.poll() is None, output.read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished within 10 minutes"
             time.sleep(2)
             finished = _terminated_trials(experiment)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray, as if the node died
+        os.kill(driver.pid, signal.SIGKILL)  # no clean-up: as if its node died
         driver.wait()
     assert len(finished) < 3, "the sweep ended before it was killed: nothing to resume"
     models = {t: experiment / "runs" / f"trial-{t}" / "model" / "model.json" for t in finished}
