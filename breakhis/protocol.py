@@ -54,7 +54,7 @@ from breakhis import storage
 from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
 from breakhis.names import MAGNIFICATIONS
 from breakhis.splits import SCHEMES, SplitSpec
-from breakhis.train import ARTIFACT_DIR, TrainConfig
+from breakhis.train import ARTIFACT_DIR, DATA_CPUS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def concurrent_runs(
         return 1
     if max_concurrent > 0:
         return min(max_concurrent, runs)
-    per_run = train.num_workers * train.cpus_per_worker + 1
+    per_run = train.num_workers * train.cpus_per_worker + DATA_CPUS
     fit = math.floor(resources.get("CPU", 0) / per_run)
     if train.use_gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0) / train.num_workers))

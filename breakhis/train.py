@@ -156,6 +156,9 @@ class TrainConfig:
     """CPUs reserved per worker (the rest of the cluster feeds Ray Data)."""
     max_failures: int = 2
     """Worker failures to recover from (restart from the last checkpoint); -1 no limit."""
+    wait_for_resources: bool = False
+    """On an autoscaling cluster, wait for nodes when the cluster is too small for the run
+    now, instead of failing before any worker starts."""
     compile: bool = False
     """Compile the model with torch.compile (GPU runs; slow to start)."""
     amp: bool = True
@@ -739,7 +742,7 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
     return steps
 
 
-def plan_run(config: TrainConfig) -> RunPlan:
+def plan_run(config: TrainConfig, *, gpus_per_worker: float | None = None) -> RunPlan:
     """Check everything that can be checked on the driver, and build the datasets.
 
     Returns the RunPlan. Raises FileNotFoundError for missing data, ValueError
@@ -787,15 +790,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
             f"split {spec}: the validation patients have no image at this magnification"
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
-    if config.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < config.num_workers:
-            log.warning(
-                "--use-gpu with %d worker(s) but the cluster has %g GPU(s) now; the run waits "
-                "until an autoscaler adds them",
-                config.num_workers,
-                gpus,
-            )
+    check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
     datasets = {
         "train": ingest.datasets["train"].select_columns(["image", "label"]),
         "val": ingest.datasets["val"].select_columns(["image", "label", "patient_id"]),
@@ -813,6 +808,39 @@ def plan_run(config: TrainConfig) -> RunPlan:
         manifest_hash=ingest.manifest_hash,
         resumed_from_epoch=resumed_from,
     )
+
+
+DATA_CPUS = 1.0
+"""CPUs a run needs beside its workers' reservations, for Ray Data's decode tasks."""
+
+
+def check_cluster_fits(
+    config: TrainConfig, resources: Mapping[str, float], gpus_per_worker: float | None = None
+) -> None:
+    """Fail before any worker starts when the cluster (``resources``, its total resources,
+    as ``ray.cluster_resources()`` gives them) cannot hold the run's workers plus one CPU
+    for Ray Data: the workers would start, take every CPU, and wait forever for data.
+    With ``config.wait_for_resources`` it logs a warning instead (an autoscaler adds nodes).
+    """
+    needs = {"CPU": config.num_workers * config.cpus_per_worker + DATA_CPUS}
+    if config.use_gpu:
+        needs["GPU"] = config.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
+    short = {k: (v, resources.get(k, 0.0)) for k, v in needs.items() if resources.get(k, 0.0) < v}
+    if not short:
+        return
+    what = "; ".join(
+        f"{need:g} {k} needed, the cluster has {have:g}" for k, (need, have) in short.items()
+    )
+    message = (
+        f"the cluster is too small for this run ({what}): it needs --num-workers "
+        f"{config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} CPUs"
+        f"{' and one GPU each' if config.use_gpu else ''}, plus {DATA_CPUS:g} CPU for Ray "
+        "Data's decode tasks. Lower --num-workers or --cpus-per-worker, add nodes, or pass "
+        "--wait-for-resources on a cluster whose autoscaler adds them"
+    )
+    if not config.wait_for_resources:
+        raise ValueError(message)
+    log.warning("%s; waiting (--wait-for-resources)", message)
 
 
 class EvalShardsDataConfig(ray.train.DataConfig):
@@ -1007,7 +1035,7 @@ def run_training(
     """
     if config.use_gpu and gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
         raise ValueError(f"gpus_per_worker must be in (0, 1] with use_gpu, got {gpus_per_worker}")
-    plan = plan_run(config)
+    plan = plan_run(config, gpus_per_worker=gpus_per_worker)
     if plan.resumed_from_epoch:
         log.info("%s exists: continuing after epoch %d", config.run_uri, plan.resumed_from_epoch)
     trainer = make_trainer(plan, callbacks=callbacks, gpus_per_worker=gpus_per_worker)

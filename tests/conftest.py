@@ -75,3 +75,40 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+# --- generated, prepared data ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def make_prepared(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """A function that returns the DEST of generated BreakHis-shaped tiles, prepared; each
+    set of arguments is generated and prepared once per session (Ray tasks, so it needs the
+    session's Ray; on S3 with ``s3=True``).
+
+    make_prepared(scale=, width=, height=, folds=5, repetitions=5, s3=False) -> DEST
+    """
+    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.synth import synthesize
+
+    made: dict[tuple, str] = {}
+
+    def make(
+        *, scale: float, width: int, height: int, folds: int = 5, repetitions: int = 5, s3=False
+    ) -> str:
+        key = (scale, width, height, folds, repetitions, s3)
+        if key not in made:
+            root = tmp_path_factory.mktemp("prepared")
+            synthesize(
+                str(root / "raw"), scale=scale, seed=0, width=width, height=height, workers=1
+            )
+            dest = f"s3://test/{uuid.uuid4().hex}/prepared" if s3 else str(root / "prepared")
+            prepare(
+                PrepareConfig(
+                    src=str(root / "raw"), dest=dest, folds=folds, repetitions=repetitions
+                )
+            )
+            made[key] = dest
+        return made[key]
+
+    return make

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from fractions import Fraction
 from pathlib import Path
 
@@ -384,17 +383,10 @@ SIDE = 32
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
+def prepared(make_prepared) -> str:
     """Generated tiles (~235 images, 51 patients, 48x32 px), prepared with 2 folds into
     the embedded S3 server, so that evaluation reads shards from S3 in Ray workers."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = tmp_path_factory.mktemp("evaluate-data")
-    dest = f"s3://test/{uuid.uuid4().hex}/prepared"
-    synthesize(str(root / "raw"), scale=0.03, seed=0, width=48, height=SIDE, workers=1)
-    prepare(PrepareConfig(src=str(root / "raw"), dest=dest, folds=2, repetitions=2))
-    return dest
+    return make_prepared(scale=0.03, width=48, height=SIDE, folds=2, repetitions=2, s3=True)
 
 
 @pytest.mark.ray

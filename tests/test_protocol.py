@@ -178,17 +178,10 @@ def test_the_protocol_sets_magnifications_itself(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Generated tiles (~235 images, 51 patients, 48x32 px), prepared with 2 folds."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = tmp_path_factory.mktemp("protocol-data")
-    synthesize(str(root / "raw"), scale=0.03, seed=0, width=48, height=32, workers=1)
-    prepare(
-        PrepareConfig(src=str(root / "raw"), dest=str(root / "prepared"), folds=2, repetitions=2)
-    )
-    return str(root / "prepared")
+def prepared(make_prepared) -> str:
+    """Generated tiles (~235 images, 51 patients, 48x32 px), prepared with 2 folds (the
+    evaluation tests' data)."""
+    return make_prepared(scale=0.03, width=48, height=32, folds=2, repetitions=2, s3=True)
 
 
 @pytest.mark.ray

@@ -3,10 +3,11 @@ generated data (learning, resume, failure recovery) and every bad-input error.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,22 +178,10 @@ def test_write_curves(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_local) -> Iterator[None]:
-    """The session's local Ray (4 logical CPUs: 2 workers + Ray Data), started after the
-    S3 server so that its processes see the AWS_* variables."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Generated BreakHis-shaped tiles (~400 images, 81 patients), prepared."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = tmp_path_factory.mktemp("train-data")
-    synthesize(str(root / "raw"), scale=0.05, seed=0, width=SIDE, height=SIDE, workers=1)
-    prepare(PrepareConfig(src=str(root / "raw"), dest=str(root / "prepared")))
-    return str(root / "prepared")
+def prepared(make_prepared) -> str:
+    """Generated BreakHis-shaped tiles (~400 images, 81 patients), prepared, in the session's
+    local Ray (4 logical CPUs: 2 workers + Ray Data)."""
+    return make_prepared(scale=0.05, width=SIDE, height=SIDE)
 
 
 # --------------------------------------------------------------------------- Ray runs
@@ -340,7 +329,7 @@ def _leaky_copy(prepared: str, dest: Path) -> str:
 @pytest.mark.ray
 @pytest.mark.parametrize(
     "case", ["missing data", "leaky split", "weights that do not fit", "imagenet offline",
-             "batch larger than the data"],
+             "batch larger than the data", "more workers than the cluster holds"],
 )  # fmt: skip
 def test_bad_input_fails_before_any_worker_starts(
     case: str, prepared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -371,12 +360,36 @@ def test_bad_input_fails_before_any_worker_starts(
         monkeypatch.delenv("NO_PROXY", raising=False)
         config = _config(tmp_path, prepared, arch="resnet18", weights="imagenet", freeze_epochs=1)
         error, message = WeightsError, "cannot download resnet18 ImageNet weights"
-    else:
+    elif case == "batch larger than the data":
         config = _config(tmp_path, prepared, batch_size=4096)
         error, message = ValueError, "do not fill one batch of --batch-size 4096"
+    else:  # the session's Ray instance has 4 CPUs
+        config = _config(tmp_path, prepared, num_workers=4)
+        error, message = ValueError, r"too small for this run \(5 CPU needed, the cluster has 4\)"
     with pytest.raises(error, match=message):
         run_training(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_cluster_must_hold_the_workers_and_a_cpu_for_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path, "data", num_workers=2, cpus_per_worker=2.0)
+    train_module.check_cluster_fits(config, {"CPU": 5.0})
+    with pytest.raises(ValueError, match="5 CPU needed, the cluster has 4") as raised:
+        train_module.check_cluster_fits(config, {"CPU": 4.0})
+    assert "--num-workers 2 x --cpus-per-worker 2" in str(raised.value)
+    assert "--wait-for-resources" in str(raised.value)
+
+    gpu = dataclasses.replace(config, use_gpu=True)
+    with pytest.raises(ValueError, match="2 GPU needed, the cluster has 0"):
+        train_module.check_cluster_fits(gpu, {"CPU": 8.0})
+    train_module.check_cluster_fits(gpu, {"CPU": 8.0, "GPU": 1.0}, gpus_per_worker=0.5)
+
+    waiting = dataclasses.replace(gpu, wait_for_resources=True)
+    with caplog.at_level(logging.WARNING, logger="breakhis.train"):
+        train_module.check_cluster_fits(waiting, {"CPU": 1.0})
+    assert "waiting (--wait-for-resources)" in caplog.text
 
 
 def test_gpus_per_worker_is_checked_first(tmp_path: Path) -> None:
