@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from breakhis.metrics import METRIC_NAMES
+from breakhis.metrics import METRIC_NAMES, as_arrays
 
 BOOTSTRAP_METRICS: tuple[str, ...] = METRIC_NAMES
 """Metrics that get an interval (those of breakhis.metrics.classification_metrics)."""
@@ -65,21 +65,8 @@ def patient_table(
     inputs, labels other than 0/1, probabilities outside [0, 1], or a patient
     whose images carry both labels.
     """
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    pids = np.asarray(patient_ids, dtype=object).reshape(-1).astype(str)
-    if not (y.shape == p.shape == pids.shape):
-        raise ValueError(
-            f"labels ({y.size}), probabilities ({p.size}) and patient_ids ({pids.size}) "
-            "must have the same length"
-        )
-    if y.size == 0:
-        raise ValueError("no predictions to resample")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (benign) or 1 (malignant), got {sorted(set(y))}")
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise ValueError("probabilities must lie in [0, 1] (got NaN or out-of-range values)")
-    names, index = np.unique(pids, return_inverse=True)
+    y, p, ids = as_arrays(labels, probs, patient_ids)
+    names, index = np.unique(ids.astype(str), return_inverse=True)
     count = len(names)
     yhat = (p >= threshold).astype(np.int64)
 

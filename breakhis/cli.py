@@ -77,67 +77,6 @@ def _synth(p: argparse.ArgumentParser) -> Command:
     return run
 
 
-@command("prepare", "catalog SRC, check every image decodes, write shards + manifest to DEST")
-def _prepare(p: argparse.ArgumentParser) -> Command:
-    p.add_argument("src", help="BreakHis root (local folder or s3://bucket/prefix), any nesting")
-    p.add_argument("dest", help="output root (local folder or s3://bucket/prefix)")
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="fail, naming every file, if a file name does not parse "
-        "(default: skip such files and list them in rejects.parquet)",
-    )
-    p.add_argument("--folds", type=int, default=5, help="patient-grouped folds (default 5)")
-    p.add_argument(
-        "--repetitions",
-        type=int,
-        default=5,
-        help="repetitions of the paper's random 70/30 patient split (default 5)",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.3,
-        help="share of patients tested in each repetition (default 0.3)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
-    p.add_argument(
-        "--shard-mb", type=float, default=128.0, help="target shard size in MB (default 128)"
-    )
-    p.add_argument(
-        "--row-group-rows",
-        type=int,
-        default=64,
-        help="most rows per Parquet row group (default 64)",
-    )
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)"
-    )
-
-    def run(args: argparse.Namespace) -> int:
-        from breakhis import storage
-        from breakhis.prepare import PrepareConfig, prepare
-
-        config = PrepareConfig(
-            src=args.src,
-            dest=args.dest,
-            strict=args.strict,
-            folds=args.folds,
-            repetitions=args.repetitions,
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            shard_mb=args.shard_mb,
-            row_group_rows=args.row_group_rows,
-        )
-        if not storage.exists(config.src):  # before Ray starts: a typo costs no cluster
-            raise FileNotFoundError(f"{config.src}: no such file or folder")
-        init_ray(args.ray_address)
-        print(prepare(config).format_table())
-        return 0
-
-    return run
-
-
 @command("demo", "run the whole pipeline end to end on generated (or given) data")
 def _demo(p: argparse.ArgumentParser) -> Command:
     bindings = add_config_options(p, _load("breakhis.demo:DemoConfig"))
@@ -186,14 +125,18 @@ def _job(
     *,
     split_dest: str | None = None,
     needs_ray: bool = True,
+    positional: tuple[str, ...] = (),
+    check: Callable[[object], None] | None = None,
 ) -> None:
     """Register a subcommand whose options are the fields of a config dataclass
-    (``module:Class``) and which prints the ``format_table()`` of what
-    ``module:function`` returns."""
+    (``module:Class``; ``positional`` fields as positional arguments) and which
+    prints the ``format_table()`` of what ``module:function`` returns. ``check``
+    looks at the config before Ray starts (raising ValueError or
+    FileNotFoundError for bad input)."""
 
     def setup(p: argparse.ArgumentParser) -> Command:
         cls = _load(config)
-        bindings = add_config_options(p, cls)
+        bindings = add_config_options(p, cls, positional=positional)
         if split_dest:
             _split_aliases(p)
         if needs_ray:
@@ -207,6 +150,8 @@ def _job(
             if split_dest:
                 _split_from_aliases(args, split_dest)
             cfg = build_config(cls, args, bindings)  # validates before Ray starts
+            if check is not None:
+                check(cfg)
             if needs_ray:
                 init_ray(args.ray_address)
             result = _load(runner)(cfg)
@@ -223,6 +168,21 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _source_exists(config) -> None:
+    from breakhis import storage
+
+    if not storage.exists(config.src):  # before Ray starts: a typo costs no cluster
+        raise FileNotFoundError(f"{config.src}: no such file or folder")
+
+
+_job(
+    "prepare",
+    "catalog SRC, check every image decodes, write shards + manifest to DEST",
+    "breakhis.prepare:PrepareConfig",
+    "breakhis.prepare:prepare",
+    positional=("src", "dest"),
+    check=_source_exists,
+)
 _job(
     "train",
     "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST",

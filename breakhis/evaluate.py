@@ -536,22 +536,6 @@ def model_patients(card: ModelCard, manifest: pa.Table, data: str) -> ModelPatie
 # --------------------------------------------------------------------------- predictions
 
 
-def _actor_plan(options: EvaluateOptions) -> tuple[int, float, str]:
-    """(most actors, GPUs per actor, device) for the current cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
-    if use_gpu:
-        if gpus == 0:
-            raise ValueError("--device cuda: the Ray cluster has no GPU")
-        return options.num_actors or gpus, 1.0, "cuda"
-    cpus = int(resources.get("CPU", 1))
-    # A CPU stays free for the decode tasks, or the actors would starve them.
-    return options.num_actors or max(1, (cpus - 1) // options.cpus_per_actor), 0.0, "cpu"
-
-
 def predict_tiles(
     tiles: pa.Table,
     model_uri: str,
@@ -571,12 +555,14 @@ def predict_tiles(
     """
     import ray
 
-    from breakhis.score import ScoreConfig, TilePredictor, decode_tiles
+    from breakhis.score import ScoreConfig, TilePredictor, actor_plan, decode_tiles
 
     if tiles.num_rows == 0:
         return pd.DataFrame({"uri": [], "prob_malignant": [], "map": []})
     defaults = {f.name: f.default for f in fields(ScoreConfig)}
-    max_actors, gpus_per_actor, device = _actor_plan(options)
+    max_actors, gpus_per_actor, device = actor_plan(
+        options.device, options.num_actors, options.cpus_per_actor
+    )
     source = tiles.select(["uri", "tile_id", "shard"])
     source = source.append_column("unit", pa.array(np.zeros(tiles.num_rows, np.int32)))
     blocks = [source.slice(i, _BLOCK_ROWS) for i in range(0, source.num_rows, _BLOCK_ROWS)]

@@ -38,11 +38,16 @@ HIGHER_IS_BETTER: dict[str, bool] = {name: name != "loss" for name in METRIC_NAM
 """Whether a larger value of each metric is better (only the loss goes down)."""
 
 
-def _as_arrays(
+def as_arrays(
     labels: Sequence[int] | np.ndarray,
     probs: Sequence[float] | np.ndarray,
     patient_ids: Sequence[str] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Checked flat arrays (labels int64, probabilities float64, patient ids object or None).
+
+    Raises ValueError for inputs of different lengths, no input, labels other than 0/1 and
+    probabilities outside [0, 1].
+    """
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     if y.shape != p.shape:
@@ -123,7 +128,7 @@ def patient_accuracy(
     Returns a float in [0, 1]. Raises ValueError for inconsistent inputs or a
     patient whose images carry both labels.
     """
-    y, p, pids = _as_arrays(labels, probs, patient_ids)
+    y, p, pids = as_arrays(labels, probs, patient_ids)
     assert pids is not None
     names, index = np.unique(pids.astype(str), return_inverse=True)
     counts = np.bincount(index, minlength=len(names))
@@ -164,7 +169,7 @@ def classification_metrics(
     Raises ValueError for empty or inconsistent inputs, labels other than 0/1,
     or probabilities outside [0, 1].
     """
-    y, p, pids = _as_arrays(labels, probs, patient_ids)
+    y, p, pids = as_arrays(labels, probs, patient_ids)
     yhat = (p >= threshold).astype(np.int64)
     eps = 1e-7
     clipped = np.clip(p, eps, 1 - eps)

@@ -100,11 +100,14 @@ def add_config_options(
     *,
     skip: tuple[str, ...] = (),
     required: tuple[str, ...] = (),
+    positional: tuple[str, ...] = (),
 ) -> list[Binding]:
     """Add one option per field of ``cls`` (nested configs flattened).
 
     ``skip`` names fields (at any depth) the caller sets itself; ``required``
-    marks fields that must be given. Returns the bindings for build_config.
+    marks fields that must be given; ``positional`` fields (top level) are
+    positional arguments, in the order of the fields, instead of options. Returns the bindings
+    for build_config.
     """
     bindings: list[Binding] = []
     taken: set[str] = {a.dest for a in parser._actions}
@@ -128,7 +131,9 @@ def add_config_options(
             is_required = item.name in required or (
                 item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
             )
-            if kind is bool and not optional:
+            if not path and item.name in positional:
+                parser.add_argument(dest, type=_parser_for(kind, optional), help=help_text)
+            elif kind is bool and not optional:
                 parser.add_argument(
                     flag,
                     dest=dest,

@@ -46,28 +46,27 @@ _REJECTS_KEY = b"breakhis.rejects"
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Options of the prepare job.
-
-    src: root of a BreakHis tree (local path or s3:// URI), any nesting.
-    dest: where shards, manifest and rejects go (local path or s3:// URI).
-    strict: fail, naming every file, when a name does not parse (default: skip them).
-    folds: number of patient-grouped folds (the ``fold`` column).
-    repetitions: number of the paper's 70/30 patient splits (``rep0``.. columns).
-    test_fraction: share of patients tested in each repetition.
-    seed: seed of both split schemes.
-    shard_mb: target shard size in MB of PNG bytes.
-    row_group_rows: most rows per Parquet row group (bounds a reader's memory).
-    """
+    """Options of the prepare job."""
 
     src: str
+    """Root of a BreakHis tree (local folder or s3://bucket/prefix), any nesting."""
     dest: str
+    """Where shards, manifest and rejects go (local folder or s3://bucket/prefix)."""
     strict: bool = False
+    """Fail, naming every file, when a file name does not parse (default: skip such files and
+    list them in rejects.parquet)."""
     folds: int = 5
+    """Patient-grouped folds (the manifest's ``fold`` column)."""
     repetitions: int = 5
+    """Repetitions of the paper's random 70/30 patient split (``rep0``.. columns)."""
     test_fraction: float = 0.3
+    """Share of patients tested in each repetition."""
     seed: int = 0
+    """Seed of both split schemes."""
     shard_mb: float = 128.0
+    """Target shard size in MB of PNG bytes."""
     row_group_rows: int = 64
+    """Most rows per Parquet row group (bounds a reader's memory)."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:

@@ -82,7 +82,7 @@ import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.attribution import canonical_method
-from breakhis.inputs import InputSet, discover_inputs
+from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
 from breakhis.names import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -102,15 +102,10 @@ _TTA_VIEWS = 8  # the dihedral group: 4 rotations by 90 degrees, each also flipp
 
 def tile_schema(map_size: int) -> pa.Schema:
     """The schema of ``tiles/unit-*.parquet`` for maps of ``map_size`` x ``map_size``."""
+    described = [f for f in INPUT_SCHEMA if f.name != "shard"]  # the tile, as its input
     return pa.schema(
         [
-            ("uri", pa.string()),
-            ("tile_id", pa.string()),
-            ("file_name", pa.string()),
-            ("patient_id", pa.string()),
-            ("magnification", pa.int16()),
-            ("subtype", pa.string()),
-            ("label", pa.int8()),
+            *described,
             ("prob_malignant", pa.float32()),
             ("predicted_label", pa.int8()),
             ("predicted_class", pa.string()),
@@ -645,21 +640,24 @@ def _listing(folder: str) -> set[str]:
     return names
 
 
-def _actor_resources(config: ScoreConfig) -> tuple[int, float, str]:
-    """(most actors, GPUs per actor, device) for the current cluster."""
+def actor_plan(device: str, num_actors: int, cpus_per_actor: int) -> tuple[int, float, str]:
+    """(most actors, GPUs per actor, device) of a model actor pool on the current cluster.
+
+    ``device`` is ``auto``, ``cpu`` or ``cuda``; ``num_actors`` 0 sizes the pool from the
+    cluster: one actor per GPU, or on CPUs as many as fit while one CPU stays free for the
+    decode tasks (the actors would starve them otherwise). Raises ValueError for ``cuda`` on a
+    cluster without GPUs.
+    """
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
-    if use_gpu:
+    if device == "cuda" or (device == "auto" and gpus > 0):
         if gpus == 0:
             raise ValueError("--device cuda: the Ray cluster has no GPU")
-        return config.num_actors or gpus, 1.0, "cuda"
+        return num_actors or gpus, 1.0, "cuda"
     cpus = int(resources.get("CPU", 1))
-    # Leave a CPU to the decode tasks, or the actors would starve them.
-    automatic = max(1, (cpus - 1) // config.cpus_per_actor)
-    return config.num_actors or automatic, 0.0, "cpu"
+    return num_actors or max(1, (cpus - 1) // cpus_per_actor), 0.0, "cpu"
 
 
 def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str) -> None:
@@ -667,7 +665,9 @@ def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str)
 
     if not ray.is_initialized():
         ray.init(configure_logging=False)
-    max_actors, gpus_per_actor, device = _actor_resources(config)
+    max_actors, gpus_per_actor, device = actor_plan(
+        config.device, config.num_actors, config.cpus_per_actor
+    )
     blocks = [
         unit.members.select(["uri", "tile_id", "shard"]).append_column(
             "unit", pa.array([unit.index] * unit.members.num_rows, pa.int32())
