@@ -20,13 +20,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check breakhis jobs tests
 	$(BIN)/ruff format --check breakhis jobs tests
 
-# Everything but the tests marked slow (multi-node cluster, fault injection, full
-# training/tuning runs); those run with `make test-slow`.
+# Everything but the tests marked slow; those (the multi-node cluster and its injected
+# faults, full training and tuning runs to accuracy, resume and recovery, the benchmarks'
+# smoke runs) run with `make test-slow`. CI (.ci/run) runs both.
 test: lint
 	$(BIN)/pytest -m "not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m slow --durations=10
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -162,6 +162,7 @@ def _files_after(root: Path, seed: int, workers: int = 1) -> dict[str, bytes]:
     return _files(root)
 
 
+@pytest.mark.slow
 def test_a_process_pool_writes_the_same_bytes_as_one_process(tmp_path):
     assert _files_after(tmp_path / "pool", seed=1, workers=2) == _files_after(
         tmp_path / "one", seed=1, workers=1

@@ -26,47 +26,45 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from breakhis.benchmarks.harness import device_name, peak_memory, save_result
 
-_SAMPLE_EVERY_S = 0.2
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IngestBenchmarkConfig:
-    """Options of ``breakhis benchmark ingest``.
-
-    data: a local BreakHis folder to read instead of generated tiles.
-    workdir: local folder for the generated PNGs (default: a temporary one, removed).
-    scale: size of the generated data set (fraction of the real per-subtype counts).
-    width, height: size of the generated PNGs (BreakHis: 700 x 460).
-    image_size: side of the model's input tiles.
-    batch_size: images per torch batch.
-    epochs: passes over the data on each side (>= 2: one first, the rest "later").
-    augment_strength: strength of the training augmentation (0..1).
-    workers: DataLoader worker processes and Ray CPUs (default: this machine's cores).
-    seed: seed of the generated data and of the augmentation.
-    """
+    """Options of ``breakhis benchmark ingest``."""
 
     data: str | None = None
+    """A local BreakHis folder to read instead of generated tiles."""
     workdir: str | None = None
+    """Local folder for the generated PNGs and the result files (default: a temporary
+    folder, removed, and no result files)."""
     scale: float = 0.05
+    """Size of the generated data set (fraction of the real per-subtype counts)."""
     width: int = 700
+    """Width of the generated PNGs (BreakHis: 700)."""
     height: int = 460
+    """Height of the generated PNGs (BreakHis: 460)."""
     image_size: int = 224
+    """Side of the model's input tiles."""
     batch_size: int = 64
+    """Images per torch batch."""
     epochs: int = 3
+    """Passes over the data on each side (>= 2: one first, the rest "later")."""
     augment_strength: float = 0.5
+    """Strength of the training augmentation (0..1)."""
     workers: int | None = None
+    """DataLoader worker processes and Ray CPUs (default: this machine's cores)."""
     seed: int = 0
+    """Seed of the generated data and of the augmentation."""
 
     def __post_init__(self) -> None:
         if self.epochs < 2:
@@ -147,63 +145,6 @@ class IngestBenchmarkResult:
                 f"{self.decodes_later_epochs} in later ones",
             ]
         )
-
-
-# ---------------------------------------------------------------------------------- memory
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found.extend(int(c) for c in task.read_text().split())
-        except OSError:  # the thread or process ended meanwhile
-            continue
-    return found
-
-
-def _pss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
-
-
-def tree_pss(root: int, exclude: frozenset[int] = frozenset()) -> int:
-    """PSS in bytes summed over ``root`` and its descendants, skipping the
-    subtrees of the ``exclude`` pids (Linux /proc; 0 elsewhere)."""
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        if pid in exclude:
-            continue
-        total += _pss(pid)
-        stack.extend(_children(pid))
-    return total
-
-
-@contextmanager
-def peak_memory(exclude: frozenset[int] = frozenset()) -> Iterator[list[int]]:
-    """Sample this process tree's PSS in a thread; yields a one-item list
-    holding the peak so far (final when the block ends)."""
-    peak = [tree_pss(os.getpid(), exclude)]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(_SAMPLE_EVERY_S):
-            peak[0] = max(peak[0], tree_pss(os.getpid(), exclude))
-
-    thread = threading.Thread(target=sample, name="pss-sampler", daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], tree_pss(os.getpid(), exclude))
 
 
 # -------------------------------------------------------------------------------- baseline
@@ -312,10 +253,10 @@ def time_ray_pipeline(
     import ray
 
     from breakhis.ingest import (
-        DecodeLedger,
         IngestConfig,
         augmented_tiles,
         cache_tiles,
+        new_ledger,
         read_tiles,
     )
     from breakhis.transforms import normalize
@@ -323,10 +264,10 @@ def time_ray_pipeline(
     ingest = IngestConfig(
         image_size=config.image_size, augment_strength=config.augment_strength, seed=config.seed
     )
-    ledger = DecodeLedger.remote()
+    ledger = new_ledger()
     seconds: list[float] = []
     decodes: list[int] = []
-    with peak_memory(exclude) as peak:
+    with peak_memory(exclude=exclude) as peak:
         started = time.perf_counter()
         cached = cache_tiles(read_tiles(dest, patients, ingest, ledger), shuffle_seed=config.seed)
         train = augmented_tiles(cached, ingest, randomize_blocks=True).select_columns(
@@ -400,7 +341,7 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
                 ray.shutdown()
     if images != len(paths):
         raise RuntimeError(f"the Ray pipeline saw {images} images, the DataLoader {len(paths)}")
-    return IngestBenchmarkResult(
+    result = IngestBenchmarkResult(
         images=images,
         image_size=config.image_size,
         cores=config.cores,
@@ -411,3 +352,7 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
         decodes_first_epoch=decodes[0],
         decodes_later_epochs=decodes[1],
     )
+    if config.workdir:
+        figures = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), **asdict(result)}
+        save_result(config.workdir, "ingest", figures, result.format_table())
+    return result

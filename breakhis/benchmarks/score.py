@@ -44,6 +44,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from breakhis import storage
+from breakhis.benchmarks.harness import (
+    device_name,
+    peak_memory,
+    save_result,
+    start_local_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,38 +171,6 @@ class ScoreBenchmarkResult:
 # --------------------------------------------------------------------------- memory sampling
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def tree_pss_mb(root: int) -> float:
-    """Proportional set size in MB of process ``root`` and all its descendants (Linux)."""
-    tree = _children()
-    stack, total = [root], 0
-    while stack:
-        pid = stack.pop()
-        stack.extend(tree.get(pid, ()))
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:  # ended meanwhile, or not ours to read
-            continue
-    return total / 1024
-
-
 _CHILD = (
     "import json, sys, ray\n"
     "from breakhis.score import ScoreConfig, run_scoring\n"
@@ -206,7 +180,7 @@ _CHILD = (
 )
 
 
-def peak_memory_of_job(options: dict, cpus: int, interval_s: float = 0.2) -> float:
+def peak_memory_of_job(options: dict, cpus: int) -> float:
     """Run one scoring job (ScoreConfig ``options``) in a fresh process with its own local Ray
     instance and return the peak PSS in MB of that process and all its descendants.
 
@@ -221,18 +195,16 @@ def peak_memory_of_job(options: dict, cpus: int, interval_s: float = 0.2) -> flo
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    peak = 0.0
     stderr: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr.append(child.stderr.read()), daemon=True)
     reader.start()
-    while child.poll() is None:
-        peak = max(peak, tree_pss_mb(child.pid))
-        time.sleep(interval_s)
+    with peak_memory(child.pid) as peak:
+        child.wait()
     reader.join()
     if child.returncode != 0:
         tail = b"".join(stderr).decode(errors="replace")[-3000:]
         raise RuntimeError(f"the scoring job of the memory run failed:\n{tail}")
-    return peak
+    return peak[0] / 2**20
 
 
 # --------------------------------------------------------------------------- the runs
@@ -350,8 +322,7 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
     cpus = config.cpus or os.cpu_count() or 1
     load_at_start = os.getloadavg()[0]
     os.makedirs(config.workdir, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    start_local_ray(cpus)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if torch.cuda.is_available() else 0
     device = "cuda" if gpus else "cpu"
     torch.set_num_threads(cpus)
@@ -388,6 +359,9 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
     quarter = _manifest(config, "throughput-quarter", uris[: max(1, len(uris) // 4)])
     results = [_plain_loop(model_uri, uris, config.batch_size, device)]
     log.info("%s", results[-1])
+    # A first tiny job pays Ray Data's one-time start (its own actors, worker processes), so
+    # the measured jobs pay only what every job pays (their model actors and model load).
+    _timed_job(replace(job, input=_manifest(config, "warm-up", uris[:4])), f"{out}/warm-up")
     results.append(_job("job, predictions only", job, quarter, f"{out}/none"))
     log.info("%s", results[-1])
     gradcam = replace(job, attribution="gradcam")
@@ -419,7 +393,7 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
 
     result = ScoreBenchmarkResult(
         date=time.strftime("%Y-%m-%d"),
-        device=torch.cuda.get_device_name(0) if gpus else _cpu_name(),
+        device=device_name(gpus),
         cpus=cpus,
         gpus=gpus,
         config=asdict(config),
@@ -427,22 +401,5 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
         throughput=results,
         peak_memory_mb=memory,
     )
-    storage.write_bytes(
-        os.path.join(config.workdir, "benchmark-score.json"),
-        json.dumps(asdict(result), indent=2).encode(),
-    )
-    storage.write_bytes(
-        os.path.join(config.workdir, "benchmark-score.md"), result.format_table().encode()
-    )
+    save_result(config.workdir, "score", asdict(result), result.format_table())
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"

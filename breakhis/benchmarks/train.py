@@ -30,7 +30,6 @@ H100), with the plain loop's rate beside it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from breakhis import storage
+from breakhis.benchmarks.harness import device_name, prepared_data, save_result, start_local_ray
 from breakhis.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -191,19 +190,6 @@ class TrainBenchmarkResult:
         return out
 
 
-def _prepared_data(workdir: str, scale: float, side: int, seed: int) -> str:
-    """Generated, prepared tiles of ``side`` px under the workdir (made once, then reused)."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = os.path.join(os.path.abspath(workdir), f"data-{scale:g}-{side}px-seed{seed}")
-    dest = os.path.join(root, "prepared")
-    if not os.path.exists(os.path.join(dest, "manifest.parquet")):
-        synthesize(os.path.join(root, "raw"), scale=scale, seed=seed, width=side, height=side)
-        prepare(PrepareConfig(src=os.path.join(root, "raw"), dest=dest))
-    return dest
-
-
 def _plain_loop(
     images: np.ndarray, labels: np.ndarray, config: dict, class_weights: tuple[float, float]
 ) -> list[float]:
@@ -291,7 +277,6 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     Raises ValueError for bad options, RuntimeError when ``use_gpu`` is asked
     without a CUDA GPU here.
     """
-    import ray
     import torch
 
     from breakhis.ingest import IngestConfig, build_datasets
@@ -302,10 +287,13 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     if config.use_gpu and not torch.cuda.is_available():
         raise RuntimeError("--use-gpu: no CUDA GPU on this machine")
     os.makedirs(config.workdir, exist_ok=True)
-    if not ray.is_initialized():
-        cpus = config.cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
-    data = _prepared_data(config.workdir, values["scale"], values["image_size"], config.seed)
+    start_local_ray(config.cpus or os.cpu_count() or 1)
+    data = prepared_data(
+        config.workdir,
+        scale=values["scale"],
+        side=values["image_size"],
+        seed=config.seed,
+    )
     runs = os.path.join(os.path.abspath(config.workdir), "runs")
     name = time.strftime("bench-%Y%m%d-%H%M%S")
     train = _train_config(values, data=data, storage=runs, name=name)
@@ -328,7 +316,7 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     gpus = config.num_workers if config.use_gpu else 0
     result = TrainBenchmarkResult(
         date=time.strftime("%Y-%m-%d"),
-        device=torch.cuda.get_device_name(0) if gpus else _cpu_name(),
+        device=device_name(gpus),
         gpus=gpus,
         config=values,
         train_images=int(history[0]["train_images"]),
@@ -338,23 +326,5 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
         job_wall_s=wall,
         worker_threads=int(history[0].get("torch_threads", 0)),
     )
-    storage.write_bytes(
-        os.path.join(config.workdir, "benchmark-train.json"),
-        json.dumps(result.to_dict(), indent=2).encode(),
-    )
-    storage.write_bytes(
-        os.path.join(config.workdir, "benchmark-train.md"), result.format_table().encode()
-    )
+    save_result(config.workdir, "train", result.to_dict(), result.format_table())
     return result
-
-
-def _cpu_name() -> str:
-    cores = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({cores} cores)"
-    except OSError:
-        pass
-    return f"CPU ({cores} cores)"

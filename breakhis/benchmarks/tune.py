@@ -24,8 +24,8 @@ side it turns negative when the machine has room for them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -33,7 +33,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from breakhis import storage
+from breakhis.benchmarks.harness import (
+    device_name,
+    prepared_data,
+    prepared_dest,
+    save_result,
+    start_local_ray,
+)
 from breakhis.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,8 @@ class TuneBenchmarkConfig:
     max_concurrent_trials: int = 1
     """Trials of the sweep at once (1 measures the overhead alone)."""
     cpus: int = 0
-    """CPUs of the local Ray instance the benchmark starts; 0: all of this machine."""
+    """CPUs of the local Ray instance the benchmark starts; 0: this machine's, or what
+    the concurrent trials reserve if that is more."""
     seed: int = 0
     """Seed of the data, the splits and the models' initialisation."""
 
@@ -156,31 +163,6 @@ class TuneBenchmarkResult:
         return out
 
 
-def _prepared_data(workdir: str, scale: float, side: int, seed: int) -> str:
-    """Generated, prepared tiles of ``side`` px under the workdir (made once, then reused)."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
-
-    root = os.path.join(workdir, f"data-{scale:g}-{side}px-seed{seed}")
-    dest = os.path.join(root, "prepared")
-    if not os.path.exists(os.path.join(dest, "manifest.parquet")):
-        synthesize(os.path.join(root, "raw"), scale=scale, seed=seed, width=side, height=side)
-        prepare(PrepareConfig(src=os.path.join(root, "raw"), dest=dest))
-    return dest
-
-
-def _cpu_name() -> str:
-    cores = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({cores} cores)"
-    except OSError:
-        pass
-    return f"CPU ({cores} cores)"
-
-
 def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     """Run both sides (module docstring); write ``benchmark-tune.json`` and
     ``benchmark-tune.md`` into the workdir and return the result.
@@ -195,14 +177,10 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
 
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
-    if not ray.is_initialized():
-        cpus = config.cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
-    data = _prepared_data(workdir, config.scale, config.image_size, config.seed)
     root = os.path.join(workdir, time.strftime("%Y%m%d-%H%M%S"))
     workers = config.num_workers
     base = TrainConfig(
-        data=data,
+        data=prepared_dest(workdir, scale=config.scale, side=config.image_size, seed=config.seed),
         storage=os.path.join(root, "job"),
         name="warmup",
         arch=config.arch,
@@ -219,8 +197,25 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
         max_failures=0,
         seed=config.seed,
     )
-    gpus_per_worker = config.gpus_per_trial / workers or None
     rates = config.learning_rates()
+    sweep = SweepConfig(
+        train=dataclasses.replace(base, storage=root, name="sweep"),
+        search_space=parse_search_space({"lr": {"grid": rates}}, "benchmark grid"),
+        num_samples=1,
+        gpus_per_trial=config.gpus_per_trial,
+        workers_per_trial=workers,
+        max_concurrent_trials=config.max_concurrent_trials,
+        scheduler="fifo",
+        progress=0,
+    )
+    if not ray.is_initialized():
+        # Ray's CPUs are reservations: the sweep's trials need room for their driver, their
+        # workers and a data task each, even where that is more than this machine's cores.
+        needed = math.ceil(sweep.trial_request()["CPU"] * config.max_concurrent_trials)
+        cpus = config.cpus or max(os.cpu_count() or 1, needed)
+        start_local_ray(cpus)
+    prepared_data(workdir, scale=config.scale, side=config.image_size, seed=config.seed)
+    gpus_per_worker = config.gpus_per_trial / workers or None
 
     started = time.perf_counter()
     warmup = run_training(dataclasses.replace(base, epochs=1), gpus_per_worker=gpus_per_worker)
@@ -237,16 +232,6 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
         log.info("job run %d/%d (lr %g): %.1f s", i + 1, len(rates), lr, job_run_s[-1])
     job_wall = time.perf_counter() - job_started
 
-    sweep = SweepConfig(
-        train=dataclasses.replace(base, storage=root, name="sweep"),
-        search_space=parse_search_space({"lr": {"grid": rates}}, "benchmark grid"),
-        num_samples=1,
-        gpus_per_trial=config.gpus_per_trial,
-        workers_per_trial=workers,
-        max_concurrent_trials=config.max_concurrent_trials,
-        scheduler="fifo",
-        progress=0,
-    )
     started = time.perf_counter()
     swept = run_sweep(sweep)
     sweep_wall = time.perf_counter() - started
@@ -255,7 +240,7 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
 
     result = TuneBenchmarkResult(
         date=time.strftime("%Y-%m-%d"),
-        device=_cpu_name() if not config.gpus_per_trial else _gpu_name(),
+        device=device_name(math.ceil(config.gpus_per_trial * config.max_concurrent_trials)),
         config=asdict(config),
         train_images=int(warmup.history[0]["train_images"]),
         job_run_s=job_run_s,
@@ -263,15 +248,5 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
         sweep_wall_s=sweep_wall,
         warmup_s=warmup_s,
     )
-    storage.write_bytes(
-        os.path.join(workdir, "benchmark-tune.json"),
-        json.dumps(result.to_dict(), indent=2).encode(),
-    )
-    storage.write_bytes(os.path.join(workdir, "benchmark-tune.md"), result.format_table().encode())
+    save_result(workdir, "tune", result.to_dict(), result.format_table())
     return result
-
-
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU cluster"
