@@ -21,6 +21,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.s3)
 
 
+# --- small training runs -----------------------------------------------------------------
+
+
+def small_train_config(data: str, storage: str, **overrides):
+    """A TrainConfig of a smallcnn run small enough for a 2-core machine (32 px, one epoch,
+    batches of 16, no augmentation, one worker, no retries); ``overrides`` change any field."""
+    from breakhis.train import TrainConfig
+
+    values = dict(
+        data=data,
+        storage=storage,
+        name="run",
+        arch="smallcnn",
+        weights="none",
+        freeze_epochs=0,
+        image_size=32,
+        augment_strength=0.0,
+        epochs=1,
+        batch_size=16,
+        warmup_epochs=0.0,
+        num_workers=1,
+        max_failures=0,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
 # --- real data ---------------------------------------------------------------------------
 
 

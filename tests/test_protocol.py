@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import small_train_config
 
 from breakhis.evaluate import EvaluateOptions
 from breakhis.protocol import (
@@ -26,23 +27,7 @@ from breakhis.train import TrainConfig
 
 
 def _train(tmp_path: Path, data: str = "data", **overrides) -> TrainConfig:
-    values = dict(
-        data=data,
-        storage=str(tmp_path / "runs"),
-        name="paper",
-        arch="smallcnn",
-        weights="none",
-        freeze_epochs=0,
-        image_size=32,
-        augment_strength=0.0,
-        epochs=1,
-        batch_size=16,
-        warmup_epochs=0.0,
-        num_workers=1,
-        max_failures=0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return small_train_config(data, str(tmp_path / "runs"), **{"name": "paper", **overrides})
 
 
 def _run(split: int, trained: int | None, rates: dict[int, float]) -> ProtocolRun:

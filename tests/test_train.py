@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import small_train_config
 
 import breakhis.train as train_module
 from breakhis.metrics import classification_metrics, majority_rate
@@ -38,24 +39,8 @@ SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizin
 
 
 def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
-    values = dict(
-        data=data,
-        storage=str(tmp_path / "runs"),
-        name="run",
-        arch="smallcnn",
-        weights="none",
-        freeze_epochs=0,
-        image_size=32,
-        augment_strength=0.0,
-        epochs=1,
-        batch_size=16,
-        lr=3e-3,
-        warmup_epochs=0.0,
-        num_workers=2,
-        max_failures=0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = {"lr": 3e-3, "num_workers": 2, **overrides}
+    return small_train_config(data, str(tmp_path / "runs"), **values)
 
 
 # --------------------------------------------------------------------------- no Ray

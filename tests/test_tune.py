@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import small_train_config
 
 from breakhis.train import TrainConfig
 from breakhis.tune import (
@@ -38,24 +39,8 @@ SIDE = 32  # generated tiles are SIDE x SIDE, so trials train without resizing
 
 def _train(data: str, storage: str, **overrides) -> TrainConfig:
     """A smallcnn training run small enough for a 2-core machine."""
-    values = dict(
-        data=data,
-        storage=storage,
-        name="sweep",
-        arch="smallcnn",
-        weights="none",
-        freeze_epochs=0,
-        image_size=SIDE,
-        augment_strength=0.0,
-        epochs=3,
-        batch_size=16,
-        warmup_epochs=0.0,
-        num_workers=1,
-        max_failures=0,
-        patience=0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = {"name": "sweep", "image_size": SIDE, "epochs": 3, "patience": 0, **overrides}
+    return small_train_config(data, storage, **values)
 
 
 def _write(tmp_path: Path, text: str) -> str:
