@@ -8,9 +8,11 @@ generated BreakHis-shaped data set (or the real one with ``--data``):
 2. prepare it into ``s3://breakhis/prepared`` (shards, manifest, rejects);
 3. train a small CNN on fold 0 with Ray Train (2 CPU workers, DDP), checkpoints
    and the model artifact in ``s3://breakhis/runs/demo``;
-4. score the raw tiles (corrupt ones included) with Grad-CAM maps into
+4. sweep the learning rate of the same model with Ray Tune driving Train V2 (ASHA stops
+   the weak trials early) into ``s3://breakhis/sweeps/demo``: leaderboard and best model;
+5. score the raw tiles (corrupt ones included) with Grad-CAM maps into
    ``s3://breakhis/scores`` as Parquet;
-5. evaluate the model on its held-out patients: ``<workdir>/report/report.html``.
+6. evaluate the model on its held-out patients: ``<workdir>/report/report.html``.
 
 Each step prints what it produced. Local outputs go under ``--workdir``.
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +44,16 @@ class DemoConfig:
     """Side of the demo model's input in pixels (small, so the demo runs on 2 CPUs)."""
     scale: float = 0.05
     """Size of the generated data set, as a fraction of the real per-subtype counts."""
+    trials: int = 4
+    """Trials of the demo's learning-rate sweep (3 epochs each); 0 skips the sweep."""
     seed: int = 0
     """Seed of the data, the splits and training."""
 
     def __post_init__(self) -> None:
         if self.scale <= 0:
             raise ValueError(f"--scale must be > 0, got {self.scale}")
+        if self.trials < 0:
+            raise ValueError(f"--trials must be >= 0, got {self.trials}")
         if self.data and not self.data.startswith("s3://") and not os.path.isdir(self.data):
             raise FileNotFoundError(f"--data {self.data}: no such folder")
 
@@ -68,6 +76,7 @@ def run_demo(config: DemoConfig) -> None:
     from breakhis.score import ScoreConfig, run_scoring
     from breakhis.synth import corrupt_files, synthesize
     from breakhis.train import TrainConfig, run_training
+    from breakhis.tune import SweepConfig, parse_search_space, run_sweep
 
     os.makedirs(config.workdir, exist_ok=True)
     with embedded_s3(buckets=(BUCKET,)) as server:
@@ -84,10 +93,10 @@ def run_demo(config: DemoConfig) -> None:
         try:
             if config.data:
                 src = config.data
-                _banner(f"1/5 data: using {src}")
+                _banner(f"1/6 data: using {src}")
             else:
                 src = f"s3://{BUCKET}/raw"
-                _banner(f"1/5 generating BreakHis-shaped data into {src}")
+                _banner(f"1/6 generating BreakHis-shaped data into {src}")
                 summary = synthesize(src, scale=config.scale, seed=config.seed)
                 print(summary.format_table())
                 bad = corrupt_files(src, seed=config.seed)
@@ -96,33 +105,52 @@ def run_demo(config: DemoConfig) -> None:
                     + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
                 )
             dest = f"s3://{BUCKET}/prepared"
-            _banner(f"2/5 prepare {src} -> {dest}")
+            _banner(f"2/6 prepare {src} -> {dest}")
             print(prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)).format_table())
 
-            _banner("3/5 train a small CNN on fold 0 (Ray Train, 2 CPU workers)")
-            trained = run_training(
-                TrainConfig(
-                    data=dest,
-                    storage=f"s3://{BUCKET}/runs",
-                    name="demo",
-                    split="fold:0",
-                    arch="smallcnn",
-                    weights="none",
-                    image_size=config.image_size,
-                    epochs=config.epochs,
-                    batch_size=32,
-                    lr=3e-3,
-                    freeze_epochs=0,
-                    metric="val_balanced_accuracy",
-                    patience=0,
-                    num_workers=2,
-                    seed=config.seed,
-                )
+            _banner("3/6 train a small CNN on fold 0 (Ray Train, 2 CPU workers)")
+            train = TrainConfig(
+                data=dest,
+                storage=f"s3://{BUCKET}/runs",
+                name="demo",
+                split="fold:0",
+                arch="smallcnn",
+                weights="none",
+                image_size=config.image_size,
+                epochs=config.epochs,
+                batch_size=32,
+                lr=3e-3,
+                freeze_epochs=0,
+                metric="val_balanced_accuracy",
+                patience=0,
+                num_workers=2,
+                seed=config.seed,
             )
+            trained = run_training(train)
             print(trained.format_table())
 
+            if config.trials:
+                sweeps = f"s3://{BUCKET}/sweeps"
+                _banner(
+                    f"4/6 sweep the learning rate, {config.trials} trials with ASHA (Ray Tune "
+                    f"driving Train V2) -> {sweeps}/demo"
+                )
+                rates = [float(f"{r:.2g}") for r in np.geomspace(3e-4, 1e-2, config.trials)]
+                swept = run_sweep(
+                    SweepConfig(
+                        train=replace(train, storage=sweeps, epochs=3, num_workers=1),
+                        search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
+                        num_samples=1,
+                        workers_per_trial=1,
+                        progress=0,
+                    )
+                )
+                print(swept.format_table())
+            else:
+                _banner("4/6 sweep skipped (--trials 0)")
+
             scores = f"s3://{BUCKET}/scores"
-            _banner(f"4/5 score every raw tile with Grad-CAM -> {scores}")
+            _banner(f"5/6 score every raw tile with Grad-CAM -> {scores}")
             print(
                 run_scoring(
                     ScoreConfig(
@@ -132,7 +160,7 @@ def run_demo(config: DemoConfig) -> None:
             )
 
             report = os.path.join(os.path.abspath(config.workdir), "report")
-            _banner(f"5/5 evaluate on the held-out patients of fold 0 -> {report}")
+            _banner(f"6/6 evaluate on the held-out patients of fold 0 -> {report}")
             evaluation = run_evaluation(
                 EvaluateConfig(
                     model=trained.artifact_uri,
