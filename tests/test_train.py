@@ -39,8 +39,8 @@ SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizin
 
 
 def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
-    values = {"lr": 3e-3, "num_workers": 2, **overrides}
-    return small_train_config(data, str(tmp_path / "runs"), **values)
+    storage = overrides.pop("storage", str(tmp_path / "runs"))
+    return small_train_config(data, storage, **{"lr": 3e-3, "num_workers": 2, **overrides})
 
 
 # --------------------------------------------------------------------------- no Ray
