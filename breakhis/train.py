@@ -513,6 +513,27 @@ def _save_checkpoint(folder: str, state: dict[str, Any], config: TrainConfig, ep
         json.dump({"epoch": epoch, "config": config.to_dict()}, out, indent=2)
 
 
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state saved in a Ray Train checkpoint, read straight from its storage.
+
+    Not ``checkpoint.as_directory()``: on a remote checkpoint, every worker of a node
+    shares one download folder and a worker that takes the lock after another's
+    download has finished downloads again, in place, while the other is still
+    reading (seen as "PytorchStreamReader failed reading file data/31" on resume
+    from S3). Reading the bytes into memory gives each worker its own copy.
+    """
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint.path} holds no {CHECKPOINT_FILE}; "
+            "it was not written by this training job"
+        ) from err
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (see the module docstring).
 
@@ -546,8 +567,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
+        state = load_checkpoint_state(checkpoint)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

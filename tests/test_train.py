@@ -26,6 +26,7 @@ from breakhis.train import (
     TrainConfig,
     early_stopping,
     evaluate,
+    load_checkpoint_state,
     lr_scale,
     make_loss,
     make_optimizer,
@@ -242,6 +243,39 @@ def test_rerun_resumes_at_the_next_epoch_on_s3(
     # Same name, other model: refused before any worker starts.
     with pytest.raises(ValueError, match=r"--arch 'smallcnn' \(now 'resnet18'\)"):
         run_training(TrainConfig.from_dict({**config.to_dict(), "arch": "resnet18"}))
+
+
+def test_checkpoint_state_is_read_from_storage_without_a_shared_download_folder(
+    s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import tempfile
+
+    import ray.train
+
+    from breakhis import storage
+
+    # Ray's as_directory() downloads a remote checkpoint into one folder per node that a
+    # late worker re-downloads in place while another reads it; this reader never uses it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    state = {"epoch": 3, "model": {"w": torch.arange(6.0)}, "history": [{"epoch": 1.0}]}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(f"{s3_prefix}/ckpt/checkpoint.pt", buffer.getvalue())
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "checkpoint.pt").write_bytes(buffer.getvalue())
+
+    for uri in (f"{s3_prefix}/ckpt", str(tmp_path / "local")):
+        fs, path = storage.resolve(uri)
+        loaded = load_checkpoint_state(ray.train.Checkpoint(path, filesystem=fs))
+        assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
+        assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert os.listdir(tmp_path / "tmp") == []
+
+    fs, path = storage.resolve(f"{s3_prefix}/empty")
+    with pytest.raises(FileNotFoundError, match=r"empty holds no checkpoint\.pt"):
+        load_checkpoint_state(ray.train.Checkpoint(path, filesystem=fs))
 
 
 @pytest.mark.ray
