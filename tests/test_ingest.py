@@ -202,6 +202,19 @@ def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest
         assert streaming.decode_stats().decoded == epoch * rows
 
 
+def test_the_decode_runs_inside_the_read_one_task_per_shard(dest: str, manifest: pa.Table) -> None:
+    from breakhis.ingest import new_ledger, read_tiles, shard_paths
+
+    _, shards = shard_paths(dest)
+    assert len(shards) > 2
+    patients = frozenset(manifest.column("patient_id").to_pylist())
+    tiles = read_tiles(dest, patients, IngestConfig(image_size=SIZE), new_ledger()).materialize()
+    stats = tiles.stats()
+    # A separate decode operator waits on the reads' CPUs (see read_tiles).
+    assert f"ReadParquet->MapBatches(decode_tiles): {len(shards)} tasks executed" in stats, stats
+    assert tiles.count() == manifest.num_rows
+
+
 def test_workers_shards_cover_the_train_set_once_per_epoch_with_fresh_augmentation(
     cached: IngestData,
 ) -> None:

@@ -207,7 +207,6 @@ def test_augment_tiles_oversamples_minority_with_distinct_copies() -> None:
         ({"augment_strength": -0.1}, "augment_strength"),
         ({"image_size": 4}, "image_size"),
         ({"seed": -3}, "seed"),
-        ({"decode_batch_size": 0}, "decode_batch_size"),
     ],
 )
 def test_ingest_config_names_the_bad_option(kwargs: dict, message: str) -> None:
