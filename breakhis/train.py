@@ -521,6 +521,10 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     download has finished downloads again, in place, while the other is still
     reading (seen as "PytorchStreamReader failed reading file data/31" on resume
     from S3). Reading the bytes into memory gives each worker its own copy.
+
+    Returns the dict ``_save_checkpoint`` wrote (model, optimizer, scheduler,
+    history, epoch). Raises FileNotFoundError naming the checkpoint when it
+    holds no checkpoint file.
     """
     path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
     try:
