@@ -137,11 +137,16 @@ def run_demo(config: DemoConfig) -> None:
                 )
                 # Highest rate first: the trials run one at a time here, and ASHA stops a
                 # trial at a rung only behind ones that reached it before (small rates learn
-                # least in 3 epochs, so they arrive last and are stopped).
+                # least in 3 epochs, so they arrive last and are stopped). Ranked by ROC-AUC:
+                # after one epoch every model may still call one class at the 0.5 threshold
+                # (balanced accuracy 0.5 for all, seen 2026-11-27), and ASHA cannot stop a
+                # trial that ties the rung's cutoff; the ranking separates them.
                 rates = [float(f"{r:.2g}") for r in np.geomspace(1e-2, 3e-4, config.trials)]
                 swept = run_sweep(
                     SweepConfig(
-                        train=replace(train, storage=sweeps, epochs=3, num_workers=1),
+                        train=replace(
+                            train, storage=sweeps, epochs=3, num_workers=1, metric="val_roc_auc"
+                        ),
                         search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
                         num_samples=1,
                         workers_per_trial=1,
