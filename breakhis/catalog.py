@@ -128,13 +128,14 @@ def scan_catalog(root: str, *, strict: bool = False) -> Catalog:
             }
         )
     if strict and rejects:
-        listing = "\n".join(f"  {r.uri}: {r.reason}" for r in rejects)
+        listing = "\n".join(f"  {r.uri!r}: {r.reason}" for r in rejects)
         raise CatalogError(
             f"{len(rejects)} file(s) under {root} are not BreakHis images (--strict):\n{listing}"
         )
     if rejects:
+        # %r: a newline in a file name must not start a forged log line.
         log.warning(
-            "skipped %d file(s) under %s whose names do not parse (first: %s: %s)",
+            "skipped %d file(s) under %r whose names do not parse (first: %r: %r)",
             len(rejects),
             root,
             rejects[0].uri,

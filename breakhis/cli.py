@@ -268,7 +268,12 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         description="Ray-native pipeline for BreakHis histopathology: prepare, train, tune, "
         "score and explain benign-vs-malignant classifiers.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging for breakhis (other libraries' loggers stay at INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (setup, help_text) in _COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -284,9 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(chosen if chosen in _COMMANDS else None).parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.verbose:
+        # Only this package's loggers: botocore, urllib3 and friends at DEBUG print request
+        # headers (signed URLs, tokens), so every other logger stays at the root's INFO.
+        log.setLevel(logging.DEBUG)
     try:
         return args._run(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:

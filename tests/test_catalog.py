@@ -1,3 +1,4 @@
+import logging
 import shutil
 from pathlib import Path
 
@@ -85,3 +86,17 @@ def test_missing_and_empty_roots(tmp_path: Path):
         scan_catalog(str(tmp_path / "nope"))
     with pytest.raises(CatalogError, match="no BreakHis images"):
         scan_catalog(str(tmp_path))
+
+
+def test_newline_in_a_file_name_cannot_forge_a_log_line(
+    realdata_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    _copy(next(realdata_dir.glob("*.png")), tmp_path / "SOB_B_F-14-25197-100-001.png")
+    forged = "x.png\n2026-01-01 00:00:00 INFO breakhis: all checks passed"
+    (tmp_path / forged).write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="breakhis"):
+        catalog = scan_catalog(str(tmp_path))
+    assert [r.file_name for r in catalog.rejects] == [forged]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("x.png" in m for m in messages), messages
+    assert not any("\n" in m for m in messages), messages

@@ -1,6 +1,7 @@
 """The console command and the job entry points: help for every option, clear errors."""
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import typing
@@ -116,3 +117,28 @@ def test_job_entry_point_runs_from_any_directory(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "--shard-mb" in done.stdout
+
+
+def test_verbose_is_debug_for_breakhis_only(tmp_path):
+    # botocore at DEBUG prints every request's headers; -v must not turn that on.
+    script = (
+        "import logging, sys\n"
+        "import boto3\n"
+        "from breakhis import cli\n"
+        f"code = cli.main(['-v', 'prepare', {str(tmp_path / 'nope')!r}, {str(tmp_path / 'out')!r}])\n"
+        "logging.getLogger('breakhis.prepare').debug('breakhis-debug-line')\n"
+        "boto3.client('s3', endpoint_url='http://127.0.0.1:9', region_name='us-east-1',\n"
+        "             aws_access_key_id='k', aws_secret_access_key='s')\n"
+        "print(code, *(logging.getLogger(n).getEffectiveLevel() for n in\n"
+        "      ('botocore', 'boto3', 'urllib3', 's3transfer', 'ray', 'breakhis.storage')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    code, *levels = done.stdout.split()
+    assert code == "2", done.stderr
+    assert [int(v) for v in levels] == [logging.INFO] * 5 + [logging.DEBUG]
+    assert "breakhis-debug-line" in done.stderr
+    assert " DEBUG botocore" not in done.stderr and " DEBUG urllib3" not in done.stderr, (
+        done.stderr[-2000:]
+    )
