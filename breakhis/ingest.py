@@ -62,7 +62,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +76,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.data.expressions import col
 
 from breakhis import storage
-from breakhis.prepare import manifest_hash, read_manifest
+from breakhis.prepare import manifest_hash, manifest_shards, read_manifest
 from breakhis.splits import SplitPatients, SplitSpec, select_split
 from breakhis.transforms import EvalTransform, TrainTransform
 
@@ -345,12 +345,18 @@ def _cached_label_counts(ds: Dataset) -> tuple[int, int]:
 
 
 def shard_paths(dest: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem and paths of the shards of a prepared DEST.
+    """The filesystem and paths of the shards of a prepared DEST: those its manifest lists
+    (a prepare that died before deleting an older plan's shards leaves them behind), or every
+    shard for a manifest that lists none.
 
     Raises FileNotFoundError naming DEST/shards when there is none.
     """
     shards_uri = storage.join(dest, "shards")
     uris = [e.uri for e in storage.walk(shards_uri, (".parquet",))]
+    with suppress(FileNotFoundError):
+        listed = manifest_shards(dest)
+        if listed is not None:
+            uris = [u for u in uris if u.rsplit("/", 1)[-1] in set(listed)]
     if not uris:
         raise FileNotFoundError(f"{shards_uri}: no shards; run `breakhis prepare SRC {dest}`")
     fs, _ = storage.resolve(shards_uri)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,8 @@ SHARD_SCHEMA = (
     .append(pa.field("png", pa.binary()))
 )
 _REJECTS_KEY = b"breakhis.rejects"
+SHARDS_KEY = "breakhis.shards"
+"""Manifest metadata key: JSON list of the shard file names of its plan."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,30 @@ class PrepareConfig:
             raise ValueError(f"--shard-mb must be > 0, got {self.shard_mb}")
         if self.row_group_rows < 1:
             raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
-        if self.src.rstrip("/") == self.dest.rstrip("/"):
-            raise ValueError("SRC and DEST must differ")
+        src, dest = _location(self.src), _location(self.dest)
+        if src == dest:
+            raise ValueError(
+                f"SRC {self.src} and DEST {self.dest} are the same place; they must differ"
+            )
+        if dest[: len(src)] == src:
+            raise ValueError(
+                f"DEST {self.dest} is inside SRC {self.src}: shards would be written into (and "
+                "catalogued from) the source; choose a DEST outside SRC"
+            )
+        if src[: len(dest)] == dest:
+            raise ValueError(
+                f"SRC {self.src} is inside DEST {self.dest}: a rerun would delete or catalogue "
+                "its own output; choose a DEST outside SRC"
+            )
+
+
+def _location(uri: str) -> tuple[str, ...]:
+    """A URI as comparable path parts: ``("s3", bucket, key parts...)`` or ``("file", parts of
+    the absolute, symlink-resolved local path...)``; ``a//b/`` and ``a/b`` compare equal."""
+    if storage.is_s3(uri):
+        return ("s3", *(part for part in uri[len("s3://") :].split("/") if part))
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return ("file", *(part for part in os.path.realpath(path).split(os.sep) if part))
 
 
 @dataclass(frozen=True)
@@ -225,6 +250,21 @@ def manifest_hash(manifest: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
+def manifest_shards(dest: str) -> list[str] | None:
+    """The shard file names DEST's manifest lists, sorted; None for a manifest written before
+    manifests listed them. Raises FileNotFoundError when DEST has no manifest."""
+    uri = storage.join(dest, "manifest.parquet")
+    fs, path = storage.resolve(uri)
+    try:
+        metadata = pq.read_schema(fs.open_input_file(path)).metadata or {}
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first"
+        ) from err
+    listed = metadata.get(SHARDS_KEY.encode())
+    return sorted(json.loads(listed)) if listed is not None else None
+
+
 def read_manifest(dest: str) -> pa.Table:
     """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
     uri = storage.join(dest, "manifest.parquet")
@@ -254,14 +294,6 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     results: list[ShardResult] = ray.get(refs)
 
     wanted = {p.name for p in plans}
-    stale = [
-        e.uri
-        for e in storage.walk(shards_uri, (".parquet",))
-        if e.uri.rsplit("/", 1)[-1] not in wanted
-    ]
-    for uri in stale:
-        storage.delete(uri)
-
     accepted = pa.concat_tables([r.metadata for r in results]).sort_by("uri")
     rejects = list(catalog.rejects) + [rej for r in results for rej in r.rejects]
     if accepted.num_rows == 0:
@@ -284,6 +316,9 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
                 }
             ),
             "breakhis.manifest_hash": manifest_hash(manifest),
+            # Readers take exactly these shards, so stale ones left by a job that died
+            # before deleting them are never read twice.
+            SHARDS_KEY: json.dumps(sorted(wanted)),
         }
     )
     storage.write_bytes(storage.join(config.dest, "manifest.parquet"), _table_bytes(manifest))
@@ -291,8 +326,19 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         storage.join(config.dest, "rejects.parquet"),
         _table_bytes(rejects_table(sorted(rejects, key=lambda r: r.uri))),
     )
+    # Shards of an older plan go only once the new manifest is in place: a job that dies
+    # here leaves extra files (which readers skip), never a manifest that points at deleted
+    # ones.
+    stale = [
+        e.uri
+        for e in storage.walk(shards_uri, (".parquet",))
+        if e.uri.rsplit("/", 1)[-1] not in wanted
+    ]
+    for uri in stale:
+        storage.delete(uri)
     for reject in rejects:
-        log.info("rejected %s (%s): %s", reject.uri, reject.stage, reject.reason)
+        # %r: a newline in a file name must not start a forged log line.
+        log.info("rejected %r (%s): %r", reject.uri, reject.stage, reject.reason)
 
     labels = manifest.column("label").to_pylist()
     mags = manifest.column("magnification").to_pylist()

@@ -136,3 +136,89 @@ def test_bad_config_is_refused_before_work(tmp_path):
         PrepareConfig(src="a", dest="b", folds=1)
     with pytest.raises(ValueError, match="differ"):
         PrepareConfig(src="s3://x/a", dest="s3://x/a/")
+
+
+def test_src_and_dest_are_compared_as_places_not_strings(tmp_path, monkeypatch, capsys):
+    from breakhis import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "raw")
+    same = [
+        ("raw", str(tmp_path / "raw")),
+        ("raw", "link/"),
+        ("file://raw", "./raw"),
+        ("s3://x/a", "s3://x//a/"),
+    ]
+    for src, dest in same:
+        with pytest.raises(ValueError, match="same place"):
+            PrepareConfig(src=src, dest=dest)
+    for src, dest in [("raw", str(tmp_path / "raw" / "prepared")), ("s3://x/a", "s3://x/a//b/")]:
+        with pytest.raises(ValueError, match="DEST .* is inside SRC"):
+            PrepareConfig(src=src, dest=dest)
+    for src, dest in [(str(tmp_path / "raw" / "sub"), "raw"), ("s3://x/a/b", "s3://x/a")]:
+        with pytest.raises(ValueError, match="SRC .* is inside DEST"):
+            PrepareConfig(src=src, dest=dest)
+    # Siblings whose names share a prefix are fine, and so are S3 and a local folder.
+    PrepareConfig(src="raw", dest="raw2")
+    PrepareConfig(src="s3://x/a", dest="s3://x/ab")
+    PrepareConfig(src="s3://raw/x", dest="raw/x")
+
+    # The user's case: the same folder given relative and absolute, refused before any work.
+    code = cli.main(["prepare", "raw", str(tmp_path / "raw")])
+    assert code == 2
+    assert "same place" in capsys.readouterr().err
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_a_rerun_that_dies_before_deleting_stale_shards_leaves_a_usable_manifest(
+    realdata_dir, tmp_path, ray_local, monkeypatch
+):
+    from breakhis.ingest import shard_paths
+
+    src, dest = tmp_path / "src", str(tmp_path / "prepared")
+    _real_tree_with_bad_files(realdata_dir, src)
+    config = PrepareConfig(src=str(src), dest=dest, shard_mb=8)
+    prepare(config)
+    before = set(_shard_names(dest))
+    # A new image changes the plan: the shard it joins gets a new name, the old one is stale.
+    new_tile = "SOB_B_F-14-25197-100-950"
+    shutil.copyfile(realdata_dir / "SOB_B_F-14-25197-100-001.png", src / f"{new_tile}.png")
+
+    def killed(uri: str) -> None:
+        raise RuntimeError(f"killed while deleting {uri}")
+
+    monkeypatch.setattr(storage, "delete", killed)
+    with pytest.raises(RuntimeError, match="killed while deleting"):
+        prepare(config)
+    monkeypatch.undo()
+
+    manifest = read_manifest(dest)
+    assert new_tile in manifest["tile_id"].to_pylist()
+    assert set(_shard_names(dest)) - before, "the new plan's shards were written"
+    assert before - set(_shard_names(dest)) == set(), "nothing was deleted yet"
+    # Readers take only the manifest's shards: every tile once, none from the stale shard.
+    fs, paths = shard_paths(dest)
+    tiles = [t for p in paths for t in pq.read_table(p, filesystem=fs)["tile_id"].to_pylist()]
+    assert sorted(tiles) == sorted(manifest["tile_id"].to_pylist())
+
+    finished = prepare(config)
+    assert finished.shards_deleted >= 1
+    assert sorted(_shard_names(dest)) == sorted(Path(p).name for p in paths)
+
+
+def test_a_newline_in_a_file_name_cannot_forge_a_log_line(
+    realdata_dir, tmp_path, ray_local, caplog
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    for png in sorted(realdata_dir.glob("*.png"))[:12]:
+        shutil.copyfile(png, src / png.name)
+    good = next(iter(sorted(realdata_dir.glob("*.png")))).read_bytes()
+    forged = "SOB_B_F-14-25197-40-901.png\n2026-01-01 00:00:00 INFO breakhis.prepare: ok"
+    (src / forged).write_bytes(good[:100])
+    with caplog.at_level("INFO", logger="breakhis"):
+        prepare(PrepareConfig(src=str(src), dest=str(tmp_path / "out"), folds=2, repetitions=1))
+    rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+    assert len(rejected) == 1, rejected
+    assert "\n" not in rejected[0] and "\\n" in rejected[0]
