@@ -12,6 +12,13 @@ Each server is private to the process that started it:
   servers run side by side on one machine;
 - it requires a random access key and secret made for it; they reach ``weed`` through its
   environment (not its command line, which ``ps`` shows, nor a file) and are never logged;
+- only the S3 port speaks to anyone without a secret. Every other port (master, volume,
+  filer and admin HTTP, every gRPC port) wants a client certificate from a CA made for
+  this server alone (mutual TLS), and the volume servers and the filer also want a JWT
+  signed with keys made for it: another local user, or a web page the user's browser
+  opens, cannot write around the S3 credentials. The certificates, keys and the
+  ``security.toml`` naming them live in the server's private runtime folder (mode 0700);
+  ``WEED_*`` variables of the caller, which would override that file, are not passed on;
 - its data lives in a temporary folder removed at ``stop()`` unless asked to keep it;
 - ``stop()`` ends the process group it started, by PID, and nothing else.
 
@@ -24,6 +31,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import datetime
+import ipaddress
 import logging
 import os
 import re
@@ -64,6 +73,21 @@ _PORT_FLAGS: tuple[str, ...] = (
     "s3.port.grpc",
     "admin.port",
     "admin.port.grpc",
+)
+
+# Every [grpc.*] section weed reads; each gets the server's certificate, so every gRPC port
+# wants a client certificate and every component presents one.
+_GRPC_COMPONENTS: tuple[str, ...] = (
+    "master",
+    "volume",
+    "filer",
+    "s3",
+    "admin",
+    "worker",
+    "msg_broker",
+    "msg_agent",
+    "mq",
+    "client",
 )
 
 # Variables that would steer AWS clients away from the embedded server or spoil its
@@ -279,6 +303,93 @@ def _environment(values: dict[str, str], unset: Sequence[str]) -> Iterator[None]
                 os.environ[name] = old
 
 
+def _write_security(runtime_dir: Path) -> None:
+    """Write ``security.toml`` and the TLS material it names into ``runtime_dir``.
+
+    A new CA signs one certificate for 127.0.0.1 that every component presents both as a
+    server and as a client; weed checks peers against that CA (mutual TLS on every HTTP and
+    gRPC port but S3's). The JWT keys make the volume servers and the filer accept writes
+    (and reads) only with a token signed by the master or the S3 gateway.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    # Long enough for a kept demo server; the CA's key dies with the runtime folder.
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=365))
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid[0])
+            .not_valid_after(valid[1])
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            ).add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = f"breakhis embedded S3 CA {secrets.token_hex(4)}"
+    files = {
+        "ca.crt": certificate(ca_name, ca_key, ca_name, ca_key, ca=True).public_bytes(
+            serialization.Encoding.PEM
+        ),
+        "node.crt": certificate("breakhis-s3", node_key, ca_name, ca_key, ca=False).public_bytes(
+            serialization.Encoding.PEM
+        ),
+        "node.key": node_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    }
+    ca, cert, key = (str(runtime_dir / name) for name in ("ca.crt", "node.crt", "node.key"))
+    lines = []
+    for section in (
+        "jwt.signing",
+        "jwt.signing.read",
+        "jwt.filer_signing",
+        "jwt.filer_signing.read",
+    ):
+        lines += [f"[{section}]", f'key = "{secrets.token_hex(32)}"', "expires_after_seconds = 60"]
+    lines += ["[grpc]", f'ca = "{ca}"']
+    for component in _GRPC_COMPONENTS:
+        lines += [f"[grpc.{component}]", f'cert = "{cert}"', f'key = "{key}"']
+    lines += [
+        "[https.client]",
+        "enabled = true",
+        f'cert = "{cert}"',
+        f'key = "{key}"',
+        f'ca = "{ca}"',
+    ]
+    for component in ("master", "volume", "filer", "admin"):
+        lines += [f"[https.{component}]", f'cert = "{cert}"', f'key = "{key}"', f'ca = "{ca}"']
+    lines += ["[access]", "ui = false"]
+    files["security.toml"] = ("\n".join(lines) + "\n").encode()
+    for name, data in files.items():
+        fd = os.open(runtime_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+
+
 def _free_ports(count: int) -> list[int]:
     """``count`` distinct ports free on 127.0.0.1 right now."""
     sockets = []
@@ -298,6 +409,7 @@ def _launch(binary: str, data_dir: str | os.PathLike | None, keep_data: bool) ->
     # The runtime folder (log, unix sockets, empty config dir) always goes at stop();
     # the data folder goes only when it is a temporary one nobody asked to keep.
     runtime_dir = Path(tempfile.mkdtemp(prefix="breakhis-s3-"))
+    _write_security(runtime_dir)
     if data_dir is not None:
         data, remove_data = Path(data_dir).absolute(), False
         data.mkdir(parents=True, exist_ok=True)
@@ -309,8 +421,8 @@ def _launch(binary: str, data_dir: str | os.PathLike | None, keep_data: bool) ->
     command = [
         binary,
         "-logtostderr",
-        # An empty folder, so no security.toml/filer.toml from the caller's cwd or home
-        # changes the server.
+        # Holds only the security.toml written for this server, so no security.toml or
+        # filer.toml from the caller's cwd or home changes the server.
         f"-config_dir={runtime_dir}",
         "mini",
         f"-dir={data}",
@@ -329,7 +441,12 @@ def _launch(binary: str, data_dir: str | os.PathLike | None, keep_data: bool) ->
         # Volume servers wait before stopping to drain traffic; nothing to drain here.
         "-volume.preStopSeconds=0",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "S3_BUCKET"}
+    # WEED_* variables override security.toml (WEED_JWT_SIGNING_KEY=...), so none pass.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "WEED_")) and k != "S3_BUCKET"
+    }
     # weed mini makes an admin identity from these; the environment keeps them out of argv.
     env["AWS_ACCESS_KEY_ID"] = access_key
     env["AWS_SECRET_ACCESS_KEY"] = secret_key

@@ -292,3 +292,75 @@ def test_bad_arguments_are_rejected_before_starting() -> None:
     for name in ("ab", "No_Such_Bucket!", "-breakhis"):
         with pytest.raises(ValueError, match=f"bucket name '{name}' is not valid"):
             start_s3_server(buckets=(name,))
+
+
+def _proto_string(field_number: int, value: bytes) -> bytes:
+    """One length-delimited protobuf field (enough to hand-encode a request)."""
+    length = len(value)
+    varint = bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([field_number << 3 | 2]) + bytes(varint) + value
+
+
+def _anonymous_http(port: int, method: str, path: str, body: bytes, tls: bool) -> str:
+    """What an HTTP(S) request without credentials or client certificate gets from a port."""
+    import http.client
+    import ssl
+
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        return f"{response.status} {response.read()[:200]!r}"
+    except (OSError, http.client.HTTPException) as err:
+        return f"refused: {type(err).__name__}"
+    finally:
+        conn.close()
+
+
+def test_no_port_but_s3_accepts_an_anonymous_write(s3_server: S3Server) -> None:
+    import grpc
+
+    key = f"anon-{uuid.uuid4().hex}"
+    ports = s3_server.ports
+    attempts = {}
+    # The filer's HTTP API writes a file with a plain PUT; the master's /submit stores a blob
+    # and hands out write tokens (/dir/assign); the volume server stores blobs by id.
+    for flag, method, path in (
+        ("filer.port", "PUT", f"/buckets/test/{key}"),
+        ("master.port", "POST", "/submit"),
+        ("master.port", "GET", "/dir/assign"),
+        ("volume.port", "PUT", "/1,01637037d6"),
+        ("admin.port", "GET", "/"),
+    ):
+        for tls in (False, True):
+            answer = _anonymous_http(ports[flag], method, path, b"anonymous", tls)
+            attempts[f"{'https' if tls else 'http'} {flag} {method} {path}"] = answer
+    accepted = {k: v for k, v in attempts.items() if v[:1] in ("1", "2", "3")}
+    assert not accepted, f"answered without credentials: {accepted}"
+
+    # The filer's gRPC API creates entries for any caller that reaches it unless it wants a
+    # client certificate.
+    request = _proto_string(1, b"/buckets/test") + _proto_string(2, _proto_string(1, key.encode()))
+    for flag in ("filer.port.grpc", "master.port.grpc", "volume.port.grpc", "s3.port.grpc"):
+        with grpc.insecure_channel(f"127.0.0.1:{ports[flag]}") as channel:
+            call = channel.unary_unary("/filer_pb.SeaweedFiler/CreateEntry")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (flag, refused.value)
+
+    with pytest.raises(botocore.exceptions.ClientError):
+        _client(s3_server).head_object(Bucket="test", Key=key)
+    # The S3 API, with the server's keys, still reads and writes.
+    _client(s3_server).put_object(Bucket="test", Key=key, Body=b"signed")
+    assert _client(s3_server).get_object(Bucket="test", Key=key)["Body"].read() == b"signed"
