@@ -18,10 +18,11 @@ imports (Ray, torch) happen inside the subcommands so ``--help`` is fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from breakhis.options import add_config_options, build_config
 
@@ -66,8 +67,10 @@ def _synth(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--height", type=int, default=460, help="image height in pixels")
 
     def run(args: argparse.Namespace) -> int:
+        from breakhis import storage
         from breakhis.synth import synthesize
 
+        storage.check_reachable(args.out)
         summary = synthesize(
             args.out, scale=args.scale, seed=args.seed, width=args.width, height=args.height
         )
@@ -150,6 +153,7 @@ def _job(
             if split_dest:
                 _split_from_aliases(args, split_dest)
             cfg = build_config(cls, args, bindings)  # validates before Ray starts
+            _check_s3_endpoint(cfg)
             if check is not None:
                 check(cfg)
             if needs_ray:
@@ -161,6 +165,31 @@ def _job(
         return run
 
     command(name, help_text)(setup)
+
+
+def _s3_uris(value: object) -> Iterator[str]:
+    """Every s3:// string in a config (nested dataclasses, lists and dicts included)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from _s3_uris(getattr(value, item.name))
+    elif isinstance(value, str) and value.startswith("s3://"):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _s3_uris(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _s3_uris(item)
+
+
+def _check_s3_endpoint(config: object) -> None:
+    """Fail in seconds, before Ray starts, when the S3 endpoint does not answer (every s3://
+    URI goes to the one endpoint of the environment, so asking once is enough)."""
+    from breakhis import storage
+
+    first = next(_s3_uris(config), None)
+    if first is not None:
+        storage.check_reachable(first)
 
 
 def _load(target: str):
@@ -299,6 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args._run(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # Bad input: say what was wrong, not a traceback from deep inside Ray.
+        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ConnectionError as err:
+        # An S3 endpoint that does not answer is the user's setting (AWS_ENDPOINT_URL or the
+        # network): one line naming it. Whoever raised it has imported breakhis.storage.
+        storage = sys.modules.get("breakhis.storage")
+        if storage is None or not isinstance(err, storage.S3UnreachableError):
+            raise
         print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
         return 2
 

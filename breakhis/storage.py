@@ -9,6 +9,12 @@ cluster's IAM role, never from code or configs:
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (read by the AWS SDK's
   own credential chain, so instance roles work too);
 - ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``).
+
+Every S3 request has a connect timeout (5 s) and a read timeout (60 s), and is retried a
+bounded number of times (8 attempts, backing off, so a 10 s outage mid-job is survived);
+an endpoint that still cannot be reached raises S3UnreachableError, one line naming the
+endpoint. ``check_reachable`` asks once, with one retry, for commands to fail in seconds
+before starting any work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,17 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0
+RETRY_ATTEMPTS = 8
+# What the AWS SDK says when no answer came (refused, reset, DNS, timeout), as opposed to
+# an answer such as AccessDenied or NoSuchBucket.
+_NETWORK_ERRORS = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "timed out")
+
+
+class S3UnreachableError(ConnectionError):
+    """The S3 endpoint gave no answer (refused, reset, unknown host or timed out)."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +53,31 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem configured from the AWS environment variables.
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def endpoint_name() -> str:
+    """The S3 endpoint requests go to: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS's
+    regional endpoint (for messages; holds no credentials)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint or f"https://s3.{_region()}.amazonaws.com"
+
+
+def s3_filesystem(retry_attempts: int | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem configured from the AWS environment variables, with the
+    module's timeouts and ``retry_attempts`` attempts per request (None: RETRY_ATTEMPTS).
 
     Credentials are left to the AWS SDK's default chain (environment, shared
     config, instance role), so they never pass through this code.
     """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(10)}
+    kwargs: dict = {
+        "region": _region(),
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(retry_attempts or RETRY_ATTEMPTS),
+    }
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -52,6 +85,49 @@ def s3_filesystem() -> pafs.S3FileSystem:
         # S3-compatible servers (SeaweedFS, MinIO) want path-style addressing.
         kwargs["force_virtual_addressing"] = False
     return pafs.S3FileSystem(**kwargs)
+
+
+def _unreachable(uri: str, err: OSError, attempts: int) -> S3UnreachableError | None:
+    """The one-line error for an SDK error that means no answer came, else None."""
+    text = str(err)
+    if not any(marker in text for marker in _NETWORK_ERRORS):
+        return None
+    reason = text.split("Details:", 1)[-1].strip().splitlines()[0]
+    return S3UnreachableError(
+        f"S3 endpoint {endpoint_name()} is unreachable ({reason}; {attempts} attempt(s), "
+        f"{CONNECT_TIMEOUT_S:g} s connect timeout) while accessing {uri}; check "
+        "AWS_ENDPOINT_URL and the network"
+    )
+
+
+@contextlib.contextmanager
+def _naming_the_endpoint(uri: str) -> Iterator[None]:
+    """Raise S3UnreachableError instead of the SDK's OSError when nothing answered."""
+    try:
+        yield
+    except OSError as err:
+        unreachable = _unreachable(uri, err, RETRY_ATTEMPTS) if is_s3(uri) else None
+        if unreachable is None or isinstance(err, S3UnreachableError):
+            raise
+        raise unreachable from err
+
+
+def check_reachable(uri: str) -> None:
+    """Ask the S3 endpoint of ``uri`` about its bucket with two attempts, so that a command
+    fails within seconds, before any work, when nothing answers. Any answer, even
+    AccessDenied or NoSuchBucket, counts as reachable. Local paths are not checked.
+
+    Raises S3UnreachableError naming the endpoint.
+    """
+    if not is_s3(uri):
+        return
+    bucket = uri[len("s3://") :].strip("/").split("/", 1)[0]
+    try:
+        s3_filesystem(retry_attempts=2).get_file_info(bucket)
+    except OSError as err:
+        unreachable = _unreachable(uri, err, attempts=2)
+        if unreachable is not None:
+            raise unreachable from err
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -92,13 +168,14 @@ def walk(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[FileEntr
     Raises FileNotFoundError naming the URI when nothing exists there.
     """
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such file or folder")
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    with _naming_the_endpoint(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri}: no such file or folder")
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     entries = []
     for item in infos:
@@ -113,14 +190,15 @@ def walk(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[FileEntr
 def exists(uri: str) -> bool:
     """True when a file or folder exists at the URI."""
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _naming_the_endpoint(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of one file. Raises FileNotFoundError naming the URI."""
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as stream:
+        with _naming_the_endpoint(uri), fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{uri}: no such file") from err
@@ -134,7 +212,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.S3FileSystem):
-        with fs.open_output_stream(path) as out:
+        with _naming_the_endpoint(uri), fs.open_output_stream(path) as out:
             out.write(data)
         return
     folder, name = os.path.split(path)
@@ -148,7 +226,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def delete(uri: str) -> None:
     """Delete one file; a missing file is not an error."""
     fs, path = resolve(uri)
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError), _naming_the_endpoint(uri):
         fs.delete_file(path)
 
 

@@ -364,3 +364,61 @@ def test_no_port_but_s3_accepts_an_anonymous_write(s3_server: S3Server) -> None:
     # The S3 API, with the server's keys, still reads and writes.
     _client(s3_server).put_object(Bucket="test", Key=key, Body=b"signed")
     assert _client(s3_server).get_object(Bucket="test", Key=key)["Body"].read() == b"signed"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_endpoint_is_one_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    # Fewer attempts than jobs make, so that this test takes seconds; the backoff is the SDK's.
+    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 3)
+    for call in (
+        lambda: storage.exists("s3://test/x"),
+        lambda: list(storage.walk("s3://test/raw")),
+        lambda: storage.read_bytes("s3://test/x.png"),
+        lambda: storage.write_bytes("s3://test/x.png", b"x"),
+        lambda: storage.delete("s3://test/x.png"),
+    ):
+        started = time.monotonic()
+        with pytest.raises(storage.S3UnreachableError) as err:
+            call()
+        assert time.monotonic() - started < 30
+        message = str(err.value)
+        assert f"S3 endpoint {endpoint} is unreachable" in message and "\n" not in message
+    # Local paths never ask an endpoint.
+    storage.check_reachable("/tmp")
+
+
+def test_a_command_fails_in_seconds_when_the_endpoint_does_not_answer(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+    }
+    for argv in (["prepare", "s3://test/raw", str(tmp_path / "out")], ["synth", "s3://test/raw"]):
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "breakhis.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, done.stderr[-2000:]
+        assert lines[0].startswith(f"breakhis {argv[0]}: error: S3 endpoint {endpoint} ")
+        assert elapsed < 20, f"{argv[0]} took {elapsed:.1f} s to fail"
+    assert not (tmp_path / "out").exists()
