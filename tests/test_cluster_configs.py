@@ -328,3 +328,116 @@ def test_runtime_env_is_valid_for_ray_and_ships_only_the_code() -> None:
     resolved = load_runtime_env()
     assert Path(resolved["working_dir"]) == REPO
     RuntimeEnv(**resolved)  # raises on an unknown or malformed field
+
+
+# --- keeping others out ------------------------------------------------------------------
+
+AUTH_SECRET = "breakhis-ray-auth"
+HEAD_PORTS = (6379, 8265, 10001)
+
+
+def _check_token_auth(where: str, container: dict) -> None:
+    """Ray's token auth on, with the token from the project's Kubernetes Secret."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (
+        f"{where}: no RAY_AUTH_MODE=token; anyone who reaches the pod runs code"
+    )
+    token = env.get("RAY_AUTH_TOKEN", {})
+    assert "value" not in token, f"{where}: RAY_AUTH_TOKEN written into the manifest"
+    ref = token.get("valueFrom", {}).get("secretKeyRef", {})
+    assert ref.get("name") == AUTH_SECRET and ref.get("key") == "auth_token", (
+        f"{where}: RAY_AUTH_TOKEN must come from Secret {AUTH_SECRET} (key auth_token)"
+    )
+
+
+def _cluster_specs() -> list[tuple[str, dict, str]]:
+    specs = [(p.name, d["spec"], "RayCluster") for p, d in _kuberay("RayCluster")]
+    specs += [(p.name, d["spec"]["rayClusterSpec"], "RayJob") for p, d in JOBS]
+    return specs
+
+
+@pytest.mark.parametrize("where, spec, kind", _cluster_specs(), ids=lambda v: str(v)[:40])
+def test_every_ray_pod_requires_the_token_and_is_selected_by_the_network_policy(
+    where, spec, kind
+) -> None:
+    groups = [("head", spec["headGroupSpec"])]
+    groups += [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for name, group in groups:
+        template = group["template"]
+        _check_token_auth(f"{where} {name}", template["spec"]["containers"][0])
+        labels = template.get("metadata", {}).get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "breakhis", (
+            f"{where} {name}: pods need app.kubernetes.io/name=breakhis for the NetworkPolicy"
+        )
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+    if kind == "RayCluster":
+        # Reached with kubectl port-forward, which connects inside the pod.
+        assert host == "127.0.0.1", f"{where}: dashboard-host {host}; nothing needs it wider"
+
+
+@pytest.mark.parametrize("path_and_doc", JOBS, ids=lambda p: p[0].name)
+def test_rayjob_submitter_has_the_token(path_and_doc) -> None:
+    path, doc = path_and_doc
+    spec = doc["spec"]
+    if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        return
+    template = spec.get("submitterPodTemplate")
+    assert template, f"{path}: the submitter pod runs `ray job submit` and needs the token"
+    _check_token_auth(f"{path} submitter", template["spec"]["containers"][0])
+    assert template["metadata"]["labels"].get("app.kubernetes.io/name") == "breakhis"
+
+
+def test_network_policy_lets_only_the_projects_pods_reach_the_head() -> None:
+    policies = _kuberay("NetworkPolicy")
+    heads = [
+        d
+        for _, d in policies
+        if d["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type") == "head"
+    ]
+    assert len(heads) == 1, "cluster/kuberay needs one NetworkPolicy for the head pods"
+    spec = heads[0]["spec"]
+    assert heads[0]["apiVersion"] == "networking.k8s.io/v1"
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "breakhis"
+    assert "Ingress" in spec["policyTypes"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), f"a rule without `from` opens the head to everyone: {rule}"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, f"no address ranges: {peer}"
+            if "namespaceSelector" in peer:
+                # Another namespace (the KubeRay operator): the dashboard port only.
+                assert peer.get("podSelector"), f"a whole namespace may not connect: {peer}"
+                assert {p["port"] for p in rule.get("ports", [])} == {8265}, rule
+            else:
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "breakhis"}
+    workers = [
+        d
+        for _, d in policies
+        if d["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type") == "worker"
+    ]
+    assert workers, "cluster/kuberay needs a NetworkPolicy for the worker pods"
+
+
+def test_aws_launcher_turns_on_token_auth_on_every_node() -> None:
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        before = command.split("ray start", 1)[0]
+        assert re.search(r"\bexport RAY_AUTH_MODE=token\b|\bRAY_AUTH_MODE=token\s*$", before), (
+            f"aws.yaml: `{command}` starts Ray without RAY_AUTH_MODE=token"
+        )
+    head = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head, "the dashboard is reached through ray dashboard"
+    assert config["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token", (
+        "aws.yaml: every node needs the token Ray reads (file_mounts ~/.ray/auth_token)"
+    )
+
+
+def test_readme_cluster_commands_bring_the_token() -> None:
+    readme = (REPO / "README.md").read_text()
+    cluster = readme.split("## Cluster", 1)[1].split("\n## ", 1)[0]
+    assert "ray get-auth-token --generate" in cluster
+    assert f"kubectl create secret generic {AUTH_SECRET}" in cluster
+    assert "cluster/kuberay/networkpolicy.yaml" in cluster
+    # Every `ray job submit` of the section runs where RAY_AUTH_MODE=token is exported.
+    before_submit = cluster.split("ray job submit", 1)[0]
+    assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", before_submit, re.M)
