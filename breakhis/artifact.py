@@ -67,6 +67,14 @@ class ModelCard:
     """The epoch whose weights these are."""
     metrics: dict[str, float | None] = field(default_factory=dict)
     """Validation metrics of that epoch (NaN stored as null)."""
+    temperature: float = 1.0
+    """Temperature dividing the logits before the softmax, fitted on the validation
+    patients (breakhis.calibration); 1.0 is the raw softmax."""
+    threshold: float = 0.5
+    """Calibrated malignancy probability at or above which a tile is called malignant,
+    chosen on the validation patients; the default of scoring and evaluation."""
+    threshold_rule: str = ""
+    """How ``threshold`` was chosen (breakhis.calibration.THRESHOLD_RULES), "" for fixed."""
     created_at: str = ""
     """UTC time of saving, ISO 8601; filled by save_artifact()."""
     model_id: str = ""
@@ -82,6 +90,14 @@ class ModelCard:
             raise ValueError("mean and std need one value per RGB channel")
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if not (
+            isinstance(self.temperature, int | float)
+            and math.isfinite(self.temperature)
+            and self.temperature > 0
+        ):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if not (isinstance(self.threshold, int | float) and 0.0 < self.threshold < 1.0):
+            raise ValueError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
 
     def to_json(self) -> str:
         """The card as JSON text (NaN metrics become null)."""

@@ -58,8 +58,10 @@ def patient_table(
     probs: Sequence[float] | np.ndarray,
     patient_ids: Sequence[str] | np.ndarray,
     threshold: float = 0.5,
+    patient_rule: str = "mean",
 ) -> PatientTable:
-    """Sum image predictions per patient.
+    """Sum image predictions per patient (each patient called by ``patient_rule``, see
+    breakhis.calibration.PATIENT_RULES).
 
     Returns a PatientTable. Raises ValueError for empty or inconsistent
     inputs, labels other than 0/1, probabilities outside [0, 1], or a patient
@@ -85,7 +87,12 @@ def patient_table(
     clipped = np.clip(p, eps, 1 - eps)
     bce = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))
     correct = per_patient(y == yhat)
-    mean_prob = per_patient(p) / images
+    if patient_rule == "mean":
+        called = per_patient(p) / images >= threshold
+    elif patient_rule == "majority":
+        called = per_patient(yhat) >= images / 2
+    else:
+        raise ValueError(f"patient rule {patient_rule!r}; accepted: mean, majority")
     label = (positives > 0).astype(np.int64)
     return PatientTable(
         patient_ids=names,
@@ -96,7 +103,7 @@ def patient_table(
         fn=per_patient((y == 1) & (yhat == 0)),
         tn=per_patient((y == 0) & (yhat == 0)),
         score=correct / images,
-        patient_correct=((mean_prob >= threshold).astype(np.int64) == label).astype(np.float64),
+        patient_correct=(called.astype(np.int64) == label).astype(np.float64),
         loss_sum=per_patient(bce),
         image_patient=index,
         image_probs=p,
@@ -232,6 +239,7 @@ def patient_bootstrap(
     seed: int = 0,
     stratified: bool = True,
     threshold: float = 0.5,
+    patient_rule: str = "mean",
 ) -> BootstrapResult:
     """Percentile confidence intervals of every metric, resampling patients.
 
@@ -243,7 +251,7 @@ def patient_bootstrap(
         raise ValueError(f"bootstrap replicates must be >= 1, got {replicates}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    table = patient_table(labels, probs, patient_ids, threshold)
+    table = patient_table(labels, probs, patient_ids, threshold, patient_rule)
     rng = np.random.default_rng(seed)
     weights = draw_patients(table.label, replicates, rng, stratified=stratified)
     samples = weighted_metrics(table, weights)

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from breakhis import storage
 from breakhis.artifact import ModelCard
 from breakhis.bootstrap import BootstrapResult, patient_bootstrap
+from breakhis.calibration import PATIENT_RULES, brier_score, reliability
 from breakhis.metrics import classification_metrics, majority_rate
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 from breakhis.splits import (
@@ -77,8 +78,13 @@ _BLOCK_ROWS = 64  # tiles per source block: decode tasks run in parallel over bl
 class EvaluateOptions:
     """How to evaluate (shared by ``breakhis evaluate`` and ``breakhis protocol``)."""
 
-    threshold: float = 0.5
-    """Probability of malignancy at or above which a tile is called malignant."""
+    threshold: float | None = None
+    """Probability of malignancy at or above which a tile is called malignant; default: the
+    threshold the model's training chose on its validation patients (model.json)."""
+    patient_rule: str = "mean"
+    """How a patient's tiles become one call (patient_accuracy): ``mean`` (mean probability
+    >= threshold) or ``majority`` (at least half of the tiles called malignant). The
+    paper's patient recognition rate is reported whatever the rule."""
     tta: bool = False
     """Average each tile's probability over its 8 flips and 90-degree rotations."""
     attribution: str = "gradcam"
@@ -106,8 +112,12 @@ class EvaluateOptions:
     """auto (a GPU per actor when the cluster has GPUs), cpu, or cuda."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.patient_rule not in PATIENT_RULES:
+            raise ValueError(
+                f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
+            )
         if self.attribution not in ATTRIBUTIONS:
             raise ValueError(
                 f"--attribution {self.attribution!r}; accepted: {', '.join(ATTRIBUTIONS)}"
@@ -232,6 +242,10 @@ class EvaluationResult:
     """The training curves written by the training job, when found beside the artifact."""
     correct: tuple[Example, ...] = field(repr=False)
     wrong: tuple[Example, ...] = field(repr=False)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """Temperature, threshold (and where it came from), and the Brier score, expected
+    calibration error and reliability bins of the headline images before (temperature 1)
+    and after the model's temperature (see calibration_summary)."""
     seconds: float = 0.0
     report_dir: str | None = None
     """Where the report was written (None when not written)."""
@@ -295,6 +309,7 @@ class EvaluationResult:
             },
             "classification_report": self.classification_report,
             "bootstrap": self.bootstrap.to_dict(),
+            "calibration": self.calibration,
             "distribution": self.distribution,
             "wrong_predictions": [
                 {
@@ -335,6 +350,14 @@ class EvaluationResult:
                     for m, v in sorted(self.per_magnification.items())
                 )
             )
+        if self.calibration:
+            cal = self.calibration
+            lines.append(
+                f"threshold {cal['threshold']:.3f} ({cal['threshold_source']}); temperature "
+                f"{cal['temperature']:.3f}: expected calibration error {cal['before']['ece']:.3f} "
+                f"-> {cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> "
+                f"{cal['after']['brier']:.3f}; patient call by {self.options.patient_rule}"
+            )
         if self.report_dir:
             lines.append(f"report: {storage.join(self.report_dir, 'report.html')}")
         return "\n".join(lines)
@@ -348,25 +371,56 @@ def score_predictions(
     probs: np.ndarray | pd.Series,
     patient_ids: np.ndarray | pd.Series,
     threshold: float = 0.5,
+    patient_rule: str = "mean",
 ) -> dict[str, float]:
     """breakhis.metrics.classification_metrics, plus ``image_recognition_rate`` (the
     paper's name for accuracy). Raises what classification_metrics raises."""
     out = classification_metrics(
-        np.asarray(labels), np.asarray(probs), np.asarray(patient_ids), threshold
+        np.asarray(labels), np.asarray(probs), np.asarray(patient_ids), threshold, patient_rule
     )
     out["image_recognition_rate"] = out["accuracy"]
     return out
 
 
+def calibration_summary(
+    labels: np.ndarray | pd.Series,
+    probs: np.ndarray | pd.Series,
+    uncalibrated: np.ndarray | pd.Series,
+    card: ModelCard,
+    threshold: float,
+    bins: int = 10,
+) -> dict[str, Any]:
+    """How well the probabilities match observed frequencies, before (temperature 1) and
+    after the model's temperature: Brier score, expected calibration error over ``bins``
+    equal-width bins, and the bins. Also says which temperature and threshold were used
+    and where the threshold came from. Raises ValueError for inconsistent inputs."""
+    y = np.asarray(labels, dtype=np.int64)
+
+    def measures(p: np.ndarray) -> dict[str, Any]:
+        rel = reliability(p, y, bins)
+        return {"brier": brier_score(p, y), "ece": rel.ece, "reliability": asdict(rel)}
+
+    given = threshold != card.threshold or not card.threshold_rule
+    return {
+        "temperature": float(card.temperature),
+        "threshold": float(threshold),
+        "threshold_source": "given (--threshold)"
+        if given
+        else f"the model's, chosen by {card.threshold_rule} on its validation patients",
+        "before": measures(np.asarray(uncalibrated, dtype=np.float64)),
+        "after": measures(np.asarray(probs, dtype=np.float64)),
+    }
+
+
 def per_magnification_metrics(
-    predictions: pd.DataFrame, threshold: float = 0.5
+    predictions: pd.DataFrame, threshold: float = 0.5, patient_rule: str = "mean"
 ) -> dict[int, dict[str, float]]:
     """score_predictions() of the rows of each magnification (columns magnification,
     label, prob_malignant, patient_id). Returns {magnification: metrics}, sorted."""
     out = {}
     for mag, rows in sorted(predictions.groupby("magnification"), key=lambda kv: kv[0]):
         out[int(mag)] = score_predictions(
-            rows["label"], rows["prob_malignant"], rows["patient_id"], threshold
+            rows["label"], rows["prob_malignant"], rows["patient_id"], threshold, patient_rule
         )
     return out
 
@@ -548,7 +602,8 @@ def predict_tiles(
     """Run the scoring job's decode tasks and TilePredictor actors over ``tiles``
     (breakhis.inputs.INPUT_SCHEMA rows) on the current Ray cluster.
 
-    Returns one row per tile: uri, prob_malignant, and ``map`` (a (map_size,
+    Returns one row per tile: uri, prob_malignant (after the model's temperature),
+    prob_uncalibrated (at temperature 1), and ``map`` (a (map_size,
     map_size) float32 array scaled to [-1, 1], or None without ``method``).
     Raises RuntimeError naming the tiles that failed to read or decode (a
     prepared DEST holds only decodable tiles, so a failure means DEST changed).
@@ -558,7 +613,7 @@ def predict_tiles(
     from breakhis.score import ScoreConfig, TilePredictor, actor_plan, decode_tiles
 
     if tiles.num_rows == 0:
-        return pd.DataFrame({"uri": [], "prob_malignant": [], "map": []})
+        return pd.DataFrame({"uri": [], "prob_malignant": [], "prob_uncalibrated": [], "map": []})
     defaults = {f.name: f.default for f in fields(ScoreConfig)}
     max_actors, gpus_per_actor, device = actor_plan(
         options.device, options.num_actors, options.cpus_per_actor
@@ -598,6 +653,7 @@ def predict_tiles(
     )
     uris: list[str] = []
     probs: list[np.ndarray] = []
+    raw: list[np.ndarray] = []
     maps: list[np.ndarray] = []
     failed: list[str] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -605,6 +661,7 @@ def predict_tiles(
         failed += [f"{u} ({e})" for u, e in zip(batch["uri"], errors, strict=True) if e]
         uris += [str(u) for u in batch["uri"]]
         probs.append(np.asarray(batch["prob"], dtype=np.float64))
+        raw.append(np.asarray(batch["prob_uncalibrated"], dtype=np.float64))
         maps.append(np.asarray(batch["map"], dtype=np.float16))
     if failed:
         raise RuntimeError(
@@ -612,7 +669,13 @@ def predict_tiles(
             "re-run `breakhis prepare` for this DEST"
         )
     all_maps = np.concatenate(maps) if maps else np.zeros((0, map_size, map_size))
-    frame = pd.DataFrame({"uri": uris, "prob_malignant": np.concatenate(probs)})
+    frame = pd.DataFrame(
+        {
+            "uri": uris,
+            "prob_malignant": np.concatenate(probs),
+            "prob_uncalibrated": np.concatenate(raw),
+        }
+    )
     frame["map"] = list(all_maps) if method else [None] * len(frame)
     if len(frame) != tiles.num_rows or frame["uri"].nunique() != tiles.num_rows:
         raise RuntimeError(f"{len(frame)} predictions came back for {tiles.num_rows} tiles")
@@ -737,8 +800,12 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     from breakhis.prepare import manifest_hash, read_manifest
 
     started = time.perf_counter()
-    options = config.options
     card = read_card(config.model)
+    # The threshold as applied: the model's own (chosen on its validation patients) unless
+    # one was given.
+    options = config.options
+    if options.threshold is None:
+        options = replace(options, threshold=card.threshold)
     manifest = read_manifest(config.data)
     known = model_patients(card, manifest, config.data)
     spec = SplitSpec.parse(config.split or card.split)
@@ -812,7 +879,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
 
     headline = frame[frame["headline"]]
     metrics = score_predictions(
-        headline["label"], headline["prob_malignant"], headline["patient_id"], options.threshold
+        headline["label"],
+        headline["prob_malignant"],
+        headline["patient_id"],
+        options.threshold,
+        options.patient_rule,
     )
     report_dict, report_text = classification_report(headline["label"], headline["predicted_label"])
     ci = patient_bootstrap(
@@ -823,6 +894,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         confidence=options.confidence,
         seed=options.seed,
         threshold=options.threshold,
+        patient_rule=options.patient_rule,
     )
     sides = {"test": patients.test}
     if known.source == config.data:
@@ -836,7 +908,14 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         options=options,
         predictions=frame.drop(columns=["map"]),
         metrics=metrics,
-        per_magnification=per_magnification_metrics(frame, options.threshold),
+        per_magnification=per_magnification_metrics(frame, options.threshold, options.patient_rule),
+        calibration=calibration_summary(
+            headline["label"],
+            headline["prob_malignant"],
+            headline["prob_uncalibrated"],
+            card,
+            options.threshold,
+        ),
         classification_report=report_dict,
         classification_report_text=report_text,
         bootstrap=ci,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
+from breakhis.calibration import patient_calls
+
 METRIC_NAMES: tuple[str, ...] = (
     "loss",
     "accuracy",
@@ -121,9 +123,11 @@ def patient_accuracy(
     probs: Sequence[float] | np.ndarray,
     patient_ids: Sequence[str] | np.ndarray,
     threshold: float = 0.5,
+    patient_rule: str = "mean",
 ) -> float:
-    """Share of patients whose diagnosis is right when their images' malignancy
-    probabilities are averaged into one per patient.
+    """Share of patients whose diagnosis is right when their images become one call by
+    ``patient_rule`` (breakhis.calibration.PATIENT_RULES: the mean probability, by
+    default, or the majority of the images' calls).
 
     Returns a float in [0, 1]. Raises ValueError for inconsistent inputs or a
     patient whose images carry both labels.
@@ -132,7 +136,6 @@ def patient_accuracy(
     assert pids is not None
     names, index = np.unique(pids.astype(str), return_inverse=True)
     counts = np.bincount(index, minlength=len(names))
-    mean_prob = np.bincount(index, weights=p, minlength=len(names)) / counts
     positives = np.bincount(index, weights=y.astype(np.float64), minlength=len(names))
     mixed = (positives > 0) & (positives < counts)
     if mixed.any():
@@ -141,7 +144,8 @@ def patient_accuracy(
             "malignant"
         )
     truth = (positives > 0).astype(np.int64)
-    return float(np.mean((mean_prob >= threshold).astype(np.int64) == truth))
+    calls = patient_calls(p, pids, threshold, patient_rule)  # sorted by patient, as names
+    return float(np.mean(np.array([calls[str(n)] for n in names]) == truth))
 
 
 def majority_rate(labels: Sequence[int] | np.ndarray) -> float:
@@ -157,6 +161,7 @@ def classification_metrics(
     probs: Sequence[float] | np.ndarray,
     patient_ids: Sequence[str] | np.ndarray | None = None,
     threshold: float = 0.5,
+    patient_rule: str = "mean",
 ) -> dict[str, float]:
     """Every metric of METRIC_NAMES for malignancy probabilities ``probs``.
 
@@ -193,7 +198,7 @@ def classification_metrics(
     }
     if pids is not None:
         out["patient_recognition_rate"] = patient_recognition_rate(y, yhat, pids)
-        out["patient_accuracy"] = patient_accuracy(y, p, pids, threshold)
+        out["patient_accuracy"] = patient_accuracy(y, p, pids, threshold, patient_rule)
     out.update(
         tn=int(tn),
         fp=int(fp),

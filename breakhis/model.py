@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -333,3 +333,69 @@ def last_conv_layer(model: nn.Module, arch: str) -> nn.Module:
         return model.features[-1]
     convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1]
+
+
+def training_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that are in training mode and track running
+    statistics (a frozen backbone's, put in eval mode by set_train_mode, are left out)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(
+    model: nn.Module,
+    inputs: Iterable[torch.Tensor],
+    layers: Sequence[nn.modules.batchnorm._BatchNorm] | None = None,
+) -> int:
+    """Replace the running mean and variance of ``layers`` (default: training_batchnorms)
+    by their average over ``inputs`` (model-ready batches), with the weights as they are.
+
+    Why: BatchNorm's running statistics are an exponential average (momentum 0.1)
+    over the steps of training, taken while the weights change under them. After
+    a handful of steps (a short run, a small data set, many workers) they are
+    still mostly their initial values or those of older weights, and the model
+    in eval mode sees activations at another scale than it was trained on: its
+    predictions collapse to one class while train-mode accuracy is high (seen on
+    the demo: validation ROC-AUC 0.96 with every tile called benign). Averaging
+    the batch statistics of recent training batches under the final weights
+    (PreciseBN; Wu and Johnson, 2021, "Rethinking 'Batch' in BatchNorm") gives
+    eval mode the statistics the weights were trained with. Unlike
+    ``torch.optim.swa_utils.update_bn`` it leaves the other layers' statistics
+    (a frozen pretrained backbone's) untouched and the modes as they were.
+
+    Returns the number of batches used; with no input or no such layer it
+    changes nothing and returns 0. The caller averages the result across
+    data-parallel ranks (see average_batchnorm_stats).
+    """
+    layers = training_batchnorms(model) if layers is None else list(layers)
+    batches = list(inputs)
+    if not layers or not batches:
+        return 0
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        for m in layers:
+            m.train()
+        # Everything else as it was: dropout in the head does not affect the BatchNorm
+        # layers before it, and a frozen backbone's layers stay in eval mode.
+        for x in batches:
+            model(x)
+    except BaseException:
+        for m, (momentum, mean, var) in zip(layers, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.momentum = momentum
+        raise
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+    for m, (momentum, _, _) in zip(layers, saved, strict=True):
+        m.momentum = momentum
+    return len(batches)

@@ -242,6 +242,47 @@ def plot_roc(
     return _figure_png(fig)
 
 
+def plot_reliability(calibration: Mapping[str, Any], title: str = "reliability diagram") -> bytes:
+    """Reliability diagram of a calibration summary (breakhis.evaluate.calibration_summary):
+    observed share of malignant images against the mean predicted probability of each
+    bin, before and after temperature scaling, with the bins' image counts below. PNG bytes."""
+    plt = _pyplot()
+    fig, (ax, counts_ax) = plt.subplots(
+        2, 1, figsize=(5.2, 5.6), height_ratios=(3, 1), sharex=True, constrained_layout=True
+    )
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfectly calibrated")
+    edges = np.asarray(calibration["after"]["reliability"]["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = (edges[1] - edges[0]) * 0.4
+    for offset, (key, label) in zip(
+        (-width / 2, width / 2),
+        (
+            ("before", "before (temperature 1)"),
+            ("after", f"after (T = {calibration['temperature']:.2f})"),
+        ),
+        strict=True,
+    ):
+        rel = calibration[key]["reliability"]
+        mean_prob, frequency = np.asarray(rel["mean_prob"]), np.asarray(rel["frequency"])
+        full = ~np.isnan(mean_prob)
+        ax.plot(
+            mean_prob[full],
+            frequency[full],
+            marker="o",
+            label=f"{label}: ECE {calibration[key]['ece']:.3f}, Brier {calibration[key]['brier']:.3f}",
+        )
+        counts_ax.bar(centres + offset, rel["counts"], width=width, label=key)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("observed share malignant")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    counts_ax.set_xlabel("predicted probability of malignancy")
+    counts_ax.set_ylabel("images")
+    counts_ax.set_yscale("symlog")
+    return _figure_png(fig)
+
+
 def plot_distribution(distribution: Mapping[str, Mapping[str, Mapping[str, float]]]) -> bytes:
     """Grouped bars of images per class, subtype and magnification for each side
     (train, train_balanced, validation, test). PNG bytes."""
@@ -434,6 +475,10 @@ def write_report(result: EvaluationResult, out: str) -> ReportFiles:
         for mag, rows in sorted(result.predictions.groupby("magnification")):
             curves.append((f"{mag}X", rows["label"], rows["prob_malignant"]))
     plots["roc_curve.png"] = plot_roc(curves, title=f"ROC curve, test patients of {split.split}")
+    if result.calibration:
+        plots["reliability.png"] = plot_reliability(
+            result.calibration, title=f"reliability, test patients of {split.split}"
+        )
     if result.history_png is not None:
         plots[HISTORY_PNG] = result.history_png
     else:
@@ -475,6 +520,31 @@ def write_report(result: EvaluationResult, out: str) -> ReportFiles:
     )
 
 
+_PATIENT_RULE_TEXT = {
+    "mean": "malignant when the mean probability of the patient's tiles reaches the threshold",
+    "majority": "malignant when at least half of the patient's tiles are called malignant",
+}
+
+
+def _calibration_html(result: EvaluationResult, plots: Mapping[str, bytes]) -> list[str]:
+    calibration = result.calibration
+    if not calibration:
+        return []
+    rows = [
+        [label, _fmt(calibration["before"][key]), _fmt(calibration["after"][key])]
+        for key, label in (("brier", "Brier score"), ("ece", "expected calibration error"))
+    ]
+    return [
+        "<h2>Calibration</h2>",
+        '<p class="note">Probabilities before (the softmax of the logits) and after dividing '
+        f"the logits by the temperature {calibration['temperature']:.3f} fitted on the model's "
+        "validation patients (temperature scaling; it changes no ranking). Lower is better for "
+        "both; the expected calibration error is over 10 equal-width probability bins.</p>",
+        _table(["test images", "before", "after"], rows),
+        _img(plots["reliability.png"], "reliability diagram", "plot"),
+    ]
+
+
 def _evaluation_html(
     result: EvaluationResult, plots: Mapping[str, bytes], wrong: Sequence[tuple[Example, bytes]]
 ) -> str:
@@ -505,7 +575,13 @@ def _evaluation_html(
                     f"{headline['patient_id'].nunique()} / {len(headline)} at {result.evaluated_at}",
                 ),
                 ("leakage check", f'<span class="ok">{esc(split.leakage_check)}</span>'),
-                ("threshold", _fmt(result.options.threshold, 2)),
+                (
+                    "threshold",
+                    f"{_fmt(result.options.threshold, 3)} "
+                    f"({esc(result.calibration.get('threshold_source', 'given'))})",
+                ),
+                ("temperature", _fmt(card.temperature, 3)),
+                ("patient call", esc(_PATIENT_RULE_TEXT[result.options.patient_rule])),
                 ("test-time augmentation", "8 flips/rotations" if result.options.tta else "off"),
             ]
         ),
@@ -549,6 +625,7 @@ def _evaluation_html(
         _img(plots["confusion_matrix.png"], "confusion matrix", "plot"),
         "<h2>ROC curve</h2>",
         _img(plots["roc_curve.png"], "ROC curve", "plot"),
+        *_calibration_html(result, plots),
         "<h2>Training history</h2>",
         _img(plots[HISTORY_PNG], "training history", "plot")
         if HISTORY_PNG in plots

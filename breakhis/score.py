@@ -74,7 +74,8 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -82,8 +83,12 @@ import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.attribution import canonical_method
+from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
 from breakhis.names import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from breakhis.artifact import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +161,12 @@ class ScoreConfig:
     """Side of the stored attribution maps in cells (the whole tile: 224/64 px per cell)."""
     tta: bool = False
     """Average the probability over the 8 flips and 90-degree rotations of each tile."""
-    threshold: float = 0.5
-    """prob_malignant at or above which a tile (and a patient's mean) is called malignant."""
+    threshold: float | None = None
+    """prob_malignant at or above which a tile is called malignant; default: the threshold
+    the model's training chose on its validation patients (model.json)."""
+    patient_rule: str = "mean"
+    """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
+    ``majority`` (at least half of the tiles called malignant)."""
     overlays: bool = False
     """Also write OUTPUT/overlays/<tile_id>.png: the tile with its map (needs attribution)."""
     unit_size: int = 256
@@ -222,8 +231,12 @@ class ScoreConfig:
             raise ValueError("--ig-steps and --lime-samples must be >= 2")
         if self.occlusion_window < 0:
             raise ValueError(f"--occlusion-window must be >= 0, got {self.occlusion_window}")
-        if not 0.0 < self.threshold < 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.patient_rule not in PATIENT_RULES:
+            raise ValueError(
+                f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
+            )
         if self.overlays and self.attribution == "none":
             raise ValueError("--overlays needs an attribution method (not --attribution none)")
         out, src = _normalised(self.output), _normalised(self.input)
@@ -238,19 +251,26 @@ class ScoreConfig:
         """The canonical attribution method, or None for ``none``."""
         return None if self.attribution == "none" else canonical_method(self.attribution)
 
-    def job_record(self, model_id: str, image_size: int) -> dict:
-        """What ``_job.json`` holds: everything that changes the output rows."""
+    def threshold_for(self, card: ModelCard) -> float:
+        """The threshold applied: ``threshold`` when given, else the model's own."""
+        return card.threshold if self.threshold is None else self.threshold
+
+    def job_record(self, card: ModelCard) -> dict:
+        """What ``_job.json`` holds: everything that changes the output rows (the
+        threshold as applied: the model's own when ``threshold`` is None)."""
         method = self.method
         return {
             "format": JOB_FORMAT,
             "model": _normalised(self.model),
-            "model_id": model_id,
+            "model_id": card.model_id,
             "input": _normalised(self.input),
-            "image_size": image_size,
+            "image_size": card.image_size,
+            "temperature": card.temperature,
             "attribution": method,
             "map_size": self.map_size,
             "tta": self.tta,
-            "threshold": self.threshold,
+            "threshold": self.threshold_for(card),
+            "patient_rule": self.patient_rule,
             "overlays": self.overlays,
             "unit_size": self.unit_size,
             "ig_steps": self.ig_steps if method == "integrated_gradients" else None,
@@ -402,7 +422,8 @@ def _read_tile_bytes(uris: list[str], shards: list) -> dict[str, bytes | str]:
 class TilePredictor:
     """Ray Data callable class: the model, loaded once per actor, over batches of tiles.
 
-    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile),
+    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
+    of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
     float16 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
     NaN without a map), ``overlay`` (URI or "") and ``error``.
@@ -443,6 +464,7 @@ class TilePredictor:
         self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
         self.malignant = list(card.class_names).index("malignant")
+        self.temperature = float(card.temperature)
         self.method = method
         self.map_size = map_size
         self.tta = tta
@@ -463,18 +485,23 @@ class TilePredictor:
         return (x - self.mean) / self.std
 
     def _probabilities(self, x):
+        """``(calibrated, raw)`` malignancy probabilities: the softmax of the logits
+        divided by the model's temperature, and at temperature 1 (each averaged over
+        the TTA views)."""
         import torch
 
+        views = _TTA_VIEWS if self.tta else 1
+        calibrated = torch.zeros(x.shape[0], device=x.device)
+        raw = torch.zeros(x.shape[0], device=x.device)
         with torch.inference_mode():
-            if not self.tta:
-                return torch.softmax(self.model(x), dim=1)[:, self.malignant]
-            total = torch.zeros(x.shape[0], device=x.device)
-            for view in range(_TTA_VIEWS):
-                turned = torch.rot90(x, view % 4, dims=(2, 3))
+            for view in range(views):
+                turned = torch.rot90(x, view % 4, dims=(2, 3)) if view % 4 else x
                 if view >= 4:
                     turned = torch.flip(turned, dims=(3,))
-                total += torch.softmax(self.model(turned), dim=1)[:, self.malignant]
-            return total / _TTA_VIEWS
+                logits = self.model(turned).float()
+                calibrated += torch.softmax(logits / self.temperature, dim=1)[:, self.malignant]
+                raw += torch.softmax(logits, dim=1)[:, self.malignant]
+        return calibrated / views, raw / views
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from breakhis.attribution import attribute
@@ -483,6 +510,7 @@ class TilePredictor:
         ok = np.flatnonzero(errors == "")
         count = len(errors)
         prob = np.full(count, np.nan, dtype=np.float32)
+        prob_raw = np.full(count, np.nan, dtype=np.float32)
         target = np.full(count, -1, dtype=np.int8)
         maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float16)
         scale = np.full(count, np.nan, dtype=np.float32)
@@ -490,8 +518,10 @@ class TilePredictor:
         if len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
             x = self._inputs(images)
-            p = self._probabilities(x).float().cpu().numpy()
+            calibrated, raw_prob = self._probabilities(x)
+            p = calibrated.cpu().numpy()
             prob[ok] = p
+            prob_raw[ok] = raw_prob.cpu().numpy()
             if self.method is not None:
                 predicted = (p >= self.threshold).astype(np.int64)
                 explained = [self.malignant if c else 1 - self.malignant for c in predicted]
@@ -514,6 +544,7 @@ class TilePredictor:
             "uri": batch["uri"],
             "unit": batch["unit"],
             "prob": prob,
+            "prob_uncalibrated": prob_raw,
             "target": target,
             "map": maps,
             "scale": scale,
@@ -552,7 +583,15 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
     inputs = discover_inputs(config.input)
-    record = config.job_record(card.model_id, card.image_size)
+    record = config.job_record(card)
+    log.info(
+        "threshold %.4f (%s), temperature %.4f",
+        config.threshold_for(card),
+        "--threshold" if config.threshold is not None else "the model's",
+        card.temperature,
+    )
+    # The threshold as applied from here on (the model's own unless one was given).
+    config = replace(config, threshold=config.threshold_for(card))
     _claim_output(config.output, record)
 
     units = plan_units(inputs.table, config.unit_size)
@@ -838,18 +877,20 @@ def _summarise(
     if known.num_rows == 0:
         storage.delete(patients_uri)
         return counts, 0
-    patients = patient_table(known, config.threshold)
+    patients = patient_table(known, config.threshold, config.patient_rule)
     storage.write_bytes(patients_uri, _parquet_bytes(patients))
     return counts, patients.num_rows
 
 
-def patient_table(tiles: pa.Table, threshold: float) -> pa.Table:
+def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.Table:
     """Per-patient summary (PATIENT_SCHEMA, sorted by patient_id) of tile rows.
 
     ``tiles`` needs patient_id, label, prob_malignant, predicted_label and
-    error. The patient call is malignant when the mean probability of the
-    patient's scored tiles is at least ``threshold``; the label is the true
-    label when all the patient's names agree, else null.
+    error. The patient call follows ``rule`` (breakhis.calibration.PATIENT_RULES):
+    ``mean``, malignant when the mean probability of the patient's scored tiles
+    is at least ``threshold``; ``majority``, when at least half of them are
+    called malignant. The label is the true label when all the patient's names
+    agree, else null.
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, patient in enumerate(tiles.column("patient_id").to_pylist()):
@@ -864,6 +905,11 @@ def patient_table(tiles: pa.Table, threshold: float) -> pa.Table:
         scored = [i for i in members if errors[i] is None]
         known_labels = {labels[i] for i in members if labels[i] is not None}
         mean = float(np.mean([probs[i] for i in scored])) if scored else None
+        share = float(np.mean([predicted[i] for i in scored])) if scored else None
+        if mean is None:
+            call = None
+        else:
+            call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
         rows.append(
             {
                 "patient_id": patient,
@@ -872,10 +918,8 @@ def patient_table(tiles: pa.Table, threshold: float) -> pa.Table:
                 "scored": len(scored),
                 "errors": len(members) - len(scored),
                 "mean_prob_malignant": mean,
-                "frac_predicted_malignant": (
-                    float(np.mean([predicted[i] for i in scored])) if scored else None
-                ),
-                "patient_call": None if mean is None else CLASS_NAMES[int(mean >= threshold)],
+                "frac_predicted_malignant": share,
+                "patient_call": call,
             }
         )
     return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)

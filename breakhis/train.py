@@ -41,7 +41,8 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +55,16 @@ import torch
 from torch import nn
 
 from breakhis import storage
+from breakhis.calibration import THRESHOLD_RULES, choose_threshold, fit_temperature, probabilities
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES, classification_metrics
 from breakhis.model import (
     build_model,
     check_arch,
+    recompute_batchnorm_stats,
     set_backbone_trainable,
     set_train_mode,
     split_parameters,
+    training_batchnorms,
 )
 from breakhis.splits import SplitSpec
 
@@ -126,8 +130,9 @@ class TrainConfig:
     """``adamw`` or ``sgd`` (with Nesterov momentum)."""
     lr: float = 1e-3
     """Peak learning rate of the head (and of the backbone times ``backbone_lr_scale``)."""
-    backbone_lr_scale: float = 0.1
-    """Backbone learning rate as a fraction of ``lr`` once it is unfrozen."""
+    backbone_lr_scale: float | None = None
+    """Backbone learning rate as a fraction of ``lr`` once it is unfrozen; default 0.1 with
+    pretrained weights, 1.0 with ``--weights none`` (a random backbone learns like the head)."""
     weight_decay: float = 1e-4
     """Weight decay (decoupled for AdamW)."""
     momentum: float = 0.9
@@ -136,8 +141,9 @@ class TrainConfig:
     """Linear warm-up length in epochs before the cosine decay."""
     min_lr_scale: float = 0.01
     """Learning rate at the end of the cosine decay, as a fraction of the peak."""
-    freeze_epochs: int = 1
-    """Epochs at the start with the backbone frozen (only the head trains); 0 for none."""
+    freeze_epochs: int | None = None
+    """Epochs at the start with the backbone frozen (only the head trains); default 1 with
+    pretrained weights, 0 with ``--weights none`` (nothing to keep in a random backbone)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss, 0 to <1."""
     class_weighted: bool = True
@@ -165,6 +171,17 @@ class TrainConfig:
     """bf16 autocast on GPU (no effect on CPU)."""
     channels_last: bool = True
     """channels_last memory format on GPU (no effect on CPU)."""
+    bn_recalibration_batches: int = 16
+    """Training batches (each epoch's last) over which BatchNorm statistics are recomputed
+    with the epoch's final weights before validating and checkpointing (PreciseBN); 0 keeps
+    BatchNorm's running averages."""
+    threshold_rule: str = "balanced_accuracy"
+    """How the decision threshold is chosen on the validation patients each epoch and stored
+    in the model: ``balanced_accuracy`` or ``accuracy`` (see breakhis.calibration)."""
+    refit: bool = False
+    """After choosing the epoch count on the validation patients, train again from the start
+    on training and validation patients together for that many epochs, and hand over that
+    model (with the temperature and threshold fitted on validation)."""
     seed: int = 0
     """Seed of the validation patients, weight init and dropout."""
 
@@ -204,10 +221,10 @@ class TrainConfig:
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         for name in ("backbone_lr_scale", "min_lr_scale"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
         for name in ("weight_decay", "momentum", "warmup_epochs", "freeze_epochs", "patience"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -219,15 +236,40 @@ class TrainConfig:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ValueError(f"--max-failures must be >= -1, got {self.max_failures}")
-        if self.weights == "none" and self.freeze_epochs > 0:
+        if self.bn_recalibration_batches < 0:
             raise ValueError(
-                f"--freeze-epochs {self.freeze_epochs} would freeze a randomly initialised "
-                "backbone (--weights none): set --freeze-epochs 0 or give pretrained weights"
+                f"--bn-recalibration-batches must be >= 0, got {self.bn_recalibration_batches}"
+            )
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(
+                f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
+                f"{', '.join(THRESHOLD_RULES)}"
             )
         if self.weights == "imagenet" and self.arch == "smallcnn":
             raise ValueError(
                 "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"
             )
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the run starts from trained weights (not ``--weights none``)."""
+        return self.weights != "none"
+
+    @property
+    def epochs_frozen(self) -> int:
+        """``freeze_epochs`` as applied: when unset, 1 with pretrained weights and 0 from a
+        random initialisation (nothing in a random backbone is worth keeping)."""
+        if self.freeze_epochs is not None:
+            return self.freeze_epochs
+        return 1 if self.pretrained else 0
+
+    @property
+    def backbone_lr_ratio(self) -> float:
+        """``backbone_lr_scale`` as applied: when unset, 0.1 with pretrained weights and
+        1.0 from a random initialisation (a random backbone must learn as fast as the head)."""
+        if self.backbone_lr_scale is not None:
+            return self.backbone_lr_scale
+        return 0.1 if self.pretrained else 1.0
 
     @property
     def metric_mode(self) -> str:
@@ -271,8 +313,10 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Malignancy probabilities for a set of images."""
+    """The model's margins (malignant minus benign logit) and malignancy probabilities
+    (their sigmoid, i.e. the softmax at temperature 1) for a set of images."""
 
+    margins: np.ndarray
     probs: np.ndarray
     labels: np.ndarray
     patient_ids: np.ndarray
@@ -280,6 +324,7 @@ class Predictions:
     @classmethod
     def concat(cls, parts: Sequence[Predictions]) -> Predictions:
         return cls(
+            margins=np.concatenate([p.margins for p in parts]),
             probs=np.concatenate([p.probs for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
             patient_ids=np.concatenate([p.patient_ids for p in parts]),
@@ -329,10 +374,10 @@ class TrainResult:
 def make_optimizer(
     config: TrainConfig, backbone: list[nn.Parameter], head: list[nn.Parameter]
 ) -> torch.optim.Optimizer:
-    """The optimizer with two parameter groups: backbone (``lr * backbone_lr_scale``)
+    """The optimizer with two parameter groups: backbone (``lr * backbone_lr_ratio``)
     and head (``lr``). Frozen parameters get no gradient, so the optimizer skips them."""
     groups = [
-        {"params": backbone, "lr": config.lr * config.backbone_lr_scale, "name": "backbone"},
+        {"params": backbone, "lr": config.lr * config.backbone_lr_ratio, "name": "backbone"},
         {"params": head, "lr": config.lr, "name": "head"},
     ]
     if config.optimizer == "sgd":
@@ -446,9 +491,12 @@ def evaluate(
         x = _prepare_images(torch.as_tensor(batch["image"]), device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             logits = model(x)
-        probs = torch.softmax(logits.float(), dim=1)[:, 1]
+        logits = logits.float()
+        margins = (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
+        probs = torch.softmax(logits, dim=1)[:, 1]
         parts.append(
             Predictions(
+                margins=margins,
                 probs=probs.cpu().numpy().astype(np.float64),
                 labels=np.asarray(batch["label"]).astype(np.int64),
                 patient_ids=np.asarray(batch["patient_id"]).astype(str),
@@ -456,7 +504,7 @@ def evaluate(
         )
     if not parts:
         empty = np.zeros(0)
-        return Predictions(empty, empty.astype(np.int64), empty.astype(str))
+        return Predictions(empty, empty, empty.astype(np.int64), empty.astype(str))
     return Predictions.concat(parts)
 
 
@@ -478,7 +526,56 @@ def early_stopping(
     return int(best["epoch"]), patience > 0 and since >= patience
 
 
+def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float]:
+    """``(temperature, threshold)`` fitted on validation predictions: the temperature
+    that minimises their log-likelihood, then the threshold on the calibrated
+    probabilities by ``rule`` (see breakhis.calibration)."""
+    temperature = fit_temperature(predictions.margins, predictions.labels)
+    calibrated = probabilities(predictions.margins, temperature)
+    return temperature, choose_threshold(calibrated, predictions.labels, rule)
+
+
 # --------------------------------------------------------------------------- worker loop
+
+
+def _remember_images(
+    batches: Iterable[Mapping[str, torch.Tensor]], recent: deque[torch.Tensor]
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Yield ``batches`` unchanged, keeping the images of the last ones in ``recent``."""
+    for batch in batches:
+        if recent.maxlen:
+            recent.append(batch["image"])
+        yield batch
+
+
+def recalibrate_batchnorm(
+    net: nn.Module,
+    images: Sequence[torch.Tensor],
+    *,
+    device: torch.device,
+    channels_last: bool = False,
+) -> int:
+    """Recompute the training BatchNorm layers' statistics of ``net`` (the unwrapped
+    module, in its training modes) over ``images`` (uint8 NCHW batches), then average
+    them over the data-parallel ranks so every rank validates and checkpoints the
+    same model. See breakhis.model.recompute_batchnorm_stats for why.
+
+    Returns the number of batches this rank used (0 changes nothing).
+    """
+    import torch.distributed as dist
+
+    layers = training_batchnorms(net)
+    used = recompute_batchnorm_stats(
+        net, (_prepare_images(x, device, channels_last) for x in images), layers
+    )
+    if used and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank runs the same number of steps (equal shards), so all take part.
+        world = dist.get_world_size()
+        for layer in layers:
+            for buffer in (layer.running_mean, layer.running_var):
+                dist.all_reduce(buffer)
+                buffer.div_(world)
+    return used
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -595,8 +692,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stop:
             break
         epoch_started = time.perf_counter()
-        if frozen != (epoch <= cfg.freeze_epochs):
-            frozen = epoch <= cfg.freeze_epochs
+        if frozen != (epoch <= cfg.epochs_frozen):
+            frozen = epoch <= cfg.epochs_frozen
             set_backbone_trainable(net, cfg.arch, trainable=not frozen)
             # DDP registers the parameters that require grad when it is built, so a
             # change of what trains needs a new wrapper (the old one must go first).
@@ -605,10 +702,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model = _wrap(net, compile_model=cfg.compile)
         assert model is not None
         set_train_mode(net, cfg.arch, backbone_frozen=bool(frozen))
+        recent: deque[torch.Tensor] = deque(maxlen=cfg.bn_recalibration_batches)
         stats = train_one_epoch(
             model,
-            train_shard.iter_torch_batches(
-                batch_size=cfg.batch_size, prefetch_batches=2, drop_last=True
+            _remember_images(
+                train_shard.iter_torch_batches(
+                    batch_size=cfg.batch_size, prefetch_batches=2, drop_last=True
+                ),
+                recent,
             ),
             optimizer=optimizer,
             scheduler=scheduler,
@@ -617,6 +718,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             amp_dtype=amp_dtype,
             channels_last=channels_last,
         )
+        recalibrate_batchnorm(net, recent, device=device, channels_last=channels_last)
+        recent.clear()
         # The unwrapped module: evaluation needs no gradient sync, and shards may differ in size.
         local = evaluate(
             net,
@@ -632,6 +735,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         predictions = Predictions.concat([p for p, _ in gathered])
         all_stats = [s for _, s in gathered]
         val = classification_metrics(predictions.labels, predictions.probs, predictions.patient_ids)
+        temperature, threshold = fit_decision(predictions, cfg.threshold_rule)
         images = sum(s.images for s in all_stats)
         row: dict[str, float] = {
             "epoch": epoch,
@@ -646,6 +750,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": time.perf_counter() - epoch_started,
             "torch_threads": torch.get_num_threads(),
             **{f"val_{k}": float(v) for k, v in val.items()},
+            "val_temperature": temperature,
+            "val_threshold": threshold,
         }
         history.append(row)
         best_epoch, stop = early_stopping(history, cfg.metric, cfg.metric_mode, cfg.patience)
@@ -1021,6 +1127,9 @@ def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> T
         split=config.split,
         epoch=best_epoch,
         metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, int | float)},
+        temperature=float(best_metrics.get("val_temperature", 1.0)),
+        threshold=float(best_metrics.get("val_threshold", 0.5)),
+        threshold_rule=config.threshold_rule,
     )
     artifact_uri = storage.join(config.run_uri, ARTIFACT_DIR)
     card = save_artifact(artifact_uri, net, card)

@@ -120,7 +120,10 @@ DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "dropout": {"uniform": [0.0, 0.5]},
     "arch": {"choice": ["resnet50", "resnet18", "efficientnet_b0"]},
 }
-"""The search space used without ``--search-space`` (also in cluster/search_space.yaml)."""
+"""The search space used without ``--search-space`` (also in cluster/search_space.yaml);
+with ``--weights none`` the keys of PRETRAINED_ONLY are left out of it."""
+PRETRAINED_ONLY: tuple[str, ...] = ("freeze_epochs", "backbone_lr_scale")
+"""Options that only mean something for a pretrained backbone."""
 
 RUNS_DIR = "runs"
 BEST_DIR = "best"
@@ -941,9 +944,14 @@ def resolve_space(config: SweepConfig) -> SearchSpace:
     load_search_space() and check_search_space() do.
     """
     space = config.search_space
-    if not isinstance(space, SearchSpace):
+    base = trial_base(config)
+    if space is None and not base.pretrained:
+        # Freezing a randomly initialised backbone keeps nothing worth keeping.
+        default = {k: v for k, v in DEFAULT_SEARCH_SPACE.items() if k not in PRETRAINED_ONLY}
+        space = parse_search_space(default, "<default search space, --weights none>")
+    elif not isinstance(space, SearchSpace):
         space = load_search_space(space)
-    check_search_space(space, trial_base(config))
+    check_search_space(space, base)
     return space
 
 

@@ -15,10 +15,13 @@ from breakhis.model import (
     head_module,
     last_conv_layer,
     read_state_dict,
+    recompute_batchnorm_stats,
     set_backbone_trainable,
     set_train_mode,
     split_parameters,
+    training_batchnorms,
 )
+from breakhis.transforms import normalize
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -113,3 +116,57 @@ def test_freezing_keeps_the_backbone_and_its_statistics_still() -> None:
     assert changed == {"head.1.weight", "head.1.bias"}
     set_backbone_trainable(model, "smallcnn", trainable=True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _bright_tiles(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mostly-white tiles like H&E (benign 235, malignant 200): normalised, their mean is
+    far from the zero that BatchNorm's running mean starts at."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    base = torch.where(labels == 1, 200.0, 235.0)[:, None, None, None]
+    pixels = base + 12.0 * torch.randn((n, 3, 32, 32), generator=gen)
+    return normalize(pixels.clamp(0, 255).to(torch.uint8)), labels
+
+
+def test_a_short_run_calls_both_classes_once_batchnorm_statistics_are_recomputed() -> None:
+    torch.manual_seed(0)
+    model = build_model("smallcnn", dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    images, labels = _bright_tiles(96, seed=1)
+    batches = [images[i : i + 32] for i in range(0, 96, 32)]
+    model.train()
+    for i, x in enumerate(batches):  # three steps: the running averages lag far behind
+        loss = torch.nn.functional.cross_entropy(model(x), labels[i * 32 : (i + 1) * 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test_x, test_y = _bright_tiles(64, seed=2)
+    with torch.no_grad():
+        stale = model.eval()(test_x).argmax(1)
+    assert stale.unique().numel() == 1  # the collapse: one class for every tile
+    model.train()
+    assert recompute_batchnorm_stats(model, batches) == 3
+    assert model.training  # modes are left as they were
+    with torch.no_grad():
+        fresh = model.eval()(test_x).argmax(1)
+    assert (fresh == test_y).float().mean() >= 0.95
+
+
+def test_recomputed_statistics_are_the_batch_average_and_frozen_layers_keep_theirs() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    set_train_mode(model, "resnet18", backbone_frozen=True)
+    assert training_batchnorms(model) == []  # a frozen backbone: nothing to recompute
+    before = model.bn1.running_mean.clone()
+    assert recompute_batchnorm_stats(model, [torch.randn(4, 3, 32, 32)]) == 0
+    assert torch.equal(model.bn1.running_mean, before)
+
+    small = build_model("smallcnn").train()
+    first_conv, first_bn = small.features[0], small.features[1]
+    batches = [torch.randn(8, 3, 16, 16) + k for k in range(3)]
+    recompute_batchnorm_stats(small, batches)
+    with torch.no_grad():
+        means = [first_conv(x).mean(dim=(0, 2, 3)) for x in batches]
+    assert torch.allclose(first_bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert first_bn.momentum == 0.1  # restored for the training that follows
+    assert recompute_batchnorm_stats(small, []) == 0

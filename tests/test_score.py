@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from breakhis import storage
-from breakhis.artifact import ModelCard, load_artifact, save_artifact
+from breakhis.artifact import ModelCard, load_artifact, read_card, save_artifact
 from breakhis.imaging import decode_rgb
 from breakhis.model import build_model
 from breakhis.score import (
@@ -38,13 +38,14 @@ SIZE = 32  # the model's input side
 MAP = 16
 
 
-def _save_model(uri: str) -> ModelCard:
+def _save_model(uri: str, **card_fields) -> ModelCard:
     torch.manual_seed(0)
     card = ModelCard(
         architecture="smallcnn",
         image_size=SIZE,
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
+        **card_fields,
     )
     return save_artifact(uri, build_model("smallcnn").eval(), card)
 
@@ -126,6 +127,45 @@ def test_patient_table_calls_on_the_mean_probability() -> None:
     assert rows["p3"]["patient_call"] is None and rows["p3"]["mean_prob_malignant"] is None
 
 
+def test_patient_table_calls_by_majority_when_asked() -> None:
+    tiles = pa.table(
+        {
+            "patient_id": ["p1", "p1", "p1"],
+            "label": pa.array([1, 1, 1], pa.int8()),
+            "prob_malignant": pa.array([0.99, 0.4, 0.45], pa.float32()),
+            "predicted_label": pa.array([1, 0, 0], pa.int8()),
+            "error": [None, None, None],
+        }
+    )
+    # Mean 0.61: malignant by the mean, benign by the majority of tile calls (1 of 3).
+    assert patient_table(tiles, 0.5, "mean").column("patient_call").to_pylist() == ["malignant"]
+    assert patient_table(tiles, 0.5, "majority").column("patient_call").to_pylist() == ["benign"]
+
+
+def test_predictor_applies_the_model_temperature(local_job, tmp_path) -> None:
+    hot = str(tmp_path / "hot")
+    _save_model(hot, temperature=4.0, threshold=0.3, threshold_rule="balanced_accuracy")
+    rng = np.random.default_rng(1)
+    batch = {
+        "uri": np.array(["a", "b"], dtype=object),
+        "tile_id": np.array(["a", "b"], dtype=object),
+        "unit": np.zeros(2, np.int32),
+        "image": rng.integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8),
+        "error": np.array(["", ""], dtype=object),
+    }
+    plain = _predictor(local_job["model"], method=None)(batch)
+    scaled = _predictor(hot, method=None)(batch)
+    # Same weights: the raw probabilities agree; the calibrated ones are the softmax of
+    # the logits divided by 4, i.e. sigmoid(margin / 4) with margin = logit(p).
+    assert np.allclose(scaled["prob_uncalibrated"], plain["prob"], atol=1e-6)
+    margin = np.log(plain["prob"] / (1 - plain["prob"]))
+    assert np.allclose(scaled["prob"], 1 / (1 + np.exp(-margin / 4.0)), atol=1e-5)
+    # Scoring takes the model's threshold unless one is given.
+    config = ScoreConfig(model=hot, input=local_job["tiles"], output=str(tmp_path / "out"))
+    assert config.job_record(read_card(hot))["threshold"] == 0.3
+    assert replace(config, threshold=0.7).job_record(read_card(hot))["threshold"] == 0.7
+
+
 def _predictor(model_uri: str, **overrides) -> TilePredictor:
     options = dict(
         model_uri=model_uri,
@@ -168,7 +208,7 @@ def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
 
 def test_rerun_with_other_options_is_refused_before_any_work(local_job, tmp_path) -> None:
     config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], output=str(tmp_path))
-    other = replace(config, attribution="lime").job_record(local_job["model_id"], SIZE)
+    other = replace(config, attribution="lime").job_record(read_card(local_job["model"]))
     (tmp_path / "_job.json").write_text(json.dumps(other))
     with pytest.raises(JobMismatchError, match="attribution: 'lime' there, 'gradcam' now"):
         run_scoring(config)

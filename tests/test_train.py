@@ -56,7 +56,8 @@ def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
         ({"val_fraction": 0.0}, "--val-fraction must be in"),
         ({"name": "runs/x"}, "no slashes"),
         ({"split": "fold0"}, "expected fold:K or rep:K"),
-        ({"weights": "none", "freeze_epochs": 2}, "freeze a randomly initialised backbone"),
+        ({"threshold_rule": "f1"}, "--threshold-rule 'f1' unknown; accepted: balanced_accuracy"),
+        ({"bn_recalibration_batches": -1}, "--bn-recalibration-batches must be >= 0"),
         ({"weights": "imagenet"}, "smallcnn has no ImageNet weights"),
         ({"magnification": 50}, "accepted 40, 100, 200, 400"),
         ({"batch_size": 0}, "--batch-size must be > 0"),
@@ -65,6 +66,41 @@ def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
 def test_config_errors_name_the_option(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, "data", **overrides)
+
+
+def test_fine_tuning_defaults_follow_the_weights(tmp_path: Path) -> None:
+    random_init = _config(tmp_path, "data", weights="none", freeze_epochs=None)
+    assert (random_init.epochs_frozen, random_init.backbone_lr_ratio) == (0, 1.0)
+    pretrained = dataclasses.replace(random_init, arch="resnet18", weights="s3://b/rn18.pt")
+    assert (pretrained.epochs_frozen, pretrained.backbone_lr_ratio) == (1, 0.1)
+    # An explicit value wins, whatever the weights.
+    explicit = _config(tmp_path, "data", weights="none", freeze_epochs=2, backbone_lr_scale=0.5)
+    assert (explicit.epochs_frozen, explicit.backbone_lr_ratio) == (2, 0.5)
+    # Unset stays unset through a dict (a Tune trial that varies the weights re-derives them).
+    assert TrainConfig.from_dict(random_init.to_dict()).freeze_epochs is None
+    backbone, head = train_module.split_parameters(build_model("smallcnn"), "smallcnn")
+    groups = make_optimizer(random_init, backbone, head).param_groups
+    assert groups[0]["lr"] == groups[1]["lr"] == random_init.lr
+
+
+def test_fit_decision_calibrates_then_thresholds_the_validation_predictions() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    # A model 4x too confident and shifted towards benign by 6 logits.
+    calibrated = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1.0, labels.size)
+    margins = 4.0 * calibrated - 6.0
+    predictions = train_module.Predictions(
+        margins=margins,
+        probs=1 / (1 + np.exp(-margins)),
+        labels=labels,
+        patient_ids=np.array([f"P{i % 40}" for i in range(labels.size)]),
+    )
+    temperature, threshold = train_module.fit_decision(predictions, "balanced_accuracy")
+    assert temperature > 2.0  # the overconfidence is seen (the fit also absorbs the shift)
+    called = 1 / (1 + np.exp(-margins / temperature)) >= threshold
+    assert classification_metrics(labels, called.astype(float))["balanced_accuracy"] > 0.80
+    # At 0.5 without calibration the shift costs several points.
+    assert classification_metrics(labels, predictions.probs)["balanced_accuracy"] < 0.70
 
 
 def test_config_round_trips_through_a_dict(tmp_path: Path) -> None:

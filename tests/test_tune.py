@@ -4,6 +4,7 @@ artifact) and a sweep whose driver is killed and resumed."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -30,6 +31,7 @@ from breakhis.tune import (
     load_search_space,
     orphaned_placement_groups,
     parse_search_space,
+    resolve_space,
     run_sweep,
 )
 
@@ -61,6 +63,17 @@ def test_the_shipped_search_space_is_the_default_and_fits_the_default_run() -> N
     check_search_space(space, TrainConfig(data="d", storage="s", name="n"))
     wanted = {"lr", "weight_decay", "batch_size", "freeze_epochs", "augment_strength"}
     assert wanted | {"label_smoothing", "dropout", "arch"} <= set(space.keys)
+
+
+def test_the_default_space_from_random_weights_leaves_out_what_needs_pretrained_ones(
+    tmp_path: Path,
+) -> None:
+    base = TrainConfig(data="d", storage=str(tmp_path), name="n", arch="resnet18", weights="none")
+    space = resolve_space(SweepConfig(train=base))
+    assert "freeze_epochs" not in space.keys
+    assert set(space.keys) == set(DEFAULT_SEARCH_SPACE) - {"freeze_epochs"}
+    pretrained = dataclasses.replace(base, weights="imagenet")
+    assert "freeze_epochs" in resolve_space(SweepConfig(train=pretrained)).keys
 
 
 def test_a_space_file_becomes_tune_domains(tmp_path: Path) -> None:
@@ -120,7 +133,7 @@ def test_bad_space_files_fail_naming_the_key(tmp_path: Path, text: str, message:
     [
         ("arch: {choice: [resnet18, resnet51]}", "key 'arch': 'resnet51' .*unknown model"),
         ("dropout: {uniform: [0.0, 1.0]}", "key 'dropout': 1.0 .*--dropout must be in \\[0, 1\\)"),
-        ("freeze_epochs: {choice: [0, 2]}", "key 'freeze_epochs': 2 .*--weights none"),
+        ("freeze_epochs: {choice: [0, -1]}", "key 'freeze_epochs': -1(\\.0)? .*must be >= 0"),
         (
             "arch: {choice: [smallcnn, resnet18]}\nweights: {choice: [none, imagenet]}",
             "keys 'arch' = 'smallcnn' and 'weights' = 'imagenet' cannot go together",
