@@ -76,6 +76,10 @@ VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_CONFIG_FILE = "train_config.json"
 ARTIFACT_DIR = "model"
+VALIDATED_DIR = "validated-model"
+"""With --refit: the artifact of the validated run (the refit's is ARTIFACT_DIR)."""
+REFIT_DIR = "refit"
+"""With --refit: the refit's Ray Train run, inside the run's folder."""
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
 # Options that define what a run learns from; a rerun under the same name must keep them.
@@ -350,7 +354,9 @@ class TrainResult:
     history: tuple[dict[str, float], ...] = field(repr=False)
     """Every epoch's reported metrics, the resumed part included."""
     fit_seconds: float
-    """Wall time of TorchTrainer.fit(), worker start-up included."""
+    """Wall time of TorchTrainer.fit(), worker start-up included (both runs with refit)."""
+    refit_epochs: int = 0
+    """With --refit: epochs of the refit on training and validation patients (0: none)."""
 
     def format_table(self) -> str:
         """A plain-text summary for the terminal."""
@@ -363,6 +369,11 @@ class TrainResult:
         lines.append(
             f"best epoch {self.best_epoch} of {self.last_epoch}"
             + (" (stopped early)" if self.stopped_early else "")
+            + (
+                f"; refit on training + validation patients for {self.refit_epochs} epochs"
+                if self.refit_epochs
+                else ""
+            )
             + f"; model {self.model_id} at {self.artifact_uri}; curves at {self.curves_uri}"
         )
         return "\n".join(lines)
@@ -538,6 +549,39 @@ def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float]:
 # --------------------------------------------------------------------------- worker loop
 
 
+def validate_epoch(
+    net: nn.Module,
+    shard: Any,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Validate ``net`` (the unwrapped module: no gradient sync, and validation shards may
+    differ in size) on this rank's ``shard`` and gather every rank's predictions, so all
+    ranks compute the same metrics and take the same early-stopping decision.
+
+    Returns ``val_<metric>`` for every metric, plus ``val_temperature`` and
+    ``val_threshold`` fitted on these predictions (fit_decision).
+    """
+    local = evaluate(
+        net,
+        shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2),
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
+    predictions = Predictions.concat(_all_gather(local))
+    val = classification_metrics(predictions.labels, predictions.probs, predictions.patient_ids)
+    temperature, threshold = fit_decision(predictions, cfg.threshold_rule)
+    return {
+        **{f"val_{k}": float(v) for k, v in val.items()},
+        "val_temperature": temperature,
+        "val_threshold": threshold,
+    }
+
+
 def _remember_images(
     batches: Iterable[Mapping[str, torch.Tensor]], recent: deque[torch.Tensor]
 ) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -643,6 +687,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ref to the model's starting state dict).
     """
     cfg = TrainConfig.from_dict(config["train"])
+    validate: bool = config.get("validate", True)
     class_weights: list[float] = config["class_weights"]
     steps_per_epoch: int = config["steps_per_epoch"]
     initial_state = config["initial_state"]
@@ -684,7 +729,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 param_state[key] = value.to(device)
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val") if validate else None
     model: nn.Module | None = None
     frozen: bool | None = None
     _, stop = early_stopping(history, cfg.metric, cfg.metric_mode, cfg.patience)
@@ -720,22 +765,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         recalibrate_batchnorm(net, recent, device=device, channels_last=channels_last)
         recent.clear()
-        # The unwrapped module: evaluation needs no gradient sync, and shards may differ in size.
-        local = evaluate(
-            net,
-            val_shard.iter_batches(
-                batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2
-            ),
-            device=device,
-            amp_dtype=amp_dtype,
-            channels_last=channels_last,
-        )
+        val = {}
+        if val_shard is not None:
+            val = validate_epoch(
+                net,
+                val_shard,
+                cfg,
+                device=device,
+                amp_dtype=amp_dtype,
+                channels_last=channels_last,
+            )
         _check_in_sync(net, epoch)
-        gathered = _all_gather((local, stats))
-        predictions = Predictions.concat([p for p, _ in gathered])
-        all_stats = [s for _, s in gathered]
-        val = classification_metrics(predictions.labels, predictions.probs, predictions.patient_ids)
-        temperature, threshold = fit_decision(predictions, cfg.threshold_rule)
+        all_stats = _all_gather(stats)
         images = sum(s.images for s in all_stats)
         row: dict[str, float] = {
             "epoch": epoch,
@@ -749,9 +790,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             / len(all_stats),
             "epoch_seconds": time.perf_counter() - epoch_started,
             "torch_threads": torch.get_num_threads(),
-            **{f"val_{k}": float(v) for k, v in val.items()},
-            "val_temperature": temperature,
-            "val_threshold": threshold,
+            **val,
         }
         history.append(row)
         best_epoch, stop = early_stopping(history, cfg.metric, cfg.metric_mode, cfg.patience)
@@ -763,10 +802,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch,
                 cfg.epochs,
                 row["train_loss"],
-                row["val_loss"],
+                row.get("val_loss", math.nan),
                 cfg.metric,
-                row[cfg.metric],
-                row["val_patient_recognition_rate"],
+                row.get(cfg.metric, math.nan),
+                row.get("val_patient_recognition_rate", math.nan),
                 row["train_images_per_s"],
             )
         with tempfile.TemporaryDirectory() as folder:
@@ -805,6 +844,11 @@ class RunPlan:
     loop_config: dict[str, Any]
     manifest_hash: str
     resumed_from_epoch: int
+
+    @property
+    def validate(self) -> bool:
+        """False for a refit: no validation patients, every epoch kept as trained."""
+        return bool(self.loop_config.get("validate", True))
 
 
 def _storage_for_ray(uri: str) -> tuple[str, Any]:
@@ -872,7 +916,9 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
     return steps
 
 
-def plan_run(config: TrainConfig, *, gpus_per_worker: float | None = None) -> RunPlan:
+def plan_run(
+    config: TrainConfig, *, gpus_per_worker: float | None = None, validate: bool = True
+) -> RunPlan:
     """Check everything that can be checked on the driver, and build the datasets.
 
     Returns the RunPlan. Raises FileNotFoundError for missing data, ValueError
@@ -880,15 +926,20 @@ def plan_run(config: TrainConfig, *, gpus_per_worker: float | None = None) -> Ru
     earlier run under the same name or weights that do not fit (WeightsError),
     and LeakageError for a split with a patient on two sides. Nothing has
     started on the workers when it raises.
+
+    ``validate=False`` plans a refit: the validation patients join the training
+    ones and no epoch is validated (see run_training).
     """
     from breakhis.ingest import IngestConfig, build_datasets
     from breakhis.prepare import read_manifest
     from breakhis.splits import check_no_leakage, select_split
 
-    spec = SplitSpec.parse(config.split, val_fraction=config.val_fraction, seed=config.seed)
+    spec = SplitSpec.parse(
+        config.split, val_fraction=config.val_fraction if validate else 0.0, seed=config.seed
+    )
     manifest = read_manifest(config.data)
     patients = select_split(manifest, spec)  # raises LeakageError for a leaking split
-    if not patients.val:
+    if validate and not patients.val:
         raise ValueError(
             f"split {spec} with --val-fraction {config.val_fraction} leaves no validation "
             "patient; raise --val-fraction"
@@ -915,17 +966,17 @@ def plan_run(config: TrainConfig, *, gpus_per_worker: float | None = None) -> Ru
         ),
     )
     check_no_leakage(train=ingest.split.train, val=ingest.split.val, test=ingest.split.test)
-    if "val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0:
+    if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
         raise ValueError(
             f"split {spec}: the validation patients have no image at this magnification"
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
-    datasets = {
-        "train": ingest.datasets["train"].select_columns(["image", "label"]),
-        "val": ingest.datasets["val"].select_columns(["image", "label", "patient_id"]),
-    }
+    datasets = {"train": ingest.datasets["train"].select_columns(["image", "label"])}
+    if validate:
+        datasets["val"] = ingest.datasets["val"].select_columns(["image", "label", "patient_id"])
     loop_config = {
+        "validate": validate,
         "train": config.to_dict(),
         "class_weights": [float(w) for w in ingest.class_weights],
         "steps_per_epoch": steps_per_epoch,
@@ -1023,8 +1074,9 @@ def make_trainer(
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute=config.metric,
-                checkpoint_score_order=config.metric_mode,
+                # A refit has no validation metric: its last epoch is the model.
+                checkpoint_score_attribute=config.metric if plan.validate else "epoch",
+                checkpoint_score_order=config.metric_mode if plan.validate else "max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             callbacks=list(callbacks),
@@ -1087,14 +1139,86 @@ def write_curves(history: Sequence[Mapping[str, float]], run_uri: str, metric: s
     return uri
 
 
+def _save_model(
+    uri: str,
+    weights: Mapping[str, torch.Tensor],
+    config: TrainConfig,
+    manifest_hash: str,
+    epoch: int,
+    metrics: Mapping[str, Any],
+) -> Any:
+    """Write the artifact of ``weights`` at ``uri``: the card records ``config``, the epoch,
+    the validation ``metrics`` and the temperature and threshold fitted with them."""
+    from breakhis.artifact import ModelCard, save_artifact
+    from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    net = build_model(config.arch, weights="none", dropout=config.dropout)
+    net.load_state_dict(weights)
+    card = ModelCard(
+        architecture=config.arch,
+        image_size=config.image_size,
+        mean=tuple(float(v) for v in IMAGENET_MEAN),
+        std=tuple(float(v) for v in IMAGENET_STD),
+        dropout=config.dropout,
+        magnification=config.magnification,
+        config=config.to_dict(),
+        manifest_hash=manifest_hash,
+        split=config.split,
+        epoch=epoch,
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        temperature=float(metrics.get("val_temperature", 1.0)),
+        threshold=float(metrics.get("val_threshold", 0.5)),
+        threshold_rule=config.threshold_rule,
+    )
+    return save_artifact(uri, net, card)
+
+
+def finish_refit(
+    config: TrainConfig,
+    plan: RunPlan,
+    result: ray.train.Result,
+    fit_seconds: float,
+    validated: TrainResult,
+) -> TrainResult:
+    """Write the refit's (``plan``) last checkpoint as the artifact of the run ``config``
+    (STORAGE/NAME/model), with the validated run's metrics, temperature and threshold;
+    returns the validated run's TrainResult pointing at it, with ``refit_epochs`` set.
+
+    Raises RuntimeError when the refit produced no checkpoint.
+    """
+    if result.checkpoint is None:
+        raise RuntimeError(f"{plan.config.run_uri}: the refit finished without a checkpoint")
+    state = _read_checkpoint(result.checkpoint)
+    write_curves(state["history"], plan.config.run_uri, plan.config.metric)
+    artifact_uri = storage.join(config.run_uri, ARTIFACT_DIR)
+    card = _save_model(
+        artifact_uri,
+        state["model"],
+        config,
+        plan.manifest_hash,
+        int(state["epoch"]),
+        {**validated.best_metrics, "refit_epochs": int(state["epoch"])},
+    )
+    log.info(
+        "refit model %s (%d epochs on training and validation patients) written to %s",
+        card.model_id,
+        int(state["epoch"]),
+        artifact_uri,
+    )
+    return dataclasses.replace(
+        validated,
+        artifact_uri=artifact_uri,
+        model_id=card.model_id,
+        refit_epochs=int(state["epoch"]),
+        fit_seconds=validated.fit_seconds + fit_seconds,
+    )
+
+
 def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> TrainResult:
     """Write the artifact of the best checkpoint and the curves; returns the TrainResult.
 
     Raises RuntimeError when the run produced no checkpoint.
     """
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     config = plan.config
     if result.checkpoint is None or not result.best_checkpoints:
         raise RuntimeError(f"{config.run_uri}: the run finished without a checkpoint")
@@ -1113,26 +1237,11 @@ def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> T
         )
         best_epoch = int(best_metrics["epoch"])
     state = _read_checkpoint(best_ckpt) if best_ckpt.path != result.checkpoint.path else latest
-    net = build_model(config.arch, weights="none", dropout=config.dropout)
-    net.load_state_dict(state["model"])
-    card = ModelCard(
-        architecture=config.arch,
-        image_size=config.image_size,
-        mean=tuple(float(v) for v in IMAGENET_MEAN),
-        std=tuple(float(v) for v in IMAGENET_STD),
-        dropout=config.dropout,
-        magnification=config.magnification,
-        config=config.to_dict(),
-        manifest_hash=plan.manifest_hash,
-        split=config.split,
-        epoch=best_epoch,
-        metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, int | float)},
-        temperature=float(best_metrics.get("val_temperature", 1.0)),
-        threshold=float(best_metrics.get("val_threshold", 0.5)),
-        threshold_rule=config.threshold_rule,
+    # With --refit this model only chose the epoch count: the refit's takes its place.
+    artifact_uri = storage.join(config.run_uri, VALIDATED_DIR if config.refit else ARTIFACT_DIR)
+    card = _save_model(
+        artifact_uri, state["model"], config, plan.manifest_hash, best_epoch, best_metrics
     )
-    artifact_uri = storage.join(config.run_uri, ARTIFACT_DIR)
-    card = save_artifact(artifact_uri, net, card)
     curves_uri = write_curves(history, config.run_uri, config.metric)
     log.info("model %s (epoch %d) written to %s", card.model_id, best_epoch, artifact_uri)
     return TrainResult(
@@ -1174,4 +1283,22 @@ def run_training(
     trainer = make_trainer(plan, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
     started = time.perf_counter()
     result = trainer.fit()
-    return finish_run(plan, result, time.perf_counter() - started)
+    validated = finish_run(plan, result, time.perf_counter() - started)
+    if not config.refit:
+        return validated
+    # The same recipe from the same initial weights, on every training patient, for the
+    # epoch count chosen on validation. Not reported to Tune: the trial was judged on
+    # validation already, and a second epoch 1 would confuse its schedulers.
+    refit = dataclasses.replace(
+        config,
+        storage=config.run_uri,
+        name=REFIT_DIR,
+        epochs=validated.best_epoch,
+        patience=0,
+        refit=False,
+    )
+    log.info("refit: %d epochs on training and validation patients", validated.best_epoch)
+    refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False)
+    started = time.perf_counter()
+    refit_result = make_trainer(refit_plan, gpus_per_worker=gpus_per_worker).fit()
+    return finish_refit(config, refit_plan, refit_result, time.perf_counter() - started, validated)

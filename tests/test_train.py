@@ -259,6 +259,30 @@ def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path:
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_refit_trains_again_on_every_training_patient_for_the_chosen_epochs(
+    prepared: str, tmp_path: Path
+) -> None:
+    from breakhis.artifact import read_card
+
+    config = _config(tmp_path, prepared, name="refit", epochs=2, refit=True, num_workers=1)
+    result = run_training(config)
+    run = Path(result.run_uri)
+    assert result.refit_epochs == result.best_epoch >= 1
+    assert result.artifact_uri == str(run / "model")
+    validated, handed = read_card(str(run / "validated-model")), read_card(result.artifact_uri)
+    assert handed.model_id == result.model_id != validated.model_id
+    # The decision fitted on validation travels with the refit model.
+    assert (handed.temperature, handed.threshold) == (validated.temperature, validated.threshold)
+    assert handed.metrics["refit_epochs"] == result.refit_epochs and handed.config["refit"]
+    refit_curves = json.loads((run / "refit" / "curves.json").read_text())["epochs"]
+    assert len(refit_curves) == result.refit_epochs
+    # Training and validation patients together: more images per epoch than validated.
+    assert refit_curves[0]["train_images"] > result.history[0]["train_images"]
+    assert "val_loss" not in refit_curves[0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_rerun_resumes_at_the_next_epoch_on_s3(
     prepared: str, s3_prefix: str, tmp_path: Path
 ) -> None:
