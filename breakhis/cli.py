@@ -7,7 +7,7 @@
     breakhis score --model URI --input URI --output URI [--attribution gradcam]
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
-    breakhis benchmark {ingest,train,tune,score}
+    breakhis benchmark {ingest,train,tune,score,accuracy}
     breakhis demo [--data SRC] [--workdir DIR]
 
 Each ``jobs/<name>.py`` calls ``main([name, *argv])``, so ``ray job submit``
@@ -267,10 +267,15 @@ _BENCHMARKS = {
         "breakhis.benchmarks.score:run_score_benchmark",
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
     ),
+    "accuracy": (
+        "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig",
+        "breakhis.benchmarks.accuracy:run_accuracy_benchmark",
+        "train + evaluate vs a plain PyTorch loop: the paper's rates on the same splits",
+    ),
 }
 
 
-@command("benchmark", "speed benchmarks, each against a baseline in the same run (a ratio)")
+@command("benchmark", "benchmarks, each against a baseline in the same run (speed, accuracy)")
 def _benchmark(p: argparse.ArgumentParser) -> Command:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (config, runner, help_text) in _BENCHMARKS.items():

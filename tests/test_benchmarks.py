@@ -83,3 +83,53 @@ def test_score_benchmark(tmp_path: Path) -> None:
     assert all(row["tiles"] > 0 and _positive(row["tiles_per_s"]) for row in figures["throughput"])
     assert sorted(int(k) for k in figures["peak_memory_mb"]) == [1, 2]
     assert _positive(*figures["peak_memory_mb"].values())
+
+
+def test_accuracy_benchmark(tmp_path: Path) -> None:
+    figures = _benchmark(
+        "accuracy", tmp_path, "--data", "generated", "--scale", "0.02", "--width", "64",
+        "--height", "48", "--arch", "smallcnn", "--image-size", "32", "--epochs", "1",
+        "--batch-size", "16", "--splits", "0,1", "--variants", "job,refit",
+    )  # fmt: skip
+    assert figures["data"]["kind"] == "generated" and figures["device"]
+    assert [s["split"] for s in figures["splits"]] == ["rep:0", "rep:1"]
+    for split in figures["splits"]:
+        sides = split["sides"]
+        assert sorted(sides) == ["job", "reference", "refit"]
+        reference, job, refit = sides["reference"], sides["job"], sides["refit"]
+        for side in (job, refit):  # the same test patients and tiles on every side
+            assert side["test_images"] == reference["test_images"] > 0
+            assert side["test_patients"] == reference["test_patients"] > 0
+            assert side["val_patients"] > 0 == reference["val_patients"]
+            assert side["kept_epoch"] == 1
+        # The job's validation patients come out of the reference's training patients; the
+        # refit trains on them too.
+        assert job["train_patients"] + job["val_patients"] == reference["train_patients"]
+        assert refit["train_patients"] == reference["train_patients"]
+        assert 0 < job["images_per_epoch"] < refit["images_per_epoch"]
+        assert refit["images_per_epoch"] <= reference["images_per_epoch"]
+        for side in sides.values():
+            assert 0.0 <= side["image_rate"] <= 1.0 and 0.0 <= side["patient_rate"] <= 1.0
+            assert _positive(side["seconds"])
+    for variant in ("job", "refit"):
+        differences = figures["differences"][variant]
+        for split, diff in zip(figures["splits"], differences["per_split"], strict=True):
+            assert diff["split"] == split["split"]
+            for rate in ("image_rate", "patient_rate"):
+                expected = split["sides"][variant][rate] - split["sides"]["reference"][rate]
+                assert math.isclose(diff[rate], expected, abs_tol=1e-12)
+        for rate in ("image_rate", "patient_rate"):
+            per_split = [d[rate] for d in differences["per_split"]]
+            assert math.isclose(differences[rate]["mean"], sum(per_split) / 2, abs_tol=1e-12)
+        assert figures["target"][variant] in ("met", "missed")
+
+
+def test_accuracy_benchmark_rejects_a_missing_split_before_any_work(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "breakhis.cli", "benchmark", "accuracy", "--workdir",
+         str(tmp_path / "bench"), "--splits", "0,99"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--splits 0,99" in done.stderr and "0..4" in done.stderr
+    assert not (tmp_path / "bench").exists()  # nothing prepared, no Ray started

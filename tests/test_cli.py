@@ -68,7 +68,7 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
     assert docs and all(docs.values())
 
 
-@pytest.mark.parametrize("bench", ["ingest", "train", "tune", "score"])
+@pytest.mark.parametrize("bench", ["ingest", "train", "tune", "score", "accuracy"])
 def test_benchmark_help(capsys, bench):
     assert "--" in _help(capsys, "benchmark", bench)
 
