@@ -3,6 +3,7 @@ the report it ends with is on disk."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,7 @@ def test_the_demo_runs_every_step_and_ends_with_the_report(tmp_path: Path) -> No
     assert report.is_file() and report.stat().st_size > 10_000
     assert f"report: {report}" in out
     assert "demo finished" in out
+    # Evaluation applies the decision the training fitted on its validation patients.
+    calibration = json.loads((workdir / "report" / "metrics.json").read_text())["calibration"]
+    assert calibration["threshold_source"].startswith("the model's, chosen by balanced_accuracy")
+    assert calibration["temperature"] > 0 and set(calibration) >= {"before", "after"}
