@@ -182,6 +182,21 @@ class SideResult:
     """Why the side could not run on this split (its figures are then NaN); empty when it
     ran."""
 
+    @classmethod
+    def from_metrics(cls, m: dict[str, float], *, seconds: float, **sides: Any) -> SideResult:
+        """The rates and counts from breakhis.metrics.classification_metrics' ``m``; the
+        side's own facts (patients, epochs, threshold) as keywords."""
+        return cls(
+            image_rate=m["accuracy"],
+            patient_rate=m["patient_recognition_rate"],
+            balanced_accuracy=m["balanced_accuracy"],
+            roc_auc=m["roc_auc"],
+            seconds=seconds,
+            test_images=int(m["images"]),
+            test_patients=int(m["patients"]),
+            **sides,
+        )
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -526,14 +541,9 @@ def run_reference(
             probs.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
     labels = test.column("label").to_pylist()
     m = classification_metrics(labels, np.concatenate(probs), test.column("patient_id").to_pylist())
-    return SideResult(
-        image_rate=m["accuracy"],
-        patient_rate=m["patient_recognition_rate"],
-        balanced_accuracy=m["balanced_accuracy"],
-        roc_auc=m["roc_auc"],
+    return SideResult.from_metrics(
+        m,
         seconds=time.perf_counter() - started,
-        test_images=m["images"],
-        test_patients=m["patients"],
         train_patients=len(train_patients),
         val_patients=0,
         images_per_epoch=len(dataset) - (len(dataset) % batch_size if loader.drop_last else 0),
@@ -597,14 +607,9 @@ def run_job(
             storage.read_bytes(storage.join(trained.run_uri, REFIT_DIR, CURVES_JSON))
         )["epochs"]
         train_patients += evaluated.split.val_patients
-    return SideResult(
-        image_rate=m["accuracy"],
-        patient_rate=m["patient_recognition_rate"],
-        balanced_accuracy=m["balanced_accuracy"],
-        roc_auc=m["roc_auc"],
+    return SideResult.from_metrics(
+        m,
         seconds=time.perf_counter() - started,
-        test_images=int(m["images"]),
-        test_patients=int(m["patients"]),
         train_patients=train_patients,
         val_patients=evaluated.split.val_patients,
         images_per_epoch=int(history[-1]["train_images"]) if history else 0,
