@@ -250,7 +250,8 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
     from breakhis.artifact import load_artifact, read_card
 
     # One trial at a time (2.25 CPUs each on 4), so trials reach the rungs in grid order.
-    # lr 0.5 and 1.0 blow the validation loss up after one epoch (> 5 against ~0.7).
+    # lr 0.5 and 1.0 leave a worse model after one epoch than lr 1e-2 (how much worse varies:
+    # PreciseBN and the fitted temperature rescue much of it, 0.39 against 0.27 in one CI run).
     space = parse_search_space({"lr": {"grid": [1.0e-2, 3.0e-3, 0.5, 1.0]}}, "test grid")
     config = SweepConfig(
         train=_train(prepared, f"{s3_prefix}/sweeps", name="asha"),
@@ -267,7 +268,7 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
     assert (rows[1.0e-2]["stop_reason"], rows[1.0e-2]["epochs_run"]) == ("completed", 3)
     for lr in (0.5, 1.0):
         assert (rows[lr]["stop_reason"], rows[lr]["epochs_run"]) == ("asha", 1), rows[lr]
-        assert rows[lr]["val_loss"] > 2 * rows[1.0e-2]["val_loss"]
+        assert rows[lr]["val_loss"] > rows[1.0e-2]["val_loss"], (rows[lr], rows[1.0e-2])
     for row in result.rows:
         completed = row["stop_reason"] == "completed"
         assert row["stop_reason"] in ("completed", "asha"), row
