@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
+
+MODEL_EPOCH_RULES: tuple[str, ...] = ("last", "best")
+"""Accepted values of --model-epoch."""
 """Metrics accepted for ``TrainConfig.metric`` (checkpoint ranking and early stopping)."""
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_CONFIG_FILE = "train_config.json"
@@ -153,10 +156,16 @@ class TrainConfig:
     class_weighted: bool = True
     """Weigh the loss by inverse class frequency of the training images."""
     metric: str = "val_loss"
-    """Validation metric that ranks checkpoints and drives early stopping (see VAL_METRICS)."""
+    """Validation metric that chooses the model epoch with ``--model-epoch best`` and drives
+    early stopping (see VAL_METRICS)."""
+    model_epoch: str | None = None
+    """Which epoch becomes the model: ``last`` (the end of the learning-rate schedule, as
+    torchvision's reference recipes keep) or ``best`` by ``--metric`` on the validation
+    patients; default ``best`` with early stopping (``--patience`` > 0), else ``last``."""
     keep_checkpoints: int = 2
-    """Best checkpoints kept by ``metric`` (the latest is always kept too)."""
-    patience: int = 5
+    """Checkpoints kept: the best by ``metric`` with ``--model-epoch best``, else the
+    latest."""
+    patience: int = 0
     """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
     num_workers: int = 2
     """Ray Train workers (one GPU each with ``use_gpu``)."""
@@ -244,6 +253,16 @@ class TrainConfig:
             raise ValueError(
                 f"--bn-recalibration-batches must be >= 0, got {self.bn_recalibration_batches}"
             )
+        if self.model_epoch not in (None, *MODEL_EPOCH_RULES):
+            raise ValueError(
+                f"--model-epoch {self.model_epoch!r} unknown; accepted: "
+                f"{', '.join(MODEL_EPOCH_RULES)}"
+            )
+        if self.model_epoch == "last" and self.patience > 0:
+            raise ValueError(
+                f"--patience {self.patience} stops when --metric stops improving, and then the "
+                "last epoch is not the model to keep: use --model-epoch best (or --patience 0)"
+            )
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(
                 f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
@@ -274,6 +293,15 @@ class TrainConfig:
         if self.backbone_lr_scale is not None:
             return self.backbone_lr_scale
         return 0.1 if self.pretrained else 1.0
+
+    @property
+    def epoch_rule(self) -> str:
+        """``model_epoch`` as applied: when unset, ``best`` with early stopping and ``last``
+        without (a fixed schedule's end is what it was tuned for; choosing an epoch on a few
+        validation patients is noisy, and the paper-sized splits have few)."""
+        if self.model_epoch is not None:
+            return self.model_epoch
+        return "best" if self.patience > 0 else "last"
 
     @property
     def metric_mode(self) -> str:
@@ -347,8 +375,10 @@ class TrainResult:
     """The training curves PNG (the JSON sits beside it)."""
     model_id: str
     best_epoch: int
+    """The epoch whose model the run hands over (``--model-epoch``: the last, or the best
+    by ``--metric``)."""
     best_metrics: dict[str, float]
-    """Metrics reported at the best epoch."""
+    """Metrics reported at that epoch."""
     last_epoch: int
     stopped_early: bool
     history: tuple[dict[str, float], ...] = field(repr=False)
@@ -367,7 +397,7 @@ class TrainResult:
             cells = " ".join(f"{row.get(k, float('nan')):>10.4f}" for k in keys)
             lines.append(f"{int(row['epoch']):>5} {cells}{mark}")
         lines.append(
-            f"best epoch {self.best_epoch} of {self.last_epoch}"
+            f"model epoch {self.best_epoch} of {self.last_epoch}"
             + (" (stopped early)" if self.stopped_early else "")
             + (
                 f"; refit on training + validation patients for {self.refit_epochs} epochs"
@@ -535,6 +565,16 @@ def early_stopping(
     best = max(history, key=score)  # max() keeps the first of equal scores
     since = int(history[-1]["epoch"]) - int(best["epoch"])
     return int(best["epoch"]), patience > 0 and since >= patience
+
+
+def kept_epoch(history: Sequence[Mapping[str, float]], cfg: TrainConfig) -> tuple[int, bool]:
+    """``(epoch, stop)``: the epoch whose model the run hands over (``cfg.epoch_rule``: the
+    last in ``history``, or the best by ``cfg.metric``) and whether early stopping ends the
+    run there (see early_stopping). ``(0, False)`` for an empty history."""
+    best, stop = early_stopping(history, cfg.metric, cfg.metric_mode, cfg.patience)
+    if cfg.epoch_rule == "last" and history:
+        return int(history[-1]["epoch"]), stop
+    return best, stop
 
 
 def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float]:
@@ -793,7 +833,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **val,
         }
         history.append(row)
-        best_epoch, stop = early_stopping(history, cfg.metric, cfg.metric_mode, cfg.patience)
+        best_epoch, stop = kept_epoch(history, cfg)
         row["best_epoch"] = best_epoch
         if rank == 0:
             log.info(
@@ -1060,6 +1100,7 @@ def make_trainer(
     if config.use_gpu:
         resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
     storage_path, filesystem = _storage_for_ray(config.storage)
+    by_metric = plan.validate and config.epoch_rule == "best"
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.loop_config,
@@ -1074,9 +1115,10 @@ def make_trainer(
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
-                # A refit has no validation metric: its last epoch is the model.
-                checkpoint_score_attribute=config.metric if plan.validate else "epoch",
-                checkpoint_score_order=config.metric_mode if plan.validate else "max",
+                # A refit has no validation metric, and with --model-epoch last the last
+                # epoch is the model: keep the latest then.
+                checkpoint_score_attribute=config.metric if by_metric else "epoch",
+                checkpoint_score_order=config.metric_mode if by_metric else "max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             callbacks=list(callbacks),
@@ -1224,12 +1266,12 @@ def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> T
         raise RuntimeError(f"{config.run_uri}: the run finished without a checkpoint")
     latest = _read_checkpoint(result.checkpoint)
     history = [dict(r) for r in latest["history"]]
-    best_epoch, stopped = early_stopping(
-        history, config.metric, config.metric_mode, config.patience
-    )
+    best_epoch, stopped = kept_epoch(history, config)
     candidates = [(c, m) for c, m in result.best_checkpoints if int(m["epoch"]) == best_epoch]
     if candidates:
         best_ckpt, best_metrics = candidates[0]
+    elif history and best_epoch == int(history[-1]["epoch"]):
+        best_ckpt, best_metrics = result.checkpoint, history[-1]
     else:  # the best epoch's checkpoint was pruned (e.g. --keep-checkpoints changed on resume)
         sign = 1 if config.metric_mode == "max" else -1
         best_ckpt, best_metrics = max(

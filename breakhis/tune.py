@@ -67,7 +67,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from breakhis import storage
-from breakhis.train import TrainConfig, early_stopping
+from breakhis.train import TrainConfig, kept_epoch
 
 log = logging.getLogger(__name__)
 
@@ -699,9 +699,7 @@ def trial_row(
     run_uri = storage.join(config.runs_uri, os.path.basename(result.path.rstrip("/")))
     trial_id = os.path.basename(run_uri).removeprefix("trial-")
     history = _history(result)
-    best_epoch, patience_stop = early_stopping(
-        history, train.metric, train.metric_mode, train.patience
-    )
+    best_epoch, patience_stop = kept_epoch(history, train)
     best = next((r for r in history if int(r["epoch"]) == best_epoch), {})
     epochs_run = int(history[-1]["epoch"]) if history else 0
     if result.error is not None:

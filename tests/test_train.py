@@ -26,6 +26,7 @@ from breakhis.train import (
     TrainConfig,
     early_stopping,
     evaluate,
+    kept_epoch,
     load_checkpoint_state,
     lr_scale,
     make_loss,
@@ -132,6 +133,25 @@ def test_early_stopping_counts_epochs_since_the_best() -> None:
     assert early_stopping(history, "val_loss", "min", patience=0) == (2, False)
     assert early_stopping(history, "val_loss", "max", patience=1) == (1, True)
     assert early_stopping([], "val_loss", "min", patience=1) == (0, False)
+
+
+def test_the_model_is_the_last_epoch_unless_early_stopping_asks_for_the_best() -> None:
+    history = [
+        {"epoch": 1, "val_loss": 0.5},
+        {"epoch": 2, "val_loss": 0.6},
+        {"epoch": 3, "val_loss": 0.7},
+    ]
+    base = TrainConfig(data="d", storage="s", name="n")
+    assert (base.patience, base.epoch_rule) == (0, "last")
+    assert kept_epoch(history, base) == (3, False)
+    assert kept_epoch(history, dataclasses.replace(base, model_epoch="best")) == (1, False)
+    early = dataclasses.replace(base, patience=2)
+    assert early.epoch_rule == "best" and kept_epoch(history, early) == (1, True)
+    assert kept_epoch([], base) == (0, False)
+    with pytest.raises(ValueError, match="--model-epoch 'first' unknown; accepted: last, best"):
+        dataclasses.replace(base, model_epoch="first")
+    with pytest.raises(ValueError, match="--patience 2 .* use --model-epoch best"):
+        dataclasses.replace(base, patience=2, model_epoch="last")
 
 
 def _toy_batches(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "job": {},
+    "best": {"model_epoch": "best"},
     "refit": {"refit": True},
+    "refit-best": {"refit": True, "model_epoch": "best"},
 }
 """Variants of the job: name -> TrainConfig overrides on top of the benchmark's options."""
 
