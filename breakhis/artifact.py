@@ -21,6 +21,9 @@ import hashlib
 import io
 import json
 import math
+import numbers
+import pickle
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +33,7 @@ from torch import nn
 
 from breakhis import storage
 from breakhis.model import build_model, check_arch
-from breakhis.names import CLASS_NAMES
+from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
@@ -83,21 +86,9 @@ class ModelCard:
     """Format version of the artifact."""
 
     def __post_init__(self) -> None:
-        check_arch(self.architecture)
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std need one value per RGB channel")
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if not (
-            isinstance(self.temperature, int | float)
-            and math.isfinite(self.temperature)
-            and self.temperature > 0
-        ):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
-        if not (isinstance(self.threshold, int | float) and 0.0 < self.threshold < 1.0):
-            raise ValueError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
+        # Every field, since a card comes from a file anyone may edit: its values reach
+        # model building, scoring and the HTML report.
+        _check_card(self)
 
     def to_json(self) -> str:
         """The card as JSON text (NaN metrics become null)."""
@@ -108,7 +99,8 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str, *, source: str = "model.json") -> ModelCard:
         """Parse a card. Raises ValueError naming ``source`` for bad JSON, a newer
-        format version or unknown fields."""
+        format version, unknown fields, or a field of the wrong type or range (naming the
+        field and what it accepts)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -125,12 +117,84 @@ class ModelCard:
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}")
         for key in ("mean", "std", "class_names"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         try:
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from err
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _check_card(card: ModelCard) -> None:
+    """Raise ValueError naming the first field of ``card`` whose type or range is wrong."""
+
+    def bad(name: str, accepted: str) -> ValueError:
+        return ValueError(f"field {name!r}: expected {accepted}, got {getattr(card, name)!r}")
+
+    if not isinstance(card.architecture, str):
+        raise bad("architecture", "a string")
+    check_arch(card.architecture)
+    if not (_is_int(card.image_size) and 8 <= card.image_size <= 4096):
+        raise bad("image_size", "an integer in 8..4096")
+    for name in ("mean", "std"):
+        values = getattr(card, name)
+        if not (
+            isinstance(values, tuple | list)
+            and len(values) == 3
+            and all(_is_number(v) for v in values)
+        ):
+            raise bad(name, "a list of 3 finite numbers, one per RGB channel")
+    if not all(v > 0 for v in card.std):
+        raise bad("std", "3 positive numbers")
+    if not (_is_number(card.dropout) and 0.0 <= card.dropout < 1.0):
+        raise bad("dropout", "a number in [0, 1)")
+    if not (_is_int(card.num_classes) and card.num_classes >= 2):
+        raise bad("num_classes", "an integer >= 2")
+    if not (
+        isinstance(card.class_names, tuple | list)
+        and len(card.class_names) == card.num_classes
+        and all(isinstance(n, str) and n for n in card.class_names)
+        and len(set(card.class_names)) == len(card.class_names)
+    ):
+        raise bad("class_names", f"{card.num_classes} distinct non-empty strings (num_classes)")
+    if card.magnification is not None and card.magnification not in MAGNIFICATIONS:
+        raise bad("magnification", f"null or one of {', '.join(map(str, MAGNIFICATIONS))}")
+    if not isinstance(card.config, dict):
+        raise bad("config", "a JSON object")
+    for name in ("manifest_hash", "split", "threshold_rule", "created_at"):
+        if not isinstance(getattr(card, name), str):
+            raise bad(name, "a string")
+    if not (_is_int(card.epoch) and card.epoch >= 0):
+        raise bad("epoch", "an integer >= 0")
+    if not (
+        isinstance(card.metrics, dict)
+        and all(
+            isinstance(k, str)
+            and (v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)))
+            for k, v in card.metrics.items()
+        )
+    ):
+        raise bad("metrics", "a JSON object of metric name -> number or null")
+    if not (_is_number(card.temperature) and card.temperature > 0):
+        raise bad("temperature", "a positive number")
+    if not (_is_number(card.threshold) and 0.0 < card.threshold < 1.0):
+        raise bad("threshold", "a number in (0, 1)")
+    if not (isinstance(card.model_id, str) and re.fullmatch(r"([0-9a-f]{12})?", card.model_id)):
+        raise bad("model_id", '12 lower-case hex digits (or "" before saving)')
+    if not _is_int(card.version):
+        raise bad("version", "an integer")
 
 
 def _json_number(value: Any) -> Any:
@@ -177,16 +241,23 @@ def save_artifact(uri: str, model: nn.Module, card: ModelCard) -> ModelCard:
 def read_card(uri: str) -> ModelCard:
     """The ModelCard of the artifact at ``uri``, without loading weights.
 
-    Raises FileNotFoundError naming the URI when there is no artifact there,
-    ValueError for a card that does not parse.
+    Raises FileNotFoundError naming the URI when there is no artifact there (or
+    ``uri`` is a file), ValueError for a card that does not parse.
     """
     card_uri = storage.join(uri, CARD_FILE)
     try:
         text = storage.read_bytes(card_uri).decode()
+    except NotADirectoryError as err:
+        raise FileNotFoundError(
+            f"{uri}: a file, not a model artifact folder (give the folder holding "
+            f"{CARD_FILE} and {WEIGHTS_FILE})"
+        ) from err
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{card_uri}: no model artifact here (expected {CARD_FILE} and {WEIGHTS_FILE})"
         ) from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{card_uri}: not UTF-8 text ({err})") from err
     return ModelCard.from_json(text, source=card_uri)
 
 
@@ -194,8 +265,8 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
     """Load the artifact at ``uri``: the model in eval mode on ``device``, and its card.
 
     Raises FileNotFoundError when the artifact or its weights are missing, and
-    ValueError when the card does not parse or the weights do not match the
-    card's ``model_id`` (a partial copy or an edited file).
+    ValueError when the card does not parse, the weights do not match the
+    card's ``model_id`` (a partial copy or an edited file) or do not load.
     """
     card = read_card(uri)
     weights_uri = storage.join(uri, WEIGHTS_FILE)
@@ -209,7 +280,15 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
             f"{weights_uri}: weights hash {digest} does not match model_id {card.model_id} "
             f"in {CARD_FILE}; the artifact is incomplete or was modified"
         )
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"{weights_uri}: not a PyTorch state dict ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); the artifact is damaged"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights_uri}: not a PyTorch state dict ({type(state).__name__})")
     model = build_model(card.architecture, weights="none", dropout=card.dropout)
     try:
         model.load_state_dict(state)

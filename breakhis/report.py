@@ -550,8 +550,12 @@ def _evaluation_html(
 ) -> str:
     card, split, ci = result.card, result.split, result.bootstrap
     headline = result.predictions[result.predictions["headline"]]
-    esc = html.escape
-    trained_at = f"{card.magnification}X" if card.magnification else "all magnifications"
+
+    # Every value from the card or the data is escaped: a card is a file anyone may edit.
+    def esc(value: Any) -> str:
+        return html.escape(str(value))
+
+    trained_at = esc(f"{card.magnification}X" if card.magnification else "all magnifications")
     parts = [
         f"<h1>BreakHis evaluation: {esc(card.architecture)} model {esc(card.model_id)}</h1>",
         '<p class="note">Benign vs malignant; malignant is the positive class. Every number '
@@ -560,19 +564,19 @@ def _evaluation_html(
         _facts(
             [
                 ("model", esc(result.model_uri)),
-                ("architecture / input", f"{esc(card.architecture)}, {card.image_size} px"),
-                ("trained on", f"{esc(card.split)} at {trained_at} (epoch {card.epoch})"),
+                ("architecture / input", f"{esc(card.architecture)}, {esc(card.image_size)} px"),
+                ("trained on", f"{esc(card.split)} at {trained_at} (epoch {esc(card.epoch)})"),
                 ("data", esc(result.data)),
                 ("split evaluated", f"{esc(split.split)}: {esc(split.description)}"),
-                ("patients in the data", str(split.patients)),
+                ("patients in the data", esc(split.patients)),
                 (
                     "model's patients",
-                    f"{split.seen_patients} seen ({split.train_patients} training, "
-                    f"{split.val_patients} validation)",
+                    f"{esc(split.seen_patients)} seen ({esc(split.train_patients)} training, "
+                    f"{esc(split.val_patients)} validation)",
                 ),
                 (
                     "test patients / images",
-                    f"{headline['patient_id'].nunique()} / {len(headline)} at {result.evaluated_at}",
+                    f"{headline['patient_id'].nunique()} / {len(headline)} at {esc(result.evaluated_at)}",
                 ),
                 ("leakage check", f'<span class="ok">{esc(split.leakage_check)}</span>'),
                 (
@@ -580,7 +584,7 @@ def _evaluation_html(
                     f"{_fmt(result.options.threshold, 3)} "
                     f"({esc(result.calibration.get('threshold_source', 'given'))})",
                 ),
-                ("temperature", _fmt(card.temperature, 3)),
+                ("temperature", esc(_fmt(card.temperature, 3))),
                 ("patient call", esc(_PATIENT_RULE_TEXT[result.options.patient_rule])),
                 ("test-time augmentation", "8 flips/rotations" if result.options.tta else "off"),
             ]
@@ -653,10 +657,10 @@ def _evaluation_html(
         caption = (
             f"{esc(example.tile_id)}<br>true {CLASS_NAMES[example.label]} "
             f"({esc(example.subtype)}), predicted {CLASS_NAMES[example.predicted_label]} "
-            f"(p malignant {example.prob_malignant:.3f}), {example.magnification}X, "
+            f"(p malignant {example.prob_malignant:.3f}), {esc(example.magnification)}X, "
             f"patient {esc(example.patient_id)}"
         )
-        parts.append(f'<div class="wrong">{_img(data, example.tile_id)}{caption}</div>')
+        parts.append(f'<div class="wrong">{_img(data, str(example.tile_id))}{caption}</div>')
     parts.append(
         f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} in '
         f"{result.seconds:.1f} s. Numbers also in metrics.json beside this file.</p>"
@@ -730,9 +734,9 @@ def _protocol_html(result: ProtocolResult, plots: Mapping[str, bytes], out: str)
             [
                 esc(run.name),
                 esc(run.split),
-                _trained_name(run.magnification),
-                str(run.test_patients),
-                str(run.test_images),
+                esc(_trained_name(run.magnification)),
+                esc(str(run.test_patients)),
+                esc(str(run.test_images)),
                 _pct(run.metrics.get("patient_recognition_rate")),
                 _pct(run.metrics.get("image_recognition_rate")),
                 _pct(run.metrics.get("balanced_accuracy")),
@@ -746,9 +750,12 @@ def _protocol_html(result: ProtocolResult, plots: Mapping[str, bytes], out: str)
         _facts(
             [
                 ("data", esc(result.data)),
-                ("patients in the data", str(result.patients)),
+                ("patients in the data", esc(str(result.patients))),
                 ("splits", ", ".join(esc(s) for s in result.config_splits)),
-                ("models per split", ", ".join(_trained_name(m) for m in result.magnifications)),
+                (
+                    "models per split",
+                    ", ".join(esc(_trained_name(m)) for m in result.magnifications),
+                ),
                 ("architecture", esc(str(result.train_config.get("arch")))),
                 ("runs at a time", str(result.concurrency)),
                 ("leakage", '<span class="ok">every run passed the patient leakage check</span>'),

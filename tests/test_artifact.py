@@ -96,3 +96,56 @@ def test_card_must_match_the_model_outputs(tmp_path: Path) -> None:
             build_model("smallcnn"),
             _card(num_classes=3, class_names=("a", "b", "c")),
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("image_size", 32.5, "an integer in 8..4096"),
+        ("image_size", True, "an integer"),
+        ("epoch", "<script>alert(1)</script>", "an integer >= 0"),
+        ("epoch", -1, "an integer >= 0"),
+        ("mean", [0.5, 0.5], "3 finite numbers"),
+        ("std", [0.2, 0.0, 0.2], "3 positive numbers"),
+        ("dropout", "0.1", "a number in [0, 1)"),
+        ("temperature", "1.0", "a positive number"),
+        ("threshold", True, "a number in (0, 1)"),
+        ("magnification", 50, "null or one of 40, 100, 200, 400"),
+        ("class_names", ["benign", "benign"], "distinct"),
+        ("split", 0, "a string"),
+        ("config", [], "a JSON object"),
+        ("metrics", {"val_loss": "low"}, "metric name -> number or null"),
+        ("model_id", "../../etc", "12 lower-case hex digits"),
+    ],
+)
+def test_every_card_field_is_checked_naming_the_file_and_field(
+    tmp_path: Path, field: str, value, accepted: str
+) -> None:
+    uri = str(tmp_path / "model")
+    save_artifact(uri, build_model("smallcnn"), _card())
+    card_file = tmp_path / "model" / "model.json"
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), field: value}))
+    with pytest.raises(ValueError) as info:
+        read_card(uri)
+    message = str(info.value)
+    assert message.startswith(f"{card_file}: field {field!r}: expected ")
+    assert accepted in message and repr(value).strip("[]") in message
+
+
+def test_an_artifact_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    a_file = tmp_path / "model.pt"
+    a_file.write_bytes(b"not a folder")
+    with pytest.raises(FileNotFoundError, match=f"{a_file}: a file, not a model artifact folder"):
+        read_card(str(a_file))
+
+
+def test_unreadable_weights_are_a_clear_error(tmp_path: Path) -> None:
+    # A card without model_id (hand-written) skips the hash check: the load itself must fail
+    # with the file's name, not a torch traceback.
+    uri = str(tmp_path / "model")
+    save_artifact(uri, build_model("smallcnn"), _card())
+    card_file = tmp_path / "model" / "model.json"
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "model_id": ""}))
+    (tmp_path / "model" / "model.pt").write_bytes(b"\x80\x02garbage" * 100)
+    with pytest.raises(ValueError, match="model.pt: not a PyTorch state dict"):
+        load_artifact(uri)

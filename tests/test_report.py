@@ -295,3 +295,17 @@ def test_protocol_report(tmp_path: Path) -> None:
     if Path(CHROMIUM).exists():
         check = render_check(files.html)
         assert check.ok and check.images == 2
+
+
+def test_every_card_value_is_escaped_in_the_page(tmp_path: Path) -> None:
+    # The card is validated when read (tests/test_artifact.py); the page escapes its values
+    # anyway, so one that got past (a card built in code) cannot inject markup.
+    result = make_result()
+    card = replace(result.card)
+    for name in ("epoch", "image_size", "magnification", "temperature", "split"):
+        object.__setattr__(card, name, f"<b id='{name}'>x</b>")
+    write_report(replace(result, card=card), str(tmp_path))
+    page = (tmp_path / "report.html").read_text()
+    assert "<b id=" not in page
+    for name in ("epoch", "image_size", "magnification", "temperature", "split"):
+        assert f"&lt;b id=&#x27;{name}&#x27;&gt;x&lt;/b&gt;" in page, name
