@@ -437,10 +437,6 @@ def _balancing_text(config: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
-def _safe_name(tile_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", tile_id)
-
-
 def write_report(result: EvaluationResult, out: str) -> ReportFiles:
     """Write the evaluation report of ``result`` into ``out`` (local or s3://).
 
@@ -497,7 +493,7 @@ def write_report(result: EvaluationResult, out: str) -> ReportFiles:
         put(name, data)
     wrong_pngs = [(e, wrong_panel(e)) for e in result.wrong]
     for example, data in wrong_pngs:
-        put(f"{WRONG_DIR}/{_safe_name(example.tile_id)}.png", data)
+        put(f"{WRONG_DIR}/{storage.safe_name(example.tile_id)}.png", data)
     wrong_dir = storage.join(out, WRONG_DIR)
     if storage.exists(wrong_dir):  # panels of an earlier report into the same folder
         for entry in storage.walk(wrong_dir, (".png",)):

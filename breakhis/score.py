@@ -43,8 +43,11 @@ Output (``OUTPUT/``, local or ``s3://``):
   sorted by uri within a file; read the folder with pyarrow or pandas;
 - ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
   ids are known (BreakHis names), PATIENT_SCHEMA;
-- ``overlays/<tile_id>.png``: with ``--overlays``, the tile as the model saw it
-  (``image_size`` px square) with its attribution map over it;
+- ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it
+  (``image_size`` px square) with its attribution map over it; ``<name>`` is the
+  tile id when it is a plain file name, else a slug of it plus a hash
+  (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT. The
+  ``overlay_uri`` column gives each tile's file;
 - ``_job.json``: model and options; ``_SUCCESS``: the summary, written last.
 
 Tile columns: ``uri``, ``tile_id`` (stable id, see breakhis.inputs),
@@ -168,7 +171,8 @@ class ScoreConfig:
     """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
     ``majority`` (at least half of the tiles called malignant)."""
     overlays: bool = False
-    """Also write OUTPUT/overlays/<tile_id>.png: the tile with its map (needs attribution)."""
+    """Also write OUTPUT/overlays/<tile id as a safe file name>.png: the tile with its map
+    (needs attribution)."""
     unit_size: int = 256
     """Tiles per work unit (per output file); the unit of resumption."""
     batch_size: int = 32
@@ -557,7 +561,9 @@ class TilePredictor:
 
         uris = []
         for tile_id, image, attribution_map in zip(tile_ids, images, raw, strict=True):
-            uri = storage.join(self.overlay_root, f"{tile_id}.png")
+            # A name, never a path: a tile id comes from the input ("../x" or "/x" in a
+            # crafted shard would otherwise write outside the output).
+            uri = storage.join(self.overlay_root, f"{storage.safe_name(str(tile_id))}.png")
             storage.write_bytes(uri, overlay_png(image, attribution_map))
             uris.append(uri)
         return uris

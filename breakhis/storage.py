@@ -20,7 +20,9 @@ before starting any work.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,6 +156,22 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,119}")
+_HASHED_NAME = re.compile(r".*-[0-9a-f]{16}")
+
+
+def safe_name(text: str) -> str:
+    """A file name made from data (e.g. a tile id), never a path: ``text`` itself when it
+    is a plain name (letters, digits, ``.``, ``_``, ``-``, not starting with a dot, at
+    most 120 characters), else a slug of it (other characters as ``_``, at most 80) plus
+    ``-`` and 16 hex digits of its SHA-256. Stable, and two texts never share a name: a
+    plain name that looks hashed is hashed too."""
+    if _PLAIN_NAME.fullmatch(text) and not _HASHED_NAME.fullmatch(text):
+        return text
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80].lstrip(".")
+    return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def to_uri(fs: pafs.FileSystem, path: str) -> str:

@@ -184,6 +184,36 @@ def _predictor(model_uri: str, **overrides) -> TilePredictor:
     return TilePredictor(**{**options, **overrides})
 
 
+def test_overlay_names_never_leave_the_output(local_job, tmp_path) -> None:
+    # Tile ids come from the input: a crafted prepared shard can hold any string.
+    ids = [
+        "../../../../elsewhere/PWNED",
+        "/abs/PWNED",
+        "..",
+        "scanner1/slide7/tile_0001.jpg",
+        "scanner1_slide7_tile_0001.jpg",
+        "SOB_B_A-14-22549AB-40-001",
+    ]
+    output = tmp_path / "deep" / "er" / "out"
+    overlays = output / "overlays"
+    batch = {
+        "uri": np.array([f"u{i}" for i in range(len(ids))], dtype=object),
+        "tile_id": np.array(ids, dtype=object),
+        "unit": np.zeros(len(ids), np.int32),
+        "image": np.random.default_rng(2).integers(0, 255, (len(ids), SIZE, SIZE, 3), np.uint8),
+        "error": np.array([""] * len(ids), dtype=object),
+    }
+    out = _predictor(local_job["model"], overlay_root=str(overlays))(batch)
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.parent == overlays for p in written), written
+    assert len(written) == len(ids) == len(set(out["overlay"]))  # one file per tile
+    assert sorted(str(p) for p in written) == sorted(out["overlay"])
+    assert str(overlays / "SOB_B_A-14-22549AB-40-001.png") in out["overlay"]  # plain: kept
+    # Stable: the same id gets the same name on a rerun.
+    again = _predictor(local_job["model"], overlay_root=str(overlays))(batch)
+    assert list(again["overlay"]) == list(out["overlay"])
+
+
 def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
