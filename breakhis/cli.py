@@ -13,6 +13,10 @@
 Each ``jobs/<name>.py`` calls ``main([name, *argv])``, so ``ray job submit``
 and the console command run the same code with the same options. Heavy
 imports (Ray, torch) happen inside the subcommands so ``--help`` is fast.
+
+Bad input (a missing or damaged file, an option out of range, a leaking split) ends
+the command with one line on stderr and exit status 2, before any Ray start: each
+job checks what it can on the driver first, and Ray starts only when work begins.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -128,6 +133,7 @@ def _job(
     *,
     split_dest: str | None = None,
     needs_ray: bool = True,
+    starts_ray: bool = False,
     positional: tuple[str, ...] = (),
     check: Callable[[object], None] | None = None,
 ) -> None:
@@ -135,7 +141,9 @@ def _job(
     (``module:Class``; ``positional`` fields as positional arguments) and which
     prints the ``format_table()`` of what ``module:function`` returns. ``check``
     looks at the config before Ray starts (raising ValueError or
-    FileNotFoundError for bad input)."""
+    FileNotFoundError for bad input). ``starts_ray``: the runner checks its input
+    and then connects to Ray itself (``--ray-address`` reaches it as RAY_ADDRESS),
+    so the command does not start Ray before it."""
 
     def setup(p: argparse.ArgumentParser) -> Command:
         cls = _load(config)
@@ -156,7 +164,10 @@ def _job(
             _check_s3_endpoint(cfg)
             if check is not None:
                 check(cfg)
-            if needs_ray:
+            if needs_ray and starts_ray:
+                if args.ray_address:
+                    os.environ["RAY_ADDRESS"] = args.ray_address
+            elif needs_ray:
                 init_ray(args.ray_address)
             result = _load(runner)(cfg)
             print(result.format_table())
@@ -204,6 +215,22 @@ def _source_exists(config) -> None:
         raise FileNotFoundError(f"{config.src}: no such file or folder")
 
 
+def _split_exists(config) -> None:
+    """The training split of a TrainConfig is in its data's manifest and leaks no patient."""
+    from breakhis.prepare import read_manifest
+    from breakhis.splits import SplitSpec, select_split
+
+    spec = SplitSpec.parse(config.split, val_fraction=config.val_fraction, seed=config.seed)
+    select_split(read_manifest(config.data), spec)  # LeakageError for a leaking manifest
+
+
+def _sweep_inputs_exist(config) -> None:
+    from breakhis.tune import resolve_space
+
+    resolve_space(config)  # a missing or bad search-space file
+    _split_exists(config.train)
+
+
 _job(
     "prepare",
     "catalog SRC, check every image decodes, write shards + manifest to DEST",
@@ -211,6 +238,7 @@ _job(
     "breakhis.prepare:prepare",
     positional=("src", "dest"),
     check=_source_exists,
+    starts_ray=True,
 )
 _job(
     "train",
@@ -218,6 +246,7 @@ _job(
     "breakhis.train:TrainConfig",
     "breakhis.train:run_training",
     split_dest="split",
+    check=_split_exists,
 )
 _job(
     "tune",
@@ -225,12 +254,14 @@ _job(
     "breakhis.tune:SweepConfig",
     "breakhis.tune:run_sweep",
     split_dest="split",
+    check=_sweep_inputs_exist,
 )
 _job(
     "score",
     "batch-score tiles: predictions and attribution maps as Parquet, exactly once",
     "breakhis.score:ScoreConfig",
     "breakhis.score:run_scoring",
+    starts_ray=True,
 )
 _job(
     "evaluate",
@@ -238,12 +269,14 @@ _job(
     "breakhis.evaluate:EvaluateConfig",
     "breakhis.evaluate:run_evaluation",
     split_dest="split",
+    starts_ray=True,
 )
 _job(
     "protocol",
     "the paper's protocol: train and evaluate one model per split, mean +- std",
     "breakhis.protocol:ProtocolConfig",
     "breakhis.protocol:run_protocol",
+    starts_ray=True,
 )
 
 _BENCHMARKS = {
@@ -333,6 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args._run(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # Bad input: say what was wrong, not a traceback from deep inside Ray.
+        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        # A manifest that puts a patient on two sides of a split is bad input too. Whoever
+        # raised it has imported breakhis.splits.
+        splits = sys.modules.get("breakhis.splits")
+        if splits is None or not isinstance(err, splits.LeakageError):
+            raise
         print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:

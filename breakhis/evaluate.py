@@ -789,18 +789,22 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
 
     Returns the EvaluationResult. Raises FileNotFoundError for a missing model
     or data, ValueError for a bad split or an input that is not a prepared
-    DEST, LeakageError (before any prediction) when a test patient is one the
-    model saw or that cannot be ruled out, and RuntimeError when tiles fail to
-    decode.
+    DEST, a damaged model or an ``out`` that is a file, LeakageError (before any
+    prediction) when a test patient is one the model saw or that cannot be ruled out,
+    and RuntimeError when tiles fail to decode. Everything but the decoding is checked
+    before Ray starts.
     """
     import ray
 
-    from breakhis.artifact import read_card
+    from breakhis.artifact import load_artifact
     from breakhis.inputs import discover_inputs
     from breakhis.prepare import manifest_hash, read_manifest
 
     started = time.perf_counter()
-    card = read_card(config.model)
+    if config.out and storage.is_file(config.out):
+        raise ValueError(f"--out {config.out} is a file; give a folder for the report")
+    # Loaded once here so that a damaged artifact fails in one line, not in every actor.
+    _, card = load_artifact(config.model)
     # The threshold as applied: the model's own (chosen on its validation patients) unless
     # one was given.
     options = config.options

@@ -285,6 +285,8 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
 
     catalog = scan_catalog(config.src, strict=config.strict)
     plans = plan_shards(catalog.table, shard_mb=config.shard_mb)
+    if not ray.is_initialized():  # only now: a SRC without images fails before Ray starts
+        ray.init(configure_logging=False)
     shards_uri = storage.join(config.dest, "shards")
     storage.make_dirs(shards_uri)
     log.info("checking and packing %d images into %d shard(s)", catalog.num_images, len(plans))

@@ -576,16 +576,19 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     """Score every input tile into ``config.output`` on the current Ray cluster
     (started locally if none); a rerun scores only the units still missing.
 
+    Everything that can be checked on the driver is, before the output is claimed and
+    before Ray starts: the model (card, weights hash and load), the input and the output.
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
-    missing model or input, ValueError for an input without tiles or a bad
-    manifest, JobMismatchError (a ValueError) when the output holds a job with
+    missing model or input, ValueError for a damaged model, an input without tiles or
+    a bad manifest, JobMismatchError (a ValueError) when the output holds a job with
     another model or options, and RuntimeError when a unit comes back
     incomplete (a bug, never silently written).
     """
-    from breakhis.artifact import read_card
+    from breakhis.artifact import load_artifact
 
     started = time.perf_counter()
-    card = read_card(config.model)
+    # Loaded once here so that a damaged artifact fails in one line, not in every actor.
+    _, card = load_artifact(config.model)
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
     inputs = discover_inputs(config.input)

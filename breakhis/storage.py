@@ -212,6 +212,13 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(uri: str) -> bool:
+    """True when a file (not a folder) exists at the URI."""
+    fs, path = resolve(uri)
+    with _naming_the_endpoint(uri):
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def read_bytes(uri: str) -> bytes:
     """The whole content of one file. Raises FileNotFoundError naming the URI."""
     fs, path = resolve(uri)
