@@ -15,12 +15,20 @@ generated BreakHis-shaped data set (or the real one with ``--data``):
 6. evaluate the model on its held-out patients: ``<workdir>/report/report.html``.
 
 Each step prints what it produced. Local outputs go under ``--workdir``.
+
+``--data s3://...`` is read with your own S3 settings (AWS_* variables, profile or
+role): the data is copied into a temporary folder under ``--workdir`` before the
+embedded server starts, since from then on every s3:// URI of this process and of
+Ray's workers goes to the embedded server. The copy is removed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,7 +43,8 @@ class DemoConfig:
     """Options of the demo."""
 
     data: str | None = None
-    """A real BreakHis root (local or s3://) to use instead of generated data."""
+    """A real BreakHis root (local or s3://) to use instead of generated data; s3:// is
+    read with your AWS settings (copied under --workdir first, removed at the end)."""
     workdir: str = "demo-output"
     """Local folder for the outputs that outlive the embedded S3 server (report, scores)."""
     epochs: int = 6
@@ -62,12 +71,48 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+@contextlib.contextmanager
+def local_data(data: str | None, workdir: str) -> Iterator[str | None]:
+    """``data`` where the demo can read it once the embedded S3 server has replaced the
+    caller's S3 settings: a local path or None as given; an s3:// tree copied, with the
+    caller's settings (read now, before that server starts), into a temporary folder
+    under ``workdir`` that is removed on exit. Yields the path to read.
+
+    Raises S3UnreachableError when the endpoint does not answer and FileNotFoundError
+    when nothing is at ``data``.
+    """
+    import pyarrow.fs as pafs
+
+    from breakhis import storage
+
+    if not data or not storage.is_s3(data):
+        yield data
+        return
+    storage.check_reachable(data)
+    if not storage.exists(data):
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    with tempfile.TemporaryDirectory(prefix="s3-data-", dir=workdir) as folder:
+        fs, path = storage.resolve(data)
+        print(f"copying {data} into {folder} (with your S3 settings)", flush=True)
+        pafs.copy_files(
+            path, folder, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        yield folder
+
+
 def run_demo(config: DemoConfig) -> None:
     """Run every step of the pipeline that exists, printing what each produced.
 
     Raises whatever a step raises; the embedded S3 server and Ray are stopped
     in every case.
     """
+    os.makedirs(config.workdir, exist_ok=True)
+    with local_data(config.data, config.workdir) as data:
+        _run_steps(replace(config, data=data), shown=config.data)
+    print(f"\ndemo finished; local outputs in {os.path.abspath(config.workdir)}")
+
+
+def _run_steps(config: DemoConfig, shown: str | None) -> None:
     import ray
 
     from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
@@ -78,7 +123,6 @@ def run_demo(config: DemoConfig) -> None:
     from breakhis.train import TrainConfig, run_training
     from breakhis.tune import SweepConfig, parse_search_space, run_sweep
 
-    os.makedirs(config.workdir, exist_ok=True)
     with embedded_s3(buckets=(BUCKET,)) as server:
         print(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, pid {server.pid}")
         # Ray starts after the server so that its workers inherit the AWS_* variables.
@@ -93,7 +137,7 @@ def run_demo(config: DemoConfig) -> None:
         try:
             if config.data:
                 src = config.data
-                _banner(f"1/6 data: using {src}")
+                _banner(f"1/6 data: using {shown}" + (f" ({src})" if src != shown else ""))
             else:
                 src = f"s3://{BUCKET}/raw"
                 _banner(f"1/6 generating BreakHis-shaped data into {src}")
@@ -180,4 +224,3 @@ def run_demo(config: DemoConfig) -> None:
             print(evaluation.format_table())
         finally:
             ray.shutdown()
-    print(f"\ndemo finished; local outputs in {os.path.abspath(config.workdir)}")

@@ -40,3 +40,66 @@ def test_the_demo_runs_every_step_and_ends_with_the_report(tmp_path: Path) -> No
     calibration = json.loads((workdir / "report" / "metrics.json").read_text())["calibration"]
     assert calibration["threshold_source"].startswith("the model's, chosen by balanced_accuracy")
     assert calibration["temperature"] > 0 and set(calibration) >= {"before", "after"}
+
+
+def _user_data(prefix: str) -> list[str]:
+    """A few files on the user's S3 under ``prefix``: one with a BreakHis name (not an
+    image, so prepare rejects it) and one other. Returns their relative names."""
+    from breakhis import storage
+
+    names = [
+        "BreaKHis_v1/benign/SOB_B_A-14-22549AB-40-001.png",
+        "BreaKHis_v1/notes.txt",
+    ]
+    for name in names:
+        storage.write_bytes(f"{prefix}/{name}", f"user data: {name}".encode())
+    return names
+
+
+@pytest.mark.s3
+def test_demo_data_on_s3_is_read_with_the_users_settings(s3_server, s3_prefix, tmp_path) -> None:
+    import os
+
+    from breakhis import storage
+    from breakhis.demo import local_data
+    from breakhis.s3server import embedded_s3
+
+    names = _user_data(f"{s3_prefix}/raw")
+    with (
+        local_data(f"{s3_prefix}/raw", str(tmp_path)) as src,
+        embedded_s3(buckets=("breakhis",)) as demo_server,
+    ):
+        # From here on every s3:// URI goes to the demo's own server, with its own
+        # credentials, where the user's data is not...
+        assert os.environ["AWS_ENDPOINT_URL"] == demo_server.endpoint_url
+        assert demo_server.endpoint_url != s3_server.endpoint_url
+        assert demo_server.access_key != s3_server.access_key
+        assert not storage.exists(f"{s3_prefix}/raw")
+        # ...yet the demo reads it: copied with the user's settings before that server started.
+        assert Path(src).parent == tmp_path
+        found = sorted(str(p.relative_to(src)) for p in Path(src).rglob("*") if p.is_file())
+        assert found == sorted(names)
+        assert (Path(src) / names[1]).read_bytes() == f"user data: {names[1]}".encode()
+    assert not Path(src).exists()  # the copy goes with the demo
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.s3
+def test_demo_reads_data_from_the_users_s3_through_the_cli(s3_server, s3_prefix, tmp_path):
+    # Before: the demo read --data through its own server (no such bucket there). Now the
+    # user's files reach prepare, which finds no decodable image among them.
+    _user_data(f"{s3_prefix}/raw")
+    done = subprocess.run(
+        [sys.executable, "-m", "breakhis.cli", "demo", "--data", f"{s3_prefix}/raw",
+         "--workdir", str(tmp_path / "demo"), "--trials", "0"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    assert f"copying {s3_prefix}/raw into " in done.stdout
+    assert "no image decoded" in done.stderr, done.stderr[-2000:]
+    assert "no such file or folder" not in done.stderr
+    assert not list((tmp_path / "demo").glob("s3-data-*"))
