@@ -54,7 +54,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from breakhis import storage
+from breakhis import storage, tracking
 from breakhis.calibration import THRESHOLD_RULES, choose_threshold, fit_temperature, probabilities
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES, classification_metrics
 from breakhis.model import (
@@ -197,6 +197,9 @@ class TrainConfig:
     model (with the temperature and threshold fitted on validation)."""
     seed: int = 0
     """Seed of the validation patients, weight init and dropout."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI the run logs to (parameters, per-epoch metrics, curves, model
+    card); default: MLFLOW_TRACKING_URI, else no tracking (see breakhis.tracking)."""
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
@@ -268,6 +271,7 @@ class TrainConfig:
                 f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
                 f"{', '.join(THRESHOLD_RULES)}"
             )
+        tracking.check_uri(self.tracking_uri)
         if self.weights == "imagenet" and self.arch == "smallcnn":
             raise ValueError(
                 "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"
@@ -723,14 +727,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (see the module docstring).
 
     ``config`` is what run_training builds: ``train`` (TrainConfig as a dict),
-    ``class_weights``, ``steps_per_epoch`` and ``initial_state`` (an object
-    ref to the model's starting state dict).
+    ``class_weights``, ``steps_per_epoch``, ``initial_state`` (an object
+    ref to the model's starting state dict) and ``tracking`` (the MLflow run
+    rank 0 logs each epoch to, or None).
     """
     cfg = TrainConfig.from_dict(config["train"])
     validate: bool = config.get("validate", True)
     class_weights: list[float] = config["class_weights"]
     steps_per_epoch: int = config["steps_per_epoch"]
     initial_state = config["initial_state"]
+    tracked: tracking.TrackedRun | None = config.get("tracking")
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -862,6 +868,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(folder, state, cfg, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if tracked is not None and rank == 0:  # once checkpointed; earlier epochs if missing
+            tracking.log_epochs(tracked, history)
         if stop and rank == 0:
             log.info(
                 "early stop after epoch %d: no better %s than epoch %d for %d epochs",
@@ -1300,11 +1308,32 @@ def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> T
     )
 
 
+def open_tracking(plan: RunPlan, parent_run_id: str | None = None) -> tracking.TrackedRun:
+    """The MLflow run of ``plan`` (new, or the one the run's folder records): the whole
+    config as parameters, tags ``split``, ``manifest_hash`` and ``run_uri``. Raises
+    ValueError naming the tracking URI when its store cannot be used."""
+    config = plan.config
+    assert config.tracking_uri is not None
+    return tracking.open_run(
+        config.tracking_uri,
+        config.run_uri,
+        name=config.name,
+        params=tracking.config_params(config.to_dict()),
+        tags={
+            "split": config.split,
+            "manifest_hash": plan.manifest_hash,
+            "run_uri": config.run_uri,
+        },
+        parent_run_id=parent_run_id,
+    )
+
+
 def run_training(
     config: TrainConfig,
     *,
     callbacks: Sequence[ray.train.UserCallback] = (),
     gpus_per_worker: float | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainResult:
     """Train (or resume) the run STORAGE/NAME on the current Ray cluster.
 
@@ -1312,16 +1341,44 @@ def run_training(
     when called from a Ray Tune trial's function. ``gpus_per_worker``
     overrides the one GPU each worker reserves with ``use_gpu`` (a fraction
     lets a sweep pack several small trials on one GPU); it is ignored on CPU.
+    With a tracking URI (``config.tracking_uri``, else MLFLOW_TRACKING_URI)
+    the run is logged to MLflow (a child of ``parent_run_id`` when given; see
+    breakhis.tracking), and a rerun continues the same MLflow run.
     Returns the TrainResult.
-    Raises before any worker starts what plan_run raises; raises
+    Raises before any worker starts what plan_run raises (and ValueError for a
+    tracking store that cannot be used); raises
     ray.train.TrainingFailedError when workers keep failing beyond
     ``max_failures``.
     """
     if config.use_gpu and gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
         raise ValueError(f"gpus_per_worker must be in (0, 1] with use_gpu, got {gpus_per_worker}")
+    config = dataclasses.replace(config, tracking_uri=tracking.resolve_uri(config.tracking_uri))
     plan = plan_run(config, gpus_per_worker=gpus_per_worker)
     if plan.resumed_from_epoch:
         log.info("%s exists: continuing after epoch %d", config.run_uri, plan.resumed_from_epoch)
+    tracked = None
+    if config.tracking_uri is not None:
+        tracked = open_tracking(plan, parent_run_id)
+        plan = dataclasses.replace(plan, loop_config={**plan.loop_config, "tracking": tracked})
+    try:
+        validated = _fit(plan, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
+    except BaseException:
+        if tracked is not None:
+            tracking.fail(tracked)
+        raise
+    if tracked is not None:
+        tracking.finish_training(tracked, validated)
+    return validated
+
+
+def _fit(
+    plan: RunPlan,
+    *,
+    callbacks: Sequence[ray.train.UserCallback],
+    gpus_per_worker: float | None,
+) -> TrainResult:
+    """Run the planned training (and with --refit, the refit); see run_training."""
+    config = plan.config
     trainer = make_trainer(plan, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
     started = time.perf_counter()
     result = trainer.fit()

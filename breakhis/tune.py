@@ -66,7 +66,7 @@ from typing import Any
 import pyarrow as pa
 from ray.tune import Callback
 
-from breakhis import storage
+from breakhis import storage, tracking
 from breakhis.train import TrainConfig, kept_epoch
 
 log = logging.getLogger(__name__)
@@ -573,8 +573,10 @@ def run_trial(config: dict[str, Any]) -> None:
 
     ``config`` is ``{"train": TrainConfig dict (sampled values filled in),
     "gpus_per_worker": GPU share of each worker, None for one GPU or a CPU
-    run}``. The run is named after the trial, so a trial that Tune restarts
-    (or a resumed sweep) continues it from its checkpoint.
+    run, "parent_run_id": the sweep's MLflow run or None}``. The run is named
+    after the trial, so a trial that Tune restarts (or a resumed sweep)
+    continues it from its checkpoint, and its MLflow run, a child of the
+    sweep's.
     Returns None; raises whatever run_training raises (the trial errors).
     """
     import ray.tune
@@ -588,6 +590,7 @@ def run_trial(config: dict[str, Any]) -> None:
         train_config,
         callbacks=[TuneReportCallback()],
         gpus_per_worker=config["gpus_per_worker"],
+        parent_run_id=config.get("parent_run_id"),
     )
 
 
@@ -884,7 +887,9 @@ class ReleaseStoppedTrialResources(Callback):
             release_orphaned_placement_groups()
 
 
-def _make_tuner(config: SweepConfig, space: SearchSpace, max_concurrent: int) -> Any:
+def _make_tuner(
+    config: SweepConfig, space: SearchSpace, max_concurrent: int, parent_run_id: str | None
+) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -908,6 +913,7 @@ def _make_tuner(config: SweepConfig, space: SearchSpace, max_concurrent: int) ->
     param_space = {
         "train": {**trial_base(config).to_dict(), **space.to_tune()},
         "gpus_per_worker": config.gpus_per_worker or None,
+        "parent_run_id": parent_run_id,
     }
     return tune.Tuner(
         tune.with_resources(run_trial, {"CPU": config.driver_cpus}),
@@ -932,6 +938,33 @@ def _make_tuner(config: SweepConfig, space: SearchSpace, max_concurrent: int) ->
             callbacks=[ReleaseStoppedTrialResources()],
             verbose=config.progress,
         ),
+    )
+
+
+def open_sweep_tracking(
+    config: SweepConfig, record: Mapping[str, Any], manifest: str
+) -> tracking.TrackedRun:
+    """The sweep's parent MLflow run (new, or the one STORAGE/NAME records): the trials'
+    shared options and the sweep's (``search_space`` as JSON) as parameters, tags
+    ``split``, ``manifest_hash`` and ``sweep_uri``. Raises ValueError naming the tracking
+    URI when its store cannot be used."""
+    params = tracking.config_params(record["train"])
+    params |= {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        for key, value in record.items()
+        if key != "train"
+    }
+    assert config.train.tracking_uri is not None
+    return tracking.open_run(
+        config.train.tracking_uri,
+        config.experiment_uri,
+        name=config.name,
+        params=params,
+        tags={
+            "split": config.train.split,
+            "manifest_hash": manifest,
+            "sweep_uri": config.experiment_uri,
+        },
     )
 
 
@@ -966,10 +999,15 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     import ray
     from ray import tune
 
-    from breakhis.prepare import read_manifest
+    from breakhis.prepare import manifest_hash, read_manifest
 
+    tracking_uri = tracking.resolve_uri(config.train.tracking_uri)
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, tracking_uri=tracking_uri)
+    )
     space = resolve_space(config)
-    read_manifest(_absolute(config.train.data))  # missing data fails here, not in every trial
+    # Missing data fails here, not in every trial.
+    manifest = read_manifest(_absolute(config.train.data))
     record = _sweep_record(config, space)
     _check_same_sweep(config, record)
     if not ray.is_initialized():
@@ -985,6 +1023,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         )
     experiment_path, filesystem = _storage_for_ray(config.experiment_uri)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if not resumed:
+        storage.make_dirs(config.experiment_uri)
+    parent = None
+    if tracking_uri is not None:
+        parent = open_sweep_tracking(config, record, manifest_hash(manifest))
     if resumed:
         log.info("resuming the sweep at %s", config.experiment_uri)
         tuner = tune.Tuner.restore(
@@ -995,12 +1038,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             storage_filesystem=filesystem,
         )
     else:
-        storage.make_dirs(config.experiment_uri)
         storage.write_bytes(
             storage.join(config.experiment_uri, SWEEP_FILE),
             json.dumps(record, indent=2, sort_keys=True).encode(),
         )
-        tuner = _make_tuner(config, space, max_concurrent)
+        tuner = _make_tuner(config, space, max_concurrent, parent and parent.run_id)
     log.info(
         "sweep %s: %d trial(s), up to %d at once, each %s; %s on %s",
         config.name,
@@ -1038,6 +1080,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         )
     best = with_model[0]
     copy_artifact(best["artifact_uri"], config.best_uri)
+    if parent is not None:
+        tracking.finish_sweep(parent, rows, leaderboard_uri=leaderboard_uri, metric=train.metric)
     log.info("best trial %s: %s %s", best["trial_id"], train.metric, best.get(train.metric))
     return SweepResult(
         experiment_uri=config.experiment_uri,
