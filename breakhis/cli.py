@@ -8,6 +8,7 @@
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
     breakhis benchmark {ingest,train,tune,score,accuracy}
+    breakhis export --model URI --format torchscript|onnx [--out DIR]
     breakhis demo [--data SRC] [--workdir DIR]
 
 Each ``jobs/<name>.py`` calls ``main([name, *argv])``, so ``ray job submit``
@@ -324,6 +325,15 @@ def _benchmark(p: argparse.ArgumentParser) -> Command:
         return 0
 
     return run
+
+
+_job(
+    "export",
+    "export a model artifact as TorchScript or ONNX, with its preprocessing contract",
+    "breakhis.export:ExportConfig",
+    "breakhis.export:export_model",
+    needs_ray=False,
+)
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ CONFIGS = {
     "protocol": "breakhis.protocol:ProtocolConfig",
     "tune": "breakhis.tune:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
+    "export": "breakhis.export:ExportConfig",
 }
 
 
@@ -54,6 +55,7 @@ def test_top_level_help_lists_every_command(capsys):
         "protocol",
         "benchmark",
         "demo",
+        "export",
     ):
         assert name in out
 
