@@ -205,9 +205,7 @@ def _run_steps(config: DemoConfig, shown: str | None) -> None:
             _banner(f"5/6 score every raw tile with Grad-CAM -> {scores}")
             print(
                 run_scoring(
-                    ScoreConfig(
-                        model=trained.artifact_uri, input=src, output=scores, attribution="gradcam"
-                    )
+                    ScoreConfig(model=trained.artifact_uri, input=src, output=scores)
                 ).format_table()
             )
 

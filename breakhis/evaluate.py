@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from breakhis.bootstrap import BootstrapResult, patient_bootstrap
 from breakhis.calibration import PATIENT_RULES, brier_score, reliability
 from breakhis.metrics import classification_metrics, majority_rate
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
+from breakhis.predict import PredictOptions, decode_tiles, predict_dataset
 from breakhis.splits import (
     LeakageError,
     SplitPatients,
@@ -58,8 +59,6 @@ from breakhis.splits import (
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTIONS: tuple[str, ...] = ("gradcam", "integrated_gradients", "occlusion", "lime", "none")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 HEADLINE_METRICS: tuple[str, ...] = (
     "image_recognition_rate",
     "patient_recognition_rate",
@@ -78,18 +77,13 @@ _BLOCK_ROWS = 64  # tiles per source block: decode tasks run in parallel over bl
 class EvaluateOptions:
     """How to evaluate (shared by ``breakhis evaluate`` and ``breakhis protocol``)."""
 
-    threshold: float | None = None
-    """Probability of malignancy at or above which a tile is called malignant; default: the
-    threshold the model's training chose on its validation patients (model.json)."""
+    predict: PredictOptions = field(default_factory=PredictOptions)
+    """How the model runs over the test tiles (breakhis.predict); its attribution is the map
+    shown over the wrong predictions."""
     patient_rule: str = "mean"
     """How a patient's tiles become one call (patient_accuracy): ``mean`` (mean probability
     >= threshold) or ``majority`` (at least half of the tiles called malignant). The
     paper's patient recognition rate is reported whatever the rule."""
-    tta: bool = False
-    """Average each tile's probability over its 8 flips and 90-degree rotations."""
-    attribution: str = "gradcam"
-    """Map shown over the wrong predictions: gradcam, integrated_gradients, occlusion,
-    lime, or none."""
     cross_magnification: bool = True
     """Also run a model trained at one magnification on the other magnifications."""
     bootstrap: int = 1000
@@ -102,28 +96,12 @@ class EvaluateOptions:
     """Correct predictions shown in the report's grid (half per class when possible)."""
     thumbnail_size: int = 160
     """Side in pixels of the tiles shown in the report."""
-    batch_size: int = 32
-    """Tiles per model call."""
-    num_actors: int = 0
-    """Most model actors; 0: one per GPU, or on CPUs one per ``cpus_per_actor`` CPUs less one."""
-    cpus_per_actor: int = 1
-    """CPUs (and torch threads) per model actor."""
-    device: str = "auto"
-    """auto (a GPU per actor when the cluster has GPUs), cpu, or cuda."""
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.patient_rule not in PATIENT_RULES:
             raise ValueError(
                 f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
             )
-        if self.attribution not in ATTRIBUTIONS:
-            raise ValueError(
-                f"--attribution {self.attribution!r}; accepted: {', '.join(ATTRIBUTIONS)}"
-            )
-        if self.device not in DEVICES:
-            raise ValueError(f"--device {self.device!r}; accepted: {', '.join(DEVICES)}")
         if self.bootstrap < 1:
             raise ValueError(f"--bootstrap must be >= 1, got {self.bootstrap}")
         if not 0.0 < self.confidence < 1.0:
@@ -132,16 +110,11 @@ class EvaluateOptions:
             raise ValueError(f"--correct-examples must be >= 0, got {self.correct_examples}")
         if not 16 <= self.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be in 16..1024, got {self.thumbnail_size}")
-        for name in ("batch_size", "cpus_per_actor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.num_actors < 0:
-            raise ValueError(f"--num-actors must be >= 0 (0: automatic), got {self.num_actors}")
 
     @property
     def method(self) -> str | None:
-        """The attribution method, or None for ``none``."""
-        return None if self.attribution == "none" else self.attribution
+        """The canonical attribution method, or None for ``none``."""
+        return self.predict.method
 
 
 @dataclass(frozen=True)
@@ -284,7 +257,7 @@ class EvaluationResult:
                 "leakage_check": self.split.leakage_check,
                 "unit_of_independence": "patient",
             },
-            "options": {f.name: getattr(self.options, f.name) for f in fields(self.options)},
+            "options": asdict(self.options),
             "evaluated_at": self.evaluated_at,
             "test_images": int(len(headline)),
             "test_patients": int(headline["patient_id"].nunique()),
@@ -594,62 +567,30 @@ def predict_tiles(
     tiles: pa.Table,
     model_uri: str,
     image_size: int,
-    options: EvaluateOptions,
-    *,
-    method: str | None,
-    map_size: int = 64,
+    options: PredictOptions,
 ) -> pd.DataFrame:
-    """Run the scoring job's decode tasks and TilePredictor actors over ``tiles``
-    (breakhis.inputs.INPUT_SCHEMA rows) on the current Ray cluster.
+    """Run breakhis.predict's pipeline over ``tiles`` (breakhis.inputs.INPUT_SCHEMA rows)
+    on the current Ray cluster, at ``options.predict.threshold`` (the one applied: not None).
 
     Returns one row per tile: uri, prob_malignant (after the model's temperature),
     prob_uncalibrated (at temperature 1), and ``map`` (a (map_size,
-    map_size) float32 array scaled to [-1, 1], or None without ``method``).
+    map_size) float32 array scaled to [-1, 1], or None without an attribution).
     Raises RuntimeError naming the tiles that failed to read or decode (a
     prepared DEST holds only decodable tiles, so a failure means DEST changed).
     """
-    import ray
-
-    from breakhis.score import ScoreConfig, TilePredictor, actor_plan, decode_tiles
-
     if tiles.num_rows == 0:
         return pd.DataFrame({"uri": [], "prob_malignant": [], "prob_uncalibrated": [], "map": []})
-    defaults = {f.name: f.default for f in fields(ScoreConfig)}
-    max_actors, gpus_per_actor, device = actor_plan(
-        options.device, options.num_actors, options.cpus_per_actor
-    )
+    if options.threshold is None:
+        raise ValueError("predict_tiles needs the threshold applied (the model's or the user's)")
     source = tiles.select(["uri", "tile_id", "shard"])
     source = source.append_column("unit", pa.array(np.zeros(tiles.num_rows, np.int32)))
     blocks = [source.slice(i, _BLOCK_ROWS) for i in range(0, source.num_rows, _BLOCK_ROWS)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        decode_tiles,
-        fn_kwargs={"image_size": image_size},
-        batch_size=min(options.batch_size, 16),
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
-    ds = ds.map_batches(
-        TilePredictor,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "method": method,
-            "map_size": map_size,
-            "tta": options.tta,
-            "threshold": options.threshold,
-            "device": device,
-            "torch_threads": options.cpus_per_actor,
-            "overlay_root": None,
-            "ig_steps": defaults["ig_steps"],
-            "occlusion_window": defaults["occlusion_window"],
-            "lime_samples": defaults["lime_samples"],
-            "lime_grid": defaults["lime_grid"],
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=gpus_per_actor,
-        batch_size=options.batch_size,
-        batch_format="numpy",
+    ds = predict_dataset(
+        blocks,
+        model_uri=model_uri,
+        image_size=image_size,
+        threshold=options.threshold,
+        options=options,
     )
     uris: list[str] = []
     probs: list[np.ndarray] = []
@@ -668,7 +609,7 @@ def predict_tiles(
             f"{len(failed)} test tile(s) could not be read or decoded, e.g. {failed[:3]}; "
             "re-run `breakhis prepare` for this DEST"
         )
-    all_maps = np.concatenate(maps) if maps else np.zeros((0, map_size, map_size))
+    all_maps = np.concatenate(maps) if maps else np.zeros((0, options.map_size, options.map_size))
     frame = pd.DataFrame(
         {
             "uri": uris,
@@ -676,7 +617,7 @@ def predict_tiles(
             "prob_uncalibrated": np.concatenate(raw),
         }
     )
-    frame["map"] = list(all_maps) if method else [None] * len(frame)
+    frame["map"] = list(all_maps) if options.method else [None] * len(frame)
     if len(frame) != tiles.num_rows or frame["uri"].nunique() != tiles.num_rows:
         raise RuntimeError(f"{len(frame)} predictions came back for {tiles.num_rows} tiles")
     return frame
@@ -685,7 +626,6 @@ def predict_tiles(
 def _examples(rows: pd.DataFrame, tiles: pa.Table, options: EvaluateOptions) -> tuple[Example, ...]:
     """Decode the tiles of ``rows`` at thumbnail size and draw their attribution maps."""
     from breakhis.attribution import overlay_png
-    from breakhis.score import decode_tiles
 
     if rows.empty:
         return ()
@@ -808,8 +748,8 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # The threshold as applied: the model's own (chosen on its validation patients) unless
     # one was given.
     options = config.options
-    if options.threshold is None:
-        options = replace(options, threshold=card.threshold)
+    if options.predict.threshold is None:
+        options = replace(options, predict=replace(options.predict, threshold=card.threshold))
     manifest = read_manifest(config.data)
     known = model_patients(card, manifest, config.data)
     spec = SplitSpec.parse(config.split or card.split)
@@ -869,14 +809,16 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     )
     # One pipeline for every magnification: a second one (without attribution for the
     # cross-magnification tiles) would pay the actors' start-up again for little gain.
-    scored = predict_tiles(tiles, config.model, card.image_size, options, method=options.method)
+    scored = predict_tiles(tiles, config.model, card.image_size, options.predict)
     facts = tiles.select(
         ["uri", "tile_id", "patient_id", "magnification", "subtype", "label"]
     ).to_pandas()
     frame = facts.merge(scored, on="uri", how="inner", validate="one_to_one")
     frame["label"] = frame["label"].astype(np.int64)
     frame["magnification"] = frame["magnification"].astype(np.int64)
-    frame["predicted_label"] = (frame["prob_malignant"] >= options.threshold).astype(np.int64)
+    frame["predicted_label"] = (frame["prob_malignant"] >= options.predict.threshold).astype(
+        np.int64
+    )
     frame["correct"] = frame["predicted_label"] == frame["label"]
     frame["headline"] = (frame["magnification"] == trained_at) if trained_at else True
     frame = frame.sort_values("tile_id", ignore_index=True)
@@ -886,7 +828,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         headline["label"],
         headline["prob_malignant"],
         headline["patient_id"],
-        options.threshold,
+        options.predict.threshold,
         options.patient_rule,
     )
     report_dict, report_text = classification_report(headline["label"], headline["predicted_label"])
@@ -897,7 +839,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         replicates=options.bootstrap,
         confidence=options.confidence,
         seed=options.seed,
-        threshold=options.threshold,
+        threshold=options.predict.threshold,
         patient_rule=options.patient_rule,
     )
     sides = {"test": patients.test}
@@ -912,13 +854,15 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
         options=options,
         predictions=frame.drop(columns=["map"]),
         metrics=metrics,
-        per_magnification=per_magnification_metrics(frame, options.threshold, options.patient_rule),
+        per_magnification=per_magnification_metrics(
+            frame, options.predict.threshold, options.patient_rule
+        ),
         calibration=calibration_summary(
             headline["label"],
             headline["prob_malignant"],
             headline["prob_uncalibrated"],
             card,
-            options.threshold,
+            options.predict.threshold,
         ),
         classification_report=report_dict,
         classification_report_text=report_text,

@@ -4,7 +4,9 @@ Every job's options are the fields of its frozen config dataclass, with the
 field's docstring as help, so ``--help``, the config and its validation never
 drift apart. Nested config dataclasses (``SweepConfig.train``) are flattened:
 their fields become options too; a name already taken by the outer config is
-prefixed with the nested field's name (``--train-seed``).
+prefixed with the nested field's name (``--train-seed``), and one nested deeper
+(``ProtocolConfig.evaluation.predict``) takes that outer prefix
+(``--evaluation-batch-size``).
 
 Types: str, int, float, bool (``--flag`` / ``--no-flag``), ``X | None``
 (``none`` or ``all`` gives None), ``tuple[X, ...]`` (comma-separated).
@@ -155,7 +157,9 @@ def add_config_options(
                 )
             bindings.append(Binding(dest, (*path, item.name)))
         for item, kind in nested:
-            visit(kind, (*path, item.name), f"{item.name}_")
+            # A config nested in a nested config groups options, it is no namespace of its
+            # own: its fields take the outer nested config's prefix when their name is taken.
+            visit(kind, (*path, item.name), prefix if path else f"{item.name}_")
 
     visit(cls, (), "")
     return bindings

@@ -577,12 +577,15 @@ def _evaluation_html(
                 ("leakage check", f'<span class="ok">{esc(split.leakage_check)}</span>'),
                 (
                     "threshold",
-                    f"{_fmt(result.options.threshold, 3)} "
+                    f"{_fmt(result.options.predict.threshold, 3)} "
                     f"({esc(result.calibration.get('threshold_source', 'given'))})",
                 ),
                 ("temperature", esc(_fmt(card.temperature, 3))),
                 ("patient call", esc(_PATIENT_RULE_TEXT[result.options.patient_rule])),
-                ("test-time augmentation", "8 flips/rotations" if result.options.tta else "off"),
+                (
+                    "test-time augmentation",
+                    "8 flips/rotations" if result.options.predict.tta else "off",
+                ),
             ]
         ),
         f"<h2>Recognition rates and metrics ({esc(result.evaluated_at)})</h2>",
@@ -642,7 +645,7 @@ def _evaluation_html(
         f"<h2>Wrong predictions ({len(wrong)})</h2>",
         '<p class="note">Every misclassified test tile, most confident mistakes first: the tile '
         + (
-            f"and its {esc(result.options.attribution)} map for the predicted class "
+            f"and its {esc(result.options.method)} map for the predicted class "
             "(red: evidence for it)."
             if result.options.method
             else "(attribution was turned off)."

@@ -9,18 +9,13 @@ Input (breakhis.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
 prepared DEST's shards, or a manifest listing URIs.
 
 Pipeline (Ray Data, streaming): the input listing is cut into work units; the
-units' member lists are the source blocks; ``decode_tiles`` reads and decodes
-tiles in CPU tasks (half a CPU each: reads from S3 wait on the network, and a
-resource request different from the actors' keeps Ray from fusing decoding into
-the model actors); ``TilePredictor`` holds the model in an actor pool
-(``ActorPoolStrategy``, one GPU per actor when the cluster has GPUs), loads it
-once per actor, predicts (optionally with test-time augmentation) and computes
-the attribution maps in the same actor. The driver collects each unit's rows
-and writes the unit's file once every tile of it is back. Ray Data's
-backpressure, under an object-store limit of ``max_buffer_mb`` for this
-dataset, bounds what is in flight, so memory does not grow with the input; the
-driver keeps only the input listing (a few strings per tile) and the rows of
-the units in flight (small: maps, not pixels).
+units' member lists are the source blocks of breakhis.predict's pipeline (decode tasks,
+then the model and its attribution maps in an actor pool). The driver collects each
+unit's rows and writes the unit's file once every tile of it is back. Ray Data's
+backpressure, under an object-store limit of ``max_buffer_mb`` for this dataset, bounds
+what is in flight, so memory does not grow with the input; the driver keeps only the
+input listing (a few strings per tile) and the rows of the units in flight (small: maps,
+not pixels).
 
 Exactly once, resumable. The listing is sorted, so the same input always gives
 the same units: ``unit_size`` consecutive tiles, named
@@ -61,11 +56,14 @@ of its weights), ``model_version`` (the artifact format version),
 ``attribution_method``, ``attribution_target`` (the class explained: the
 predicted one), ``attribution`` (Arrow ``fixed_shape_tensor<float16, [S, S]>``,
 S = ``map_size``, default 64: the map over the whole tile, row-major, top row
-first, divided by its largest absolute value so it lies in [-1, 1]),
+first, divided by its largest absolute value so it lies in [-1, 1]; never null:
+all zeros for a tile without a map, whose ``attribution_method`` is null),
 ``attribution_scale`` (float32, that largest absolute value: raw map = map x
 scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
 ``read: ...`` or ``decode: ...`` and every prediction column null). pandas
 reads ``attribution`` as flat numpy arrays of S*S values: ``a.reshape(S, S)``.
+(A null entry in a fixed-size list column is what pyarrow 25 cannot read back
+from Parquet, nor ``to_numpy_ndarray()`` convert: hence zeros, not nulls.)
 """
 
 from __future__ import annotations
@@ -77,7 +75,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,10 +83,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breakhis import storage
-from breakhis.attribution import canonical_method
 from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
 from breakhis.names import CLASS_NAMES
+from breakhis.predict import PredictOptions, actor_plan, predict_dataset
 
 if TYPE_CHECKING:
     from breakhis.artifact import ModelCard
@@ -96,16 +94,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_FORMAT = 1
-ATTRIBUTION_CHOICES: tuple[str, ...] = (
-    "gradcam",
-    "integrated_gradients",
-    "ig",
-    "occlusion",
-    "lime",
-    "none",
-)
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-_TTA_VIEWS = 8  # the dihedral group: 4 rotations by 90 degrees, each also flipped
 
 
 def tile_schema(map_size: int) -> pa.Schema:
@@ -158,15 +146,8 @@ class ScoreConfig:
     """Tiles: a prefix (any nesting), a prepared DEST, or a manifest (.parquet/.csv/.txt)."""
     output: str
     """Output root (local or s3://); a rerun into it scores only what is missing."""
-    attribution: str = "gradcam"
-    """gradcam, integrated_gradients (ig), occlusion, lime, or none."""
-    map_size: int = 64
-    """Side of the stored attribution maps in cells (the whole tile: 224/64 px per cell)."""
-    tta: bool = False
-    """Average the probability over the 8 flips and 90-degree rotations of each tile."""
-    threshold: float | None = None
-    """prob_malignant at or above which a tile is called malignant; default: the threshold
-    the model's training chose on its validation patients (model.json)."""
+    predict: PredictOptions = field(default_factory=PredictOptions)
+    """How the model runs over the tiles (breakhis.predict)."""
     patient_rule: str = "mean"
     """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
     ``majority`` (at least half of the tiles called malignant)."""
@@ -175,73 +156,23 @@ class ScoreConfig:
     (needs attribution)."""
     unit_size: int = 256
     """Tiles per work unit (per output file); the unit of resumption."""
-    batch_size: int = 32
-    """Tiles per model call."""
-    decode_batch_size: int = 16
-    """Tiles per decode call."""
-    num_actors: int = 0
-    """Most model actors; 0: one per GPU, or on CPUs one per ``cpus_per_actor`` CPUs less one."""
-    cpus_per_actor: int = 1
-    """CPUs Ray reserves per model actor."""
-    torch_threads: int = 0
-    """torch threads per actor on CPUs; 0: cpus_per_actor. More oversubscribes on purpose
-    (e.g. one actor using every core while decode tasks share them)."""
-    device: str = "auto"
-    """auto (a GPU per actor when the cluster has GPUs), cpu, or cuda."""
-    ig_steps: int = 32
-    """Integrated-gradients steps."""
-    occlusion_window: int = 0
-    """Occlusion window side in pixels; 0: image side / 8."""
-    lime_samples: int = 100
-    """LIME perturbations per tile."""
-    lime_grid: int = 8
-    """LIME superpixel grid (grid x grid squares)."""
     max_buffer_mb: int = 0
     """Most object-store memory (MB) the pipeline holds at once (decoded tiles waiting for a
     model actor, results waiting for the driver): what keeps memory flat for any input.
     0: 8 batches of decoded tiles per actor, at least 256 MB."""
 
     def __post_init__(self) -> None:
-        if self.attribution not in ATTRIBUTION_CHOICES:
-            raise ValueError(
-                f"--attribution {self.attribution!r}; accepted: {', '.join(ATTRIBUTION_CHOICES)}"
-            )
-        if self.device not in DEVICES:
-            raise ValueError(f"--device {self.device!r}; accepted: {', '.join(DEVICES)}")
-        positive = {
-            "--map-size": self.map_size,
-            "--unit-size": self.unit_size,
-            "--batch-size": self.batch_size,
-            "--decode-batch-size": self.decode_batch_size,
-            "--cpus-per-actor": self.cpus_per_actor,
-            "--lime-grid": self.lime_grid,
-        }
-        for option, value in positive.items():
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
-        if not 1 <= self.map_size <= 1024:
-            raise ValueError(f"--map-size must be in 1..1024, got {self.map_size}")
+        if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
+            raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
         if self.max_buffer_mb < 0:
             raise ValueError(
                 f"--max-buffer-mb must be >= 0 (0: automatic), got {self.max_buffer_mb}"
             )
-        if self.torch_threads < 0:
-            raise ValueError(
-                f"--torch-threads must be >= 0 (0: --cpus-per-actor), got {self.torch_threads}"
-            )
-        if self.num_actors < 0:
-            raise ValueError(f"--num-actors must be >= 0 (0: automatic), got {self.num_actors}")
-        if self.ig_steps < 2 or self.lime_samples < 2:
-            raise ValueError("--ig-steps and --lime-samples must be >= 2")
-        if self.occlusion_window < 0:
-            raise ValueError(f"--occlusion-window must be >= 0, got {self.occlusion_window}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
         if self.patient_rule not in PATIENT_RULES:
             raise ValueError(
                 f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
             )
-        if self.overlays and self.attribution == "none":
+        if self.overlays and self.predict.method is None:
             raise ValueError("--overlays needs an attribution method (not --attribution none)")
         out, src = _normalised(self.output), _normalised(self.input)
         if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
@@ -250,19 +181,15 @@ class ScoreConfig:
                 "write scores outside the input (its overlays would become input tiles)"
             )
 
-    @property
-    def method(self) -> str | None:
-        """The canonical attribution method, or None for ``none``."""
-        return None if self.attribution == "none" else canonical_method(self.attribution)
-
     def threshold_for(self, card: ModelCard) -> float:
-        """The threshold applied: ``threshold`` when given, else the model's own."""
-        return card.threshold if self.threshold is None else self.threshold
+        """The threshold applied: ``predict.threshold`` when given, else the model's own."""
+        threshold = self.predict.threshold
+        return card.threshold if threshold is None else threshold
 
     def job_record(self, card: ModelCard) -> dict:
         """What ``_job.json`` holds: everything that changes the output rows (the
         threshold as applied: the model's own when ``threshold`` is None)."""
-        method = self.method
+        method, predict = self.predict.method, self.predict
         return {
             "format": JOB_FORMAT,
             "model": _normalised(self.model),
@@ -271,16 +198,16 @@ class ScoreConfig:
             "image_size": card.image_size,
             "temperature": card.temperature,
             "attribution": method,
-            "map_size": self.map_size,
-            "tta": self.tta,
+            "map_size": predict.map_size,
+            "tta": predict.tta,
             "threshold": self.threshold_for(card),
             "patient_rule": self.patient_rule,
             "overlays": self.overlays,
             "unit_size": self.unit_size,
-            "ig_steps": self.ig_steps if method == "integrated_gradients" else None,
-            "occlusion_window": self.occlusion_window if method == "occlusion" else None,
-            "lime_samples": self.lime_samples if method == "lime" else None,
-            "lime_grid": self.lime_grid if method == "lime" else None,
+            "ig_steps": predict.ig_steps if method == "integrated_gradients" else None,
+            "occlusion_window": predict.occlusion_window if method == "occlusion" else None,
+            "lime_samples": predict.lime_samples if method == "lime" else None,
+            "lime_grid": predict.lime_grid if method == "lime" else None,
         }
 
 
@@ -352,223 +279,6 @@ class ScoreSummary:
         )
 
 
-# --------------------------------------------------------------------------- decoding (CPU tasks)
-
-
-def decode_tiles(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """Read and decode one batch of tiles (a Ray Data map_batches function).
-
-    ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). Returns
-    uri, tile_id, unit, ``image`` (N, S, S, 3 uint8; zeros for a bad tile) and
-    ``error`` ("" when decoded, else ``read: ...``/``decode: ...``). Never
-    raises for a bad tile.
-    """
-    from breakhis.imaging import decode_rgb
-
-    uris = [str(u) for u in batch["uri"]]
-    data = _read_tile_bytes(uris, list(batch["shard"]))
-    images = np.zeros((len(uris), image_size, image_size, 3), dtype=np.uint8)
-    errors = []
-    for i, uri in enumerate(uris):
-        value = data[uri]
-        if isinstance(value, str):
-            errors.append(value)
-            continue
-        try:
-            images[i] = decode_rgb(value, image_size)
-        except ValueError as err:
-            errors.append(f"decode: {err}")
-            continue
-        errors.append("")
-    return {
-        "uri": np.asarray(uris, dtype=object),
-        "tile_id": batch["tile_id"],
-        "unit": batch["unit"],
-        "image": images,
-        "error": np.asarray(errors, dtype=object),
-    }
-
-
-def _read_tile_bytes(uris: list[str], shards: list) -> dict[str, bytes | str]:
-    """uri -> bytes, or -> the read error's text."""
-    out: dict[str, bytes | str] = {}
-    by_shard: dict[str, list[str]] = defaultdict(list)
-    for uri, shard in zip(uris, shards, strict=True):
-        if shard:
-            by_shard[str(shard)].append(uri)
-            continue
-        try:
-            out[uri] = storage.read_bytes(uri)
-        except OSError as err:  # FileNotFoundError, permissions, network
-            out[uri] = f"read: {err}"
-    for shard, members in by_shard.items():
-        fs, path = storage.resolve(shard)
-        try:
-            # Row-group statistics on the sorted uri column let the reader skip most of the shard.
-            table = pq.read_table(
-                path, filesystem=fs, columns=["uri", "png"], filters=[("uri", "in", members)]
-            )
-            found = dict(
-                zip(table.column("uri").to_pylist(), table.column("png").to_pylist(), strict=True)
-            )
-        except (OSError, pa.ArrowInvalid) as err:
-            found, problem = {}, f"read: {shard}: {err}"
-        else:
-            problem = f"read: not in shard {shard}"
-        for uri in members:
-            out[uri] = found.get(uri, problem)
-    return out
-
-
-# --------------------------------------------------------------------------- the model (actors)
-
-
-class TilePredictor:
-    """Ray Data callable class: the model, loaded once per actor, over batches of tiles.
-
-    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
-    of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
-    ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
-    float16 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
-    NaN without a map), ``overlay`` (URI or "") and ``error``.
-    """
-
-    def __init__(
-        self,
-        *,
-        model_uri: str,
-        method: str | None,
-        map_size: int,
-        tta: bool,
-        threshold: float,
-        device: str,
-        torch_threads: int,
-        overlay_root: str | None,
-        ig_steps: int,
-        occlusion_window: int,
-        lime_samples: int,
-        lime_grid: int,
-    ) -> None:
-        import torch
-
-        from breakhis.artifact import load_artifact
-        from breakhis.model import last_conv_layer
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: this actor sees no CUDA device")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(torch_threads)
-        self.device = torch.device(device)
-        self.model, card = load_artifact(model_uri, device=self.device)
-        for param in self.model.parameters():
-            param.requires_grad_(False)  # attributions need input gradients only
-        self.layer = last_conv_layer(self.model, card.architecture)
-        self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
-        self.malignant = list(card.class_names).index("malignant")
-        self.temperature = float(card.temperature)
-        self.method = method
-        self.map_size = map_size
-        self.tta = tta
-        self.threshold = threshold
-        self.overlay_root = overlay_root
-        self.options = {
-            "ig_steps": ig_steps,
-            "occlusion_window": occlusion_window or None,
-            "lime_samples": lime_samples,
-            "lime_grid": lime_grid,
-        }
-
-    def _inputs(self, images: np.ndarray):
-        import torch
-
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std
-
-    def _probabilities(self, x):
-        """``(calibrated, raw)`` malignancy probabilities: the softmax of the logits
-        divided by the model's temperature, and at temperature 1 (each averaged over
-        the TTA views)."""
-        import torch
-
-        views = _TTA_VIEWS if self.tta else 1
-        calibrated = torch.zeros(x.shape[0], device=x.device)
-        raw = torch.zeros(x.shape[0], device=x.device)
-        with torch.inference_mode():
-            for view in range(views):
-                turned = torch.rot90(x, view % 4, dims=(2, 3)) if view % 4 else x
-                if view >= 4:
-                    turned = torch.flip(turned, dims=(3,))
-                logits = self.model(turned).float()
-                calibrated += torch.softmax(logits / self.temperature, dim=1)[:, self.malignant]
-                raw += torch.softmax(logits, dim=1)[:, self.malignant]
-        return calibrated / views, raw / views
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from breakhis.attribution import attribute
-
-        errors = np.asarray(batch["error"], dtype=object)
-        ok = np.flatnonzero(errors == "")
-        count = len(errors)
-        prob = np.full(count, np.nan, dtype=np.float32)
-        prob_raw = np.full(count, np.nan, dtype=np.float32)
-        target = np.full(count, -1, dtype=np.int8)
-        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float16)
-        scale = np.full(count, np.nan, dtype=np.float32)
-        overlays = np.full(count, "", dtype=object)
-        if len(ok):
-            images = np.ascontiguousarray(batch["image"][ok])
-            x = self._inputs(images)
-            calibrated, raw_prob = self._probabilities(x)
-            p = calibrated.cpu().numpy()
-            prob[ok] = p
-            prob_raw[ok] = raw_prob.cpu().numpy()
-            if self.method is not None:
-                predicted = (p >= self.threshold).astype(np.int64)
-                explained = [self.malignant if c else 1 - self.malignant for c in predicted]
-                raw = attribute(
-                    self.model,
-                    x,
-                    self.method,
-                    explained,
-                    layer=self.layer,
-                    map_size=self.map_size,
-                    **self.options,
-                ).numpy()
-                peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
-                maps[ok] = (raw / np.where(peak > 0, peak, 1.0)[:, None, None]).astype(np.float16)
-                scale[ok] = peak
-                target[ok] = explained
-                if self.overlay_root is not None:
-                    overlays[ok] = self._write_overlays(batch["tile_id"][ok], images, raw)
-        return {
-            "uri": batch["uri"],
-            "unit": batch["unit"],
-            "prob": prob,
-            "prob_uncalibrated": prob_raw,
-            "target": target,
-            "map": maps,
-            "scale": scale,
-            "overlay": overlays,
-            "error": errors,
-        }
-
-    def _write_overlays(self, tile_ids, images: np.ndarray, raw: np.ndarray) -> list[str]:
-        from breakhis.attribution import overlay_png
-
-        uris = []
-        for tile_id, image, attribution_map in zip(tile_ids, images, raw, strict=True):
-            # A name, never a path: a tile id comes from the input ("../x" or "/x" in a
-            # crafted shard would otherwise write outside the output).
-            uri = storage.join(self.overlay_root, f"{storage.safe_name(str(tile_id))}.png")
-            storage.write_bytes(uri, overlay_png(image, attribution_map))
-            uris.append(uri)
-        return uris
-
-
 # --------------------------------------------------------------------------- the job (driver)
 
 
@@ -596,11 +306,11 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     log.info(
         "threshold %.4f (%s), temperature %.4f",
         config.threshold_for(card),
-        "--threshold" if config.threshold is not None else "the model's",
+        "--threshold" if config.predict.threshold is not None else "the model's",
         card.temperature,
     )
     # The threshold as applied from here on (the model's own unless one was given).
-    config = replace(config, threshold=config.threshold_for(card))
+    config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
     _claim_output(config.output, record)
 
     units = plan_units(inputs.table, config.unit_size)
@@ -630,7 +340,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(
         output=config.output,
         model_id=card.model_id,
-        attribution=config.method,
+        attribution=config.predict.method,
         tiles=inputs.num_tiles,
         scored=counts["scored"],
         errors=counts["errors"],
@@ -688,78 +398,32 @@ def _listing(folder: str) -> set[str]:
     return names
 
 
-def actor_plan(device: str, num_actors: int, cpus_per_actor: int) -> tuple[int, float, str]:
-    """(most actors, GPUs per actor, device) of a model actor pool on the current cluster.
-
-    ``device`` is ``auto``, ``cpu`` or ``cuda``; ``num_actors`` 0 sizes the pool from the
-    cluster: one actor per GPU, or on CPUs as many as fit while one CPU stays free for the
-    decode tasks (the actors would starve them otherwise). Raises ValueError for ``cuda`` on a
-    cluster without GPUs.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if device == "cuda" or (device == "auto" and gpus > 0):
-        if gpus == 0:
-            raise ValueError("--device cuda: the Ray cluster has no GPU")
-        return num_actors or gpus, 1.0, "cuda"
-    cpus = int(resources.get("CPU", 1))
-    return num_actors or max(1, (cpus - 1) // cpus_per_actor), 0.0, "cpu"
-
-
 def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str) -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(configure_logging=False)
-    max_actors, gpus_per_actor, device = actor_plan(
-        config.device, config.num_actors, config.cpus_per_actor
-    )
     blocks = [
         unit.members.select(["uri", "tile_id", "shard"]).append_column(
             "unit", pa.array([unit.index] * unit.members.num_rows, pa.int32())
         )
         for unit in pending
     ]
-    log.info("scoring %d units with up to %d %s actor(s)", len(pending), max_actors, device.upper())
+    log.info("scoring %d units", len(pending))
+    predict = config.predict
+    max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
     tile_bytes = card.image_size * card.image_size * 3
     buffer = config.max_buffer_mb * 2**20 or max(
-        256 * 2**20, 8 * max_actors * config.batch_size * tile_bytes
+        256 * 2**20, 8 * max_actors * predict.batch_size * tile_bytes
     )
-    ds = ray.data.from_arrow(blocks)
-    # A per-dataset copy of the context: the limit does not leak into the caller's datasets.
-    ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=buffer
-    )
-    ds = ds.map_batches(
-        decode_tiles,
-        fn_kwargs={"image_size": card.image_size},
-        batch_size=config.decode_batch_size,
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
-    ds = ds.map_batches(
-        TilePredictor,
-        fn_constructor_kwargs={
-            "model_uri": config.model,
-            "method": config.method,
-            "map_size": config.map_size,
-            "tta": config.tta,
-            "threshold": config.threshold,
-            "device": device,
-            "torch_threads": config.torch_threads or config.cpus_per_actor,
-            "overlay_root": storage.join(config.output, "overlays") if config.overlays else None,
-            "ig_steps": config.ig_steps,
-            "occlusion_window": config.occlusion_window,
-            "lime_samples": config.lime_samples,
-            "lime_grid": config.lime_grid,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=gpus_per_actor,
-        batch_size=config.batch_size,
-        batch_format="numpy",
+    ds = predict_dataset(
+        blocks,
+        model_uri=config.model,
+        image_size=card.image_size,
+        threshold=config.threshold_for(card),
+        options=predict,
+        overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
+        object_store_limit=buffer,
     )
     by_index = {u.index: u for u in pending}
     waiting: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
@@ -797,14 +461,12 @@ def _unit_table(config: ScoreConfig, card, unit: Unit, parts: list[dict]) -> pa.
     error = scores["error"].astype(str)
     bad = error != ""
     prob = scores["prob"].astype(np.float32)
-    predicted = (prob >= config.threshold).astype(np.int8)
+    predicted = (prob >= config.predict.threshold).astype(np.int8)
     has_map = (scores["target"] >= 0) & ~bad
-    schema = tile_schema(config.map_size)
+    schema = tile_schema(config.predict.map_size)
     count = members.num_rows
     flat = pa.array(scores["map"].reshape(-1), pa.float16())
-    storage_array = pa.FixedSizeListArray.from_arrays(
-        flat, config.map_size * config.map_size, mask=pa.array(~has_map)
-    )
+    storage_array = pa.FixedSizeListArray.from_arrays(flat, config.predict.map_size**2)
     columns = {
         **{
             name: members.column(name)
@@ -823,7 +485,7 @@ def _unit_table(config: ScoreConfig, card, unit: Unit, parts: list[dict]) -> pa.
         "predicted_class": pa.array([CLASS_NAMES[c] for c in predicted], pa.string(), mask=bad),
         "model_id": pa.array([card.model_id] * count, pa.string()),
         "model_version": pa.array([card.version] * count, pa.int16()),
-        "attribution_method": pa.array([config.method] * count, pa.string(), mask=~has_map),
+        "attribution_method": pa.array([config.predict.method] * count, pa.string(), mask=~has_map),
         "attribution_target": pa.array(scores["target"], pa.int8(), mask=~has_map),
         "attribution": pa.ExtensionArray.from_storage(
             schema.field("attribution").type, storage_array
@@ -840,14 +502,14 @@ def _unit_table(config: ScoreConfig, card, unit: Unit, parts: list[dict]) -> pa.
                 "model": config.model,
                 "model_id": card.model_id,
                 "attribution": {
-                    "method": config.method,
-                    "shape": [config.map_size, config.map_size],
+                    "method": config.predict.method,
+                    "shape": [config.predict.map_size] * 2,
                     "dtype": "float16",
                     "covers": "the whole tile, row-major, top row first",
                     "values": "map / attribution_scale, in [-1, 1]",
                 },
-                "tta": config.tta,
-                "threshold": config.threshold,
+                "tta": config.predict.tta,
+                "threshold": config.predict.threshold,
                 "image_size": card.image_size,
             }
         )
@@ -886,7 +548,7 @@ def _summarise(
     if known.num_rows == 0:
         storage.delete(patients_uri)
         return counts, 0
-    patients = patient_table(known, config.threshold, config.patient_rule)
+    patients = patient_table(known, config.predict.threshold, config.patient_rule)
     storage.write_bytes(patients_uri, _parquet_bytes(patients))
     return counts, patients.num_rows
 

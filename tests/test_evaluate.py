@@ -34,6 +34,7 @@ from breakhis.evaluate import (
     score_predictions,
 )
 from breakhis.metrics import classification_metrics
+from breakhis.predict import PredictOptions
 from breakhis.splits import LeakageError, SplitSpec, add_split_columns, select_split
 
 # A small fixed example: three patients, two magnifications, ten images.
@@ -368,8 +369,9 @@ def test_a_model_without_a_recorded_split_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_options_errors_name_the_option(kwargs: dict, message: str) -> None:
+    predicting = {k: kwargs.pop(k) for k in ("threshold", "attribution", "device") if k in kwargs}
     with pytest.raises(ValueError, match=message):
-        EvaluateOptions(**kwargs)
+        EvaluateOptions(predict=PredictOptions(**predicting), **kwargs)
 
 
 def test_config_rejects_a_bad_split() -> None:

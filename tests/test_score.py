@@ -24,10 +24,10 @@ from breakhis import storage
 from breakhis.artifact import ModelCard, load_artifact, read_card, save_artifact
 from breakhis.imaging import decode_rgb
 from breakhis.model import build_model
+from breakhis.predict import PredictOptions, TilePredictor
 from breakhis.score import (
     JobMismatchError,
     ScoreConfig,
-    TilePredictor,
     patient_table,
     plan_units,
     run_scoring,
@@ -85,14 +85,18 @@ def _maps(table: pa.Table) -> np.ndarray:
 def test_config_refuses_bad_options() -> None:
     base = {"model": "m", "input": "s3://archive/tiles", "output": "s3://bucket/scores"}
     with pytest.raises(ValueError, match="accepted: gradcam, integrated_gradients, ig"):
-        ScoreConfig(**base, attribution="shap")
+        ScoreConfig(**base, predict=PredictOptions(attribution="shap"))
     with pytest.raises(ValueError, match="overlap"):
         ScoreConfig(**{**base, "output": "s3://archive/tiles/scores"})
     with pytest.raises(ValueError, match="--overlays needs"):
-        ScoreConfig(**base, attribution="none", overlays=True)
+        ScoreConfig(**base, predict=PredictOptions(attribution="none"), overlays=True)
     with pytest.raises(ValueError, match="--unit-size must be an integer >= 1"):
         ScoreConfig(**base, unit_size=0)
-    assert ScoreConfig(**base, attribution="ig").method == "integrated_gradients"
+    assert PredictOptions(attribution="ig").method == "integrated_gradients"
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1"):
+        PredictOptions(batch_size=0)
+    with pytest.raises(ValueError, match="--threshold must be in"):
+        PredictOptions(threshold=1.0)
 
 
 def test_units_are_named_by_their_members() -> None:
@@ -163,7 +167,8 @@ def test_predictor_applies_the_model_temperature(local_job, tmp_path) -> None:
     # Scoring takes the model's threshold unless one is given.
     config = ScoreConfig(model=hot, input=local_job["tiles"], output=str(tmp_path / "out"))
     assert config.job_record(read_card(hot))["threshold"] == 0.3
-    assert replace(config, threshold=0.7).job_record(read_card(hot))["threshold"] == 0.7
+    seven = replace(config, predict=PredictOptions(threshold=0.7))
+    assert seven.job_record(read_card(hot))["threshold"] == 0.7
 
 
 def _predictor(model_uri: str, **overrides) -> TilePredictor:
@@ -238,7 +243,8 @@ def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
 
 def test_rerun_with_other_options_is_refused_before_any_work(local_job, tmp_path) -> None:
     config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], output=str(tmp_path))
-    other = replace(config, attribution="lime").job_record(read_card(local_job["model"]))
+    lime = replace(config, predict=PredictOptions(attribution="lime"))
+    other = lime.job_record(read_card(local_job["model"]))
     (tmp_path / "_job.json").write_text(json.dumps(other))
     with pytest.raises(JobMismatchError, match="attribution: 'lime' there, 'gradcam' now"):
         run_scoring(config)
@@ -265,10 +271,8 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
         model=model,
         input=tiles,
         output=output,
-        map_size=MAP,
         unit_size=8,
-        batch_size=8,
-        num_actors=1,
+        predict=PredictOptions(map_size=MAP, batch_size=8, num_actors=1),
         overlays=True,
     )
     summary = run_scoring(config)
@@ -302,7 +306,9 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     assert maps.shape == (34, MAP, MAP)
     assert (maps.reshape(34, -1).std(axis=1) > 0).all(), "a map is constant"
     assert np.allclose(np.abs(maps).reshape(34, -1).max(axis=1), 1.0)
-    assert table.filter(pa.compute.is_valid(table["error"]))["attribution"].null_count == 3
+    failed = table.filter(pa.compute.is_valid(table["error"]))
+    assert failed.num_rows == 3 and failed["attribution_method"].null_count == 3
+    assert table["attribution"].null_count == 0 and not _maps(failed).any()  # zeros, not nulls
 
     # Scoring the same tile twice gives the same prediction and map.
     twin = scored.filter(pa.compute.is_in(scored["uri"], pa.array([original, copy])))
@@ -316,7 +322,8 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     assert len(frame) == 37 and frame["uri"].is_unique
     first = frame.index[frame["uri"] == original][0]
     assert np.array_equal(frame.at[first, "attribution"].reshape(MAP, MAP), _maps(twin)[0])
-    assert frame.loc[frame["uri"].isin(broken), "attribution"].isna().all()
+    assert frame.loc[frame["uri"].isin(broken), "attribution_method"].isna().all()
+    assert not np.stack(frame.loc[frame["uri"].isin(broken), "attribution"]).any()
 
     fs, path = storage.resolve(f"{output}/patients.parquet")
     patients = pd.read_parquet(path, filesystem=fs)
@@ -327,13 +334,14 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     again = run_scoring(config)
     assert (again.units_written, again.units_skipped, again.tiles) == (0, 5, 37)
     with pytest.raises(JobMismatchError, match="tta: False there, True now"):
-        run_scoring(replace(config, tta=True))
+        run_scoring(replace(config, predict=replace(config.predict, tta=True)))
 
 
 _KILLABLE_JOB = textwrap.dedent(
     """
     import sys, time, ray
     from breakhis import storage
+    from breakhis.predict import PredictOptions
     from breakhis.score import ScoreConfig, run_scoring
 
     real_write, units = storage.write_bytes, []
@@ -353,7 +361,9 @@ _KILLABLE_JOB = textwrap.dedent(
 
     storage.write_bytes = write_then_hang
     ray.init(address=sys.argv[2], log_to_driver=False)
-    run_scoring(ScoreConfig(**eval(sys.argv[1])))
+    options = eval(sys.argv[1])
+    predict = PredictOptions(**options.pop("predict"))
+    run_scoring(ScoreConfig(**options, predict=predict))
     """
 )
 
@@ -383,12 +393,9 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
         input=dest,
         output=str(output),
         unit_size=2,
-        batch_size=2,
-        num_actors=1,
-        map_size=8,
-        attribution="lime",
-        lime_samples=16,
-        lime_grid=4,
+        predict=dict(
+            batch_size=2, num_actors=1, map_size=8, attribution="lime", lime_samples=16, lime_grid=4
+        ),
     )
     log = tmp_path / "job.log"
     # A second driver on the session's cluster, killed by its PID; Ray then ends its actors.
@@ -415,7 +422,8 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     assert not (output / "_SUCCESS").exists()
     assert pq.read_table(tiles_dir).num_rows == 6  # readers skip the half-written temp file
 
-    summary = run_scoring(ScoreConfig(**options))
+    predict = PredictOptions(**options.pop("predict"))
+    summary = run_scoring(ScoreConfig(**options, predict=predict))
     assert (summary.units, summary.units_skipped, summary.units_written) == (16, 3, 13)
     for name, stat in before.items():  # finished units are kept, not rewritten
         now = (tiles_dir / name).stat()

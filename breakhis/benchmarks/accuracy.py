@@ -563,6 +563,7 @@ def run_job(
     """Train variant ``variant`` of the job on rep:``k`` of ``dest`` (runs kept under
     ``runs``), evaluate its artifact on the test patients, and return its SideResult."""
     from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
+    from breakhis.predict import PredictOptions
     from breakhis.train import CURVES_JSON, REFIT_DIR, TrainConfig, run_training
 
     started = time.perf_counter()
@@ -598,7 +599,9 @@ def run_job(
             model=trained.artifact_uri,
             data=dest,
             out=None,
-            options=EvaluateOptions(attribution="none", bootstrap=1, cross_magnification=False),
+            options=EvaluateOptions(
+                predict=PredictOptions(attribution="none"), bootstrap=1, cross_magnification=False
+            ),
         )
     )
     m = evaluated.metrics
@@ -616,7 +619,7 @@ def run_job(
         val_patients=evaluated.split.val_patients,
         images_per_epoch=int(history[-1]["train_images"]) if history else 0,
         kept_epoch=trained.refit_epochs or trained.best_epoch,
-        threshold=float(evaluated.options.threshold),
+        threshold=float(evaluated.options.predict.threshold),
     )
 
 

@@ -173,8 +173,10 @@ class ScoreBenchmarkResult:
 
 _CHILD = (
     "import json, sys, ray\n"
+    "from breakhis.predict import PredictOptions\n"
     "from breakhis.score import ScoreConfig, run_scoring\n"
     "options, cpus = json.loads(sys.argv[1]), int(sys.argv[2])\n"
+    "options['predict'] = PredictOptions(**options['predict'])\n"
     "ray.init(address='local', num_cpus=cpus, include_dashboard=False, log_to_driver=False)\n"
     "run_scoring(ScoreConfig(**options))\n"
 )
@@ -317,6 +319,7 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
 
     from breakhis.artifact import ModelCard, save_artifact
     from breakhis.model import build_model
+    from breakhis.predict import PredictOptions
     from breakhis.score import ScoreConfig
 
     cpus = config.cpus or os.cpu_count() or 1
@@ -344,16 +347,18 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
         model=model_uri,
         input=_manifest(config, "throughput", uris),
         output="",  # set per run
-        attribution="none",
-        batch_size=config.batch_size,
         unit_size=config.unit_size,
-        # On CPUs one actor runs the model on every core (torch threads, as in the loop) while
-        # Ray reserves one CPU for it, leaving the rest to decode tasks that share the cores;
-        # on GPUs one actor per GPU.
-        num_actors=gpus or 1,
-        cpus_per_actor=1,
-        torch_threads=1 if gpus else cpus,
-        ig_steps=config.ig_steps,
+        predict=PredictOptions(
+            attribution="none",
+            batch_size=config.batch_size,
+            # On CPUs one actor runs the model on every core (torch threads, as in the loop)
+            # while Ray reserves one CPU for it, leaving the rest to decode tasks that share
+            # the cores; on GPUs one actor per GPU.
+            num_actors=gpus or 1,
+            cpus_per_actor=1,
+            torch_threads=1 if gpus else cpus,
+            ig_steps=config.ig_steps,
+        ),
     )
     out = os.path.join(config.workdir, "outputs")
     quarter = _manifest(config, "throughput-quarter", uris[: max(1, len(uris) // 4)])
@@ -364,11 +369,15 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
     _timed_job(replace(job, input=_manifest(config, "warm-up", uris[:4])), f"{out}/warm-up")
     results.append(_job("job, predictions only", job, quarter, f"{out}/none"))
     log.info("%s", results[-1])
-    gradcam = replace(job, attribution="gradcam")
+    gradcam = replace(job, predict=replace(job.predict, attribution="gradcam"))
     results.append(_job("job, Grad-CAM", gradcam, quarter, f"{out}/gradcam"))
     log.info("%s", results[-1])
     ig_uris = uris[: config.attribution_tiles]
-    ig_job = replace(job, input=_manifest(config, "ig", ig_uris), attribution="ig")
+    ig_job = replace(
+        job,
+        input=_manifest(config, "ig", ig_uris),
+        predict=replace(job.predict, attribution="ig"),
+    )
     ig_quarter = _manifest(config, "ig-quarter", ig_uris[: max(1, len(ig_uris) // 4)])
     name = f"job, Integrated Gradients ({config.ig_steps} steps)"
     results.append(_job(name, ig_job, ig_quarter, f"{out}/ig"))

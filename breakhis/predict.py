@@ -1,0 +1,420 @@
+"""Running a model artifact over tiles with Ray Data: the one inference engine of
+``breakhis score`` and ``breakhis evaluate``.
+
+Pipeline (streaming): the caller's source blocks (rows of breakhis.inputs.INPUT_SCHEMA
+plus a ``unit`` column) -> ``decode_tiles`` reads and decodes tiles in CPU tasks (half a
+CPU each: reads from S3 wait on the network, and a resource request different from the
+actors' keeps Ray from fusing decoding into the model actors) -> ``TilePredictor`` holds
+the model in an actor pool (``ActorPoolStrategy``, one GPU per actor when the cluster has
+GPUs), loads it once per actor, predicts (optionally with test-time augmentation) and
+computes the attribution maps in the same actor. A bad tile becomes a row with an
+``error``, never an exception.
+
+The decode (breakhis.imaging.decode_rgb: the whole tile, bilinear, to a square) and the
+normalisation (breakhis.transforms.normalize with the card's mean and std) are the ones
+training validates with, so a model sees a tile the same way in every job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from breakhis import storage
+from breakhis.attribution import canonical_method
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTION_CHOICES: tuple[str, ...] = (
+    "gradcam",
+    "integrated_gradients",
+    "ig",
+    "occlusion",
+    "lime",
+    "none",
+)
+"""Accepted values of --attribution (``ig`` is integrated_gradients)."""
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Accepted values of --device."""
+_TTA_VIEWS = 8  # the dihedral group: 4 rotations by 90 degrees, each also flipped
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a model runs over tiles (nested in ScoreConfig and EvaluateOptions)."""
+
+    attribution: str = "gradcam"
+    """Attribution map per tile: gradcam, integrated_gradients (ig), occlusion, lime, or
+    none."""
+    map_size: int = 64
+    """Side of the attribution maps in cells (the whole tile: 224/64 px per cell)."""
+    tta: bool = False
+    """Average the probability over the 8 flips and 90-degree rotations of each tile."""
+    threshold: float | None = None
+    """Probability of malignancy at or above which a tile is called malignant; default: the
+    threshold the model's training chose on its validation patients (model.json)."""
+    batch_size: int = 32
+    """Tiles per model call."""
+    decode_batch_size: int = 16
+    """Tiles per decode call."""
+    num_actors: int = 0
+    """Most model actors; 0: one per GPU, or on CPUs one per ``cpus_per_actor`` CPUs less one."""
+    cpus_per_actor: int = 1
+    """CPUs Ray reserves per model actor."""
+    torch_threads: int = 0
+    """torch threads per actor on CPUs; 0: cpus_per_actor. More oversubscribes on purpose
+    (e.g. one actor using every core while decode tasks share them)."""
+    device: str = "auto"
+    """auto (a GPU per actor when the cluster has GPUs), cpu, or cuda."""
+    ig_steps: int = 32
+    """Integrated-gradients steps."""
+    occlusion_window: int = 0
+    """Occlusion window side in pixels; 0: image side / 8."""
+    lime_samples: int = 100
+    """LIME perturbations per tile."""
+    lime_grid: int = 8
+    """LIME superpixel grid (grid x grid squares)."""
+
+    def __post_init__(self) -> None:
+        if self.attribution not in ATTRIBUTION_CHOICES:
+            raise ValueError(
+                f"--attribution {self.attribution!r}; accepted: {', '.join(ATTRIBUTION_CHOICES)}"
+            )
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}; accepted: {', '.join(DEVICES)}")
+        positive = {
+            "--map-size": self.map_size,
+            "--batch-size": self.batch_size,
+            "--decode-batch-size": self.decode_batch_size,
+            "--cpus-per-actor": self.cpus_per_actor,
+            "--lime-grid": self.lime_grid,
+        }
+        for option, value in positive.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        if not 1 <= self.map_size <= 1024:
+            raise ValueError(f"--map-size must be in 1..1024, got {self.map_size}")
+        if self.torch_threads < 0:
+            raise ValueError(
+                f"--torch-threads must be >= 0 (0: --cpus-per-actor), got {self.torch_threads}"
+            )
+        if self.num_actors < 0:
+            raise ValueError(f"--num-actors must be >= 0 (0: automatic), got {self.num_actors}")
+        if self.ig_steps < 2 or self.lime_samples < 2:
+            raise ValueError("--ig-steps and --lime-samples must be >= 2")
+        if self.occlusion_window < 0:
+            raise ValueError(f"--occlusion-window must be >= 0, got {self.occlusion_window}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+
+    @property
+    def method(self) -> str | None:
+        """The canonical attribution method, or None for ``none``."""
+        return None if self.attribution == "none" else canonical_method(self.attribution)
+
+
+# --------------------------------------------------------------------------- decoding (CPU tasks)
+
+
+def decode_tiles(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Read and decode one batch of tiles (a Ray Data map_batches function).
+
+    ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). Returns
+    uri, tile_id, unit, ``image`` (N, S, S, 3 uint8; zeros for a bad tile) and
+    ``error`` ("" when decoded, else ``read: ...``/``decode: ...``). Never
+    raises for a bad tile.
+    """
+    from breakhis.imaging import decode_rgb
+
+    uris = [str(u) for u in batch["uri"]]
+    data = _read_tile_bytes(uris, list(batch["shard"]))
+    images = np.zeros((len(uris), image_size, image_size, 3), dtype=np.uint8)
+    errors = []
+    for i, uri in enumerate(uris):
+        value = data[uri]
+        if isinstance(value, str):
+            errors.append(value)
+            continue
+        try:
+            images[i] = decode_rgb(value, image_size)
+        except ValueError as err:
+            errors.append(f"decode: {err}")
+            continue
+        errors.append("")
+    return {
+        "uri": np.asarray(uris, dtype=object),
+        "tile_id": batch["tile_id"],
+        "unit": batch["unit"],
+        "image": images,
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+def _read_tile_bytes(uris: list[str], shards: list) -> dict[str, bytes | str]:
+    """uri -> bytes, or -> the read error's text."""
+    out: dict[str, bytes | str] = {}
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for uri, shard in zip(uris, shards, strict=True):
+        if shard:
+            by_shard[str(shard)].append(uri)
+            continue
+        try:
+            out[uri] = storage.read_bytes(uri)
+        except OSError as err:  # FileNotFoundError, permissions, network
+            out[uri] = f"read: {err}"
+    for shard, members in by_shard.items():
+        fs, path = storage.resolve(shard)
+        try:
+            # Row-group statistics on the sorted uri column let the reader skip most of the shard.
+            table = pq.read_table(
+                path, filesystem=fs, columns=["uri", "png"], filters=[("uri", "in", members)]
+            )
+            found = dict(
+                zip(table.column("uri").to_pylist(), table.column("png").to_pylist(), strict=True)
+            )
+        except (OSError, pa.ArrowInvalid) as err:
+            found, problem = {}, f"read: {shard}: {err}"
+        else:
+            problem = f"read: not in shard {shard}"
+        for uri in members:
+            out[uri] = found.get(uri, problem)
+    return out
+
+
+# --------------------------------------------------------------------------- the model (actors)
+
+
+class TilePredictor:
+    """Ray Data callable class: the model, loaded once per actor, over batches of tiles.
+
+    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
+    of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
+    ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
+    float16 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
+    NaN without a map), ``overlay`` (URI or "") and ``error``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        method: str | None,
+        map_size: int,
+        tta: bool,
+        threshold: float,
+        device: str,
+        torch_threads: int,
+        overlay_root: str | None,
+        ig_steps: int,
+        occlusion_window: int,
+        lime_samples: int,
+        lime_grid: int,
+    ) -> None:
+        import torch
+
+        from breakhis.artifact import load_artifact
+        from breakhis.model import last_conv_layer
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: this actor sees no CUDA device")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device(device)
+        self.model, card = load_artifact(model_uri, device=self.device)
+        for param in self.model.parameters():
+            param.requires_grad_(False)  # attributions need input gradients only
+        self.layer = last_conv_layer(self.model, card.architecture)
+        self.mean, self.std = tuple(card.mean), tuple(card.std)
+        self.malignant = list(card.class_names).index("malignant")
+        self.temperature = float(card.temperature)
+        self.method = method
+        self.map_size = map_size
+        self.tta = tta
+        self.threshold = threshold
+        self.overlay_root = overlay_root
+        self.options = {
+            "ig_steps": ig_steps,
+            "occlusion_window": occlusion_window or None,
+            "lime_samples": lime_samples,
+            "lime_grid": lime_grid,
+        }
+
+    def _inputs(self, images: np.ndarray):
+        import torch
+
+        from breakhis.transforms import normalize
+
+        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        return normalize(x.permute(0, 3, 1, 2), self.mean, self.std)
+
+    def _probabilities(self, x):
+        """``(calibrated, raw)`` malignancy probabilities: the softmax of the logits
+        divided by the model's temperature, and at temperature 1 (each averaged over
+        the TTA views)."""
+        import torch
+
+        views = _TTA_VIEWS if self.tta else 1
+        calibrated = torch.zeros(x.shape[0], device=x.device)
+        raw = torch.zeros(x.shape[0], device=x.device)
+        with torch.inference_mode():
+            for view in range(views):
+                turned = torch.rot90(x, view % 4, dims=(2, 3)) if view % 4 else x
+                if view >= 4:
+                    turned = torch.flip(turned, dims=(3,))
+                logits = self.model(turned).float()
+                calibrated += torch.softmax(logits / self.temperature, dim=1)[:, self.malignant]
+                raw += torch.softmax(logits, dim=1)[:, self.malignant]
+        return calibrated / views, raw / views
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from breakhis.attribution import attribute
+
+        errors = np.asarray(batch["error"], dtype=object)
+        ok = np.flatnonzero(errors == "")
+        count = len(errors)
+        prob = np.full(count, np.nan, dtype=np.float32)
+        prob_raw = np.full(count, np.nan, dtype=np.float32)
+        target = np.full(count, -1, dtype=np.int8)
+        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float16)
+        scale = np.full(count, np.nan, dtype=np.float32)
+        overlays = np.full(count, "", dtype=object)
+        if len(ok):
+            images = np.ascontiguousarray(batch["image"][ok])
+            x = self._inputs(images)
+            calibrated, raw_prob = self._probabilities(x)
+            p = calibrated.cpu().numpy()
+            prob[ok] = p
+            prob_raw[ok] = raw_prob.cpu().numpy()
+            if self.method is not None:
+                predicted = (p >= self.threshold).astype(np.int64)
+                explained = [self.malignant if c else 1 - self.malignant for c in predicted]
+                raw = attribute(
+                    self.model,
+                    x,
+                    self.method,
+                    explained,
+                    layer=self.layer,
+                    map_size=self.map_size,
+                    **self.options,
+                ).numpy()
+                peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
+                maps[ok] = (raw / np.where(peak > 0, peak, 1.0)[:, None, None]).astype(np.float16)
+                scale[ok] = peak
+                target[ok] = explained
+                if self.overlay_root is not None:
+                    overlays[ok] = self._write_overlays(batch["tile_id"][ok], images, raw)
+        return {
+            "uri": batch["uri"],
+            "unit": batch["unit"],
+            "prob": prob,
+            "prob_uncalibrated": prob_raw,
+            "target": target,
+            "map": maps,
+            "scale": scale,
+            "overlay": overlays,
+            "error": errors,
+        }
+
+    def _write_overlays(self, tile_ids, images: np.ndarray, raw: np.ndarray) -> list[str]:
+        from breakhis.attribution import overlay_png
+
+        uris = []
+        for tile_id, image, attribution_map in zip(tile_ids, images, raw, strict=True):
+            # A name, never a path: a tile id comes from the input ("../x" or "/x" in a
+            # crafted shard would otherwise write outside the output).
+            uri = storage.join(self.overlay_root, f"{storage.safe_name(str(tile_id))}.png")
+            storage.write_bytes(uri, overlay_png(image, attribution_map))
+            uris.append(uri)
+        return uris
+
+
+def actor_plan(device: str, num_actors: int, cpus_per_actor: int) -> tuple[int, float, str]:
+    """(most actors, GPUs per actor, device) of a model actor pool on the current cluster.
+
+    ``device`` is ``auto``, ``cpu`` or ``cuda``; ``num_actors`` 0 sizes the pool from the
+    cluster: one actor per GPU, or on CPUs as many as fit while one CPU stays free for the
+    decode tasks (the actors would starve them otherwise). Raises ValueError for ``cuda`` on a
+    cluster without GPUs.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if device == "cuda" or (device == "auto" and gpus > 0):
+        if gpus == 0:
+            raise ValueError("--device cuda: the Ray cluster has no GPU")
+        return num_actors or gpus, 1.0, "cuda"
+    cpus = int(resources.get("CPU", 1))
+    return num_actors or max(1, (cpus - 1) // cpus_per_actor), 0.0, "cpu"
+
+
+def predict_dataset(
+    blocks: list[pa.Table],
+    *,
+    model_uri: str,
+    image_size: int,
+    threshold: float,
+    options: PredictOptions,
+    overlay_root: str | None = None,
+    object_store_limit: int | None = None,
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline (module docstring) over ``blocks`` (tables with uri,
+    tile_id, shard and unit columns) on the current Ray cluster: each output row is
+    TilePredictor's (uri, unit, prob, prob_uncalibrated, target, map, scale, overlay,
+    error). ``threshold`` decides the class each map explains (the one applied: the
+    model's own unless the user gave one); ``overlay_root`` also writes overlay PNGs there;
+    ``object_store_limit`` (bytes) bounds what this dataset holds in the object store.
+    Raises ValueError for ``--device cuda`` on a cluster without GPUs.
+    """
+    import ray
+
+    max_actors, gpus_per_actor, device = actor_plan(
+        options.device, options.num_actors, options.cpus_per_actor
+    )
+    log.info("predicting with up to %d %s actor(s)", max_actors, device.upper())
+    ds = ray.data.from_arrow(blocks)
+    if object_store_limit:
+        # A per-dataset copy of the context: the limit does not leak into other datasets.
+        ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=object_store_limit
+        )
+    ds = ds.map_batches(
+        decode_tiles,
+        fn_kwargs={"image_size": image_size},
+        batch_size=options.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=0.5,
+    )
+    return ds.map_batches(
+        TilePredictor,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "method": options.method,
+            "map_size": options.map_size,
+            "tta": options.tta,
+            "threshold": threshold,
+            "device": device,
+            "torch_threads": options.torch_threads or options.cpus_per_actor,
+            "overlay_root": overlay_root,
+            "ig_steps": options.ig_steps,
+            "occlusion_window": options.occlusion_window,
+            "lime_samples": options.lime_samples,
+            "lime_grid": options.lime_grid,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        batch_size=options.batch_size,
+        batch_format="numpy",
+    )
