@@ -14,7 +14,13 @@ generated BreakHis-shaped data set (or the real one with ``--data``):
    ``s3://breakhis/scores`` as Parquet;
 6. evaluate the model on its held-out patients: ``<workdir>/report/report.html``.
 
-Each step prints what it produced. Local outputs go under ``--workdir``.
+The terminal shows each step's header, a progress line and the summary of what it
+produced; everything else that Ray, Tune and the jobs print or log goes to
+``<workdir>/demo.log``. What the demo made is kept in ``--workdir`` (the embedded S3
+server's data goes with the server): ``prepared/`` (manifest and rejects), ``model/``
+(the artifact, curves beside it), ``sweep/`` (leaderboard), ``scores/`` (the scored
+tiles' Parquet and the patient summary), ``report/`` and ``mlflow.db`` (every training
+run and sweep trial: ``mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db``).
 
 ``--data s3://...`` is read with your own S3 settings (AWS_* variables, profile or
 role): the data is copied into a temporary folder under ``--workdir`` before the
@@ -27,15 +33,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TextIO, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 BUCKET = "breakhis"
+LOG_FILE = "demo.log"
+"""In --workdir: everything Ray, Tune and the jobs print or log during the demo."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,8 @@ class DemoConfig:
     """A real BreakHis root (local or s3://) to use instead of generated data; s3:// is
     read with your AWS settings (copied under --workdir first, removed at the end)."""
     workdir: str = "demo-output"
-    """Local folder for the outputs that outlive the embedded S3 server (report, scores)."""
+    """Local folder that keeps what the demo made (prepared manifest, model, leaderboard,
+    scores, report, MLflow runs) and its log."""
     epochs: int = 6
     """Training epochs of the demo model."""
     image_size: int = 64
@@ -67,8 +81,89 @@ class DemoConfig:
             raise FileNotFoundError(f"--data {self.data}: no such folder")
 
 
-def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+@contextlib.contextmanager
+def console_to_log(path: str) -> Iterator[TextIO]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so Ray's
+    processes started from here, C extensions and every logging handler too) at the file
+    ``path`` while the block runs; yield a stream on the original stdout for the lines
+    meant for the user. Both are restored on exit, before an exception propagates."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    with open(path, "a", buffering=1) as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield console
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            console.close()
+
+
+class Steps:
+    """The demo's terminal: a header per step, a progress line while it runs (redrawn in
+    place on a terminal, a line every ``every`` seconds otherwise) and its summary."""
+
+    def __init__(self, console: TextIO, total: int, every: float = 60.0) -> None:
+        self.console = console
+        self.total = total
+        self.every = every
+        self.tty = console.isatty()
+
+    def say(self, text: str = "") -> None:
+        """Print ``text`` to the user."""
+        self.console.write(text + "\n")
+        self.console.flush()
+
+    def run(self, number: int, title: str, fn: Callable[[], T]) -> T:
+        """Show the header, run ``fn`` with a progress line, return its result."""
+        self.say(f"\n=== {number}/{self.total} {title} ===")
+        done = threading.Event()
+        started = time.monotonic()
+
+        def tick() -> None:
+            shown = 0.0
+            while not done.wait(1.0):
+                elapsed = time.monotonic() - started
+                if self.tty:
+                    self.console.write(f"\r  running ... {elapsed:4.0f} s")
+                    self.console.flush()
+                elif elapsed - shown >= self.every:
+                    shown = elapsed
+                    self.say(f"  running ... {elapsed:.0f} s")
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            return fn()
+        finally:
+            done.set()
+            ticker.join()
+            if self.tty:
+                self.console.write("\r\033[K")
+            self.say(f"  ({time.monotonic() - started:.0f} s)")
+
+
+def keep(uri: str, folder: str) -> str:
+    """Copy the file or folder ``uri`` (the embedded server's) into the local ``folder``,
+    which outlives the server: a file as ``folder/<name>``, a folder's files at their
+    paths below it. Returns ``folder``."""
+    from breakhis import storage
+
+    root = uri.rstrip("/")
+    for entry in storage.walk(root):
+        relative = entry.uri[len(root) + 1 :] or entry.uri.rsplit("/", 1)[-1]
+        target = os.path.join(folder, *relative.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as out:
+            out.write(storage.read_bytes(entry.uri))
+    return folder
 
 
 @contextlib.contextmanager
@@ -101,19 +196,41 @@ def local_data(data: str | None, workdir: str) -> Iterator[str | None]:
 
 
 def run_demo(config: DemoConfig) -> None:
-    """Run every step of the pipeline that exists, printing what each produced.
+    """Run every step of the pipeline, showing what each produced; keep the outputs in
+    ``config.workdir``, the rest of the output in its demo.log.
 
     Raises whatever a step raises; the embedded S3 server and Ray are stopped
     in every case.
     """
-    os.makedirs(config.workdir, exist_ok=True)
-    with local_data(config.data, config.workdir) as data:
-        _run_steps(replace(config, data=data), shown=config.data)
-    print(f"\ndemo finished; local outputs in {os.path.abspath(config.workdir)}")
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, LOG_FILE)
+    with local_data(config.data, workdir) as data, console_to_log(log_path) as console:
+        steps = Steps(console, total=6)
+        steps.say(f"breakhis demo: Ray's and the jobs' own output goes to {log_path}")
+        _run_steps(replace(config, data=data, workdir=workdir), steps, shown=config.data)
+        _show_outputs(steps, workdir, config.workdir)
 
 
-def _run_steps(config: DemoConfig, shown: str | None) -> None:
+def _show_outputs(steps: Steps, workdir: str, shown: str) -> None:
+    """The demo's last lines: what it kept and how to open each."""
+    scores = os.path.join(shown, "scores", "tiles")
+    steps.say(f"\ndemo finished; kept in {workdir}:")
+    for name, how in (
+        ("report", f"{shown}/report/report.html (open it in a browser)"),
+        ("scores", f"python -c \"import pandas as pd; print(pd.read_parquet('{scores}'))\""),
+        ("model", f"{shown}/model (breakhis score --model {shown}/model --input DIR --output OUT)"),
+        ("sweep", f"{shown}/sweep/leaderboard.csv"),
+        ("prepared", f"{shown}/prepared/manifest.parquet and rejects.parquet"),
+        ("runs", f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db"),
+        ("log", f"{shown}/{LOG_FILE}"),
+    ):
+        steps.say(f"  {name:<9} {how}")
+
+
+def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
     import ray
+    import ray.data
 
     from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
     from breakhis.prepare import PrepareConfig, prepare
@@ -123,36 +240,53 @@ def _run_steps(config: DemoConfig, shown: str | None) -> None:
     from breakhis.train import TrainConfig, run_training
     from breakhis.tune import SweepConfig, parse_search_space, run_sweep
 
+    workdir = config.workdir
+    tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     with embedded_s3(buckets=(BUCKET,)) as server:
-        print(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, pid {server.pid}")
+        steps.say(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, pid {server.pid}")
         # Ray starts after the server so that its workers inherit the AWS_* variables.
         # Logical CPUs beyond the cores: the two training workers hold one each, and Ray
         # Data needs CPUs of its own to feed them, or the pipeline waits for ever.
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,
             configure_logging=False,
+            log_to_driver=False,
         )
+        steps.say(f"Ray's worker logs: {context.address_info['session_dir']}/logs")
+        ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             if config.data:
                 src = config.data
-                _banner(f"1/6 data: using {shown}" + (f" ({src})" if src != shown else ""))
+                steps.say(
+                    f"\n=== 1/6 data: using {shown}"
+                    + (f" ({src})" if src != shown else "")
+                    + " ==="
+                )
             else:
                 src = f"s3://{BUCKET}/raw"
-                _banner(f"1/6 generating BreakHis-shaped data into {src}")
-                summary = synthesize(src, scale=config.scale, seed=config.seed)
-                print(summary.format_table())
-                bad = corrupt_files(src, seed=config.seed)
-                print(
-                    f"added {len(bad)} deliberately bad files: "
-                    + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
-                )
-            dest = f"s3://{BUCKET}/prepared"
-            _banner(f"2/6 prepare {src} -> {dest}")
-            print(prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)).format_table())
 
-            _banner("3/6 train a small CNN on fold 0 (Ray Train, 2 CPU workers)")
+                def generate() -> str:
+                    summary = synthesize(src, scale=config.scale, seed=config.seed)
+                    bad = corrupt_files(src, seed=config.seed)
+                    return (
+                        summary.format_table()
+                        + f"\nadded {len(bad)} deliberately bad files: "
+                        + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
+                    )
+
+                steps.say(steps.run(1, f"generating BreakHis-shaped data into {src}", generate))
+            dest = f"s3://{BUCKET}/prepared"
+            prepared = steps.run(
+                2,
+                f"prepare {src} -> {dest}",
+                lambda: prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)),
+            )
+            for name in ("manifest.parquet", "rejects.parquet"):
+                keep(f"{dest}/{name}", os.path.join(workdir, "prepared"))
+            steps.say(prepared.format_table())
+
             train = TrainConfig(
                 data=dest,
                 storage=f"s3://{BUCKET}/runs",
@@ -169,16 +303,20 @@ def _run_steps(config: DemoConfig, shown: str | None) -> None:
                 patience=0,
                 num_workers=2,
                 seed=config.seed,
+                tracking_uri=tracking,
             )
-            trained = run_training(train)
-            print(trained.format_table())
+            trained = steps.run(
+                3,
+                "train a small CNN on fold 0 (Ray Train, 2 CPU workers)",
+                lambda: run_training(train),
+            )
+            keep(trained.artifact_uri, os.path.join(workdir, "model"))
+            for name in ("curves.png", "curves.json"):
+                keep(f"{trained.run_uri}/{name}", os.path.join(workdir, "model"))
+            steps.say(trained.format_table())
 
             if config.trials:
                 sweeps = f"s3://{BUCKET}/sweeps"
-                _banner(
-                    f"4/6 sweep the learning rate, {config.trials} trials with ASHA (Ray Tune "
-                    f"driving Train V2) -> {sweeps}/demo"
-                )
                 # Highest rate first: the trials run one at a time here, and ASHA stops a
                 # trial at a rung only behind ones that reached it before (small rates learn
                 # least in 3 epochs, so they arrive last and are stopped). Ranked by ROC-AUC:
@@ -186,39 +324,54 @@ def _run_steps(config: DemoConfig, shown: str | None) -> None:
                 # (balanced accuracy 0.5 for all, seen 2026-11-27), and ASHA cannot stop a
                 # trial that ties the rung's cutoff; the ranking separates them.
                 rates = [float(f"{r:.2g}") for r in np.geomspace(1e-2, 3e-4, config.trials)]
-                swept = run_sweep(
-                    SweepConfig(
-                        train=replace(
-                            train, storage=sweeps, epochs=3, num_workers=1, metric="val_roc_auc"
-                        ),
-                        search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
-                        num_samples=1,
-                        workers_per_trial=1,
-                        progress=0,
-                    )
+                sweep = SweepConfig(
+                    train=replace(
+                        train, storage=sweeps, epochs=3, num_workers=1, metric="val_roc_auc"
+                    ),
+                    search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
+                    num_samples=1,
+                    workers_per_trial=1,
+                    progress=0,
                 )
-                print(swept.format_table())
+                swept = steps.run(
+                    4,
+                    f"sweep the learning rate, {config.trials} trials with ASHA (Ray Tune "
+                    f"driving Train V2) -> {sweeps}/demo",
+                    lambda: run_sweep(sweep),
+                )
+                for name in ("leaderboard.parquet", "leaderboard.csv"):
+                    keep(
+                        f"{swept.leaderboard_uri.rsplit('/', 1)[0]}/{name}",
+                        os.path.join(workdir, "sweep"),
+                    )
+                steps.say(swept.format_table())
             else:
-                _banner("4/6 sweep skipped (--trials 0)")
+                steps.say("\n=== 4/6 sweep skipped (--trials 0) ===")
 
             scores = f"s3://{BUCKET}/scores"
-            _banner(f"5/6 score every raw tile with Grad-CAM -> {scores}")
-            print(
-                run_scoring(
+            scored = steps.run(
+                5,
+                f"score every raw tile with Grad-CAM -> {scores}",
+                lambda: run_scoring(
                     ScoreConfig(model=trained.artifact_uri, input=src, output=scores)
-                ).format_table()
+                ),
             )
+            keep(scores, os.path.join(workdir, "scores"))
+            steps.say(scored.format_table())
 
-            report = os.path.join(os.path.abspath(config.workdir), "report")
-            _banner(f"6/6 evaluate on the held-out patients of fold 0 -> {report}")
-            evaluation = run_evaluation(
-                EvaluateConfig(
-                    model=trained.artifact_uri,
-                    data=dest,
-                    out=report,
-                    options=EvaluateOptions(bootstrap=200),
-                )
+            report = os.path.join(workdir, "report")
+            evaluation = steps.run(
+                6,
+                f"evaluate on the held-out patients of fold 0 -> {report}",
+                lambda: run_evaluation(
+                    EvaluateConfig(
+                        model=trained.artifact_uri,
+                        data=dest,
+                        out=report,
+                        options=EvaluateOptions(bootstrap=200),
+                    )
+                ),
             )
-            print(evaluation.format_table())
+            steps.say(evaluation.format_table())
         finally:
             ray.shutdown()

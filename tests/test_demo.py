@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 
@@ -36,6 +37,26 @@ def test_the_demo_runs_every_step_and_ends_with_the_report(tmp_path: Path) -> No
     assert report.is_file() and report.stat().st_size > 10_000
     assert f"report: {report}" in out
     assert "demo finished" in out
+    # A quiet terminal: headers, progress lines and summaries; the rest is in demo.log.
+    assert len(out.splitlines()) < 100, out
+    assert "Parquet dataset sampling" not in out and "Configuration for experiment" not in out
+    assert (workdir / "demo.log").stat().st_size > 0 and not done.stderr.strip()
+    # What the demo made outlives its S3 server, and opens as the last lines say.
+    for kept in ("prepared/manifest.parquet", "prepared/rejects.parquet", "model/model.json",
+                 "model/model.pt", "model/curves.png", "sweep/leaderboard.csv",
+                 "scores/patients.parquet", "scores/_SUCCESS"):  # fmt: skip
+        assert (workdir / kept).is_file(), kept
+    tiles = pd.read_parquet(workdir / "scores" / "tiles")
+    assert len(tiles) > 0 and tiles["uri"].is_unique
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and len(runs) == 4  # the training run, the sweep and its trials
+    trained = next(r for r in runs if r not in children and "model_id" in r.data.tags)
+    assert trained.data.metrics["val_roc_auc"] > 0.5 and trained.info.status == "FINISHED"
     # Evaluation applies the decision the training fitted on its validation patients.
     calibration = json.loads((workdir / "report" / "metrics.json").read_text())["calibration"]
     assert calibration["threshold_source"].startswith("the model's, chosen by balanced_accuracy")
