@@ -76,15 +76,14 @@ from ray.data.dataset import MaterializedDataset
 from ray.data.expressions import col
 
 from breakhis import storage
+from breakhis.names import MAGNIFICATIONS
 from breakhis.prepare import manifest_hash, manifest_shards, read_manifest
 from breakhis.splits import SplitPatients, SplitSpec, select_split
 from breakhis.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 
-MAGNIFICATIONS = (40, 100, 200, 400)
 SIDES = ("train", "val", "test")
-CLASS_NAMES = ("benign", "malignant")
 # Shard columns the pipeline needs: everything but the PNG's bookkeeping.
 _READ_COLUMNS = ["tile_id", "uri", "patient_id", "label", "magnification", "png"]
 # Failures kept with their reason in the ledger; beyond this only counted.

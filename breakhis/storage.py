@@ -150,6 +150,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def for_ray(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(path, filesystem)`` for Ray's storage_path/storage_filesystem options: the
+    bucket path and this module's S3 filesystem (its endpoint, timeouts and credentials
+    chain) for s3:// URIs; an absolute local path and None (Ray's own) otherwise."""
+    fs, path = resolve(uri)
+    return (path, fs) if is_s3(uri) else (path, None)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with '/' (works for s3:// and local)."""
     out = uri.rstrip("/")

@@ -899,16 +899,11 @@ class RunPlan:
         return bool(self.loop_config.get("validate", True))
 
 
-def _storage_for_ray(uri: str) -> tuple[str, Any]:
-    fs, path = storage.resolve(uri)
-    return (path, fs) if storage.is_s3(uri) else (path, None)
-
-
 def _latest_checkpoint_config(config: TrainConfig) -> dict[str, Any] | None:
     """The train_config.json of the run's latest checkpoint, or None for a new run."""
     if not storage.exists(config.run_uri):
         return None
-    path, fs = _storage_for_ray(config.run_uri)
+    path, fs = storage.for_ray(config.run_uri)
     try:
         result = ray.train.Result.from_path(path, storage_filesystem=fs)
     except RuntimeError:  # a folder without a run snapshot: nothing to resume
@@ -1107,7 +1102,7 @@ def make_trainer(
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
-    storage_path, filesystem = _storage_for_ray(config.storage)
+    storage_path, filesystem = storage.for_ray(config.storage)
     by_metric = plan.validate and config.epoch_rule == "best"
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,

@@ -67,6 +67,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from breakhis import storage, tracking
+from breakhis.ray_internals import release_orphaned_placement_groups
 from breakhis.train import TrainConfig, kept_epoch
 
 log = logging.getLogger(__name__)
@@ -534,11 +535,6 @@ def _absolute(uri: str) -> str:
     return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
 
 
-def _storage_for_ray(uri: str) -> tuple[str, Any]:
-    fs, path = storage.resolve(uri)
-    return path, fs if storage.is_s3(uri) else None
-
-
 def trial_run_name(trial_id: str) -> str:
     """The Train run name of a trial: stable across restarts, so the run resumes."""
     return f"trial-{trial_id}"
@@ -820,50 +816,6 @@ def _check_same_sweep(config: SweepConfig, record: dict[str, Any]) -> None:
         )
 
 
-def orphaned_placement_groups() -> list[str]:
-    """Ids (hex) of this job's placement groups whose creating actor has died.
-
-    Nothing can use such a group any more, yet Ray keeps it (and the CPUs and
-    GPUs it reserves) until the job ends. Reads Ray's GCS placement-group table
-    through a private accessor of the pinned Ray 2.60 (the public table leaves
-    out the creator); returns an empty list, with a warning, if that fails.
-    """
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
-    removed = gcs_pb2.PlacementGroupTableData.REMOVED
-    job = ray.get_runtime_context().get_job_id()
-    no_actor = ray.ActorID.nil().binary()  # groups the driver itself created
-    try:
-        table = state._connect_and_get_accessor().get_placement_group_table()
-        rows = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in table]
-    except Exception as err:  # a private API: never let it fail a sweep
-        log.warning("cannot read the placement-group table (%s); skipping the clean-up", err)
-        return []
-    return [
-        row.placement_group_id.hex()
-        for row in rows
-        if row.state != removed
-        and not row.is_detached
-        and row.creator_job_id.hex() == job
-        and row.creator_actor_id != no_actor
-        and row.creator_actor_dead
-    ]
-
-
-def release_orphaned_placement_groups() -> int:
-    """Remove the placement groups orphaned_placement_groups() finds. Returns how many."""
-    import ray
-    from ray.util.placement_group import PlacementGroup
-
-    orphans = orphaned_placement_groups()
-    for pg_id in orphans:
-        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-        log.info("released placement group %s of a stopped trial's Train run", pg_id)
-    return len(orphans)
-
-
 class ReleaseStoppedTrialResources(Callback):
     """Tune callback that frees the Train workers' resources of stopped trials.
 
@@ -909,7 +861,7 @@ def _make_tuner(
         )
     else:
         scheduler = FIFOScheduler()
-    storage_path, filesystem = _storage_for_ray(_absolute(train.storage))
+    storage_path, filesystem = storage.for_ray(_absolute(train.storage))
     param_space = {
         "train": {**trial_base(config).to_dict(), **space.to_tune()},
         "gpus_per_worker": config.gpus_per_worker or None,
@@ -1021,7 +973,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         max_concurrent = derive_max_concurrent(
             ray.cluster_resources(), config.trial_request(), num_trials
         )
-    experiment_path, filesystem = _storage_for_ray(config.experiment_uri)
+    experiment_path, filesystem = storage.for_ray(config.experiment_uri)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if not resumed:
         storage.make_dirs(config.experiment_uri)

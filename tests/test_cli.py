@@ -70,9 +70,21 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
     assert docs and all(docs.values())
 
 
-@pytest.mark.parametrize("bench", ["ingest", "train", "tune", "score", "accuracy"])
-def test_benchmark_help(capsys, bench):
-    assert "--" in _help(capsys, "benchmark", bench)
+@pytest.mark.parametrize(
+    ("bench", "config"),
+    [
+        ("ingest", "breakhis.benchmarks.ingest:IngestBenchmarkConfig"),
+        ("train", "breakhis.benchmarks.train:TrainBenchmarkConfig"),
+        ("tune", "breakhis.benchmarks.tune:TuneBenchmarkConfig"),
+        ("score", "breakhis.benchmarks.score:ScoreBenchmarkConfig"),
+        ("accuracy", "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig"),
+    ],
+)
+def test_benchmark_help_lists_every_option_of_its_config(capsys, bench, config):
+    out = _help(capsys, "benchmark", bench)
+    cls = cli._load(config)
+    assert _flags(cls) and all(flag in out for flag in _flags(cls)), (bench, out)
+    assert all(field_docs(cls).values())
 
 
 @pytest.mark.parametrize("name", ["synth", "prepare"])

@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import small_train_config
 
+from breakhis.ray_internals import orphaned_placement_groups
 from breakhis.train import TrainConfig
 from breakhis.tune import (
     DEFAULT_SEARCH_SPACE,
@@ -29,7 +30,6 @@ from breakhis.tune import (
     check_search_space,
     derive_max_concurrent,
     load_search_space,
-    orphaned_placement_groups,
     parse_search_space,
     resolve_space,
     run_sweep,
