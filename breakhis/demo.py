@@ -236,9 +236,10 @@ def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
     from breakhis.prepare import PrepareConfig, prepare
     from breakhis.s3server import embedded_s3
     from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.search_space import parse_search_space
     from breakhis.synth import corrupt_files, synthesize
     from breakhis.train import TrainConfig, run_training
-    from breakhis.tune import SweepConfig, parse_search_space, run_sweep
+    from breakhis.tune import SweepConfig, run_sweep
 
     workdir = config.workdir
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"

@@ -150,6 +150,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute (s3:// URIs as they are): for what runs in
+    another working directory (Tune trials run in their own)."""
+    return uri if is_s3(uri) else resolve(uri)[1]
+
+
 def for_ray(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """``(path, filesystem)`` for Ray's storage_path/storage_filesystem options: the
     bucket path and this module's S3 filesystem (its endpoint, timeouts and credentials

@@ -176,7 +176,8 @@ def test_a_training_run_is_logged_and_a_rerun_continues_it(
 def test_a_sweep_is_a_parent_run_with_a_child_per_trial(
     prepared: str, store: str, tmp_path: Path
 ) -> None:
-    from breakhis.tune import SweepConfig, parse_search_space, run_sweep
+    from breakhis.search_space import parse_search_space
+    from breakhis.tune import SweepConfig, run_sweep
 
     train = small_train_config(
         prepared,

@@ -22,18 +22,15 @@ import yaml
 from conftest import small_train_config
 
 from breakhis.ray_internals import orphaned_placement_groups
-from breakhis.train import TrainConfig
-from breakhis.tune import (
+from breakhis.search_space import (
     DEFAULT_SEARCH_SPACE,
     SearchSpaceError,
-    SweepConfig,
     check_search_space,
-    derive_max_concurrent,
     load_search_space,
     parse_search_space,
-    resolve_space,
-    run_sweep,
 )
+from breakhis.train import TrainConfig
+from breakhis.tune import SweepConfig, derive_max_concurrent, resolve_space, run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIDE = 32  # generated tiles are SIDE x SIDE, so trials train without resizing

@@ -172,8 +172,9 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     """
     import ray
 
+    from breakhis.search_space import parse_search_space
     from breakhis.train import run_training
-    from breakhis.tune import SweepConfig, parse_search_space, run_sweep
+    from breakhis.tune import SweepConfig, run_sweep
 
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
