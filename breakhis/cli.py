@@ -244,7 +244,7 @@ _job(
 _job(
     "train",
     "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST",
-    "breakhis.train:TrainConfig",
+    "breakhis.train_config:TrainConfig",
     "breakhis.train:run_training",
     split_dest="split",
     check=_split_exists,

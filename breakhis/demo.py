@@ -238,7 +238,8 @@ def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
     from breakhis.score import ScoreConfig, run_scoring
     from breakhis.search_space import parse_search_space
     from breakhis.synth import corrupt_files, synthesize
-    from breakhis.train import TrainConfig, run_training
+    from breakhis.train import run_training
+    from breakhis.train_config import TrainConfig
     from breakhis.tune import SweepConfig, run_sweep
 
     workdir = config.workdir

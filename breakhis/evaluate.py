@@ -709,7 +709,7 @@ def choose_examples(
 
 def _history_png(model_uri: str) -> bytes | None:
     """The training job's curves.png beside the artifact (RUN/model -> RUN/curves.png)."""
-    from breakhis.train import CURVES_PNG
+    from breakhis.train_config import CURVES_PNG
 
     run_uri = model_uri.rstrip("/").rsplit("/", 1)[0]
     uri = storage.join(run_uri, CURVES_PNG)

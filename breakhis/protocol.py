@@ -54,7 +54,8 @@ from breakhis import storage
 from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
 from breakhis.names import MAGNIFICATIONS
 from breakhis.splits import SCHEMES, SplitSpec
-from breakhis.train import ARTIFACT_DIR, DATA_CPUS, TrainConfig
+from breakhis.train import DATA_CPUS
+from breakhis.train_config import ARTIFACT_DIR, TrainConfig
 
 log = logging.getLogger(__name__)
 

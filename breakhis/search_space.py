@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from breakhis import storage
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 
 _COMBINATION_LIMIT = 100_000
 

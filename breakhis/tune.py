@@ -65,7 +65,8 @@ from breakhis.search_space import (
     load_search_space,
     parse_search_space,
 )
-from breakhis.train import TrainConfig, kept_epoch
+from breakhis.train_config import TrainConfig
+from breakhis.train_loop import kept_epoch
 
 log = logging.getLogger(__name__)
 
@@ -708,7 +709,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             f"sweep {config.experiment_uri} stopped with {unfinished} unfinished trial(s); "
             "run the same command again to resume it"
         )
-    from breakhis.train import VAL_METRICS
+    from breakhis.train_config import VAL_METRICS
 
     metric_keys = ["train_loss", *VAL_METRICS]
     rows = [

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def small_train_config(data: str, storage: str, **overrides):
     """A TrainConfig of a smallcnn run small enough for a 2-core machine (32 px, one epoch,
     batches of 16, no augmentation, one worker, no retries); ``overrides`` change any field."""
-    from breakhis.train import TrainConfig
+    from breakhis.train_config import TrainConfig
 
     values = dict(
         data=data,

@@ -15,7 +15,7 @@ from breakhis.options import field_docs
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
-    "train": "breakhis.train:TrainConfig",
+    "train": "breakhis.train_config:TrainConfig",
     "score": "breakhis.score:ScoreConfig",
     "evaluate": "breakhis.evaluate:EvaluateConfig",
     "protocol": "breakhis.protocol:ProtocolConfig",

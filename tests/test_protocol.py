@@ -23,7 +23,7 @@ from breakhis.protocol import (
     run_name,
     run_protocol,
 )
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 
 
 def _train(tmp_path: Path, data: str = "data", **overrides) -> TrainConfig:

@@ -10,7 +10,7 @@ import pytest
 from conftest import small_train_config
 
 from breakhis import tracking
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 
 SIDE = 32
 

@@ -19,11 +19,13 @@ import torch
 from conftest import small_train_config
 
 import breakhis.train as train_module
+import breakhis.train_loop as loop_module
 from breakhis.metrics import classification_metrics, majority_rate
-from breakhis.model import WeightsError, build_model
+from breakhis.model import WeightsError, build_model, split_parameters
 from breakhis.splits import LeakageError
-from breakhis.train import (
-    TrainConfig,
+from breakhis.train import run_training, write_curves
+from breakhis.train_config import TrainConfig
+from breakhis.train_loop import (
     early_stopping,
     evaluate,
     kept_epoch,
@@ -32,9 +34,7 @@ from breakhis.train import (
     make_loss,
     make_optimizer,
     make_scheduler,
-    run_training,
     train_one_epoch,
-    write_curves,
 )
 
 SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizing
@@ -79,7 +79,7 @@ def test_fine_tuning_defaults_follow_the_weights(tmp_path: Path) -> None:
     assert (explicit.epochs_frozen, explicit.backbone_lr_ratio) == (2, 0.5)
     # Unset stays unset through a dict (a Tune trial that varies the weights re-derives them).
     assert TrainConfig.from_dict(random_init.to_dict()).freeze_epochs is None
-    backbone, head = train_module.split_parameters(build_model("smallcnn"), "smallcnn")
+    backbone, head = split_parameters(build_model("smallcnn"), "smallcnn")
     groups = make_optimizer(random_init, backbone, head).param_groups
     assert groups[0]["lr"] == groups[1]["lr"] == random_init.lr
 
@@ -90,13 +90,13 @@ def test_fit_decision_calibrates_then_thresholds_the_validation_predictions() ->
     # A model 4x too confident and shifted towards benign by 6 logits.
     calibrated = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1.0, labels.size)
     margins = 4.0 * calibrated - 6.0
-    predictions = train_module.Predictions(
+    predictions = loop_module.Predictions(
         margins=margins,
         probs=1 / (1 + np.exp(-margins)),
         labels=labels,
         patient_ids=np.array([f"P{i % 40}" for i in range(labels.size)]),
     )
-    temperature, threshold = train_module.fit_decision(predictions, "balanced_accuracy")
+    temperature, threshold = loop_module.fit_decision(predictions, "balanced_accuracy")
     assert temperature > 2.0  # the overconfidence is seen (the fit also absorbs the shift)
     called = 1 / (1 + np.exp(-margins / temperature)) >= threshold
     assert classification_metrics(labels, called.astype(float))["balanced_accuracy"] > 0.80
@@ -167,7 +167,7 @@ def test_train_one_epoch_and_evaluate_learn_in_memory(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = _config(tmp_path, "data", epochs=3, lr=1e-2)
     model = build_model("smallcnn")
-    backbone, head = train_module.split_parameters(model, "smallcnn")
+    backbone, head = split_parameters(model, "smallcnn")
     optimizer = make_optimizer(config, backbone, head)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=4)
     loss_fn = make_loss(config, class_weights=(1.0, 1.0))

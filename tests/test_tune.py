@@ -29,7 +29,7 @@ from breakhis.search_space import (
     load_search_space,
     parse_search_space,
 )
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 from breakhis.tune import SweepConfig, derive_max_concurrent, resolve_space, run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -564,7 +564,8 @@ def run_job(
     ``runs``), evaluate its artifact on the test patients, and return its SideResult."""
     from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
     from breakhis.predict import PredictOptions
-    from breakhis.train import CURVES_JSON, REFIT_DIR, TrainConfig, run_training
+    from breakhis.train import run_training
+    from breakhis.train_config import CURVES_JSON, REFIT_DIR, TrainConfig
 
     started = time.perf_counter()
     train_config = TrainConfig(

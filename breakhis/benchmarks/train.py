@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from breakhis.benchmarks.harness import device_name, prepared_data, save_result, start_local_ray
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _plain_loop(
     import torch
 
     from breakhis.model import build_model, split_parameters
-    from breakhis.train import make_loss, make_optimizer, make_scheduler, train_one_epoch
+    from breakhis.train_loop import make_loss, make_optimizer, make_scheduler, train_one_epoch
 
     device = torch.device("cuda" if config["use_gpu"] else "cpu")
     on_gpu = device.type == "cuda"

@@ -40,7 +40,7 @@ from breakhis.benchmarks.harness import (
     save_result,
     start_local_ray,
 )
-from breakhis.train import TrainConfig
+from breakhis.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,281 @@
+"""The options of a training run: TrainConfig (one shape for a single run and a Ray Tune
+trial, validated when built, turned into a plain dict only at the Ray boundary) and the
+names of what a run writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from breakhis import storage, tracking
+from breakhis.calibration import THRESHOLD_RULES
+from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from breakhis.model import check_arch
+from breakhis.splits import SplitSpec
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
+
+MODEL_EPOCH_RULES: tuple[str, ...] = ("last", "best")
+"""Accepted values of --model-epoch."""
+"""Metrics accepted for ``TrainConfig.metric`` (checkpoint ranking and early stopping)."""
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_CONFIG_FILE = "train_config.json"
+ARTIFACT_DIR = "model"
+VALIDATED_DIR = "validated-model"
+"""With --refit: the artifact of the validated run (the refit's is ARTIFACT_DIR)."""
+REFIT_DIR = "refit"
+"""With --refit: the refit's Ray Train run, inside the run's folder."""
+CURVES_JSON = "curves.json"
+CURVES_PNG = "curves.png"
+# Options that define what a run learns from; a rerun under the same name must keep them.
+RESUME_FIXED: tuple[str, ...] = (
+    "data",
+    "split",
+    "val_fraction",
+    "seed",
+    "magnification",
+    "image_size",
+    "arch",
+    "dropout",
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run (also the shape of a Ray Tune trial's config)."""
+
+    data: str
+    """Prepared data root (``breakhis prepare`` DEST), local path or s3:// URI."""
+    storage: str
+    """Where runs are kept (checkpoints, artifact, curves), local path or s3:// URI."""
+    name: str
+    """Run name: the run lives at STORAGE/NAME; the same name resumes it."""
+    split: str = "fold:0"
+    """Patient-disjoint split of the manifest: ``fold:K`` or ``rep:K``."""
+    val_fraction: float = 0.2
+    """Share of the training patients held out for validation (by patient, per class)."""
+    magnification: int | None = None
+    """Train on one magnification (40, 100, 200, 400) or all (None)."""
+    image_size: int = 224
+    """Side of the square model input in pixels."""
+    augment_strength: float = 1.0
+    """Training augmentation strength, 0 (none) to 1."""
+    oversample: bool = False
+    """Oversample the minority class in the training data (instead of or with class weights)."""
+    cache: bool = True
+    """Cache decoded tiles in the Ray object store between epochs."""
+    arch: str = "resnet50"
+    """Model architecture, one of breakhis.model.ARCHITECTURES."""
+    weights: str = "imagenet"
+    """Initial weights: ``imagenet``, ``none``, or a local path / s3:// URI of a state dict."""
+    dropout: float = 0.2
+    """Dropout before the two-class linear head."""
+    epochs: int = 20
+    """Total epochs of the run (a resumed run continues up to this number)."""
+    batch_size: int = 64
+    """Images per step on each worker."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd`` (with Nesterov momentum)."""
+    lr: float = 1e-3
+    """Peak learning rate of the head (and of the backbone times ``backbone_lr_scale``)."""
+    backbone_lr_scale: float | None = None
+    """Backbone learning rate as a fraction of ``lr`` once it is unfrozen; default 0.1 with
+    pretrained weights, 1.0 with ``--weights none`` (a random backbone learns like the head)."""
+    weight_decay: float = 1e-4
+    """Weight decay (decoupled for AdamW)."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs before the cosine decay."""
+    min_lr_scale: float = 0.01
+    """Learning rate at the end of the cosine decay, as a fraction of the peak."""
+    freeze_epochs: int | None = None
+    """Epochs at the start with the backbone frozen (only the head trains); default 1 with
+    pretrained weights, 0 with ``--weights none`` (nothing to keep in a random backbone)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss, 0 to <1."""
+    class_weighted: bool = True
+    """Weigh the loss by inverse class frequency of the training images."""
+    metric: str = "val_loss"
+    """Validation metric that chooses the model epoch with ``--model-epoch best`` and drives
+    early stopping (see VAL_METRICS)."""
+    model_epoch: str | None = None
+    """Which epoch becomes the model: ``last`` (the end of the learning-rate schedule, as
+    torchvision's reference recipes keep) or ``best`` by ``--metric`` on the validation
+    patients; default ``best`` with early stopping (``--patience`` > 0), else ``last``."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept: the best by ``metric`` with ``--model-epoch best``, else the
+    latest."""
+    patience: int = 0
+    """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
+    num_workers: int = 2
+    """Ray Train workers (one GPU each with ``use_gpu``)."""
+    use_gpu: bool = False
+    """Train on GPUs: NCCL, bf16 autocast, channels_last; CPUs and gloo otherwise."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (the rest of the cluster feeds Ray Data)."""
+    max_failures: int = 2
+    """Worker failures to recover from (restart from the last checkpoint); -1 no limit."""
+    wait_for_resources: bool = False
+    """On an autoscaling cluster, wait for nodes when the cluster is too small for the run
+    now, instead of failing before any worker starts."""
+    compile: bool = False
+    """Compile the model with torch.compile (GPU runs; slow to start)."""
+    amp: bool = True
+    """bf16 autocast on GPU (no effect on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format on GPU (no effect on CPU)."""
+    bn_recalibration_batches: int = 16
+    """Training batches (each epoch's last) over which BatchNorm statistics are recomputed
+    with the epoch's final weights before validating and checkpointing (PreciseBN); 0 keeps
+    BatchNorm's running averages."""
+    threshold_rule: str = "balanced_accuracy"
+    """How the decision threshold is chosen on the validation patients each epoch and stored
+    in the model: ``balanced_accuracy`` or ``accuracy`` (see breakhis.calibration)."""
+    refit: bool = False
+    """After choosing the epoch count on the validation patients, train again from the start
+    on training and validation patients together for that many epochs, and hand over that
+    model (with the temperature and threshold fitted on validation)."""
+    seed: int = 0
+    """Seed of the validation patients, weight init and dropout."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI the run logs to (parameters, per-epoch metrics, curves, model
+    card); default: MLFLOW_TRACKING_URI, else no tracking (see breakhis.tracking)."""
+
+    def __post_init__(self) -> None:
+        check_arch(self.arch)
+        for name in ("data", "storage"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(
+                f"--name {self.name!r}: use letters, digits and . _ = - (no slashes), "
+                "e.g. rn50-fold0"
+            )
+        SplitSpec.parse(self.split, val_fraction=self.val_fraction, seed=self.seed)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(
+                f"--val-fraction must be in (0, 1): every epoch is validated on held-out "
+                f"patients; got {self.val_fraction}"
+            )
+        if self.magnification not in (None, 40, 100, 200, 400):
+            raise ValueError(
+                f"--magnification {self.magnification}: accepted 40, 100, 200, 400 (or all)"
+            )
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"--image-size must be in 16..1024, got {self.image_size}")
+        if not 0.0 <= self.augment_strength <= 1.0:
+            raise ValueError(f"--augment-strength must be in [0, 1], got {self.augment_strength}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"--optimizer {self.optimizer!r} unknown; accepted: {', '.join(OPTIMIZERS)}"
+            )
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        positive |= {"num_workers": self.num_workers, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name in ("backbone_lr_scale", "min_lr_scale"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        for name in ("weight_decay", "momentum", "warmup_epochs", "freeze_epochs", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.metric not in VAL_METRICS:
+            raise ValueError(
+                f"--metric {self.metric!r} unknown; accepted: {', '.join(VAL_METRICS)}"
+            )
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"--max-failures must be >= -1, got {self.max_failures}")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(
+                f"--bn-recalibration-batches must be >= 0, got {self.bn_recalibration_batches}"
+            )
+        if self.model_epoch not in (None, *MODEL_EPOCH_RULES):
+            raise ValueError(
+                f"--model-epoch {self.model_epoch!r} unknown; accepted: "
+                f"{', '.join(MODEL_EPOCH_RULES)}"
+            )
+        if self.model_epoch == "last" and self.patience > 0:
+            raise ValueError(
+                f"--patience {self.patience} stops when --metric stops improving, and then the "
+                "last epoch is not the model to keep: use --model-epoch best (or --patience 0)"
+            )
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(
+                f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
+                f"{', '.join(THRESHOLD_RULES)}"
+            )
+        tracking.check_uri(self.tracking_uri)
+        if self.weights == "imagenet" and self.arch == "smallcnn":
+            raise ValueError(
+                "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"
+            )
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the run starts from trained weights (not ``--weights none``)."""
+        return self.weights != "none"
+
+    @property
+    def epochs_frozen(self) -> int:
+        """``freeze_epochs`` as applied: when unset, 1 with pretrained weights and 0 from a
+        random initialisation (nothing in a random backbone is worth keeping)."""
+        if self.freeze_epochs is not None:
+            return self.freeze_epochs
+        return 1 if self.pretrained else 0
+
+    @property
+    def backbone_lr_ratio(self) -> float:
+        """``backbone_lr_scale`` as applied: when unset, 0.1 with pretrained weights and
+        1.0 from a random initialisation (a random backbone must learn as fast as the head)."""
+        if self.backbone_lr_scale is not None:
+            return self.backbone_lr_scale
+        return 0.1 if self.pretrained else 1.0
+
+    @property
+    def epoch_rule(self) -> str:
+        """``model_epoch`` as applied: when unset, ``best`` with early stopping and ``last``
+        without (a fixed schedule's end is what it was tuned for; choosing an epoch on a few
+        validation patients is noisy, and the paper-sized splits have few)."""
+        if self.model_epoch is not None:
+            return self.model_epoch
+        return "best" if self.patience > 0 else "last"
+
+    @property
+    def metric_mode(self) -> str:
+        """``"max"`` or ``"min"``: which way ``metric`` improves."""
+        return "max" if HIGHER_IS_BETTER[self.metric.removeprefix("val_")] else "min"
+
+    @property
+    def run_uri(self) -> str:
+        """STORAGE/NAME: the run's folder."""
+        return storage.join(self.storage, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (for Ray, JSON and Tune)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict, e.g. a Tune trial's config. Raises ValueError naming
+        unknown keys and whatever __post_init__ raises."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
