@@ -232,9 +232,9 @@ def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
     import ray
     import ray.data
 
+    from breakhis.dev.s3server import embedded_s3
     from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
     from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.s3server import embedded_s3
     from breakhis.score import ScoreConfig, run_scoring
     from breakhis.search_space import parse_search_space
     from breakhis.synth import corrupt_files, synthesize

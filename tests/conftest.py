@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from breakhis.s3server import S3Server, embedded_s3
+from breakhis.dev.s3server import S3Server, embedded_s3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -317,7 +317,7 @@ def test_rayjob_entrypoint_runs_a_job_script_with_options_it_accepts(path_and_do
 def test_runtime_env_is_valid_for_ray_and_ships_only_the_code() -> None:
     from ray.runtime_env import RuntimeEnv
 
-    from breakhis.localcluster import load_runtime_env
+    from breakhis.dev.localcluster import load_runtime_env
 
     raw = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert raw["working_dir"] == ".", "the working_dir is the repository root"

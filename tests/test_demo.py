@@ -83,7 +83,7 @@ def test_demo_data_on_s3_is_read_with_the_users_settings(s3_server, s3_prefix, t
 
     from breakhis import storage
     from breakhis.demo import local_data
-    from breakhis.s3server import embedded_s3
+    from breakhis.dev.s3server import embedded_s3
 
     names = _user_data(f"{s3_prefix}/raw")
     with (

@@ -1,4 +1,4 @@
-"""Jobs on a real multi-node Ray cluster on this machine (breakhis.localcluster: a head and
+"""Jobs on a real multi-node Ray cluster on this machine (breakhis.dev.localcluster: a head and
 two worker nodes, each its own `ray start`), submitted through the Ray Jobs API the way the
 README tells, with the embedded S3 server, and with faults injected mid-job:
 
@@ -36,9 +36,9 @@ import pytest
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from breakhis import storage
-from breakhis.localcluster import LocalCluster, LocalClusterConfig
+from breakhis.dev.localcluster import LocalCluster, LocalClusterConfig
+from breakhis.dev.s3server import S3Server
 from breakhis.prepare import read_manifest
-from breakhis.s3server import S3Server
 from breakhis.synth import synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]

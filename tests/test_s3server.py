@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
-from breakhis.s3server import S3Server, S3ServerError, embedded_s3, start_s3_server
+from breakhis.dev.s3server import S3Server, S3ServerError, embedded_s3, start_s3_server
 
 pytestmark = pytest.mark.s3
 
@@ -232,7 +232,7 @@ def test_server_ends_when_its_parent_is_killed() -> None:
     # A test run killed with SIGKILL never reaches stop() or atexit; weed must not linger.
     script = (
         "import json, os, signal\n"
-        "from breakhis.s3server import start_s3_server\n"
+        "from breakhis.dev.s3server import start_s3_server\n"
         "s = start_s3_server(buckets=())\n"
         "facts = [s.pid, str(s.log_path.parent), str(s.data_dir), s.ports]\n"
         "print(json.dumps(facts), flush=True)\n"

@@ -298,8 +298,8 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
     import ray
 
     from breakhis.catalog import scan_catalog
+    from breakhis.dev.s3server import embedded_s3
     from breakhis.prepare import PrepareConfig, prepare, read_manifest
-    from breakhis.s3server import embedded_s3
     from breakhis.synth import synthesize
 
     if ray.is_initialized():

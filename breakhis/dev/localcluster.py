@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on this machine, for trying the cluster jobs locally and
 for the fault-tolerance tests.
 
-    python -m breakhis.localcluster --workers 2 --s3   # up until Ctrl-C; prints an `export`
+    python -m breakhis.dev.localcluster --workers 2 --s3   # up until Ctrl-C; prints an `export`
     # in another shell, after that `export` line (Jobs API address and the cluster's token):
     ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . \\
         -- python jobs/prepare.py s3://breakhis/raw s3://breakhis/prepared
@@ -583,7 +583,7 @@ def repo_root() -> Path:
 
     Raises FileNotFoundError when the package is installed without its checkout.
     """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "jobs").is_dir() or not (root / "cluster").is_dir():
         raise FileNotFoundError(
             f"{root}: not a breakhis checkout (no jobs/ and cluster/ folders); the local "
@@ -783,10 +783,10 @@ def _tail(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m breakhis.localcluster``: start a local cluster, print how to submit jobs
+    """``python -m breakhis.dev.localcluster``: start a local cluster, print how to submit jobs
     to it, and keep it up until Ctrl-C. Returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m breakhis.localcluster",
+        prog="python -m breakhis.dev.localcluster",
         description="Start a multi-node Ray cluster on this machine (a head and worker "
         "nodes, each its own `ray start`) and keep it up until Ctrl-C.",
     )
@@ -804,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         env: dict[str, str] = {}
         if args.s3:
-            from breakhis.s3server import embedded_s3
+            from breakhis.dev.s3server import embedded_s3
 
             server = stack.enter_context(embedded_s3(buckets=("breakhis",), set_env=False))
             env = server.env()
