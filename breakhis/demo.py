@@ -67,7 +67,7 @@ class DemoConfig:
     """Side of the demo model's input in pixels (small, so the demo runs on 2 CPUs)."""
     scale: float = 0.05
     """Size of the generated data set, as a fraction of the real per-subtype counts."""
-    trials: int = 4
+    trials: int = 3
     """Trials of the demo's learning-rate sweep (3 epochs each); 0 skips the sweep."""
     seed: int = 0
     """Seed of the data, the splits and training."""
