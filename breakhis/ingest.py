@@ -481,28 +481,38 @@ def augmented_tiles(
     )
 
 
-def build_datasets(dest: str, split: SplitSpec, config: IngestConfig) -> IngestData:
-    """Build the Ray Datasets of one split of a prepared DEST.
+def build_datasets(
+    dest: str,
+    split: SplitSpec,
+    config: IngestConfig,
+    *,
+    sides: tuple[str, ...] = SIDES,
+    manifest: pa.Table | None = None,
+) -> IngestData:
+    """Build the Ray Datasets of one split of a prepared DEST: those of ``sides`` (a
+    training run asks for train and val only, so the test tiles are never decoded).
 
-    With ``config.cache`` this decodes every tile of the split now (on the
-    current Ray cluster) and keeps them in the object store; otherwise it only
-    plans the pipeline. Returns IngestData. Raises FileNotFoundError when DEST
-    has no manifest or shards, ValueError for a split the manifest lacks or a
-    training side without images (e.g. at this magnification), and
-    LeakageError when a patient is on two sides.
+    With ``config.cache`` this decodes every tile of those sides now (on the current Ray
+    cluster) and keeps them in the object store; otherwise it only plans the pipeline.
+    ``manifest`` is DEST's, when the caller has read it already. Returns IngestData.
+    Raises FileNotFoundError when DEST has no manifest or shards, ValueError for a split
+    the manifest lacks, an unknown side or a training side without images (e.g. at this
+    magnification), and LeakageError when a patient is on two sides.
     """
-    manifest = read_manifest(dest)
+    if "train" not in sides or not set(sides) <= set(SIDES):
+        raise ValueError(f"sides {sides}: accepted: train, and any of val and test")
+    manifest = read_manifest(dest) if manifest is None else manifest
     patients = select_split(manifest, split)
     meta = manifest.schema.metadata or {}
     mhash = meta.get(b"breakhis.manifest_hash", b"").decode() or manifest_hash(manifest)
     if config.magnification is not None:
         manifest = manifest.filter(pc.equal(manifest.column("magnification"), config.magnification))
-    sides = {"train": patients.train, "val": patients.val, "test": patients.test}
-    if not patients.val:
-        del sides["val"]
+    members_of = {"train": patients.train, "val": patients.val, "test": patients.test}
+    chosen = {side: members_of[side] for side in sides if members_of[side]}
+    chosen["train"] = patients.train
     rows = {
         side: manifest.filter(pc.is_in(manifest.column("patient_id"), pa.array(sorted(members))))
-        for side, members in sides.items()
+        for side, members in chosen.items()
     }
     where = f"split {split}" + (f" at {config.magnification}X" if config.magnification else "")
     if rows["train"].num_rows == 0:
@@ -511,7 +521,7 @@ def build_datasets(dest: str, split: SplitSpec, config: IngestConfig) -> IngestD
     ledger = new_ledger()
     datasets: dict[str, Dataset] = {}
     num_rows: dict[str, int] = {}
-    for side, members in sides.items():
+    for side, members in chosen.items():
         shuffle = side == "train" and config.shuffle
         ds = read_tiles(dest, members, config, ledger, shuffle_files=shuffle and not config.cache)
         if config.cache:

@@ -202,6 +202,19 @@ def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest
         assert streaming.decode_stats().decoded == epoch * rows
 
 
+def test_a_training_run_never_decodes_the_test_patients(dest: str, manifest: pa.Table) -> None:
+    whole = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE))
+    data = build_datasets(
+        dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train", "val"), manifest=manifest
+    )
+    assert set(data.datasets) == {"train", "val"} and data.split == whole.split
+    assert whole.decode_stats().decoded == sum(whole.num_rows.values())
+    assert data.decode_stats().decoded == data.num_rows["train"] + data.num_rows["val"]
+    assert data.decode_stats().decoded == whole.decode_stats().decoded - whole.num_rows["test"]
+    with pytest.raises(ValueError, match="sides .*accepted: train"):
+        build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("val", "test"))
+
+
 def test_the_decode_runs_inside_the_read_one_task_per_shard(dest: str, manifest: pa.Table) -> None:
     from breakhis.ingest import new_ledger, read_tiles, shard_paths
 
