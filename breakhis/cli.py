@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from breakhis.options import add_config_options, build_config
+from breakhis.raysession import ensure_ray
 
 log = logging.getLogger("breakhis")
 
@@ -48,15 +49,6 @@ def command(name: str, help_text: str) -> Callable[[Setup], Setup]:
         return setup
 
     return register
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to the Ray cluster (``RAY_ADDRESS`` or ``address``), or start a
-    local instance when there is none."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
 @command("synth", "write a generated BreakHis-shaped data set (official layout and names)")
@@ -169,7 +161,7 @@ def _job(
                 if args.ray_address:
                     os.environ["RAY_ADDRESS"] = args.ray_address
             elif needs_ray:
-                init_ray(args.ray_address)
+                ensure_ray(args.ray_address)
             result = _load(runner)(cfg)
             print(result.format_table())
             return 0

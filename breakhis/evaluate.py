@@ -49,6 +49,7 @@ from breakhis.calibration import PATIENT_RULES, brier_score, reliability
 from breakhis.metrics import classification_metrics, majority_rate
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 from breakhis.predict import PredictOptions, decode_tiles, predict_dataset
+from breakhis.raysession import ensure_ray
 from breakhis.splits import (
     LeakageError,
     SplitPatients,
@@ -734,7 +735,6 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     and RuntimeError when tiles fail to decode. Everything but the decoding is checked
     before Ray starts.
     """
-    import ray
 
     from breakhis.artifact import load_artifact
     from breakhis.inputs import discover_inputs
@@ -799,8 +799,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
             f"split {spec} of {config.data}: the test patients have no image"
             + (f" at {trained_at}X" if trained_at else "")
         )
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    ensure_ray()
     log.info(
         "predicting %d test tiles of %d patients (%d at the model's magnification)",
         tiles.num_rows,

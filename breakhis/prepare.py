@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from breakhis import storage
 from breakhis.catalog import CATALOG_SCHEMA, Reject, rejects_table, scan_catalog
 from breakhis.imaging import decode_check
+from breakhis.raysession import ensure_ray
 from breakhis.splits import add_split_columns
 
 log = logging.getLogger(__name__)
@@ -285,8 +286,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
 
     catalog = scan_catalog(config.src, strict=config.strict)
     plans = plan_shards(catalog.table, shard_mb=config.shard_mb)
-    if not ray.is_initialized():  # only now: a SRC without images fails before Ray starts
-        ray.init(configure_logging=False)
+    ensure_ray()  # only now: a SRC without images fails before Ray starts
     shards_uri = storage.join(config.dest, "shards")
     storage.make_dirs(shards_uri)
     log.info("checking and packing %d images into %d shard(s)", catalog.num_images, len(plans))

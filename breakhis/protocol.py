@@ -53,6 +53,7 @@ import numpy as np
 from breakhis import storage
 from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
 from breakhis.names import MAGNIFICATIONS
+from breakhis.raysession import ensure_ray
 from breakhis.splits import SCHEMES, SplitSpec
 from breakhis.train import DATA_CPUS
 from breakhis.train_config import ARTIFACT_DIR, TrainConfig
@@ -502,8 +503,7 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
     for index in indices:  # refuse a leaking manifest before any training starts
         select_split(manifest, SplitSpec(config.scheme, index))
     plans = plan_runs(config, indices)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    ensure_ray()
     concurrency = concurrent_runs(
         config.train, len(plans), ray.cluster_resources(), config.max_concurrent
     )

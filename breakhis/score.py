@@ -87,6 +87,7 @@ from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
 from breakhis.names import CLASS_NAMES
 from breakhis.predict import PredictOptions, actor_plan, predict_dataset
+from breakhis.raysession import ensure_ray
 
 if TYPE_CHECKING:
     from breakhis.artifact import ModelCard
@@ -399,10 +400,8 @@ def _listing(folder: str) -> set[str]:
 
 
 def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str) -> None:
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    ensure_ray()
     blocks = [
         unit.members.select(["uri", "tile_id", "shard"]).append_column(
             "unit", pa.array([unit.index] * unit.members.num_rows, pa.int32())
