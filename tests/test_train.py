@@ -369,7 +369,7 @@ def test_a_worker_that_fails_mid_epoch_is_restarted_from_the_checkpoint(
         # Runs on each worker: rank 1 raises after one step of epoch 2, once per test.
         import ray.train
 
-        import breakhis.train as worker_module
+        import breakhis.train_loop as worker_module
 
         # The worker's own module is not monkeypatched: these are the real functions.
         real_loop, real_epoch = worker_module.train_loop_per_worker, worker_module.train_one_epoch
