@@ -5,7 +5,6 @@ names of what a run writes."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from breakhis.calibration import THRESHOLD_RULES
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 from breakhis.model import check_arch
 from breakhis.splits import SplitSpec
-
-log = logging.getLogger(__name__)
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
