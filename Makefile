@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint install clean bench-gpu
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow --durations=10
+
+# On a machine with one CUDA GPU: the GPU benchmarks (predictor, decode ceiling, score, train)
+# in about 6 minutes; figures in bench-gpu/benchmark-gpu.{json,md}. GPU tests: pytest -m gpu.
+bench-gpu: $(STAMP)
+	$(BIN)/pytest -m gpu -q
+	$(BIN)/breakhis benchmark gpu --workdir bench-gpu
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

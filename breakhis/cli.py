@@ -7,7 +7,7 @@
     breakhis score --model URI --input URI --output URI [--attribution gradcam]
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
-    breakhis benchmark {ingest,train,tune,score,accuracy}
+    breakhis benchmark {ingest,train,tune,score,gpu,accuracy}
     breakhis export --model URI --format torchscript|onnx [--out DIR]
     breakhis demo [--data SRC] [--workdir DIR]
 
@@ -292,6 +292,11 @@ _BENCHMARKS = {
         "breakhis.benchmarks.score:ScoreBenchmarkConfig",
         "breakhis.benchmarks.score:run_score_benchmark",
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
+    ),
+    "gpu": (
+        "breakhis.benchmarks.gpu:GpuBenchmarkConfig",
+        "breakhis.benchmarks.gpu:run_gpu_benchmark",
+        "every GPU figure on one GPU: predictor, decode ceiling, score and train benchmarks",
     ),
     "accuracy": (
         "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig",

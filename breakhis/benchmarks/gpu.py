@@ -1,0 +1,309 @@
+"""The GPU benchmark: every GPU figure of the README in one command on one GPU.
+
+    make bench-gpu          # = breakhis benchmark gpu --workdir bench-gpu
+
+Parts, each in the same process tree on the same machine, each also written to
+``benchmark-gpu.json`` as soon as it ends (a later failure keeps the earlier ones):
+
+1. **predictor**: the scoring/evaluation model actor (breakhis.predict.TilePredictor)
+   called in this process on batches of ``batch_size`` decoded 224 px tiles already in
+   host memory: tiles/s of the GPU path alone (host-to-device copy, normalisation, the
+   model, softmax, maps back to the host), predictions only and with Grad-CAM, bf16
+   autocast + channels_last (the default) against float32; beside it the bare model
+   (``model(x)`` in bf16 on tensors already on the GPU), the ceiling no pipeline reaches.
+   The pixel values are random: a ResNet's speed does not depend on them.
+2. **decode**: what one CPU core decodes (breakhis.imaging.decode_rgb, 700x460 PNG tiles
+   to 224 px), times the CPUs: the most tiles/s any job can score from PNGs on this machine.
+3. **train**: ``breakhis benchmark train --use-gpu`` (ResNet50 at 224 px, bf16,
+   channels_last; the Ray Train job's images/s against a plain loop).
+4. **score**: ``breakhis benchmark score`` (the job end to end with Ray Data against a
+   plain loop, Grad-CAM, IG, memory) on ``score_tiles`` generated 700x460 PNG tiles.
+
+Targets (issue 14, H100/H200): >= 10,000 tiles/s predictions only and >= 3,000 with
+Grad-CAM (ResNet50, 224 px); training >= 3,000 images/s. The whole run fits in about
+6 minutes on one H200 (``seconds`` per predictor measurement, the data sizes below).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from breakhis import storage
+from breakhis.benchmarks.harness import device_name
+
+log = logging.getLogger(__name__)
+
+PARTS: tuple[str, ...] = ("predictor", "decode", "train", "score")
+
+
+@dataclass(frozen=True)
+class GpuBenchmarkConfig:
+    """Options of ``breakhis benchmark gpu``."""
+
+    workdir: str = "bench-gpu"
+    """Local folder for generated data, models and results (reused)."""
+    parts: tuple[str, ...] = PARTS
+    """Parts to run (module docstring), in this order."""
+    arch: str = "resnet50"
+    """Model of every part."""
+    image_size: int = 224
+    """Model input side in pixels."""
+    batch_size: int = 256
+    """Tiles per model call (predictor, score) and images per training step."""
+    seconds: float = 6.0
+    """Timed seconds of each predictor measurement (after a warm-up)."""
+    score_tiles: int = 2048
+    """Tiles of the scoring job's throughput runs."""
+    train_scale: float = 0.5
+    """Generated training data, as a fraction of BreakHis' 7,909 images."""
+    train_epochs: int = 4
+    """Epochs of each side of the training benchmark (the first is a warm-up)."""
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"--parts {','.join(self.parts)}: accepted {', '.join(PARTS)}")
+        if self.seconds <= 0 or self.batch_size < 1 or self.score_tiles < 8:
+            raise ValueError("--seconds must be > 0, --batch-size >= 1, --score-tiles >= 8")
+        if storage.is_s3(self.workdir):
+            raise ValueError("--workdir must be a local folder")
+
+
+@dataclass
+class GpuBenchmarkResult:
+    """What ``breakhis benchmark gpu`` measured (one entry per part that ran)."""
+
+    date: str
+    device: str
+    cpus: int
+    torch: str
+    config: dict
+    parts: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def format_table(self) -> str:
+        """The headline figures as a Markdown table."""
+        lines = [
+            f"GPU benchmark, {self.date}, {self.device}, {self.cpus} CPUs, torch {self.torch}",
+            "",
+            "| measurement | figure |",
+            "|---|---:|",
+        ]
+        for name, rate in self.parts.get("predictor", {}).items():
+            lines.append(f"| predictor: {name} | {rate:,.0f} tiles/s |")
+        decode = self.parts.get("decode")
+        if decode:
+            lines.append(
+                f"| PNG decode 700x460 -> {self.config['image_size']} px, one core "
+                f"| {decode['ms_per_tile']:.1f} ms/tile |"
+            )
+            lines.append(
+                f"| PNG decode, all {self.cpus} CPUs (ceiling of any PNG job) "
+                f"| {decode['tiles_per_s_all_cpus']:,.0f} tiles/s |"
+            )
+        for row in self.parts.get("score", {}).get("throughput", []):
+            lines.append(
+                f"| score: {row['name']} | {row['tiles_per_s']:,.0f} end to end, "
+                f"{row['steady_tiles_per_s']:,.0f} steady tiles/s |"
+            )
+        train = self.parts.get("train")
+        if train:
+            lines.append(
+                f"| train: Ray Train job | {train['job_images_per_s_per_worker']:,.0f} images/s |"
+            )
+            lines.append(f"| train: plain loop | {train['loop_images_per_s']:,.0f} images/s |")
+        for name, error in self.errors.items():
+            lines.append(f"| {name}: FAILED | {error.splitlines()[-1][:80]} |")
+        return "\n".join(lines)
+
+
+def _model_artifact(config: GpuBenchmarkConfig) -> str:
+    import torch
+
+    from breakhis.artifact import ModelCard, save_artifact
+    from breakhis.model import build_model
+
+    uri = os.path.join(config.workdir, f"model-{config.arch}-{config.image_size}")
+    torch.manual_seed(0)
+    save_artifact(
+        uri,
+        build_model(config.arch, weights="none").eval(),
+        ModelCard(
+            architecture=config.arch,
+            image_size=config.image_size,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        ),
+    )
+    return uri
+
+
+def _rate(call, batch_tiles: int, seconds: float) -> float:
+    """Tiles/s of ``call()`` (which must wait for the GPU) over ``seconds``, after warm-up."""
+    for _ in range(3):
+        call()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call()
+        done += batch_tiles
+    return done / (time.perf_counter() - started)
+
+
+def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
+    """Part 1 (module docstring): tiles/s of TilePredictor and of the bare model."""
+    import torch
+
+    from breakhis.predict import TilePredictor
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the predictor part needs a CUDA GPU")
+    uri = _model_artifact(config)
+    n, side = config.batch_size, config.image_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "uri": np.asarray([f"tile-{i}.png" for i in range(n)], dtype=object),
+        "tile_id": np.asarray([f"tile-{i}" for i in range(n)], dtype=object),
+        "unit": np.zeros(n, dtype=np.int32),
+        "image": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
+        "error": np.asarray([""] * n, dtype=object),
+    }
+    rates: dict[str, float] = {}
+    for amp in (True, False):
+        for method in (None, "gradcam"):
+            predictor = TilePredictor(
+                model_uri=uri,
+                method=method,
+                map_size=64,
+                tta=False,
+                threshold=0.5,
+                device="cuda",
+                torch_threads=1,
+                overlay_root=None,
+                amp=amp,
+                ig_steps=32,
+                occlusion_window=0,
+                lime_samples=100,
+                lime_grid=8,
+            )
+            name = f"{'predictions only' if method is None else 'Grad-CAM'}, " + (
+                "bf16 + channels_last" if amp else "float32"
+            )
+            rates[name] = _rate(lambda p=predictor: p(batch), n, config.seconds)
+            log.info("predictor %s: %.0f tiles/s", name, rates[name])
+            del predictor
+    predictor = TilePredictor(
+        model_uri=uri,
+        method=None,
+        map_size=64,
+        tta=False,
+        threshold=0.5,
+        device="cuda",
+        torch_threads=1,
+        overlay_root=None,
+    )
+    x = predictor._inputs(batch["image"])
+
+    def bare() -> None:
+        with torch.inference_mode(), predictor._autocast():
+            predictor.model(x)
+        torch.cuda.synchronize()
+
+    rates["bare model forward, bf16 + channels_last (ceiling)"] = _rate(bare, n, config.seconds)
+    return rates
+
+
+def measure_decode(config: GpuBenchmarkConfig, tiles: int = 64) -> dict[str, float]:
+    """Part 2: ms per 700x460 PNG decoded and resized on one core, and the all-CPU ceiling."""
+    from breakhis.imaging import decode_rgb
+    from breakhis.synth import synthesize
+
+    root = os.path.join(config.workdir, "decode-tiles")
+    if not os.path.isdir(root):
+        synthesize(root, scale=0.01, seed=0, width=700, height=460)
+    data = [storage.read_bytes(e.uri) for e in storage.walk(root, (".png",))][:tiles]
+    decode_rgb(data[0], config.image_size)
+    started = time.perf_counter()
+    for blob in data:
+        decode_rgb(blob, config.image_size)
+    ms = (time.perf_counter() - started) / len(data) * 1000
+    cpus = os.cpu_count() or 1
+    return {"tiles": len(data), "ms_per_tile": ms, "tiles_per_s_all_cpus": cpus * 1000 / ms}
+
+
+def _score(config: GpuBenchmarkConfig) -> dict:
+    from breakhis.benchmarks.score import ScoreBenchmarkConfig, run_score_benchmark
+
+    result = run_score_benchmark(
+        ScoreBenchmarkConfig(
+            workdir=os.path.join(config.workdir, "score"),
+            tiles=config.score_tiles,
+            arch=config.arch,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            unit_size=config.batch_size,
+            attribution_tiles=config.batch_size,
+            memory_tiles=config.score_tiles // 4,
+            memory_scales=(1, 4),
+        )
+    )
+    return asdict(result)
+
+
+def _train(config: GpuBenchmarkConfig) -> dict:
+    from breakhis.benchmarks.train import TrainBenchmarkConfig, run_train_benchmark
+
+    result = run_train_benchmark(
+        TrainBenchmarkConfig(
+            workdir=os.path.join(config.workdir, "train"),
+            use_gpu=True,
+            arch=config.arch,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            scale=config.train_scale,
+            epochs=config.train_epochs,
+        )
+    )
+    return result.to_dict()
+
+
+def run_gpu_benchmark(config: GpuBenchmarkConfig) -> GpuBenchmarkResult:
+    """Run the parts of ``config`` in order (module docstring). A part that fails is recorded
+    (its traceback's last line in the table, the whole of it in the JSON) and the next one
+    runs. Writes ``benchmark-gpu.json``/``.md`` into the workdir after every part."""
+    import torch
+
+    os.makedirs(config.workdir, exist_ok=True)
+    result = GpuBenchmarkResult(
+        date=time.strftime("%Y-%m-%d"),
+        device=device_name(torch.cuda.device_count()),
+        cpus=os.cpu_count() or 1,
+        torch=torch.__version__,
+        config=asdict(config),
+    )
+    runners = {
+        "predictor": measure_predictor,
+        "decode": measure_decode,
+        "score": _score,
+        "train": _train,
+    }
+    for part in config.parts:
+        started = time.perf_counter()
+        try:
+            result.parts[part] = runners[part](config)
+        except Exception:  # noqa: BLE001 - one part's failure must not lose the others' figures
+            result.errors[part] = traceback.format_exc()
+            log.exception("GPU benchmark part %s failed", part)
+        result.seconds[part] = time.perf_counter() - started
+        stem = os.path.join(config.workdir, "benchmark-gpu")
+        storage.write_bytes(f"{stem}.json", json.dumps(asdict(result), indent=2).encode())
+        storage.write_bytes(f"{stem}.md", (result.format_table() + "\n").encode())
+    return result

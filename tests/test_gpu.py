@@ -1,0 +1,151 @@
+"""The GPU paths, on a CUDA GPU (skipped without one): the predictor's bf16/channels_last
+path against float32 on the CPU, a Ray Train run with ``use_gpu``, and a scoring job whose
+model actors hold the GPU. Run them with ``pytest -m gpu`` (``make bench-gpu`` does).
+
+Self-contained (no fixture of conftest.py), so that a GPU machine without the S3 server's
+packages can run them with ``--noconftest``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def ray_with_gpu():
+    import ray
+
+    ray.init(address="local", num_cpus=min(8, os.cpu_count() or 1), include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> str:
+    from breakhis.synth import synthesize
+
+    root = str(tmp_path_factory.mktemp("gpu") / "tiles")
+    synthesize(root, scale=0.02, seed=0, width=96, height=64)
+    return root
+
+
+def _artifact(path: str, arch: str = "resnet18") -> str:
+    from breakhis.artifact import ModelCard, save_artifact
+    from breakhis.model import build_model
+
+    torch.manual_seed(0)
+    save_artifact(
+        path,
+        build_model(arch, weights="none").eval(),
+        ModelCard(
+            architecture=arch,
+            image_size=64,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        ),
+    )
+    return path
+
+
+def _predictor(uri: str, device: str, amp: bool, method: str | None):
+    from breakhis.predict import TilePredictor
+
+    return TilePredictor(
+        model_uri=uri,
+        method=method,
+        map_size=16,
+        tta=False,
+        threshold=0.5,
+        device=device,
+        torch_threads=1,
+        overlay_root=None,
+        amp=amp,
+        ig_steps=8,
+        occlusion_window=0,
+        lime_samples=10,
+        lime_grid=4,
+    )
+
+
+def test_bf16_channels_last_predictor_agrees_with_float32_on_the_cpu(tmp_path) -> None:
+    uri = _artifact(str(tmp_path / "model"))
+    rng = np.random.default_rng(0)
+    n = 32
+    batch = {
+        "uri": np.asarray([f"t{i}" for i in range(n)], dtype=object),
+        "tile_id": np.asarray([f"t{i}" for i in range(n)], dtype=object),
+        "unit": np.zeros(n, dtype=np.int32),
+        "image": rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+        "error": np.asarray([""] * n, dtype=object),
+    }
+    gpu = _predictor(uri, "cuda", True, "gradcam")
+    assert gpu.amp and gpu.device.type == "cuda"
+    assert gpu.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = gpu(batch)
+    exact = _predictor(uri, "cpu", True, "gradcam")(batch)  # amp has no effect on the CPU
+    assert np.abs(fast["prob"] - exact["prob"]).max() < 0.02
+    a = fast["map"].astype(np.float32).reshape(n, -1)
+    b = exact["map"].astype(np.float32).reshape(n, -1)
+    corr = [np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True) if x.std() and y.std()]
+    assert corr and np.median(corr) > 0.9, corr
+
+
+def test_training_run_on_a_gpu(ray_with_gpu, tiles, tmp_path) -> None:
+    from breakhis.artifact import load_artifact
+    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.train import run_training
+    from breakhis.train_config import TrainConfig
+
+    dest = str(tmp_path / "prepared")
+    prepare(PrepareConfig(src=tiles, dest=dest))
+    result = run_training(
+        TrainConfig(
+            data=dest,
+            storage=str(tmp_path / "runs"),
+            name="gpu",
+            arch="smallcnn",
+            weights="none",
+            freeze_epochs=0,
+            image_size=32,
+            epochs=2,
+            batch_size=16,
+            warmup_epochs=0.0,
+            num_workers=1,
+            use_gpu=True,
+            max_failures=0,
+        )
+    )
+    assert len(result.history) == 2
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    model, card = load_artifact(result.artifact_uri)
+    assert card.architecture == "smallcnn"
+
+
+def test_scoring_job_with_gpu_actors(ray_with_gpu, tiles, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from breakhis.predict import PredictOptions
+    from breakhis.score import ScoreConfig, run_scoring
+
+    uri = _artifact(str(tmp_path / "model"))
+    summary = run_scoring(
+        ScoreConfig(
+            model=uri,
+            input=tiles,
+            output=str(tmp_path / "scores"),
+            predict=PredictOptions(device="cuda", attribution="gradcam", batch_size=64),
+        )
+    )
+    assert summary.scored == summary.tiles > 0
+    table = pq.read_table(str(tmp_path / "scores" / "tiles"), columns=["prob_malignant"])
+    probs = table.column("prob_malignant").to_numpy()
+    assert table.num_rows == summary.tiles and np.all((probs >= 0) & (probs <= 1))
