@@ -12,7 +12,7 @@ from breakhis.benchmarks.gpu import GpuBenchmarkConfig, run_gpu_benchmark
 
 
 def test_bad_parts_are_refused_naming_the_accepted_ones() -> None:
-    with pytest.raises(ValueError, match="accepted predictor, decode, score, train"):
+    with pytest.raises(ValueError, match="accepted predictor, decode, train, score"):
         GpuBenchmarkConfig(parts=("predictor", "bogus"))
 
 
