@@ -50,9 +50,6 @@ from breakhis.train_config import (
 
 log = logging.getLogger(__name__)
 
-_GPU_PREFETCH = 4
-"""Training batches Ray Data prepares ahead of the step on a GPU (2 on CPUs)."""
-
 
 @dataclass(frozen=True)
 class EpochStats:
@@ -474,12 +471,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model,
             _remember_images(
                 train_shard.iter_torch_batches(
-                    batch_size=cfg.batch_size,
-                    # On a GPU a step of ResNet50 takes ~60 ms for 256 images (H200): more
-                    # batches in flight, in pinned memory, keep the copies off the step.
-                    prefetch_batches=_GPU_PREFETCH if on_gpu else 2,
-                    pin_memory=on_gpu,
-                    drop_last=True,
+                    batch_size=cfg.batch_size, prefetch_batches=2, drop_last=True
                 ),
                 recent,
             ),
