@@ -233,7 +233,8 @@ def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
     import ray.data
 
     from breakhis.dev.s3server import embedded_s3
-    from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
     from breakhis.prepare import PrepareConfig, prepare
     from breakhis.score import ScoreConfig, run_scoring
     from breakhis.search_space import parse_search_space

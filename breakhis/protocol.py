@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 
 from breakhis import storage
-from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
+from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+from breakhis.evaluation_result import HEADLINE_METRICS
 from breakhis.names import MAGNIFICATIONS
 from breakhis.raysession import ensure_ray
 from breakhis.splits import SCHEMES, SplitSpec
@@ -482,7 +483,7 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
     """
     import ray
 
-    from breakhis.evaluate import describe_scheme
+    from breakhis.evaluate_data import describe_scheme
     from breakhis.prepare import read_manifest
     from breakhis.report import write_protocol_report
     from breakhis.splits import select_split

@@ -1,6 +1,6 @@
 """The evaluation report: PNG plots, one self-contained ``report.html``, ``metrics.json``.
 
-    files = write_report(result, "./report")     # result: breakhis.evaluate.EvaluationResult
+    files = write_report(result, "./report")     # result: breakhis.evaluation_result.EvaluationResult
     check = render_check("./report/report.html")  # a real headless browser loads it
 
 Written to OUT (local or ``s3://``):
@@ -45,7 +45,7 @@ from breakhis import storage
 from breakhis.names import CLASS_NAMES
 
 if TYPE_CHECKING:
-    from breakhis.evaluate import EvaluationResult, Example
+    from breakhis.evaluation_result import EvaluationResult, Example
     from breakhis.protocol import ProtocolResult
 
 log = logging.getLogger(__name__)

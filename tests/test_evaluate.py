@@ -23,16 +23,14 @@ from breakhis.bootstrap import (
     weighted_metrics,
 )
 from breakhis.evaluate import (
-    EvaluateConfig,
-    EvaluateOptions,
     choose_examples,
     classification_report,
-    data_distribution,
-    model_patients,
     per_magnification_metrics,
     run_evaluation,
     score_predictions,
 )
+from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+from breakhis.evaluate_data import data_distribution, model_patients
 from breakhis.metrics import classification_metrics
 from breakhis.predict import PredictOptions
 from breakhis.splits import LeakageError, SplitSpec, add_split_columns, select_split

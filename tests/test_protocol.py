@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import small_train_config
 
-from breakhis.evaluate import EvaluateOptions
+from breakhis.evaluate_config import EvaluateOptions
 from breakhis.protocol import (
     PER_MAGNIFICATION,
     ProtocolConfig,

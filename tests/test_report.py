@@ -18,15 +18,9 @@ from breakhis import storage
 from breakhis.artifact import ModelCard
 from breakhis.attribution import overlay_png
 from breakhis.bootstrap import patient_bootstrap
-from breakhis.evaluate import (
-    EvaluateOptions,
-    EvaluationResult,
-    Example,
-    SplitInfo,
-    classification_report,
-    per_magnification_metrics,
-    score_predictions,
-)
+from breakhis.evaluate import classification_report, per_magnification_metrics, score_predictions
+from breakhis.evaluate_config import EvaluateOptions
+from breakhis.evaluation_result import EvaluationResult, Example, SplitInfo
 from breakhis.report import (
     CHROMIUM,
     json_ready,

@@ -562,7 +562,8 @@ def run_job(
 ) -> SideResult:
     """Train variant ``variant`` of the job on rep:``k`` of ``dest`` (runs kept under
     ``runs``), evaluate its artifact on the test patients, and return its SideResult."""
-    from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
     from breakhis.predict import PredictOptions
     from breakhis.train import run_training
     from breakhis.train_config import CURVES_JSON, REFIT_DIR, TrainConfig
