@@ -485,7 +485,7 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
 
     from breakhis.evaluate_data import describe_scheme
     from breakhis.prepare import read_manifest
-    from breakhis.report import write_protocol_report
+    from breakhis.protocol_report import write_protocol_report
     from breakhis.splits import select_split
 
     started = time.perf_counter()

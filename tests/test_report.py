@@ -21,13 +21,9 @@ from breakhis.bootstrap import patient_bootstrap
 from breakhis.evaluate import classification_report, per_magnification_metrics, score_predictions
 from breakhis.evaluate_config import EvaluateOptions
 from breakhis.evaluation_result import EvaluationResult, Example, SplitInfo
-from breakhis.report import (
-    CHROMIUM,
-    json_ready,
-    render_check,
-    write_protocol_report,
-    write_report,
-)
+from breakhis.protocol_report import write_protocol_report
+from breakhis.report import write_report
+from breakhis.report_html import CHROMIUM, json_ready, render_check
 
 needs_chromium = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
