@@ -209,7 +209,8 @@ def _source_exists(config) -> None:
 
 
 def _split_exists(config) -> None:
-    """The training split of a TrainConfig is in its data's manifest and leaks no patient."""
+    """The training split of a sweep's TrainConfig is in its data's manifest and leaks no
+    patient (each trial plans its own run; ``train`` checks in run_training)."""
     from breakhis.prepare import read_manifest
     from breakhis.splits import SplitSpec, select_split
 
@@ -239,7 +240,7 @@ _job(
     "breakhis.train_config:TrainConfig",
     "breakhis.train:run_training",
     split_dest="split",
-    check=_split_exists,
+    starts_ray=True,  # run_training reads the manifest and checks the split before Ray
 )
 _job(
     "tune",

@@ -50,7 +50,8 @@ import torch
 
 from breakhis import storage, tracking
 from breakhis.model import build_model
-from breakhis.splits import SplitSpec
+from breakhis.raysession import ensure_ray
+from breakhis.splits import SplitPatients, SplitSpec
 from breakhis.train_config import (
     ARTIFACT_DIR,
     CHECKPOINT_CONFIG_FILE,
@@ -118,6 +119,16 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class DataPlan:
+    """The split a run trains on, read and checked once on the driver, before Ray starts."""
+
+    spec: SplitSpec
+    manifest: Any = field(repr=False)
+    """DEST's manifest (a pyarrow Table), handed to ingest so it is not read again."""
+    patients: SplitPatients
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """Everything run_training checked and built before starting workers."""
 
@@ -126,6 +137,8 @@ class RunPlan:
     loop_config: dict[str, Any]
     manifest_hash: str
     resumed_from_epoch: int
+    data: DataPlan | None = field(default=None, repr=False)
+    """The split it was planned on (the refit reuses its manifest)."""
 
     @property
     def validate(self) -> bool:
@@ -193,28 +206,21 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
     return steps
 
 
-def plan_run(
-    config: TrainConfig, *, gpus_per_worker: float | None = None, validate: bool = True
-) -> RunPlan:
-    """Check everything that can be checked on the driver, and build the datasets.
+def plan_data(config: TrainConfig, *, validate: bool = True, manifest: Any = None) -> DataPlan:
+    """Read the manifest (unless given), select the split and check it holds validation
+    patients (``validate``) and a batch of training images. Needs no Ray.
 
-    Returns the RunPlan. Raises FileNotFoundError for missing data, ValueError
-    for a bad split, too little data for the batch size, an incompatible
-    earlier run under the same name or weights that do not fit (WeightsError),
-    and LeakageError for a split with a patient on two sides. Nothing has
-    started on the workers when it raises.
-
-    ``validate=False`` plans a refit: the validation patients join the training
-    ones and no epoch is validated (see run_training).
+    Returns the DataPlan. Raises FileNotFoundError for missing data, ValueError for a
+    bad split or too little data for the batch size, and LeakageError for a split with
+    a patient on two sides.
     """
-    from breakhis.ingest import IngestConfig, build_datasets
     from breakhis.prepare import read_manifest
     from breakhis.splits import select_split
 
     spec = SplitSpec.parse(
         config.split, val_fraction=config.val_fraction if validate else 0.0, seed=config.seed
     )
-    manifest = read_manifest(config.data)
+    manifest = read_manifest(config.data) if manifest is None else manifest
     patients = select_split(manifest, spec)  # raises LeakageError for a leaking split
     if validate and not patients.val:
         raise ValueError(
@@ -223,6 +229,30 @@ def plan_run(
         )
     # Counted from the manifest, so too small a data set fails before anything is decoded.
     _check_batches(_count_images(manifest, patients.train, config.magnification), config)
+    return DataPlan(spec=spec, manifest=manifest, patients=patients)
+
+
+def plan_run(
+    config: TrainConfig,
+    *,
+    gpus_per_worker: float | None = None,
+    validate: bool = True,
+    data: DataPlan | None = None,
+) -> RunPlan:
+    """Check everything that can be checked on the driver, and build the datasets.
+
+    ``data`` is the run's plan_data (planned here when None). Returns the RunPlan.
+    Raises what plan_data raises, ValueError for an incompatible earlier run under
+    the same name or weights that do not fit (WeightsError), and ValueError when the
+    validation patients have no image. Nothing has started on the workers when it
+    raises.
+
+    ``validate=False`` plans a refit: the validation patients join the training
+    ones and no epoch is validated (see run_training).
+    """
+    from breakhis.ingest import IngestConfig, build_datasets
+
+    data = plan_data(config, validate=validate) if data is None else data
     resumed_from = check_resumable(config)
 
     torch.manual_seed(config.seed)
@@ -232,7 +262,7 @@ def plan_run(
 
     ingest = build_datasets(
         config.data,
-        spec,
+        data.spec,
         IngestConfig(
             image_size=config.image_size,
             magnification=config.magnification,
@@ -243,11 +273,11 @@ def plan_run(
         ),
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
-        manifest=manifest,
+        manifest=data.manifest,
     )
     if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
         raise ValueError(
-            f"split {spec}: the validation patients have no image at this magnification"
+            f"split {data.spec}: the validation patients have no image at this magnification"
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
@@ -267,6 +297,7 @@ def plan_run(
         loop_config=loop_config,
         manifest_hash=ingest.manifest_hash,
         resumed_from_epoch=resumed_from,
+        data=data,
     )
 
 
@@ -575,7 +606,8 @@ def run_training(
     With a tracking URI (``config.tracking_uri``, else MLFLOW_TRACKING_URI)
     the run is logged to MLflow (a child of ``parent_run_id`` when given; see
     breakhis.tracking), and a rerun continues the same MLflow run.
-    Returns the TrainResult.
+    Returns the TrainResult. Connects to Ray (breakhis.raysession.ensure_ray) only
+    after plan_data's checks.
     Raises before any worker starts what plan_run raises (and ValueError for a
     tracking store that cannot be used); raises
     ray.train.TrainingFailedError when workers keep failing beyond
@@ -584,7 +616,9 @@ def run_training(
     if config.use_gpu and gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
         raise ValueError(f"gpus_per_worker must be in (0, 1] with use_gpu, got {gpus_per_worker}")
     config = dataclasses.replace(config, tracking_uri=tracking.resolve_uri(config.tracking_uri))
-    plan = plan_run(config, gpus_per_worker=gpus_per_worker)
+    data = plan_data(config)  # the manifest is read and the split selected once, before Ray
+    ensure_ray()
+    plan = plan_run(config, gpus_per_worker=gpus_per_worker, data=data)
     if plan.resumed_from_epoch:
         log.info("%s exists: continuing after epoch %d", config.run_uri, plan.resumed_from_epoch)
     tracked = None
@@ -628,7 +662,9 @@ def _fit(
         refit=False,
     )
     log.info("refit: %d epochs on training and validation patients", validated.best_epoch)
-    refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False)
+    manifest = plan.data.manifest if plan.data is not None else None
+    refit_data = plan_data(refit, validate=False, manifest=manifest)
+    refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False, data=refit_data)
     started = time.perf_counter()
     refit_result = make_trainer(refit_plan, gpus_per_worker=gpus_per_worker).fit()
     return finish_refit(config, refit_plan, refit_result, time.perf_counter() - started, validated)
