@@ -49,6 +49,7 @@ import ray.train.torch
 import torch
 
 from breakhis import storage, tracking
+from breakhis.epoch import kept_epoch
 from breakhis.model import build_model
 from breakhis.raysession import ensure_ray
 from breakhis.splits import SplitPatients, SplitSpec
@@ -64,7 +65,7 @@ from breakhis.train_config import (
     VALIDATED_DIR,
     TrainConfig,
 )
-from breakhis.train_loop import kept_epoch, train_loop_per_worker
+from breakhis.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

@@ -56,6 +56,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from breakhis import storage, tracking
+from breakhis.epoch import kept_epoch
 from breakhis.ray_internals import release_orphaned_placement_groups
 from breakhis.search_space import (
     DEFAULT_SEARCH_SPACE,
@@ -66,7 +67,6 @@ from breakhis.search_space import (
     parse_search_space,
 )
 from breakhis.train_config import TrainConfig
-from breakhis.train_loop import kept_epoch
 
 log = logging.getLogger(__name__)
 
