@@ -238,7 +238,12 @@ def _train(p: argparse.ArgumentParser) -> Command:
 
 @command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")
 def _tune(p: argparse.ArgumentParser) -> Command:
-    from breakhis.tune import SweepConfig, run_sweep
+    from breakhis.sweep_config import SweepConfig
+
+    def run_sweep(config: SweepConfig) -> Any:
+        from breakhis.tune import run_sweep  # Ray Tune: after --help
+
+        return run_sweep(config)
 
     return _job_command(p, SweepConfig, run_sweep, split_dest="split", check=_sweep_inputs_exist)
 

@@ -347,7 +347,8 @@ def _step_train(config: DemoConfig, steps: Steps, dest: str) -> tuple[Any, Any]:
 def _step_sweep(config: DemoConfig, steps: Steps, train: Any) -> None:
     """Step 4: sweep the learning rate; keeps the leaderboard."""
     from breakhis.search_space import parse_search_space
-    from breakhis.tune import SweepConfig, run_sweep
+    from breakhis.sweep_config import SweepConfig
+    from breakhis.tune import run_sweep
 
     sweeps = f"s3://{BUCKET}/sweeps"
     # Highest rate first: the trials run one at a time here, and ASHA stops a

@@ -20,7 +20,7 @@ CONFIGS = {
     "score": "breakhis.score:ScoreConfig",
     "evaluate": "breakhis.evaluate_config:EvaluateConfig",
     "protocol": "breakhis.protocol:ProtocolConfig",
-    "tune": "breakhis.tune:SweepConfig",
+    "tune": "breakhis.sweep_config:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
     "export": "breakhis.export:ExportConfig",
 }
