@@ -28,7 +28,7 @@ from breakhis.report_html import (
 )
 
 if TYPE_CHECKING:
-    from breakhis.protocol import ProtocolResult
+    from breakhis.protocol_result import ProtocolResult
 
 log = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ def test_report_written_to_s3(s3_prefix: str) -> None:
 
 
 def test_protocol_report(tmp_path: Path) -> None:
-    from breakhis.protocol import ProtocolResult, ProtocolRun, aggregate
+    from breakhis.protocol_result import ProtocolResult, ProtocolRun, aggregate
 
     runs = []
     for index, rate in enumerate((0.8, 0.9)):
