@@ -398,7 +398,7 @@ def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -
     from breakhis.artifact import load_artifact
     from breakhis.imaging import decode_rgb
     from breakhis.prepare import manifest_hash, read_manifest
-    from breakhis.train import write_curves
+    from breakhis.train_result import write_curves
 
     manifest = read_manifest(prepared)
     torch.manual_seed(0)

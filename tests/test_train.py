@@ -33,9 +33,10 @@ from breakhis.epoch import (
 from breakhis.metrics import classification_metrics, majority_rate
 from breakhis.model import WeightsError, build_model, split_parameters
 from breakhis.splits import LeakageError
-from breakhis.train import run_training, write_curves
+from breakhis.train import run_training
 from breakhis.train_config import TrainConfig
 from breakhis.train_loop import load_checkpoint_state
+from breakhis.train_result import write_curves
 
 SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizing
 
