@@ -120,6 +120,7 @@ class EvaluationResult:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The content of ``metrics.json`` (NaN written as null by the caller)."""
+        # Over 60 lines: one dict literal, the file's schema read top to bottom.
         card = self.card
         headline = self.predictions[self.predictions["headline"]]
         return {

@@ -248,21 +248,13 @@ def synthesize(
     ]
     logger.info(
         "writing %d synthetic images (%dx%d, scale %s, seed %d) to %s with %d worker(s)",
-        len(tasks),
-        width,
-        height,
-        scale,
-        seed,
-        out_uri,
-        workers,
+        *(len(tasks), width, height, scale, seed, out_uri, workers),
     )
     _write_all(tasks, workers)
     summary = _summary(out_uri, tiles, time.perf_counter() - started)
     logger.info(
         "wrote %d images of %d patients in %.1f s",
-        summary.images,
-        summary.patients,
-        summary.seconds,
+        *(summary.images, summary.patients, summary.seconds),
     )
     return summary
 

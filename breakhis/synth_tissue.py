@@ -124,6 +124,8 @@ def _stamp_batch(
     pad: int,
     rng: np.random.Generator,
 ) -> None:
+    # Over 60 lines: one vectorised kernel (sprite grid, outline harmonics, chromatin,
+    # scatter-add) whose steps share the batch's arrays; split, each would take them all.
     def col(name: str) -> np.ndarray:
         return nuclei[name][idx].astype(np.float32)[:, None, None]
 
