@@ -384,26 +384,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setLevel(logging.DEBUG)
     try:
         return args._run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except Exception as err:
+        if not _is_bad_input(err):
+            raise
         # Bad input: say what was wrong, not a traceback from deep inside Ray.
         print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        # A manifest that puts a patient on two sides of a split is bad input too. Whoever
-        # raised it has imported breakhis.splits.
-        splits = sys.modules.get("breakhis.splits")
-        if splits is None or not isinstance(err, splits.LeakageError):
-            raise
-        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ConnectionError as err:
-        # An S3 endpoint that does not answer is the user's setting (AWS_ENDPOINT_URL or the
-        # network): one line naming it. Whoever raised it has imported breakhis.storage.
-        storage = sys.modules.get("breakhis.storage")
-        if storage is None or not isinstance(err, storage.S3UnreachableError):
-            raise
-        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+
+def _is_bad_input(err: Exception) -> bool:
+    """True for what the user can fix: a bad value or file, a manifest that puts a patient
+    on two sides of a split (LeakageError), an S3 endpoint that does not answer (the
+    user's AWS_ENDPOINT_URL or network). Whoever raised the last two has imported
+    breakhis.splits or breakhis.storage."""
+    if isinstance(err, ValueError | FileNotFoundError | PermissionError):
+        return True
+    splits, storage = sys.modules.get("breakhis.splits"), sys.modules.get("breakhis.storage")
+    if splits is not None and isinstance(err, splits.LeakageError):
+        return True
+    return storage is not None and isinstance(err, storage.S3UnreachableError)
 
 
 if __name__ == "__main__":

@@ -77,18 +77,16 @@ from breakhis.dev.raynode import (
     HOST,
     RayNode,
     agents_listening,
-    announce_agent_ports,
-    check_running,
     command_name,
     free_port,
     kill,
     launch_node,
     node_env,
     read_address,
-    read_log,
     start_with_retries,
     stop_node,
     tail,
+    wait_until_up,
 )
 
 __all__ = [
@@ -374,20 +372,17 @@ class LocalCluster:
 
     def _wait_head(self, head: RayNode, deadline: float) -> None:
         assert self.temp_dir is not None
-        while True:
-            announce_agent_ports(head)
-            check_running(head)
-            address = read_address(self.temp_dir / "head")
+        head_dir = self.temp_dir / "head"
+
+        def ready() -> bool:
+            address = read_address(head_dir)
             if address and agents_listening(head) and self._jobs_api_ready():
                 self.gcs_address = address
-                return
-            if time.monotonic() > deadline:
-                raise LocalClusterError(
-                    f"the head node did not serve the Jobs API at {self.dashboard_url} within "
-                    f"{self.config.start_timeout_s:g} s; `ray start` output ends with:\n"
-                    f"{tail(read_log(head.log_path))}"
-                )
-            time.sleep(0.5)
+                return True
+            return False
+
+        failure = f"the head node did not serve the Jobs API at {self.dashboard_url}"
+        wait_until_up(head, ready, deadline, failure, self.config.start_timeout_s)
 
     def _launch_worker(self, name: str) -> RayNode:
         args = [
@@ -399,19 +394,13 @@ class LocalCluster:
         return self._launch(name, args)
 
     def _wait_worker(self, node: RayNode, deadline: float) -> None:
-        while True:
-            announce_agent_ports(node)
-            check_running(node)
+        def ready() -> bool:
             with contextlib.suppress(LocalClusterError):
-                if agents_listening(node) and node.name in self.node_ids():
-                    return
-            if time.monotonic() > deadline:
-                raise LocalClusterError(
-                    f"worker node {node.name} did not join within "
-                    f"{self.config.start_timeout_s:g} s; its `ray start` output ends with:\n"
-                    f"{tail(read_log(node.log_path))}"
-                )
-            time.sleep(0.5)
+                return agents_listening(node) and node.name in self.node_ids()
+            return False
+
+        failure = f"worker node {node.name} did not join"
+        wait_until_up(node, ready, deadline, failure, self.config.start_timeout_s)
 
     def _jobs_api_ready(self) -> bool:
         try:

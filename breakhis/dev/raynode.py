@@ -174,6 +174,25 @@ def check_running(node: RayNode) -> None:
         )
 
 
+def wait_until_up(
+    node: RayNode, ready: Callable[[], bool], deadline: float, failure: str, timeout_s: float
+) -> None:
+    """Announce the node's agent ports and poll ``ready`` until it is true. Raises
+    LocalClusterError when ``ray start`` exits, or with ``failure`` and the tail of its
+    output once ``deadline`` (time.monotonic) has passed."""
+    while True:
+        announce_agent_ports(node)
+        check_running(node)
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise LocalClusterError(
+                f"{failure} within {timeout_s:g} s; its `ray start` output ends with:\n"
+                f"{tail(read_log(node.log_path))}"
+            )
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
