@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from breakhis.options import add_config_options, build_config
 from breakhis.raysession import ensure_ray
@@ -80,11 +80,11 @@ def _synth(p: argparse.ArgumentParser) -> Command:
 
 @command("demo", "run the whole pipeline end to end on generated (or given) data")
 def _demo(p: argparse.ArgumentParser) -> Command:
-    bindings = add_config_options(p, _load("breakhis.demo:DemoConfig"))
+    from breakhis.demo import DemoConfig, run_demo
+
+    bindings = add_config_options(p, DemoConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from breakhis.demo import DemoConfig, run_demo
-
         run_demo(build_config(DemoConfig, args, bindings))
         return 0
 
@@ -118,57 +118,51 @@ def _split_from_aliases(args: argparse.Namespace, dest: str = "split") -> None:
         setattr(args, dest, f"rep:{args.rep}")
 
 
-def _job(
-    name: str,
-    help_text: str,
-    config: str,
-    runner: str,
+def _job_command(
+    p: argparse.ArgumentParser,
+    cls: type,
+    runner: Callable[[Any], Any],
     *,
     split_dest: str | None = None,
     needs_ray: bool = True,
     starts_ray: bool = False,
     positional: tuple[str, ...] = (),
-    check: Callable[[object], None] | None = None,
-) -> None:
-    """Register a subcommand whose options are the fields of a config dataclass
-    (``module:Class``; ``positional`` fields as positional arguments) and which
-    prints the ``format_table()`` of what ``module:function`` returns. ``check``
-    looks at the config before Ray starts (raising ValueError or
-    FileNotFoundError for bad input). ``starts_ray``: the runner checks its input
-    and then connects to Ray itself (``--ray-address`` reaches it as RAY_ADDRESS),
-    so the command does not start Ray before it."""
+    check: Callable[[Any], None] | None = None,
+) -> Command:
+    """Add the fields of the config dataclass ``cls`` to ``p`` as options (``positional``
+    fields as positional arguments) and return the command that builds the config and
+    prints the ``format_table()`` of what ``runner`` returns for it. ``check`` looks at
+    the config before Ray starts (raising ValueError or FileNotFoundError for bad input).
+    ``starts_ray``: the runner checks its input and then connects to Ray itself
+    (``--ray-address`` reaches it as RAY_ADDRESS), so the command does not start Ray
+    before it."""
+    bindings = add_config_options(p, cls, positional=positional)
+    if split_dest:
+        _split_aliases(p)
+    if needs_ray:
+        p.add_argument(
+            "--ray-address",
+            default=None,
+            help="Ray cluster address (default: RAY_ADDRESS, else a local instance)",
+        )
 
-    def setup(p: argparse.ArgumentParser) -> Command:
-        cls = _load(config)
-        bindings = add_config_options(p, cls, positional=positional)
+    def run(args: argparse.Namespace) -> int:
         if split_dest:
-            _split_aliases(p)
-        if needs_ray:
-            p.add_argument(
-                "--ray-address",
-                default=None,
-                help="Ray cluster address (default: RAY_ADDRESS, else a local instance)",
-            )
+            _split_from_aliases(args, split_dest)
+        cfg = build_config(cls, args, bindings)  # validates before Ray starts
+        _check_s3_endpoint(cfg)
+        if check is not None:
+            check(cfg)
+        if needs_ray and starts_ray:
+            if args.ray_address:
+                os.environ["RAY_ADDRESS"] = args.ray_address
+        elif needs_ray:
+            ensure_ray(args.ray_address)
+        result = runner(cfg)
+        print(result.format_table())
+        return 0
 
-        def run(args: argparse.Namespace) -> int:
-            if split_dest:
-                _split_from_aliases(args, split_dest)
-            cfg = build_config(cls, args, bindings)  # validates before Ray starts
-            _check_s3_endpoint(cfg)
-            if check is not None:
-                check(cfg)
-            if needs_ray and starts_ray:
-                if args.ray_address:
-                    os.environ["RAY_ADDRESS"] = args.ray_address
-            elif needs_ray:
-                ensure_ray(args.ray_address)
-            result = _load(runner)(cfg)
-            print(result.format_table())
-            return 0
-
-        return run
-
-    command(name, help_text)(setup)
+    return run
 
 
 def _s3_uris(value: object) -> Iterator[str]:
@@ -196,11 +190,6 @@ def _check_s3_endpoint(config: object) -> None:
         storage.check_reachable(first)
 
 
-def _load(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _source_exists(config) -> None:
     from breakhis import storage
 
@@ -209,7 +198,8 @@ def _source_exists(config) -> None:
 
 
 def _split_exists(config) -> None:
-    """The training split of a TrainConfig is in its data's manifest and leaks no patient."""
+    """The training split of a sweep's TrainConfig is in its data's manifest and leaks no
+    patient (each trial plans its own run; ``train`` checks in run_training)."""
     from breakhis.prepare import read_manifest
     from breakhis.splits import SplitSpec, select_split
 
@@ -224,73 +214,101 @@ def _sweep_inputs_exist(config) -> None:
     _split_exists(config.train)
 
 
-_job(
-    "prepare",
-    "catalog SRC, check every image decodes, write shards + manifest to DEST",
-    "breakhis.prepare:PrepareConfig",
-    "breakhis.prepare:prepare",
-    positional=("src", "dest"),
-    check=_source_exists,
-    starts_ray=True,
-)
-_job(
-    "train",
-    "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST",
-    "breakhis.train_config:TrainConfig",
-    "breakhis.train:run_training",
-    split_dest="split",
-    check=_split_exists,
-)
-_job(
-    "tune",
-    "hyperparameter sweep with Ray Tune (ASHA) over full training runs",
-    "breakhis.tune:SweepConfig",
-    "breakhis.tune:run_sweep",
-    split_dest="split",
-    check=_sweep_inputs_exist,
-)
-_job(
-    "score",
-    "batch-score tiles: predictions and attribution maps as Parquet, exactly once",
-    "breakhis.score:ScoreConfig",
-    "breakhis.score:run_scoring",
-    starts_ray=True,
-)
-_job(
-    "evaluate",
-    "evaluate a model on its held-out patients and write the report",
-    "breakhis.evaluate:EvaluateConfig",
-    "breakhis.evaluate:run_evaluation",
-    split_dest="split",
-    starts_ray=True,
-)
-_job(
-    "protocol",
-    "the paper's protocol: train and evaluate one model per split, mean +- std",
-    "breakhis.protocol:ProtocolConfig",
-    "breakhis.protocol:run_protocol",
-    starts_ray=True,
-)
+@command("prepare", "catalog SRC, check every image decodes, write shards + manifest to DEST")
+def _prepare(p: argparse.ArgumentParser) -> Command:
+    from breakhis.prepare import PrepareConfig, prepare
 
-_BENCHMARKS = {
+    return _job_command(
+        p, PrepareConfig, prepare, positional=("src", "dest"), check=_source_exists, starts_ray=True
+    )
+
+
+@command("train", "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST")
+def _train(p: argparse.ArgumentParser) -> Command:
+    from breakhis.train_config import TrainConfig
+
+    def run_training(config: TrainConfig) -> Any:
+        from breakhis.train import run_training  # torch and Ray Train: after --help
+
+        return run_training(config)
+
+    # run_training reads the manifest and checks the split before it starts Ray.
+    return _job_command(p, TrainConfig, run_training, split_dest="split", starts_ray=True)
+
+
+@command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")
+def _tune(p: argparse.ArgumentParser) -> Command:
+    from breakhis.sweep_config import SweepConfig
+
+    def run_sweep(config: SweepConfig) -> Any:
+        from breakhis.tune import run_sweep  # Ray Tune: after --help
+
+        return run_sweep(config)
+
+    return _job_command(p, SweepConfig, run_sweep, split_dest="split", check=_sweep_inputs_exist)
+
+
+@command("score", "batch-score tiles: predictions and attribution maps as Parquet, exactly once")
+def _score(p: argparse.ArgumentParser) -> Command:
+    from breakhis.score import ScoreConfig, run_scoring
+
+    return _job_command(p, ScoreConfig, run_scoring, starts_ray=True)
+
+
+@command("evaluate", "evaluate a model on its held-out patients and write the report")
+def _evaluate(p: argparse.ArgumentParser) -> Command:
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig
+
+    return _job_command(p, EvaluateConfig, run_evaluation, split_dest="split", starts_ray=True)
+
+
+@command("protocol", "the paper's protocol: train and evaluate one model per split, mean +- std")
+def _protocol(p: argparse.ArgumentParser) -> Command:
+    from breakhis.protocol import ProtocolConfig, run_protocol
+
+    return _job_command(p, ProtocolConfig, run_protocol, starts_ray=True)
+
+
+def _ingest_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.ingest import IngestBenchmarkConfig, run_ingest_benchmark
+
+    return IngestBenchmarkConfig, run_ingest_benchmark
+
+
+def _train_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.train import TrainBenchmarkConfig, run_train_benchmark
+
+    return TrainBenchmarkConfig, run_train_benchmark
+
+
+def _tune_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.tune import TuneBenchmarkConfig, run_tune_benchmark
+
+    return TuneBenchmarkConfig, run_tune_benchmark
+
+
+def _score_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.score import ScoreBenchmarkConfig, run_score_benchmark
+
+    return ScoreBenchmarkConfig, run_score_benchmark
+
+
+def _accuracy_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.accuracy import AccuracyBenchmarkConfig, run_accuracy_benchmark
+
+    return AccuracyBenchmarkConfig, run_accuracy_benchmark
+
+
+_BENCHMARKS: dict[str, tuple[Callable[[], tuple[type, Callable[[Any], Any]]], str]] = {
     "ingest": (
-        "breakhis.benchmarks.ingest:IngestBenchmarkConfig",
-        "breakhis.benchmarks.ingest:run_ingest_benchmark",
+        _ingest_benchmark,
         "Ray Data ingest vs a torch DataLoader (images/s, first and later epoch)",
     ),
-    "train": (
-        "breakhis.benchmarks.train:TrainBenchmarkConfig",
-        "breakhis.benchmarks.train:run_train_benchmark",
-        "Ray Train epoch time vs a plain PyTorch loop",
-    ),
-    "tune": (
-        "breakhis.benchmarks.tune:TuneBenchmarkConfig",
-        "breakhis.benchmarks.tune:run_tune_benchmark",
-        "an N-trial sweep vs the same N runs one after another",
-    ),
+    "train": (_train_benchmark, "Ray Train epoch time vs a plain PyTorch loop"),
+    "tune": (_tune_benchmark, "an N-trial sweep vs the same N runs one after another"),
     "score": (
-        "breakhis.benchmarks.score:ScoreBenchmarkConfig",
-        "breakhis.benchmarks.score:run_score_benchmark",
+        _score_benchmark,
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
     ),
     "gpu": (
@@ -299,38 +317,38 @@ _BENCHMARKS = {
         "every GPU figure on one GPU: predictor, decode ceiling, score and train benchmarks",
     ),
     "accuracy": (
-        "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig",
-        "breakhis.benchmarks.accuracy:run_accuracy_benchmark",
+        _accuracy_benchmark,
         "train + evaluate vs a plain PyTorch loop: the paper's rates on the same splits",
     ),
 }
+"""Benchmark name -> (a function importing its config class and runner, help line)."""
 
 
 @command("benchmark", "benchmarks, each against a baseline in the same run (speed, accuracy)")
 def _benchmark(p: argparse.ArgumentParser) -> Command:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (config, runner, help_text) in _BENCHMARKS.items():
+    for name, (load, help_text) in _BENCHMARKS.items():
         bp = sub.add_parser(name, help=help_text, description=help_text)
-        cls = _load(config)
+        cls, runner = load()
         bindings = add_config_options(bp, cls)
         bp.set_defaults(_bench=(cls, runner, bindings))
 
     def run(args: argparse.Namespace) -> int:
         cls, runner, bindings = args._bench
-        result = _load(runner)(build_config(cls, args, bindings))
+        result = runner(build_config(cls, args, bindings))
         print(result.format_table())
         return 0
 
     return run
 
 
-_job(
-    "export",
-    "export a model artifact as TorchScript or ONNX, with its preprocessing contract",
-    "breakhis.export:ExportConfig",
-    "breakhis.export:export_model",
-    needs_ray=False,
+@command(
+    "export", "export a model artifact as TorchScript or ONNX, with its preprocessing contract"
 )
+def _export(p: argparse.ArgumentParser) -> Command:
+    from breakhis.export import ExportConfig, export_model
+
+    return _job_command(p, ExportConfig, export_model, needs_ray=False)
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
@@ -371,26 +389,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setLevel(logging.DEBUG)
     try:
         return args._run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except Exception as err:
+        if not _is_bad_input(err):
+            raise
         # Bad input: say what was wrong, not a traceback from deep inside Ray.
         print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        # A manifest that puts a patient on two sides of a split is bad input too. Whoever
-        # raised it has imported breakhis.splits.
-        splits = sys.modules.get("breakhis.splits")
-        if splits is None or not isinstance(err, splits.LeakageError):
-            raise
-        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ConnectionError as err:
-        # An S3 endpoint that does not answer is the user's setting (AWS_ENDPOINT_URL or the
-        # network): one line naming it. Whoever raised it has imported breakhis.storage.
-        storage = sys.modules.get("breakhis.storage")
-        if storage is None or not isinstance(err, storage.S3UnreachableError):
-            raise
-        print(f"breakhis {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+
+def _is_bad_input(err: Exception) -> bool:
+    """True for what the user can fix: a bad value or file, a manifest that puts a patient
+    on two sides of a split (LeakageError), an S3 endpoint that does not answer (the
+    user's AWS_ENDPOINT_URL or network). Whoever raised the last two has imported
+    breakhis.splits or breakhis.storage."""
+    if isinstance(err, ValueError | FileNotFoundError | PermissionError):
+        return True
+    splits, storage = sys.modules.get("breakhis.splits"), sys.modules.get("breakhis.storage")
+    if splits is not None and isinstance(err, splits.LeakageError):
+        return True
+    return storage is not None and isinstance(err, storage.S3UnreachableError)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 
@@ -229,151 +229,183 @@ def _show_outputs(steps: Steps, workdir: str, shown: str) -> None:
 
 
 def _run_steps(config: DemoConfig, steps: Steps, shown: str | None) -> None:
+    """The six steps, on an embedded S3 server and a local Ray instance (both stopped
+    at the end, whatever happens)."""
     import ray
-    import ray.data
 
     from breakhis.dev.s3server import embedded_s3
-    from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.score import ScoreConfig, run_scoring
-    from breakhis.search_space import parse_search_space
-    from breakhis.synth import corrupt_files, synthesize
-    from breakhis.train import run_training
-    from breakhis.train_config import TrainConfig
-    from breakhis.tune import SweepConfig, run_sweep
 
-    workdir = config.workdir
-    tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     with embedded_s3(buckets=(BUCKET,)) as server:
         steps.say(f"embedded S3 (SeaweedFS) at {server.endpoint_url}, pid {server.pid}")
         # Ray starts after the server so that its workers inherit the AWS_* variables.
-        # Logical CPUs beyond the cores: the two training workers hold one each, and Ray
-        # Data needs CPUs of its own to feed them, or the pipeline waits for ever.
-        context = ray.init(
-            address="local",
-            num_cpus=max(4, os.cpu_count() or 1),
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-        )
-        steps.say(f"Ray's worker logs: {context.address_info['session_dir']}/logs")
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        _start_ray(steps)
         try:
-            if config.data:
-                src = config.data
-                steps.say(
-                    f"\n=== 1/6 data: using {shown}"
-                    + (f" ({src})" if src != shown else "")
-                    + " ==="
-                )
-            else:
-                src = f"s3://{BUCKET}/raw"
-
-                def generate() -> str:
-                    summary = synthesize(src, scale=config.scale, seed=config.seed)
-                    bad = corrupt_files(src, seed=config.seed)
-                    return (
-                        summary.format_table()
-                        + f"\nadded {len(bad)} deliberately bad files: "
-                        + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
-                    )
-
-                steps.say(steps.run(1, f"generating BreakHis-shaped data into {src}", generate))
-            dest = f"s3://{BUCKET}/prepared"
-            prepared = steps.run(
-                2,
-                f"prepare {src} -> {dest}",
-                lambda: prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)),
-            )
-            for name in ("manifest.parquet", "rejects.parquet"):
-                keep(f"{dest}/{name}", os.path.join(workdir, "prepared"))
-            steps.say(prepared.format_table())
-
-            train = TrainConfig(
-                data=dest,
-                storage=f"s3://{BUCKET}/runs",
-                name="demo",
-                split="fold:0",
-                arch="smallcnn",
-                weights="none",
-                image_size=config.image_size,
-                epochs=config.epochs,
-                batch_size=32,
-                lr=3e-3,
-                freeze_epochs=0,
-                metric="val_balanced_accuracy",
-                patience=0,
-                num_workers=2,
-                seed=config.seed,
-                tracking_uri=tracking,
-            )
-            trained = steps.run(
-                3,
-                "train a small CNN on fold 0 (Ray Train, 2 CPU workers)",
-                lambda: run_training(train),
-            )
-            keep(trained.artifact_uri, os.path.join(workdir, "model"))
-            for name in ("curves.png", "curves.json"):
-                keep(f"{trained.run_uri}/{name}", os.path.join(workdir, "model"))
-            steps.say(trained.format_table())
-
+            src = _step_data(config, steps, shown)
+            dest = _step_prepare(config, steps, src)
+            train, trained = _step_train(config, steps, dest)
             if config.trials:
-                sweeps = f"s3://{BUCKET}/sweeps"
-                # Highest rate first: the trials run one at a time here, and ASHA stops a
-                # trial at a rung only behind ones that reached it before (small rates learn
-                # least in 3 epochs, so they arrive last and are stopped). Ranked by ROC-AUC:
-                # after one epoch every model may still call one class at the 0.5 threshold
-                # (balanced accuracy 0.5 for all, seen 2026-11-27), and ASHA cannot stop a
-                # trial that ties the rung's cutoff; the ranking separates them.
-                rates = [float(f"{r:.2g}") for r in np.geomspace(1e-2, 3e-4, config.trials)]
-                sweep = SweepConfig(
-                    train=replace(
-                        train, storage=sweeps, epochs=3, num_workers=1, metric="val_roc_auc"
-                    ),
-                    search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
-                    num_samples=1,
-                    workers_per_trial=1,
-                    progress=0,
-                )
-                swept = steps.run(
-                    4,
-                    f"sweep the learning rate, {config.trials} trials with ASHA (Ray Tune "
-                    f"driving Train V2) -> {sweeps}/demo",
-                    lambda: run_sweep(sweep),
-                )
-                for name in ("leaderboard.parquet", "leaderboard.csv"):
-                    keep(
-                        f"{swept.leaderboard_uri.rsplit('/', 1)[0]}/{name}",
-                        os.path.join(workdir, "sweep"),
-                    )
-                steps.say(swept.format_table())
+                _step_sweep(config, steps, train)
             else:
                 steps.say("\n=== 4/6 sweep skipped (--trials 0) ===")
-
-            scores = f"s3://{BUCKET}/scores"
-            scored = steps.run(
-                5,
-                f"score every raw tile with Grad-CAM -> {scores}",
-                lambda: run_scoring(
-                    ScoreConfig(model=trained.artifact_uri, input=src, output=scores)
-                ),
-            )
-            keep(scores, os.path.join(workdir, "scores"))
-            steps.say(scored.format_table())
-
-            report = os.path.join(workdir, "report")
-            evaluation = steps.run(
-                6,
-                f"evaluate on the held-out patients of fold 0 -> {report}",
-                lambda: run_evaluation(
-                    EvaluateConfig(
-                        model=trained.artifact_uri,
-                        data=dest,
-                        out=report,
-                        options=EvaluateOptions(bootstrap=200),
-                    )
-                ),
-            )
-            steps.say(evaluation.format_table())
+            _step_score(config, steps, trained.artifact_uri, src)
+            _step_evaluate(config, steps, trained.artifact_uri, dest)
         finally:
             ray.shutdown()
+
+
+def _start_ray(steps: Steps) -> None:
+    import ray
+    import ray.data
+
+    # Logical CPUs beyond the cores: the two training workers hold one each, and Ray
+    # Data needs CPUs of its own to feed them, or the pipeline waits for ever.
+    context = ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    steps.say(f"Ray's worker logs: {context.address_info['session_dir']}/logs")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _step_data(config: DemoConfig, steps: Steps, shown: str | None) -> str:
+    """Step 1: the user's data, or generated data with a few bad files. Returns its root."""
+    from breakhis.synth import corrupt_files, synthesize
+
+    if config.data:
+        src = config.data
+        steps.say(f"\n=== 1/6 data: using {shown}" + (f" ({src})" if src != shown else "") + " ===")
+        return src
+    src = f"s3://{BUCKET}/raw"
+
+    def generate() -> str:
+        summary = synthesize(src, scale=config.scale, seed=config.seed)
+        bad = corrupt_files(src, seed=config.seed)
+        return (
+            summary.format_table()
+            + f"\nadded {len(bad)} deliberately bad files: "
+            + ", ".join(f"{u.rsplit('/', 1)[-1]} ({k})" for u, k in bad.items())
+        )
+
+    steps.say(steps.run(1, f"generating BreakHis-shaped data into {src}", generate))
+    return src
+
+
+def _step_prepare(config: DemoConfig, steps: Steps, src: str) -> str:
+    """Step 2: prepare; keeps the manifest and rejects. Returns DEST."""
+    from breakhis.prepare import PrepareConfig, prepare
+
+    dest = f"s3://{BUCKET}/prepared"
+    prepared = steps.run(
+        2,
+        f"prepare {src} -> {dest}",
+        lambda: prepare(PrepareConfig(src=src, dest=dest, seed=config.seed)),
+    )
+    for name in ("manifest.parquet", "rejects.parquet"):
+        keep(f"{dest}/{name}", os.path.join(config.workdir, "prepared"))
+    steps.say(prepared.format_table())
+    return dest
+
+
+def _step_train(config: DemoConfig, steps: Steps, dest: str) -> tuple[Any, Any]:
+    """Step 3: train on fold 0; keeps the model and curves. Returns (TrainConfig,
+    TrainResult)."""
+    from breakhis.train import run_training
+    from breakhis.train_config import TrainConfig
+
+    workdir = config.workdir
+    train = TrainConfig(
+        data=dest,
+        storage=f"s3://{BUCKET}/runs",
+        name="demo",
+        split="fold:0",
+        arch="smallcnn",
+        weights="none",
+        image_size=config.image_size,
+        epochs=config.epochs,
+        batch_size=32,
+        lr=3e-3,
+        freeze_epochs=0,
+        metric="val_balanced_accuracy",
+        patience=0,
+        num_workers=2,
+        seed=config.seed,
+        tracking_uri=f"sqlite:///{os.path.join(workdir, 'mlflow.db')}",
+    )
+    trained = steps.run(
+        3, "train a small CNN on fold 0 (Ray Train, 2 CPU workers)", lambda: run_training(train)
+    )
+    keep(trained.artifact_uri, os.path.join(workdir, "model"))
+    for name in ("curves.png", "curves.json"):
+        keep(f"{trained.run_uri}/{name}", os.path.join(workdir, "model"))
+    steps.say(trained.format_table())
+    return train, trained
+
+
+def _step_sweep(config: DemoConfig, steps: Steps, train: Any) -> None:
+    """Step 4: sweep the learning rate; keeps the leaderboard."""
+    from breakhis.search_space import parse_search_space
+    from breakhis.sweep_config import SweepConfig
+    from breakhis.tune import run_sweep
+
+    sweeps = f"s3://{BUCKET}/sweeps"
+    # Highest rate first: the trials run one at a time here, and ASHA stops a
+    # trial at a rung only behind ones that reached it before (small rates learn
+    # least in 3 epochs, so they arrive last and are stopped). Ranked by ROC-AUC:
+    # after one epoch every model may still call one class at the 0.5 threshold
+    # (balanced accuracy 0.5 for all, seen 2026-11-27), and ASHA cannot stop a
+    # trial that ties the rung's cutoff; the ranking separates them.
+    rates = [float(f"{r:.2g}") for r in np.geomspace(1e-2, 3e-4, config.trials)]
+    sweep = SweepConfig(
+        train=replace(train, storage=sweeps, epochs=3, num_workers=1, metric="val_roc_auc"),
+        search_space=parse_search_space({"lr": {"grid": rates}}, "demo"),
+        num_samples=1,
+        workers_per_trial=1,
+        progress=0,
+    )
+    swept = steps.run(
+        4,
+        f"sweep the learning rate, {config.trials} trials with ASHA (Ray Tune "
+        f"driving Train V2) -> {sweeps}/demo",
+        lambda: run_sweep(sweep),
+    )
+    for name in ("leaderboard.parquet", "leaderboard.csv"):
+        keep(
+            f"{swept.leaderboard_uri.rsplit('/', 1)[0]}/{name}",
+            os.path.join(config.workdir, "sweep"),
+        )
+    steps.say(swept.format_table())
+
+
+def _step_score(config: DemoConfig, steps: Steps, model: str, src: str) -> None:
+    """Step 5: score every raw tile with Grad-CAM; keeps the scores."""
+    from breakhis.score import ScoreConfig, run_scoring
+
+    scores = f"s3://{BUCKET}/scores"
+    scored = steps.run(
+        5,
+        f"score every raw tile with Grad-CAM -> {scores}",
+        lambda: run_scoring(ScoreConfig(model=model, input=src, output=scores)),
+    )
+    keep(scores, os.path.join(config.workdir, "scores"))
+    steps.say(scored.format_table())
+
+
+def _step_evaluate(config: DemoConfig, steps: Steps, model: str, dest: str) -> None:
+    """Step 6: evaluate on the held-out patients of fold 0, writing the report."""
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+
+    report = os.path.join(config.workdir, "report")
+    evaluation = steps.run(
+        6,
+        f"evaluate on the held-out patients of fold 0 -> {report}",
+        lambda: run_evaluation(
+            EvaluateConfig(
+                model=model, data=dest, out=report, options=EvaluateOptions(bootstrap=200)
+            )
+        ),
+    )
+    steps.say(evaluation.format_table())

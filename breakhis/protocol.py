@@ -48,11 +48,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from breakhis import storage
-from breakhis.evaluate import HEADLINE_METRICS, EvaluateConfig, EvaluateOptions
+from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
 from breakhis.names import MAGNIFICATIONS
+from breakhis.protocol_result import ProtocolResult, ProtocolRun, aggregate
 from breakhis.raysession import ensure_ray
 from breakhis.splits import SCHEMES, SplitSpec
 from breakhis.train import DATA_CPUS
@@ -139,28 +138,6 @@ class RunPlan:
         return storage.join(self.train.run_uri, EVALUATION_DIR)
 
 
-@dataclass(frozen=True)
-class ProtocolRun:
-    """What one run of the protocol produced."""
-
-    name: str
-    split: str
-    magnification: int | None
-    """The magnification the model was trained at (None: all)."""
-    artifact_uri: str
-    report_html: str | None
-    metrics: dict[str, float]
-    """Headline metrics: at the trained magnification, or all images."""
-    per_magnification: dict[int, dict[str, float]]
-    """Metrics on each magnification's test images."""
-    test_patients: int
-    test_images: int
-    trained: bool
-    """False when a finished artifact with the same options was reused."""
-    started: float
-    finished: float
-
-
 def run_name(scheme: str, index: int, magnification: int | None) -> str:
     """The run folder name, e.g. ``rep0-all`` or ``fold3-40x``."""
     return f"{scheme}{index}-{'all' if magnification is None else f'{magnification}x'}"
@@ -212,201 +189,7 @@ def concurrent_runs(
     return max(1, min(fit, runs))
 
 
-# --------------------------------------------------------------------------- aggregation
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The paper's table: mean and std over splits, one column per (trained, evaluated)."""
-
-    columns: tuple[str, ...]
-    """``all@40`` .. ``all@400``, ``all@all`` (the magnification-independent model on each
-    magnification and on all), ``40@40`` .. (a model per magnification on its own)."""
-    mean: dict[str, dict[str, float]]
-    std: dict[str, dict[str, float]]
-    """Sample standard deviation (ddof 1) over splits; NaN with one split."""
-    count: dict[str, int]
-    """Splits per column."""
-
-
-@dataclass(frozen=True)
-class CrossMagnification:
-    """Models trained at each magnification (rows) evaluated at each magnification (columns)."""
-
-    trained: tuple[int | None, ...]
-    evaluated: tuple[int, ...]
-    mean: dict[str, list[list[float]]]
-    """metric -> rows x columns, mean over splits (NaN where no run)."""
-    std: dict[str, list[list[float]]]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.trained), len(self.evaluated)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    data = np.asarray([v for v in values if v is not None], dtype=float)
-    data = data[~np.isnan(data)]
-    if data.size == 0:
-        return float("nan"), float("nan")
-    return float(data.mean()), float(data.std(ddof=1)) if data.size > 1 else float("nan")
-
-
-def aggregate(
-    runs: Sequence[ProtocolRun], magnifications: Sequence[int | None]
-) -> tuple[Summary, CrossMagnification]:
-    """The mean +- std table and the cross-magnification matrix of finished runs.
-
-    Metrics averaged are HEADLINE_METRICS; a metric undefined in a split (NaN)
-    is left out of that cell's mean. Returns (Summary, CrossMagnification).
-    """
-    cells: dict[str, list[dict[str, float]]] = {}
-    for run in runs:
-        if run.magnification is None:
-            for mag, values in run.per_magnification.items():
-                cells.setdefault(f"all@{mag}", []).append(values)
-            cells.setdefault("all@all", []).append(run.metrics)
-        else:
-            own = run.per_magnification.get(run.magnification)
-            if own is not None:
-                cells.setdefault(f"{run.magnification}@{run.magnification}", []).append(own)
-
-    def order(column: str) -> tuple[int, ...]:
-        # Per-magnification models first, by magnification; "all" after the numbers.
-        return tuple(10**6 if part == "all" else int(part) for part in column.split("@"))
-
-    columns = tuple(sorted(cells, key=order))
-    mean: dict[str, dict[str, float]] = {}
-    std: dict[str, dict[str, float]] = {}
-    for column in columns:
-        mean[column], std[column] = {}, {}
-        for metric in HEADLINE_METRICS:
-            mean[column][metric], std[column][metric] = _mean_std(
-                [values.get(metric, float("nan")) for values in cells[column]]
-            )
-    summary = Summary(
-        columns=columns, mean=mean, std=std, count={c: len(cells[c]) for c in columns}
-    )
-
-    evaluated = tuple(sorted({m for run in runs for m in run.per_magnification}))
-    trained = tuple(magnifications)
-    matrix_mean: dict[str, list[list[float]]] = {}
-    matrix_std: dict[str, list[list[float]]] = {}
-    for metric in HEADLINE_METRICS:
-        matrix_mean[metric], matrix_std[metric] = [], []
-        for row in trained:
-            means, stds = [], []
-            for col in evaluated:
-                values = [
-                    run.per_magnification[col].get(metric, float("nan"))
-                    for run in runs
-                    if run.magnification == row and col in run.per_magnification
-                ]
-                m, s = _mean_std(values)
-                means.append(m)
-                stds.append(s)
-            matrix_mean[metric].append(means)
-            matrix_std[metric].append(stds)
-    return summary, CrossMagnification(trained, evaluated, matrix_mean, matrix_std)
-
-
 # --------------------------------------------------------------------------- the job
-
-
-@dataclass(frozen=True)
-class ProtocolResult:
-    """What ``breakhis protocol`` produced."""
-
-    name: str
-    data: str
-    root: str
-    scheme: str
-    config_splits: tuple[str, ...]
-    magnifications: tuple[int | None, ...]
-    patients: int
-    protocol_description: str
-    train_config: dict[str, Any]
-    runs: tuple[ProtocolRun, ...]
-    summary: Summary
-    cross_magnification: CrossMagnification
-    concurrency: int
-    seconds: float
-    report_dir: str | None = None
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The content of the protocol's ``metrics.json``."""
-        matrix = self.cross_magnification
-        return {
-            "name": self.name,
-            "data": self.data,
-            "root": self.root,
-            "protocol": {
-                "scheme": self.scheme,
-                "description": self.protocol_description,
-                "splits": list(self.config_splits),
-                "patients_in_manifest": self.patients,
-                "std": "sample standard deviation over splits (ddof 1)",
-            },
-            "magnifications": ["all" if m is None else m for m in self.magnifications],
-            "train_config": self.train_config,
-            "concurrency": self.concurrency,
-            "summary": {
-                column: {
-                    "mean": self.summary.mean[column],
-                    "std": self.summary.std[column],
-                    "splits": self.summary.count[column],
-                }
-                for column in self.summary.columns
-            },
-            "cross_magnification": {
-                "rows_trained_at": ["all" if m is None else m for m in matrix.trained],
-                "columns_evaluated_at": list(matrix.evaluated),
-                "mean": matrix.mean,
-                "std": matrix.std,
-            },
-            "runs": [
-                {
-                    "name": run.name,
-                    "split": run.split,
-                    "trained_at": "all" if run.magnification is None else run.magnification,
-                    "artifact": run.artifact_uri,
-                    "report": run.report_html,
-                    "test_patients": run.test_patients,
-                    "test_images": run.test_images,
-                    "metrics": {k: run.metrics.get(k) for k in HEADLINE_METRICS},
-                    "per_magnification": {
-                        str(m): {k: v.get(k) for k in HEADLINE_METRICS}
-                        for m, v in run.per_magnification.items()
-                    },
-                    "trained": run.trained,
-                    "seconds": run.finished - run.started,
-                }
-                for run in self.runs
-            ],
-            "seconds": self.seconds,
-        }
-
-    def format_table(self) -> str:
-        """The mean +- std table (percent) for the terminal."""
-        columns = self.summary.columns
-        lines = [
-            f"protocol {self.name}: {len(self.runs)} run(s) over {len(self.config_splits)} "
-            f"split(s) ({self.scheme}), {self.concurrency} at a time, {self.seconds:.0f} s",
-            f"{'trained@evaluated':<26}" + "".join(f"{c:>14}" for c in columns),
-        ]
-        for metric in ("patient_recognition_rate", "image_recognition_rate", "balanced_accuracy"):
-            cells = "".join(
-                f"{_pct(self.summary.mean[c][metric]):>7}±{_pct(self.summary.std[c][metric]):<6}"
-                for c in columns
-            )
-            lines.append(f"{metric:<26}{cells}")
-        if self.report_dir:
-            lines.append(f"report: {storage.join(self.report_dir, 'report.html')}")
-        return "\n".join(lines)
-
-
-def _pct(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}"
 
 
 def _finished_artifact(plan: RunPlan) -> bool:
@@ -471,24 +254,12 @@ def _mag_text(magnification: int | None) -> str:
     return "all magnifications" if magnification is None else f"{magnification}X"
 
 
-def run_protocol(config: ProtocolConfig) -> ProtocolResult:
-    """Train and evaluate one model per (split, magnification) on the current Ray cluster
-    (started locally if none), as many at a time as it holds, and write the report.
-
-    Returns the ProtocolResult. Raises FileNotFoundError for missing data,
-    ValueError for splits the manifest lacks, LeakageError for a leaking
-    manifest, and RuntimeError naming every run that failed (the others are
-    kept: running the same command again redoes only the failed ones).
-    """
-    import ray
-
-    from breakhis.evaluate import describe_scheme
-    from breakhis.prepare import read_manifest
-    from breakhis.report import write_protocol_report
+def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int]:
+    """The split indices to run (``config.splits``, else all the manifest has); raises
+    ValueError for splits it lacks and LeakageError for a leaking one, before any
+    training starts."""
     from breakhis.splits import select_split
 
-    started = time.perf_counter()
-    manifest = read_manifest(config.train.data)
     folds = (
         int(max(manifest.column("fold").to_pylist())) + 1 if "fold" in manifest.column_names else 0
     )
@@ -500,8 +271,52 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
             f"{config.train.data}: the manifest has {config.scheme} splits {present}, "
             f"not {missing or indices}"
         )
-    for index in indices:  # refuse a leaking manifest before any training starts
+    for index in indices:
         select_split(manifest, SplitSpec(config.scheme, index))
+    return indices
+
+
+def _run_all(
+    plans: Sequence[RunPlan], options: EvaluateOptions, concurrency: int
+) -> list[ProtocolRun]:
+    """Every plan, ``concurrency`` at a time. Raises RuntimeError naming every run that
+    failed, after the others have finished (their work is kept)."""
+    runs: list[ProtocolRun] = []
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="protocol") as pool:
+        futures = {pool.submit(_run_one, plan, options): plan for plan in plans}
+        for future, plan in futures.items():
+            try:
+                runs.append(future.result())
+            except Exception as err:  # one failed split must not lose the others' work
+                log.error("%s failed: %s", plan.name, err)
+                failures.append(f"{plan.name}: {type(err).__name__}: {err}")
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(plans)} protocol run(s) failed (the others are kept; run "
+            "the same command again to redo only these): " + "; ".join(failures)
+        )
+    return runs
+
+
+def run_protocol(config: ProtocolConfig) -> ProtocolResult:
+    """Train and evaluate one model per (split, magnification) on the current Ray cluster
+    (started locally if none), as many at a time as it holds, and write the report.
+
+    Returns the ProtocolResult. Raises FileNotFoundError for missing data,
+    ValueError for splits the manifest lacks, LeakageError for a leaking
+    manifest, and RuntimeError naming every run that failed (the others are
+    kept: running the same command again redoes only the failed ones).
+    """
+    import ray
+
+    from breakhis.evaluate_data import describe_scheme
+    from breakhis.prepare import read_manifest
+    from breakhis.protocol_report import write_protocol_report
+
+    started = time.perf_counter()
+    manifest = read_manifest(config.train.data)
+    indices = _check_splits(config, manifest)
     plans = plan_runs(config, indices)
     ensure_ray()
     concurrency = concurrent_runs(
@@ -515,21 +330,7 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
         len(config.magnifications),
         concurrency,
     )
-    runs: list[ProtocolRun] = []
-    failures: list[str] = []
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="protocol") as pool:
-        futures = {pool.submit(_run_one, plan, config.evaluation): plan for plan in plans}
-        for future, plan in futures.items():
-            try:
-                runs.append(future.result())
-            except Exception as err:  # one failed split must not lose the others' work
-                log.error("%s failed: %s", plan.name, err)
-                failures.append(f"{plan.name}: {type(err).__name__}: {err}")
-    if failures:
-        raise RuntimeError(
-            f"{len(failures)} of {len(plans)} protocol run(s) failed (the others are kept; run "
-            "the same command again to redo only these): " + "; ".join(failures)
-        )
+    runs = _run_all(plans, config.evaluation, concurrency)
     summary, matrix = aggregate(runs, config.magnifications)
     result = ProtocolResult(
         name=config.train.name,

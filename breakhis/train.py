@@ -34,7 +34,6 @@ trial's function with ``callbacks=[TuneReportCallback()]`` and a per-trial name.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -50,71 +49,31 @@ import torch
 
 from breakhis import storage, tracking
 from breakhis.model import build_model
-from breakhis.splits import SplitSpec
+from breakhis.raysession import ensure_ray
+from breakhis.splits import SplitPatients, SplitSpec
 from breakhis.train_config import (
-    ARTIFACT_DIR,
     CHECKPOINT_CONFIG_FILE,
-    CHECKPOINT_FILE,
-    CURVES_JSON,
-    CURVES_PNG,
     REFIT_DIR,
     RESUME_FIXED,
-    VAL_METRICS,
-    VALIDATED_DIR,
     TrainConfig,
 )
-from breakhis.train_loop import kept_epoch, train_loop_per_worker
+from breakhis.train_loop import train_loop_per_worker
+from breakhis.train_result import TrainResult, finish_refit, finish_run
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training run produced."""
-
-    run_uri: str
-    """STORAGE/NAME."""
-    artifact_uri: str
-    """The model artifact (load with breakhis.artifact.load_artifact)."""
-    curves_uri: str
-    """The training curves PNG (the JSON sits beside it)."""
-    model_id: str
-    best_epoch: int
-    """The epoch whose model the run hands over (``--model-epoch``: the last, or the best
-    by ``--metric``)."""
-    best_metrics: dict[str, float]
-    """Metrics reported at that epoch."""
-    last_epoch: int
-    stopped_early: bool
-    history: tuple[dict[str, float], ...] = field(repr=False)
-    """Every epoch's reported metrics, the resumed part included."""
-    fit_seconds: float
-    """Wall time of TorchTrainer.fit(), worker start-up included (both runs with refit)."""
-    refit_epochs: int = 0
-    """With --refit: epochs of the refit on training and validation patients (0: none)."""
-
-    def format_table(self) -> str:
-        """A plain-text summary for the terminal."""
-        keys = ["train_loss", *VAL_METRICS]
-        lines = [f"{'epoch':>5} " + " ".join(f"{k.removeprefix('val_')[:10]:>10}" for k in keys)]
-        for row in self.history:
-            mark = " *" if row["epoch"] == self.best_epoch else ""
-            cells = " ".join(f"{row.get(k, float('nan')):>10.4f}" for k in keys)
-            lines.append(f"{int(row['epoch']):>5} {cells}{mark}")
-        lines.append(
-            f"model epoch {self.best_epoch} of {self.last_epoch}"
-            + (" (stopped early)" if self.stopped_early else "")
-            + (
-                f"; refit on training + validation patients for {self.refit_epochs} epochs"
-                if self.refit_epochs
-                else ""
-            )
-            + f"; model {self.model_id} at {self.artifact_uri}; curves at {self.curves_uri}"
-        )
-        return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The split a run trains on, read and checked once on the driver, before Ray starts."""
+
+    spec: SplitSpec
+    manifest: Any = field(repr=False)
+    """DEST's manifest (a pyarrow Table), handed to ingest so it is not read again."""
+    patients: SplitPatients
 
 
 @dataclass(frozen=True)
@@ -126,6 +85,8 @@ class RunPlan:
     loop_config: dict[str, Any]
     manifest_hash: str
     resumed_from_epoch: int
+    data: DataPlan | None = field(default=None, repr=False)
+    """The split it was planned on (the refit reuses its manifest)."""
 
     @property
     def validate(self) -> bool:
@@ -193,28 +154,21 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
     return steps
 
 
-def plan_run(
-    config: TrainConfig, *, gpus_per_worker: float | None = None, validate: bool = True
-) -> RunPlan:
-    """Check everything that can be checked on the driver, and build the datasets.
+def plan_data(config: TrainConfig, *, validate: bool = True, manifest: Any = None) -> DataPlan:
+    """Read the manifest (unless given), select the split and check it holds validation
+    patients (``validate``) and a batch of training images. Needs no Ray.
 
-    Returns the RunPlan. Raises FileNotFoundError for missing data, ValueError
-    for a bad split, too little data for the batch size, an incompatible
-    earlier run under the same name or weights that do not fit (WeightsError),
-    and LeakageError for a split with a patient on two sides. Nothing has
-    started on the workers when it raises.
-
-    ``validate=False`` plans a refit: the validation patients join the training
-    ones and no epoch is validated (see run_training).
+    Returns the DataPlan. Raises FileNotFoundError for missing data, ValueError for a
+    bad split or too little data for the batch size, and LeakageError for a split with
+    a patient on two sides.
     """
-    from breakhis.ingest import IngestConfig, build_datasets
     from breakhis.prepare import read_manifest
     from breakhis.splits import select_split
 
     spec = SplitSpec.parse(
         config.split, val_fraction=config.val_fraction if validate else 0.0, seed=config.seed
     )
-    manifest = read_manifest(config.data)
+    manifest = read_manifest(config.data) if manifest is None else manifest
     patients = select_split(manifest, spec)  # raises LeakageError for a leaking split
     if validate and not patients.val:
         raise ValueError(
@@ -223,6 +177,44 @@ def plan_run(
         )
     # Counted from the manifest, so too small a data set fails before anything is decoded.
     _check_batches(_count_images(manifest, patients.train, config.magnification), config)
+    return DataPlan(spec=spec, manifest=manifest, patients=patients)
+
+
+def _ingest_config(config: TrainConfig) -> Any:
+    """The run's options for breakhis.ingest (an IngestConfig)."""
+    from breakhis.ingest import IngestConfig
+
+    return IngestConfig(
+        image_size=config.image_size,
+        magnification=config.magnification,
+        cache=config.cache,
+        augment_strength=config.augment_strength,
+        oversample=config.oversample,
+        seed=config.seed,
+    )
+
+
+def plan_run(
+    config: TrainConfig,
+    *,
+    gpus_per_worker: float | None = None,
+    validate: bool = True,
+    data: DataPlan | None = None,
+) -> RunPlan:
+    """Check everything that can be checked on the driver, and build the datasets.
+
+    ``data`` is the run's plan_data (planned here when None). Returns the RunPlan.
+    Raises what plan_data raises, ValueError for an incompatible earlier run under
+    the same name or weights that do not fit (WeightsError), and ValueError when the
+    validation patients have no image. Nothing has started on the workers when it
+    raises.
+
+    ``validate=False`` plans a refit: the validation patients join the training
+    ones and no epoch is validated (see run_training).
+    """
+    from breakhis.ingest import build_datasets
+
+    data = plan_data(config, validate=validate) if data is None else data
     resumed_from = check_resumable(config)
 
     torch.manual_seed(config.seed)
@@ -232,22 +224,15 @@ def plan_run(
 
     ingest = build_datasets(
         config.data,
-        spec,
-        IngestConfig(
-            image_size=config.image_size,
-            magnification=config.magnification,
-            cache=config.cache,
-            augment_strength=config.augment_strength,
-            oversample=config.oversample,
-            seed=config.seed,
-        ),
+        data.spec,
+        _ingest_config(config),
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
-        manifest=manifest,
+        manifest=data.manifest,
     )
     if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
         raise ValueError(
-            f"split {spec}: the validation patients have no image at this magnification"
+            f"split {data.spec}: the validation patients have no image at this magnification"
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
@@ -267,6 +252,7 @@ def plan_run(
         loop_config=loop_config,
         manifest_hash=ingest.manifest_hash,
         resumed_from_epoch=resumed_from,
+        data=data,
     )
 
 
@@ -367,178 +353,6 @@ def make_trainer(
     )
 
 
-def _read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_FILE}") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-
-def write_curves(history: Sequence[Mapping[str, float]], run_uri: str, metric: str) -> str:
-    """Save the per-epoch history as ``curves.json`` and a two-panel ``curves.png``
-    (losses; validation metrics) under ``run_uri``. Returns the PNG's URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rows = [dict(r) for r in history]
-    payload = {"metric": metric, "epochs": rows}
-    text = json.dumps(payload, indent=2, default=float).replace("NaN", "null")
-    storage.write_bytes(storage.join(run_uri, CURVES_JSON), text.encode())
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
-        left.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
-    left.set_xlabel("epoch")
-    left.set_ylabel("cross-entropy")
-    for key in (
-        "val_accuracy",
-        "val_balanced_accuracy",
-        "val_f1",
-        "val_roc_auc",
-        "val_patient_recognition_rate",
-    ):
-        right.plot(epochs, [r.get(key) for r in rows], marker="o", label=key.removeprefix("val_"))
-    right.set_xlabel("epoch")
-    for axis in (left, right):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_ylim(0, 1.02)
-    right.set_title("validation (held-out patients)")
-    frozen = [r["epoch"] for r in rows if r.get("backbone_frozen")]
-    for axis in (left, right):
-        if frozen:
-            axis.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="0.9", label="backbone frozen")
-        if rows:
-            axis.axvline(rows[-1].get("best_epoch", epochs[-1]), color="0.5", linestyle="--")
-        axis.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    uri = storage.join(run_uri, CURVES_PNG)
-    storage.write_bytes(uri, buffer.getvalue())
-    return uri
-
-
-def _save_model(
-    uri: str,
-    weights: Mapping[str, torch.Tensor],
-    config: TrainConfig,
-    manifest_hash: str,
-    epoch: int,
-    metrics: Mapping[str, Any],
-) -> Any:
-    """Write the artifact of ``weights`` at ``uri``: the card records ``config``, the epoch,
-    the validation ``metrics`` and the temperature and threshold fitted with them."""
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    net = build_model(config.arch, weights="none", dropout=config.dropout)
-    net.load_state_dict(weights)
-    card = ModelCard(
-        architecture=config.arch,
-        image_size=config.image_size,
-        mean=tuple(float(v) for v in IMAGENET_MEAN),
-        std=tuple(float(v) for v in IMAGENET_STD),
-        dropout=config.dropout,
-        magnification=config.magnification,
-        config=config.to_dict(),
-        manifest_hash=manifest_hash,
-        split=config.split,
-        epoch=epoch,
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-        temperature=float(metrics.get("val_temperature", 1.0)),
-        threshold=float(metrics.get("val_threshold", 0.5)),
-        threshold_rule=config.threshold_rule,
-    )
-    return save_artifact(uri, net, card)
-
-
-def finish_refit(
-    config: TrainConfig,
-    plan: RunPlan,
-    result: ray.train.Result,
-    fit_seconds: float,
-    validated: TrainResult,
-) -> TrainResult:
-    """Write the refit's (``plan``) last checkpoint as the artifact of the run ``config``
-    (STORAGE/NAME/model), with the validated run's metrics, temperature and threshold;
-    returns the validated run's TrainResult pointing at it, with ``refit_epochs`` set.
-
-    Raises RuntimeError when the refit produced no checkpoint.
-    """
-    if result.checkpoint is None:
-        raise RuntimeError(f"{plan.config.run_uri}: the refit finished without a checkpoint")
-    state = _read_checkpoint(result.checkpoint)
-    write_curves(state["history"], plan.config.run_uri, plan.config.metric)
-    artifact_uri = storage.join(config.run_uri, ARTIFACT_DIR)
-    card = _save_model(
-        artifact_uri,
-        state["model"],
-        config,
-        plan.manifest_hash,
-        int(state["epoch"]),
-        {**validated.best_metrics, "refit_epochs": int(state["epoch"])},
-    )
-    log.info(
-        "refit model %s (%d epochs on training and validation patients) written to %s",
-        card.model_id,
-        int(state["epoch"]),
-        artifact_uri,
-    )
-    return dataclasses.replace(
-        validated,
-        artifact_uri=artifact_uri,
-        model_id=card.model_id,
-        refit_epochs=int(state["epoch"]),
-        fit_seconds=validated.fit_seconds + fit_seconds,
-    )
-
-
-def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> TrainResult:
-    """Write the artifact of the best checkpoint and the curves; returns the TrainResult.
-
-    Raises RuntimeError when the run produced no checkpoint.
-    """
-    config = plan.config
-    if result.checkpoint is None or not result.best_checkpoints:
-        raise RuntimeError(f"{config.run_uri}: the run finished without a checkpoint")
-    latest = _read_checkpoint(result.checkpoint)
-    history = [dict(r) for r in latest["history"]]
-    best_epoch, stopped = kept_epoch(history, config)
-    candidates = [(c, m) for c, m in result.best_checkpoints if int(m["epoch"]) == best_epoch]
-    if candidates:
-        best_ckpt, best_metrics = candidates[0]
-    elif history and best_epoch == int(history[-1]["epoch"]):
-        best_ckpt, best_metrics = result.checkpoint, history[-1]
-    else:  # the best epoch's checkpoint was pruned (e.g. --keep-checkpoints changed on resume)
-        sign = 1 if config.metric_mode == "max" else -1
-        best_ckpt, best_metrics = max(
-            result.best_checkpoints, key=lambda cm: sign * float(cm[1][config.metric])
-        )
-        best_epoch = int(best_metrics["epoch"])
-    state = _read_checkpoint(best_ckpt) if best_ckpt.path != result.checkpoint.path else latest
-    # With --refit this model only chose the epoch count: the refit's takes its place.
-    artifact_uri = storage.join(config.run_uri, VALIDATED_DIR if config.refit else ARTIFACT_DIR)
-    card = _save_model(
-        artifact_uri, state["model"], config, plan.manifest_hash, best_epoch, best_metrics
-    )
-    curves_uri = write_curves(history, config.run_uri, config.metric)
-    log.info("model %s (epoch %d) written to %s", card.model_id, best_epoch, artifact_uri)
-    return TrainResult(
-        run_uri=config.run_uri,
-        artifact_uri=artifact_uri,
-        curves_uri=curves_uri,
-        model_id=card.model_id,
-        best_epoch=best_epoch,
-        best_metrics=dict(best_metrics),
-        last_epoch=int(history[-1]["epoch"]) if history else 0,
-        stopped_early=stopped,
-        history=tuple(history),
-        fit_seconds=fit_seconds,
-    )
-
-
 def open_tracking(plan: RunPlan, parent_run_id: str | None = None) -> tracking.TrackedRun:
     """The MLflow run of ``plan`` (new, or the one the run's folder records): the whole
     config as parameters, tags ``split``, ``manifest_hash`` and ``run_uri``. Raises
@@ -575,7 +389,8 @@ def run_training(
     With a tracking URI (``config.tracking_uri``, else MLFLOW_TRACKING_URI)
     the run is logged to MLflow (a child of ``parent_run_id`` when given; see
     breakhis.tracking), and a rerun continues the same MLflow run.
-    Returns the TrainResult.
+    Returns the TrainResult. Connects to Ray (breakhis.raysession.ensure_ray) only
+    after plan_data's checks.
     Raises before any worker starts what plan_run raises (and ValueError for a
     tracking store that cannot be used); raises
     ray.train.TrainingFailedError when workers keep failing beyond
@@ -584,7 +399,9 @@ def run_training(
     if config.use_gpu and gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
         raise ValueError(f"gpus_per_worker must be in (0, 1] with use_gpu, got {gpus_per_worker}")
     config = dataclasses.replace(config, tracking_uri=tracking.resolve_uri(config.tracking_uri))
-    plan = plan_run(config, gpus_per_worker=gpus_per_worker)
+    data = plan_data(config)  # the manifest is read and the split selected once, before Ray
+    ensure_ray()
+    plan = plan_run(config, gpus_per_worker=gpus_per_worker, data=data)
     if plan.resumed_from_epoch:
         log.info("%s exists: continuing after epoch %d", config.run_uri, plan.resumed_from_epoch)
     tracked = None
@@ -628,7 +445,9 @@ def _fit(
         refit=False,
     )
     log.info("refit: %d epochs on training and validation patients", validated.best_epoch)
-    refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False)
+    manifest = plan.data.manifest if plan.data is not None else None
+    refit_data = plan_data(refit, validate=False, manifest=manifest)
+    refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False, data=refit_data)
     started = time.perf_counter()
     refit_result = make_trainer(refit_plan, gpus_per_worker=gpus_per_worker).fit()
     return finish_refit(config, refit_plan, refit_result, time.perf_counter() - started, validated)

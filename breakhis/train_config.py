@@ -148,6 +148,8 @@ class TrainConfig:
     card); default: MLFLOW_TRACKING_URI, else no tracking (see breakhis.tracking)."""
 
     def __post_init__(self) -> None:
+        # Over 60 lines: one check per option, each with its own message (litgpt's style);
+        # a flat list reads better than the same checks spread over helpers.
         check_arch(self.arch)
         for name in ("data", "storage"):
             if not getattr(self, name):

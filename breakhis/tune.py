@@ -42,20 +42,22 @@ Search spaces: breakhis.search_space.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
-import math
-import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-import pyarrow as pa
 from ray.tune import Callback
 
 from breakhis import storage, tracking
+from breakhis.leaderboard import (
+    SweepResult,
+    copy_artifact,
+    leaderboard_rows,
+    trial_row,
+    write_leaderboard,
+)
 from breakhis.ray_internals import release_orphaned_placement_groups
 from breakhis.search_space import (
     DEFAULT_SEARCH_SPACE,
@@ -65,194 +67,19 @@ from breakhis.search_space import (
     load_search_space,
     parse_search_space,
 )
+from breakhis.sweep_config import (
+    SweepConfig,
+    derive_max_concurrent,
+    trial_base,
+    trial_dir_name,
+    trial_run_name,
+)
 from breakhis.train_config import TrainConfig
-from breakhis.train_loop import kept_epoch
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
-STOP_REASONS: tuple[str, ...] = ("completed", "patience", "asha", "error")
-"""Why a trial ended: all its epochs ran; the training run's own early stopping
-(``patience``); ASHA stopped it at a rung; it failed."""
 
-RUNS_DIR = "runs"
-BEST_DIR = "best"
-LEADERBOARD_PARQUET = "leaderboard.parquet"
-LEADERBOARD_CSV = "leaderboard.csv"
 SWEEP_FILE = "sweep.json"
-_ARTIFACT_FILES = ("model.pt", "model.json")  # the card last: a folder with it is complete
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Options of a sweep. ``train`` holds the options every trial shares, in the
-    shape of a single training run; its ``data``, ``storage`` and ``name`` are the
-    sweep's, and the search space overrides the keys it varies."""
-
-    train: TrainConfig
-    """Fixed training options; the sweep lives at train.storage/train.name, and
-    train.num_workers and train.use_gpu are replaced by the per-trial resources."""
-    search_space: str | SearchSpace | None = None
-    """Search-space YAML file, local or s3:// (or a SearchSpace); default: the built-in
-    space, as in cluster/search_space.yaml."""
-    num_samples: int = 16
-    """Samples drawn from the space (each grid point is sampled this many times)."""
-    gpus_per_trial: float = 0.0
-    """GPUs of one trial's Train run; below 1 lets trials of small models share a GPU."""
-    workers_per_trial: int | None = None
-    """Train workers per trial; None: one per whole GPU (at least one)."""
-    max_concurrent_trials: int | None = None
-    """Trials at once; None: derived from the cluster's resources and one trial's needs."""
-    scheduler: str = "asha"
-    """``asha`` (early stopping at rungs) or ``fifo`` (every trial runs all its epochs)."""
-    grace_period: int = 1
-    """ASHA: epochs before the first rung (no trial stops earlier)."""
-    reduction_factor: float = 3.0
-    """ASHA: rungs at grace_period * reduction_factor**k epochs; keeps 1/factor at each."""
-    driver_cpus: float = 0.25
-    """CPUs reserved for each trial's driver function (it only coordinates)."""
-    data_cpus_per_trial: float = 1.0
-    """CPUs left to each trial's Ray Data pipeline when deriving the concurrency."""
-    trial_max_failures: int = 1
-    """Times Tune restarts a trial whose driver died (it resumes its Train checkpoints)."""
-    search_seed: int | None = 0
-    """Seed of the search-space sampling (None: different samples each time)."""
-    progress: int = 1
-    """Tune's console progress: 0 quiet, 1 status tables, 2 every result."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.train, TrainConfig):
-            raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.gpus_per_trial < 0:
-            raise ValueError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
-        if self.workers_per_trial is not None and self.workers_per_trial < 1:
-            raise ValueError(f"--workers-per-trial must be >= 1, got {self.workers_per_trial}")
-        if self.gpus_per_worker > 1:
-            raise ValueError(
-                f"--gpus-per-trial {self.gpus_per_trial:g} over {self.num_workers} worker(s) "
-                f"is {self.gpus_per_worker:g} GPUs per worker; a worker uses at most one: "
-                f"raise --workers-per-trial to {math.ceil(self.gpus_per_trial)}"
-            )
-        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
-            raise ValueError(
-                f"--max-concurrent-trials must be >= 1, got {self.max_concurrent_trials}"
-            )
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"--scheduler {self.scheduler!r} unknown; accepted: {', '.join(SCHEDULERS)}"
-            )
-        if self.scheduler == "asha":
-            epochs = self.train.epochs
-            if epochs < 2:
-                raise ValueError(
-                    f"--epochs {epochs}: ASHA needs at least 2 epochs (a rung before the "
-                    "last one); use --scheduler fifo for single-epoch trials"
-                )
-            if not 1 <= self.grace_period < epochs:
-                raise ValueError(
-                    f"--grace-period must be in 1..{epochs - 1} (below --epochs), "
-                    f"got {self.grace_period}"
-                )
-            if self.reduction_factor <= 1:
-                raise ValueError(f"--reduction-factor must be > 1, got {self.reduction_factor}")
-        if self.driver_cpus <= 0:
-            raise ValueError(f"--driver-cpus must be > 0, got {self.driver_cpus}")
-        if self.data_cpus_per_trial < 0:
-            raise ValueError(f"--data-cpus-per-trial must be >= 0, got {self.data_cpus_per_trial}")
-        if self.trial_max_failures < 0:
-            raise ValueError(f"--trial-max-failures must be >= 0, got {self.trial_max_failures}")
-
-    @property
-    def name(self) -> str:
-        return self.train.name
-
-    @property
-    def num_workers(self) -> int:
-        """Train workers of each trial."""
-        if self.workers_per_trial is not None:
-            return self.workers_per_trial
-        return max(1, int(self.gpus_per_trial))
-
-    @property
-    def gpus_per_worker(self) -> float:
-        return self.gpus_per_trial / self.num_workers
-
-    @property
-    def experiment_uri(self) -> str:
-        """STORAGE/NAME: Tune's experiment folder, the leaderboard and best/."""
-        return storage.join(storage.absolute(self.train.storage), self.train.name)
-
-    @property
-    def runs_uri(self) -> str:
-        """Where the trials' Train runs live (one folder per trial)."""
-        return storage.join(self.experiment_uri, RUNS_DIR)
-
-    @property
-    def best_uri(self) -> str:
-        """The best trial's model artifact (STORAGE/NAME/best)."""
-        return storage.join(self.experiment_uri, BEST_DIR)
-
-    def trial_request(self) -> dict[str, float]:
-        """What one running trial holds: its driver, its Train workers and the
-        CPUs its data pipeline needs."""
-        cpus = self.driver_cpus + self.num_workers * self.train.cpus_per_worker
-        request = {"CPU": cpus + self.data_cpus_per_trial}
-        if self.gpus_per_trial > 0:
-            request["GPU"] = self.gpus_per_trial
-        return request
-
-
-def derive_max_concurrent(
-    cluster: Mapping[str, float], request: Mapping[str, float], num_trials: int
-) -> int:
-    """How many trials fit on the cluster at once: the scarcest resource over what
-    one trial requests, at most ``num_trials`` and at least 1 (with a warning when
-    not even one fits now: an autoscaler may add nodes).
-
-    Returns the number of concurrent trials.
-    """
-    fits = min(
-        (int(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in request.items() if amount),
-        default=num_trials,
-    )
-    if fits < 1:
-        log.warning(
-            "one trial needs %s but the cluster has %s now; trials wait for an autoscaler",
-            dict(request),
-            {k: cluster.get(k, 0.0) for k in request},
-        )
-    return max(1, min(fits, num_trials))
-
-
-def trial_run_name(trial_id: str) -> str:
-    """The Train run name of a trial: stable across restarts, so the run resumes."""
-    return f"trial-{trial_id}"
-
-
-def trial_dir_name(trial: Any) -> str:
-    """Tune's folder name for a trial (the same as its Train run's)."""
-    return trial_run_name(trial.trial_id)
-
-
-def trial_base(config: SweepConfig) -> TrainConfig:
-    """The TrainConfig every trial starts from: the sweep's options with its Train
-    runs under ``runs/``, absolute paths and the sweep's workers."""
-    weights = config.train.weights
-    if weights not in ("imagenet", "none"):
-        weights = storage.absolute(weights)
-    return dataclasses.replace(
-        config.train,
-        data=storage.absolute(config.train.data),
-        storage=config.runs_uri,
-        num_workers=config.num_workers,
-        use_gpu=config.gpus_per_trial > 0,
-        weights=weights,
-    )
 
 
 # --------------------------------------------------------------------------- trial
@@ -282,191 +109,6 @@ def run_trial(config: dict[str, Any]) -> None:
         gpus_per_worker=config["gpus_per_worker"],
         parent_run_id=config.get("parent_run_id"),
     )
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """What a sweep produced."""
-
-    experiment_uri: str
-    """STORAGE/NAME (Tune's experiment, the trials' runs, the leaderboard)."""
-    leaderboard_uri: str
-    """The leaderboard as Parquet (the CSV sits beside it)."""
-    best_trial_id: str
-    best_artifact_uri: str
-    """STORAGE/NAME/best: the best trial's model artifact."""
-    metric: str
-    mode: str
-    searched: tuple[str, ...]
-    """The options the space varied (leaderboard columns)."""
-    rows: tuple[dict[str, Any], ...] = field(repr=False)
-    """The leaderboard, best first."""
-    wall_seconds: float
-    """Wall time of Tuner.fit() in this call (a resumed sweep counts only this part)."""
-    resumed: bool
-
-    @property
-    def trials_per_hour(self) -> float:
-        return 3600.0 * len(self.rows) / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    def stop_counts(self) -> dict[str, int]:
-        """Trials per stop reason."""
-        return {r: sum(row["stop_reason"] == r for row in self.rows) for r in STOP_REASONS}
-
-    def format_table(self) -> str:
-        """The leaderboard for the terminal."""
-        header = ["rank", "trial", "stop", "epochs", "best", self.metric, *self.searched]
-        lines = []
-        for row in self.rows:
-            cells = [
-                str(row["rank"]),
-                row["trial_id"],
-                row["stop_reason"],
-                str(row["epochs_run"]),
-                str(row["best_epoch"]),
-                _format_value(row.get(self.metric)),
-                *(_format_value(row.get(key)) for key in self.searched),
-            ]
-            lines.append(cells)
-        widths = [max([len(h), *(len(c[i]) for c in lines)]) for i, h in enumerate(header)]
-        text = [" ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-        text += [
-            " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines
-        ]
-        counts = ", ".join(f"{n} {r}" for r, n in self.stop_counts().items() if n)
-        text.append(
-            f"{len(self.rows)} trials ({counts}) in {self.wall_seconds:.0f} s "
-            f"({self.trials_per_hour:.1f} trials/hour){' after resuming' if self.resumed else ''}"
-        )
-        text.append(
-            f"best: {self.best_trial_id}, model at {self.best_artifact_uri}; "
-            f"leaderboard at {self.leaderboard_uri}"
-        )
-        return "\n".join(text)
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _history(result: Any) -> list[dict[str, Any]]:
-    """A trial's per-epoch rows (the last report of each epoch), in epoch order."""
-    frame = result.metrics_dataframe
-    if frame is None or frame.empty or "epoch" not in frame.columns:
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for row in frame.to_dict("records"):
-        epoch = row.get("epoch")
-        if epoch is not None and not (isinstance(epoch, float) and math.isnan(epoch)):
-            by_epoch[int(epoch)] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _score(value: Any, mode: str) -> float:
-    """Larger is better; NaN and missing rank last."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return -math.inf
-    return float(value) if mode == "max" else -float(value)
-
-
-def trial_row(
-    result: Any, *, searched: Sequence[str], metric_keys: Sequence[str], config: SweepConfig
-) -> dict[str, Any]:
-    """One leaderboard row from a Tune Result (ranked later by leaderboard_rows()).
-
-    The stop reason, from the epochs Tune saw: ``error`` when the trial failed;
-    ``completed`` when it reported its last epoch; ``patience`` when its own
-    early stopping ended it (its history says so); otherwise ``asha``: in a
-    finished sweep only the scheduler ends a trial early (never at the last
-    epoch). ``artifact_uri`` is set for trials that ran to their end: a run
-    ASHA stopped may finish an epoch it had started, but the sweep dropped it.
-    """
-    train = TrainConfig.from_dict(result.config["train"])
-    run_uri = storage.join(config.runs_uri, os.path.basename(result.path.rstrip("/")))
-    trial_id = os.path.basename(run_uri).removeprefix("trial-")
-    history = _history(result)
-    best_epoch, patience_stop = kept_epoch(history, train)
-    best = next((r for r in history if int(r["epoch"]) == best_epoch), {})
-    epochs_run = int(history[-1]["epoch"]) if history else 0
-    if result.error is not None:
-        reason = "error"
-    elif epochs_run >= train.epochs:
-        reason = "completed"
-    elif patience_stop:
-        reason = "patience"
-    else:
-        reason = "asha"
-    artifact = storage.join(run_uri, "model")
-    has_artifact = reason in ("completed", "patience") and storage.exists(
-        storage.join(artifact, "model.json")
-    )
-    row: dict[str, Any] = {
-        "rank": 0,
-        "trial_id": trial_id,
-        "stop_reason": reason,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
-        **{key: _float_or_none(best.get(key)) for key in metric_keys},
-        **{key: result.config["train"][key] for key in searched},
-        "seconds": _float_or_none((result.metrics or {}).get("time_total_s")),
-        "run_uri": run_uri,
-        "artifact_uri": artifact if has_artifact else None,
-        "error": str(result.error).strip().splitlines()[0] if result.error is not None else None,
-        "config": json.dumps(train.to_dict(), sort_keys=True),
-    }
-    return row
-
-
-def _float_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def leaderboard_rows(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> list[dict]:
-    """The rows ranked by the best value of ``metric`` (errored and unscored trials
-    last), ``rank`` filled in from 1."""
-    ordered = sorted(
-        rows,
-        key=lambda r: (r["stop_reason"] == "error", -_score(r.get(metric), mode), r["trial_id"]),
-    )
-    return [{**row, "rank": i} for i, row in enumerate(ordered, start=1)]
-
-
-def write_leaderboard(rows: Sequence[dict[str, Any]], experiment_uri: str) -> str:
-    """Write the leaderboard as ``leaderboard.parquet`` and ``leaderboard.csv`` under
-    ``experiment_uri``. Returns the Parquet file's URI."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(list(rows))
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    uri = storage.join(experiment_uri, LEADERBOARD_PARQUET)
-    storage.write_bytes(uri, buffer.getvalue())
-    buffer = io.BytesIO()
-    pacsv.write_csv(table, buffer)
-    storage.write_bytes(storage.join(experiment_uri, LEADERBOARD_CSV), buffer.getvalue())
-    return uri
-
-
-def copy_artifact(source: str, dest: str) -> None:
-    """Copy a model artifact folder (weights first, card last, so a reader of
-    ``dest`` never sees a card without its weights). Raises FileNotFoundError
-    naming a missing file."""
-    storage.delete(storage.join(dest, "model.json"))
-    for name in _ARTIFACT_FILES:
-        storage.write_bytes(
-            storage.join(dest, name), storage.read_bytes(storage.join(source, name))
-        )
 
 
 # --------------------------------------------------------------------------- driver
@@ -643,7 +285,6 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     again to resume) and when no trial produced a model.
     """
     import ray
-    from ray import tune
 
     from breakhis.prepare import manifest_hash, read_manifest
 
@@ -659,7 +300,6 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     if not ray.is_initialized():
         raise RuntimeError("run_sweep needs a Ray connection: call ray.init() first")
 
-    train = config.train
     num_trials = config.num_samples * space.grid_size
     if config.max_concurrent_trials is not None:
         max_concurrent = config.max_concurrent_trials
@@ -667,14 +307,40 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         max_concurrent = derive_max_concurrent(
             ray.cluster_resources(), config.trial_request(), num_trials
         )
-    experiment_path, filesystem = storage.for_ray(config.experiment_uri)
-    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
-    if not resumed:
-        storage.make_dirs(config.experiment_uri)
     parent = None
     if tracking_uri is not None:
         parent = open_sweep_tracking(config, record, manifest_hash(manifest))
-    if resumed:
+    tuner, resumed = _tuner(config, space, record, max_concurrent, parent)
+    log.info(
+        "sweep %s: %d trial(s), up to %d at once, each %s; %s on %s",
+        config.name,
+        num_trials,
+        max_concurrent,
+        config.trial_request(),
+        config.scheduler,
+        config.train.metric,
+    )
+    started = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - started
+    release_orphaned_placement_groups()  # the last stopped trials' (see the callback)
+    return _results(config, space, grid, parent, wall_seconds=wall, resumed=resumed)
+
+
+def _tuner(
+    config: SweepConfig,
+    space: SearchSpace,
+    record: dict[str, Any],
+    max_concurrent: int,
+    parent: tracking.TrackedRun | None,
+) -> tuple[Any, bool]:
+    """The Tuner of the sweep: restored when STORAGE/NAME holds one (finished trials
+    kept, the others continued), else a new one (its sweep.json written first).
+    Returns (tuner, resumed)."""
+    from ray import tune
+
+    experiment_path, filesystem = storage.for_ray(config.experiment_uri)
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         log.info("resuming the sweep at %s", config.experiment_uri)
         tuner = tune.Tuner.restore(
             experiment_path,
@@ -683,34 +349,36 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             resume_errored=True,
             storage_filesystem=filesystem,
         )
-    else:
-        storage.write_bytes(
-            storage.join(config.experiment_uri, SWEEP_FILE),
-            json.dumps(record, indent=2, sort_keys=True).encode(),
-        )
-        tuner = _make_tuner(config, space, max_concurrent, parent and parent.run_id)
-    log.info(
-        "sweep %s: %d trial(s), up to %d at once, each %s; %s on %s",
-        config.name,
-        num_trials,
-        max_concurrent,
-        config.trial_request(),
-        config.scheduler,
-        train.metric,
+        return tuner, True
+    storage.make_dirs(config.experiment_uri)
+    storage.write_bytes(
+        storage.join(config.experiment_uri, SWEEP_FILE),
+        json.dumps(record, indent=2, sort_keys=True).encode(),
     )
-    started = time.perf_counter()
-    grid = tuner.fit()
-    wall = time.perf_counter() - started
-    release_orphaned_placement_groups()  # the last stopped trials' (see the callback)
+    return _make_tuner(config, space, max_concurrent, parent and parent.run_id), False
 
+
+def _results(
+    config: SweepConfig,
+    space: SearchSpace,
+    grid: Any,
+    parent: tracking.TrackedRun | None,
+    *,
+    wall_seconds: float,
+    resumed: bool,
+) -> SweepResult:
+    """The leaderboard of a finished ``grid`` (Tune's ResultGrid), written, and the best
+    trial's artifact copied to STORAGE/NAME/best. Raises RuntimeError for unfinished
+    trials or when no trial has a model."""
+    from breakhis.train_config import VAL_METRICS
+
+    train = config.train
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:
         raise RuntimeError(
             f"sweep {config.experiment_uri} stopped with {unfinished} unfinished trial(s); "
             "run the same command again to resume it"
         )
-    from breakhis.train_config import VAL_METRICS
-
     metric_keys = ["train_loss", *VAL_METRICS]
     rows = [
         trial_row(result, searched=space.keys, metric_keys=metric_keys, config=config)
@@ -738,6 +406,6 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         mode=train.metric_mode,
         searched=space.keys,
         rows=tuple(rows),
-        wall_seconds=wall,
+        wall_seconds=wall_seconds,
         resumed=resumed,
     )

@@ -1,6 +1,7 @@
 """The console command and the job entry points: help for every option, clear errors."""
 
 import dataclasses
+import importlib
 import logging
 import subprocess
 import sys
@@ -17,12 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "train": "breakhis.train_config:TrainConfig",
     "score": "breakhis.score:ScoreConfig",
-    "evaluate": "breakhis.evaluate:EvaluateConfig",
+    "evaluate": "breakhis.evaluate_config:EvaluateConfig",
     "protocol": "breakhis.protocol:ProtocolConfig",
-    "tune": "breakhis.tune:SweepConfig",
+    "tune": "breakhis.sweep_config:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
     "export": "breakhis.export:ExportConfig",
 }
+
+
+def _load(target: str) -> type:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _help(capsys, *argv: str) -> str:
@@ -63,7 +69,7 @@ def test_top_level_help_lists_every_command(capsys):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_config_field_is_an_option_with_help(capsys, name):
     out = _help(capsys, name)
-    cls = cli._load(CONFIGS[name])
+    cls = _load(CONFIGS[name])
     for flag in _flags(cls):
         assert flag in out or flag.replace("--", "--train-") in out, (name, flag)
     docs = field_docs(cls)
@@ -82,7 +88,8 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
 )
 def test_benchmark_help_lists_every_option_of_its_config(capsys, bench, config):
     out = _help(capsys, "benchmark", bench)
-    cls = cli._load(config)
+    cls = _load(config)
+    assert cli._BENCHMARKS[bench][0]()[0] is cls
     assert _flags(cls) and all(flag in out for flag in _flags(cls)), (bench, out)
     assert all(field_docs(cls).values())
 

@@ -23,16 +23,14 @@ from breakhis.bootstrap import (
     weighted_metrics,
 )
 from breakhis.evaluate import (
-    EvaluateConfig,
-    EvaluateOptions,
     choose_examples,
     classification_report,
-    data_distribution,
-    model_patients,
     per_magnification_metrics,
     run_evaluation,
     score_predictions,
 )
+from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+from breakhis.evaluate_data import data_distribution, model_patients
 from breakhis.metrics import classification_metrics
 from breakhis.predict import PredictOptions
 from breakhis.splits import LeakageError, SplitSpec, add_split_columns, select_split
@@ -400,7 +398,7 @@ def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -
     from breakhis.artifact import load_artifact
     from breakhis.imaging import decode_rgb
     from breakhis.prepare import manifest_hash, read_manifest
-    from breakhis.train import write_curves
+    from breakhis.train_result import write_curves
 
     manifest = read_manifest(prepared)
     torch.manual_seed(0)

@@ -11,18 +11,17 @@ from pathlib import Path
 import pytest
 from conftest import small_train_config
 
-from breakhis.evaluate import EvaluateOptions
+from breakhis.evaluate_config import EvaluateOptions
 from breakhis.protocol import (
     PER_MAGNIFICATION,
     ProtocolConfig,
-    ProtocolRun,
-    aggregate,
     available_splits,
     concurrent_runs,
     plan_runs,
     run_name,
     run_protocol,
 )
+from breakhis.protocol_result import ProtocolRun, aggregate
 from breakhis.train_config import TrainConfig
 
 

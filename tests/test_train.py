@@ -20,22 +20,23 @@ from conftest import small_train_config
 
 import breakhis.train as train_module
 import breakhis.train_loop as loop_module
-from breakhis.metrics import classification_metrics, majority_rate
-from breakhis.model import WeightsError, build_model, split_parameters
-from breakhis.splits import LeakageError
-from breakhis.train import run_training, write_curves
-from breakhis.train_config import TrainConfig
-from breakhis.train_loop import (
+from breakhis.epoch import (
     early_stopping,
     evaluate,
     kept_epoch,
-    load_checkpoint_state,
     lr_scale,
     make_loss,
     make_optimizer,
     make_scheduler,
     train_one_epoch,
 )
+from breakhis.metrics import classification_metrics, majority_rate
+from breakhis.model import WeightsError, build_model, split_parameters
+from breakhis.splits import LeakageError
+from breakhis.train import run_training
+from breakhis.train_config import TrainConfig
+from breakhis.train_loop import load_checkpoint_state
+from breakhis.train_result import write_curves
 
 SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizing
 

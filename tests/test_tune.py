@@ -29,8 +29,9 @@ from breakhis.search_space import (
     load_search_space,
     parse_search_space,
 )
+from breakhis.sweep_config import SweepConfig, derive_max_concurrent
 from breakhis.train_config import TrainConfig
-from breakhis.tune import SweepConfig, derive_max_concurrent, resolve_space, run_sweep
+from breakhis.tune import resolve_space, run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIDE = 32  # generated tiles are SIDE x SIDE, so trials train without resizing

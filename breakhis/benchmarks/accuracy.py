@@ -44,9 +44,8 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from breakhis import storage
+from breakhis.benchmarks.accuracy_result import (
+    REFERENCE,
+    AccuracyBenchmarkResult,
+    DataInfo,
+    SideResult,
+)
 from breakhis.benchmarks.harness import device_name, save_result, start_local_ray
 from breakhis.model import check_arch
 
@@ -76,14 +81,6 @@ SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "realdata" / "b
 
 GENERATED = "generated"
 """The ``--data`` value that asks for generated data."""
-
-REFERENCE = "reference"
-"""Name of the plain loop's side in the result."""
-
-RATES = ("image_rate", "patient_rate")
-"""The paper's two rates, compared between the sides."""
-
-_SHOWN = ("image_rate", "patient_rate", "balanced_accuracy", "roc_auc", "seconds")
 
 
 @dataclass(frozen=True)
@@ -154,222 +151,6 @@ class AccuracyBenchmarkConfig:
             raise ValueError(f"--scale must be in (0, 1], got {self.scale}")
         if self.cpus < 0:
             raise ValueError(f"--cpus must be >= 0, got {self.cpus}")
-
-
-@dataclass(frozen=True)
-class SideResult:
-    """One side (the reference or a variant of the job) on one split's test patients."""
-
-    image_rate: float
-    """The paper's image-level recognition rate (accuracy)."""
-    patient_rate: float
-    """The paper's patient-level recognition rate (mean of the patient scores)."""
-    balanced_accuracy: float
-    roc_auc: float
-    seconds: float
-    """Wall time of the side on this split: training, then prediction on the test patients."""
-    test_images: int
-    test_patients: int
-    train_patients: int
-    """Patients the side trained on (the job's validation patients not included)."""
-    val_patients: int
-    """Patients the side validated on (the reference: none; a refit trained on them too)."""
-    images_per_epoch: int
-    """Training images stepped through per epoch (the job drops a last incomplete batch)."""
-    kept_epoch: int
-    """The epoch whose model was scored (the reference keeps its last)."""
-    threshold: float
-    """Probability of malignancy at which a tile is called malignant."""
-    error: str = ""
-    """Why the side could not run on this split (its figures are then NaN); empty when it
-    ran."""
-
-    @classmethod
-    def from_metrics(cls, m: dict[str, float], *, seconds: float, **sides: Any) -> SideResult:
-        """The rates and counts from breakhis.metrics.classification_metrics' ``m``; the
-        side's own facts (patients, epochs, threshold) as keywords."""
-        return cls(
-            image_rate=m["accuracy"],
-            patient_rate=m["patient_recognition_rate"],
-            balanced_accuracy=m["balanced_accuracy"],
-            roc_auc=m["roc_auc"],
-            seconds=seconds,
-            test_images=int(m["images"]),
-            test_patients=int(m["patients"]),
-            **sides,
-        )
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What the benchmark ran on."""
-
-    source: str
-    """``--data`` as resolved (the raw folder, the prepared DEST or ``generated``)."""
-    kind: str
-    """``raw``, ``prepared`` or ``generated``."""
-    dest: str
-    """The prepared DEST both sides read."""
-    images: int
-    patients: int
-
-
-@dataclass(frozen=True)
-class AccuracyBenchmarkResult:
-    """What ``breakhis benchmark accuracy`` measured."""
-
-    date: str
-    device: str
-    config: dict
-    data: DataInfo
-    splits: list[str]
-    """``rep:K`` of every split run, in order."""
-    sides: dict[str, list[SideResult]] = field(default_factory=dict)
-    """Side name (``reference``, then each variant) -> one result per split, in order."""
-
-    @property
-    def variants(self) -> list[str]:
-        return [name for name in self.sides if name != REFERENCE]
-
-    def summary(self, side: str, key: str) -> tuple[float, float]:
-        """Mean and sample standard deviation over the splits of one figure of one side
-        (std NaN for a single split)."""
-        return _mean_std([getattr(r, key) for r in self.sides[side]])
-
-    def differences(self, variant: str, key: str) -> list[float]:
-        """``variant - reference`` of one rate, per split."""
-        return [
-            getattr(v, key) - getattr(r, key)
-            for v, r in zip(self.sides[variant], self.sides[REFERENCE], strict=True)
-        ]
-
-    def target_met(self, variant: str) -> bool:
-        """Whether the variant's mean is at least the reference's on both rates."""
-        return all(self.summary(variant, k)[0] >= self.summary(REFERENCE, k)[0] for k in RATES)
-
-    def format_table(self) -> str:
-        """Markdown for the README."""
-        c, d = self.config, self.data
-        lines = [
-            f"Accuracy benchmark, {self.date}, {self.device}; data: {d.source} ({d.kind}, "
-            f"{d.images} images of {d.patients} patients); {c['arch']} from random weights at "
-            f"{c['image_size']} px, {c['epochs']} epochs, batch {c['batch_size']}, AdamW lr "
-            f"{c['lr']:g}; splits {', '.join(self.splits)}; mean +- sample std over the splits",
-            "",
-            "| split | side | test patients / images | train / val patients | images per epoch "
-            "| kept epoch "
-            "| threshold | image rate | patient rate | balanced acc. | ROC-AUC | seconds |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for i, split in enumerate(self.splits):
-            for side, results in self.sides.items():
-                r = results[i]
-                lines.append(
-                    f"| {split} | {side} | {r.test_patients} / {r.test_images} | "
-                    f"{r.train_patients} / {r.val_patients} | {r.images_per_epoch} | "
-                    f"{r.kept_epoch} | {r.threshold:.3f} | "
-                    + " | ".join(_fmt(getattr(r, k), k) for k in _SHOWN)
-                    + " |"
-                    if not r.error
-                    else f"| {split} | {side} | did not run: {r.error} |"
-                )
-        for side in self.sides:
-            cells = " | ".join(_fmt_pm(*self.summary(side, k), k) for k in _SHOWN)
-            lines.append(f"| mean +- std | {side} | | | | | | {cells} |")
-        for variant in self.variants:
-            lines += [
-                "",
-                f"| split | {variant} - reference: image rate | patient rate |",
-                "|---|---:|---:|",
-            ]
-            per_rate = {k: self.differences(variant, k) for k in RATES}
-            for i, split in enumerate(self.splits):
-                lines.append(
-                    f"| {split} | {_fmt_pm(per_rate['image_rate'][i], math.nan, 'diff')} "
-                    f"| {_fmt_pm(per_rate['patient_rate'][i], math.nan, 'diff')} |"
-                )
-            means = " | ".join(_fmt_pm(*_mean_std(per_rate[k]), "diff") for k in RATES)
-            lines.append(f"| mean +- std | {means} |")
-        lines.append("")
-        for variant in self.variants:
-            figures = ", ".join(
-                f"{k.replace('_', ' ')} {self.summary(variant, k)[0]:.3f} vs "
-                f"{self.summary(REFERENCE, k)[0]:.3f}"
-                for k in RATES
-            )
-            verdict = "met" if self.target_met(variant) else "missed"
-            failed = [s for s, r in zip(self.splits, self.sides[variant], strict=True) if r.error]
-            if failed:
-                figures = f"it did not run on {', '.join(failed)}"
-            lines.append(
-                f"Target ({variant} mean >= reference mean on both rates): **{verdict}** "
-                f"({figures})."
-            )
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """Measurements and derived figures, for JSON (NaN written as null)."""
-        out: dict[str, Any] = {
-            "date": self.date,
-            "device": self.device,
-            "config": self.config,
-            "data": asdict(self.data),
-            "splits": [
-                {"split": split, "sides": {s: asdict(r[i]) for s, r in self.sides.items()}}
-                for i, split in enumerate(self.splits)
-            ],
-            "summary": {
-                side: {
-                    k: dict(zip(("mean", "std"), self.summary(side, k), strict=True))
-                    for k in _SHOWN
-                }
-                for side in self.sides
-            },  # fmt: skip
-            "differences": {},
-            "target": {},
-        }
-        for variant in self.variants:
-            diffs = {k: self.differences(variant, k) for k in RATES}
-            out["differences"][variant] = {
-                "per_split": [
-                    {"split": split, **{k: diffs[k][i] for k in RATES}}
-                    for i, split in enumerate(self.splits)
-                ],
-                **{k: dict(zip(("mean", "std"), _mean_std(diffs[k]), strict=True)) for k in RATES},
-            }
-            out["target"][variant] = "met" if self.target_met(variant) else "missed"
-        return _no_nan(out)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if any(math.isnan(v) for v in values):
-        return math.nan, math.nan
-    std = statistics.stdev(values) if len(values) > 1 else math.nan
-    return statistics.fmean(values), std
-
-
-def _fmt(value: float, key: str) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.1f}" if key == "seconds" else f"{value:.3f}"
-
-
-def _fmt_pm(mean: float, std: float, key: str) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    if key == "diff":
-        return f"{mean:+.3f} +- {std:.3f}" if not math.isnan(std) else f"{mean:+.3f}"
-    return _fmt(mean, key) + ("" if math.isnan(std) else f" +- {_fmt(std, key)}")
-
-
-def _no_nan(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
 
 
 # --- data --------------------------------------------------------------------------------
@@ -474,42 +255,26 @@ def _decode(png: bytes, size: int):
     return Image.open(io.BytesIO(png)).convert("RGB").resize((size, size), Image.BILINEAR)
 
 
-def run_reference(
-    tiles: pa.Table,
-    train_patients: frozenset[str],
-    test_patients: frozenset[str],
-    *,
-    arch: str,
-    image_size: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-) -> SideResult:
-    """Train the reference loop (module docstring) on the tiles of ``train_patients`` and
-    score it on those of ``test_patients``. Returns its SideResult."""
+def _train_reference(
+    dataset: list, *, arch: str, epochs: int, batch_size: int, lr: float, seed: int
+) -> tuple[Any, int]:
+    """The reference loop's training (module docstring) on ``dataset`` ((PIL image, label)
+    pairs). Returns (model, images stepped through per epoch)."""
     import torch
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
     from tqdm import tqdm
 
-    from breakhis.metrics import classification_metrics
     from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-
-    def rows(patients: frozenset[str]) -> pa.Table:
-        return tiles.filter(pc.is_in(tiles.column("patient_id"), pa.array(sorted(patients))))
-
-    train, test = rows(train_patients), rows(test_patients)
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.RandomHorizontalFlip(), T.RandomVerticalFlip(), *normalize])
-    test_tf = T.Compose(normalize)
-    train_images = [_decode(png, image_size) for png in train.column("png").to_pylist()]
-    train_labels = train.column("label").to_pylist()
-    dataset = [(image, label) for image, label in zip(train_images, train_labels, strict=True)]
+    train_tf = T.Compose(
+        [
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([train_tf(image) for image, _ in batch]), torch.tensor(
@@ -533,22 +298,67 @@ def run_reference(
             optimizer.zero_grad()
             loss_fn(model(x), y).backward()
             optimizer.step()
+    return model, len(dataset) - (len(dataset) % batch_size if loader.drop_last else 0)
 
+
+def _reference_probs(model: Any, images: list, batch_size: int) -> np.ndarray:
+    """The model's probability of malignancy for each image, in eval mode."""
+    import torch
+    from torchvision import transforms as T
+
+    from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    test_tf = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     model.eval()
-    test_images = [_decode(png, image_size) for png in test.column("png").to_pylist()]
     probs = []
     with torch.no_grad():
-        for i in range(0, len(test_images), batch_size):
-            x = torch.stack([test_tf(image) for image in test_images[i : i + batch_size]])
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([test_tf(image) for image in images[i : i + batch_size]])
             probs.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
+    return np.concatenate(probs)
+
+
+def run_reference(
+    tiles: pa.Table,
+    train_patients: frozenset[str],
+    test_patients: frozenset[str],
+    *,
+    arch: str,
+    image_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> SideResult:
+    """Train the reference loop (module docstring) on the tiles of ``train_patients`` and
+    score it on those of ``test_patients``. Returns its SideResult."""
+    import torch
+
+    from breakhis.metrics import classification_metrics
+
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+
+    def rows(patients: frozenset[str]) -> pa.Table:
+        return tiles.filter(pc.is_in(tiles.column("patient_id"), pa.array(sorted(patients))))
+
+    train, test = rows(train_patients), rows(test_patients)
+    train_images = [_decode(png, image_size) for png in train.column("png").to_pylist()]
+    dataset = list(zip(train_images, train.column("label").to_pylist(), strict=True))
+    model, images_per_epoch = _train_reference(
+        dataset, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
+    test_images = [_decode(png, image_size) for png in test.column("png").to_pylist()]
+    probs = _reference_probs(model, test_images, batch_size)
     labels = test.column("label").to_pylist()
-    m = classification_metrics(labels, np.concatenate(probs), test.column("patient_id").to_pylist())
+    m = classification_metrics(labels, probs, test.column("patient_id").to_pylist())
     return SideResult.from_metrics(
         m,
         seconds=time.perf_counter() - started,
         train_patients=len(train_patients),
         val_patients=0,
-        images_per_epoch=len(dataset) - (len(dataset) % batch_size if loader.drop_last else 0),
+        images_per_epoch=images_per_epoch,
         kept_epoch=epochs,
         threshold=0.5,
     )
@@ -557,18 +367,11 @@ def run_reference(
 # --- the job --------------------------------------------------------------------------------
 
 
-def run_job(
-    dest: str, runs: str, variant: str, k: int, config: AccuracyBenchmarkConfig
-) -> SideResult:
-    """Train variant ``variant`` of the job on rep:``k`` of ``dest`` (runs kept under
-    ``runs``), evaluate its artifact on the test patients, and return its SideResult."""
-    from breakhis.evaluate import EvaluateConfig, EvaluateOptions, run_evaluation
-    from breakhis.predict import PredictOptions
-    from breakhis.train import run_training
-    from breakhis.train_config import CURVES_JSON, REFIT_DIR, TrainConfig
+def _job_config(dest: str, runs: str, variant: str, k: int, config: AccuracyBenchmarkConfig) -> Any:
+    """The TrainConfig of variant ``variant`` on rep:``k`` (runs kept under ``runs``)."""
+    from breakhis.train_config import TrainConfig
 
-    started = time.perf_counter()
-    train_config = TrainConfig(
+    return TrainConfig(
         data=dest,
         storage=runs,
         name=f"{variant}-rep{k}",
@@ -584,6 +387,21 @@ def run_job(
         seed=config.seed + k,
         **VARIANTS[variant],
     )
+
+
+def run_job(
+    dest: str, runs: str, variant: str, k: int, config: AccuracyBenchmarkConfig
+) -> SideResult:
+    """Train variant ``variant`` of the job on rep:``k`` of ``dest`` (runs kept under
+    ``runs``), evaluate its artifact on the test patients, and return its SideResult."""
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+    from breakhis.predict import PredictOptions
+    from breakhis.train import run_training
+    from breakhis.train_config import CURVES_JSON, REFIT_DIR
+
+    started = time.perf_counter()
+    train_config = _job_config(dest, runs, variant, k, config)
     try:
         trained = run_training(train_config)
     except ValueError as err:
@@ -624,6 +442,48 @@ def run_job(
     )
 
 
+def _run_split(
+    config: AccuracyBenchmarkConfig,
+    manifest: pa.Table,
+    tiles: pa.Table,
+    dest: str,
+    runs: str,
+    k: int,
+) -> dict[str, SideResult]:
+    """The reference and every variant on rep:``k``, by side. Raises RuntimeError when a
+    variant scored other test tiles than the reference."""
+    from breakhis.splits import SplitSpec, select_split
+
+    patients = select_split(manifest, SplitSpec.parse(f"rep:{k}"))
+    log.info("rep:%d: reference loop on %d training patients", k, len(patients.train))
+    reference = run_reference(
+        tiles,
+        patients.train,
+        patients.test,
+        arch=config.arch,
+        image_size=config.image_size,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed + k,
+    )
+    out = {REFERENCE: reference}
+    for variant in config.variants:
+        log.info("rep:%d: job, variant %s", k, variant)
+        result = run_job(dest, runs, variant, k, config)
+        if not result.error and (result.test_images, result.test_patients) != (
+            reference.test_images,
+            reference.test_patients,
+        ):
+            raise RuntimeError(
+                f"rep:{k}: the job scored {result.test_patients} patients / "
+                f"{result.test_images} images, the reference {reference.test_patients} / "
+                f"{reference.test_images}: the sides must see the same test tiles"
+            )
+        out[variant] = result
+    return out
+
+
 def run_accuracy_benchmark(config: AccuracyBenchmarkConfig) -> AccuracyBenchmarkResult:
     """Run the reference and every variant on every split (module docstring); write
     ``benchmark-accuracy.json`` and ``benchmark-accuracy.md`` into the workdir and return
@@ -634,7 +494,6 @@ def run_accuracy_benchmark(config: AccuracyBenchmarkConfig) -> AccuracyBenchmark
     asked repetitions, before any work; otherwise what prepare, training and evaluation raise.
     """
     from breakhis.prepare import read_manifest
-    from breakhis.splits import SplitSpec, select_split
 
     source, kind = _check_source(config)
     os.makedirs(config.workdir, exist_ok=True)
@@ -647,35 +506,8 @@ def run_accuracy_benchmark(config: AccuracyBenchmarkConfig) -> AccuracyBenchmark
 
     sides: dict[str, list[SideResult]] = {REFERENCE: [], **{v: [] for v in config.variants}}
     for k in config.splits:
-        patients = select_split(manifest, SplitSpec.parse(f"rep:{k}"))
-        log.info("rep:%d: reference loop on %d training patients", k, len(patients.train))
-        sides[REFERENCE].append(
-            run_reference(
-                tiles,
-                patients.train,
-                patients.test,
-                arch=config.arch,
-                image_size=config.image_size,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                lr=config.lr,
-                seed=config.seed + k,
-            )
-        )
-        for variant in config.variants:
-            log.info("rep:%d: job, variant %s", k, variant)
-            result = run_job(dest, runs, variant, k, config)
-            reference = sides[REFERENCE][-1]
-            if not result.error and (result.test_images, result.test_patients) != (
-                reference.test_images,
-                reference.test_patients,
-            ):
-                raise RuntimeError(
-                    f"rep:{k}: the job scored {result.test_patients} patients / "
-                    f"{result.test_images} images, the reference {reference.test_patients} / "
-                    f"{reference.test_images}: the sides must see the same test tiles"
-                )
-            sides[variant].append(result)
+        for side, result in _run_split(config, manifest, tiles, dest, runs, k).items():
+            sides[side].append(result)
 
     outcome = AccuracyBenchmarkResult(
         date=time.strftime("%Y-%m-%d"),
