@@ -294,6 +294,12 @@ def _score_benchmark() -> tuple[type, Callable[[Any], Any]]:
     return ScoreBenchmarkConfig, run_score_benchmark
 
 
+def _gpu_benchmark() -> tuple[type, Callable[[Any], Any]]:
+    from breakhis.benchmarks.gpu import GpuBenchmarkConfig, run_gpu_benchmark
+
+    return GpuBenchmarkConfig, run_gpu_benchmark
+
+
 def _accuracy_benchmark() -> tuple[type, Callable[[Any], Any]]:
     from breakhis.benchmarks.accuracy import AccuracyBenchmarkConfig, run_accuracy_benchmark
 
@@ -312,9 +318,8 @@ _BENCHMARKS: dict[str, tuple[Callable[[], tuple[type, Callable[[Any], Any]]], st
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
     ),
     "gpu": (
-        "breakhis.benchmarks.gpu:GpuBenchmarkConfig",
-        "breakhis.benchmarks.gpu:run_gpu_benchmark",
-        "every GPU figure on one GPU: predictor, decode ceiling, score and train benchmarks",
+        _gpu_benchmark,
+        "every GPU figure on one GPU: predictor, decode ceiling, train and score benchmarks",
     ),
     "accuracy": (
         _accuracy_benchmark,

@@ -83,6 +83,7 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
         ("train", "breakhis.benchmarks.train:TrainBenchmarkConfig"),
         ("tune", "breakhis.benchmarks.tune:TuneBenchmarkConfig"),
         ("score", "breakhis.benchmarks.score:ScoreBenchmarkConfig"),
+        ("gpu", "breakhis.benchmarks.gpu:GpuBenchmarkConfig"),
         ("accuracy", "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig"),
     ],
 )
