@@ -167,10 +167,10 @@ class PngTiles:
         strength: float,
         seed: int,
     ) -> None:
-        from breakhis.transforms import EvalTransform, TrainTransform
+        from breakhis.transforms import TrainTransform
 
         self.paths, self.tile_ids, self.labels = paths, tile_ids, labels
-        self.decode = EvalTransform(image_size=image_size)
+        self.image_size = image_size
         self.augment = TrainTransform(strength=strength, seed=seed)
 
     def __len__(self) -> int:
@@ -178,10 +178,15 @@ class PngTiles:
 
     def __getitem__(self, index: int):
         import torch
+        from PIL import Image
 
         epoch, i = divmod(index, len(self.paths))
-        with open(self.paths[i], "rb") as f:
-            tile = self.decode(f.read())
+        # Decoded as a user would write it, with Pillow (the pipeline's libspng is its own
+        # advantage); the same resize, so both sides produce the same pixels.
+        with Image.open(self.paths[i]) as image:
+            size = (self.image_size, self.image_size)
+            image = image.convert("RGB").resize(size, Image.BILINEAR, reducing_gap=2.0)
+            tile = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
         image = self.augment(tile[None], [self.tile_ids[i]], epoch=epoch)[0]
         return torch.from_numpy(image), self.labels[i]
 
