@@ -50,12 +50,17 @@ def decode_rgb(data: bytes, size: int | tuple[int, int] | None = None) -> np.nda
     close to 700x460). Raises ValueError with the reason for a bad image.
     """
     pixels = _decode(data)
-    if size is not None:
-        height, width = (size, size) if isinstance(size, int) else size
-        if pixels.shape[:2] != (height, width):
-            image = Image.fromarray(pixels, mode="RGB")
-            pixels = np.asarray(image.resize((width, height), Image.BILINEAR, reducing_gap=2.0))
-    return pixels
+    return pixels if size is None else resize_rgb(pixels, size)
+
+
+def resize_rgb(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """A decoded RGB uint8 (H, W, 3) image resized as ``decode_rgb`` resizes: to ``size``
+    (side, or ``(height, width)``), bilinear, by Pillow; the same array when already there."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    image = Image.fromarray(pixels, mode="RGB")
+    return np.asarray(image.resize((width, height), Image.BILINEAR, reducing_gap=2.0))
 
 
 def png_layout(data: bytes) -> tuple[int, int, int, int] | None:
