@@ -77,7 +77,8 @@ from ray.data.expressions import col
 
 from breakhis import storage
 from breakhis.names import MAGNIFICATIONS
-from breakhis.prepare import manifest_hash, manifest_shards, read_manifest
+from breakhis.pixels import PIXEL_COLUMNS, images_of, pixel_file_uri, pixels_uri
+from breakhis.prepare import manifest_hash, manifest_shards, read_manifest, stored_pixel_sizes
 from breakhis.splits import SplitPatients, SplitSpec, select_split
 from breakhis.transforms import EvalTransform, TrainTransform
 
@@ -247,9 +248,18 @@ def decode_tiles(
         except ray.exceptions.RayActorError as err:
             # Counting is bookkeeping: a lost ledger (its node died) must not fail training.
             log.warning("decode ledger lost, decode counts are incomplete from here: %s", err)
-    rows = batch.take(pa.array(keep, pa.int64()))
+    return _rows(batch.take(pa.array(keep, pa.int64())), images[: len(keep)])
+
+
+def stored_tiles(batch: pa.Table, *, image_size: int) -> dict[str, np.ndarray]:
+    """Rows of stored pixel files (breakhis.pixels) in the row contract of ``decode_tiles``:
+    the same pixels a decode at ``image_size`` gives, read, not decoded."""
+    return _rows(batch, images_of(batch.column("image"), image_size))
+
+
+def _rows(rows: pa.Table, images: np.ndarray) -> dict[str, np.ndarray]:
     return {
-        "image": images[: len(keep)],
+        "image": images,
         "label": rows.column("label").to_numpy().astype(np.int64),
         "patient_id": np.asarray(rows.column("patient_id").to_pylist(), dtype=object),
         "tile_id": np.asarray(rows.column("tile_id").to_pylist(), dtype=object),
@@ -350,6 +360,12 @@ def shard_paths(dest: str) -> tuple[pafs.FileSystem, list[str]]:
 
     Raises FileNotFoundError naming DEST/shards when there is none.
     """
+    uris = _shard_uris(dest)
+    fs, _ = storage.resolve(uris[0])
+    return fs, [storage.resolve(u)[1] for u in uris]
+
+
+def _shard_uris(dest: str) -> list[str]:
     shards_uri = storage.join(dest, "shards")
     uris = [e.uri for e in storage.walk(shards_uri, (".parquet",))]
     with suppress(FileNotFoundError):
@@ -358,8 +374,32 @@ def shard_paths(dest: str) -> tuple[pafs.FileSystem, list[str]]:
             uris = [u for u in uris if u.rsplit("/", 1)[-1] in set(listed)]
     if not uris:
         raise FileNotFoundError(f"{shards_uri}: no shards; run `breakhis prepare SRC {dest}`")
-    fs, _ = storage.resolve(shards_uri)
-    return fs, [storage.resolve(u)[1] for u in uris]
+    return uris
+
+
+def stored_pixel_files(dest: str, manifest: pa.Table, image_size: int) -> list[str] | None:
+    """The pixel files of DEST at ``image_size`` (one per shard), or None when the manifest
+    lists no such size or a file is missing (then ingest decodes PNGs, saying why)."""
+    if image_size not in stored_pixel_sizes(manifest):
+        return None
+    wanted = [pixel_file_uri(u, image_size) for u in _shard_uris(dest)]
+    try:
+        there = {e.uri for e in storage.walk(pixels_uri(dest, image_size), (".parquet",))}
+    except FileNotFoundError:
+        there = set()
+    missing = [u for u in wanted if u not in there]
+    if missing:
+        log.warning(
+            "%d stored pixel file(s) at %d px missing (e.g. %s): decoding PNGs instead; "
+            "`breakhis prepare SRC %s --pixels %d` rewrites them",
+            len(missing),
+            image_size,
+            missing[0],
+            dest,
+            image_size,
+        )
+        return None
+    return wanted
 
 
 @contextmanager
@@ -388,14 +428,21 @@ def read_tiles(
     ledger: ray.actor.ActorHandle | None = None,
     *,
     shuffle_files: bool = False,
+    pixel_files: list[str] | None = None,
 ) -> Dataset:
     """The decoded tiles of ``patients`` (at ``config.magnification``), lazily.
 
     ``shuffle_files`` reads the shards in a new seeded order each execution.
-    Returns a Dataset with the row contract of the module docstring (not
-    augmented). Raises FileNotFoundError when DEST has no shards.
+    ``pixel_files`` (from ``stored_pixel_files``) reads stored pixels of the
+    configured size instead of decoding the PNG shards. Returns a Dataset with
+    the row contract of the module docstring (not augmented). Raises
+    FileNotFoundError when DEST has no shards.
     """
-    fs, paths = shard_paths(dest)
+    if pixel_files:
+        fs, _ = storage.resolve(pixel_files[0])
+        paths = [storage.resolve(u)[1] for u in pixel_files]
+    else:
+        fs, paths = shard_paths(dest)
     shuffle = (
         FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if shuffle_files else None
     )
@@ -415,6 +462,18 @@ def read_tiles(
     predicate = col("patient_id").is_in(sorted(patients))
     if config.magnification is not None:
         predicate = predicate & (col("magnification") == config.magnification)
+    if pixel_files:
+        # Fused into the read as well: the conversion is a view of the Arrow buffer.
+        return (
+            ds.filter(expr=predicate)
+            .select_columns([*PIXEL_COLUMNS, "image"])
+            .map_batches(
+                stored_tiles,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={"image_size": config.image_size},
+            )
+        )
     return (
         ds.filter(expr=predicate)
         .select_columns(_READ_COLUMNS)
@@ -503,6 +562,7 @@ def build_datasets(
         raise ValueError(f"sides {sides}: accepted: train, and any of val and test")
     manifest = read_manifest(dest) if manifest is None else manifest
     patients = select_split(manifest, split)
+    pixel_files = stored_pixel_files(dest, manifest, config.image_size)
     meta = manifest.schema.metadata or {}
     mhash = meta.get(b"breakhis.manifest_hash", b"").decode() or manifest_hash(manifest)
     if config.magnification is not None:
@@ -518,12 +578,36 @@ def build_datasets(
     if rows["train"].num_rows == 0:
         raise ValueError(f"{dest}: {where} has no training image")
 
+    if pixel_files:
+        log.info(
+            "ingest reads stored %dx%d pixels from %s: no PNG decode",
+            config.image_size,
+            config.image_size,
+            pixels_uri(dest, config.image_size),
+        )
+    else:
+        stored = ", ".join(map(str, stored_pixel_sizes(manifest))) or "none"
+        log.info(
+            "ingest decodes PNGs to %dx%d (stored pixel sizes: %s; `breakhis prepare --pixels "
+            "%d` stores this one)",
+            config.image_size,
+            config.image_size,
+            stored,
+            config.image_size,
+        )
     ledger = new_ledger()
     datasets: dict[str, Dataset] = {}
     num_rows: dict[str, int] = {}
     for side, members in chosen.items():
         shuffle = side == "train" and config.shuffle
-        ds = read_tiles(dest, members, config, ledger, shuffle_files=shuffle and not config.cache)
+        ds = read_tiles(
+            dest,
+            members,
+            config,
+            ledger,
+            shuffle_files=shuffle and not config.cache,
+            pixel_files=pixel_files,
+        )
         if config.cache:
             ds = cache_tiles(ds, shuffle_seed=config.seed if shuffle else None)
             num_rows[side] = ds.count()

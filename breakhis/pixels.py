@@ -113,3 +113,19 @@ def is_complete(uri: str) -> bool:
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
         return False
     return True
+
+
+def read_stored(shard_uri: str, uris: list[str], size: int) -> dict[str, np.ndarray] | None:
+    """The stored pixels at ``size`` of the tiles ``uris`` of one shard, uri -> uint8
+    (3, S, S) (a uri the file lacks is left out), or None when the shard has no readable
+    pixel file of that size (the caller decodes its PNGs instead)."""
+    fs, path = storage.resolve(pixel_file_uri(shard_uri, size))
+    try:
+        # Row-group statistics on the sorted uri column skip most of the file.
+        table = pq.read_table(
+            path, filesystem=fs, columns=["uri", "image"], filters=[("uri", "in", uris)]
+        )
+        images = images_of(table.column("image"), size)
+    except (OSError, pa.ArrowInvalid, ValueError):
+        return None
+    return dict(zip(table.column("uri").to_pylist(), images, strict=True))

@@ -307,3 +307,123 @@ def test_missing_data_and_unknown_split_fail_with_the_place(dest: str, tmp_path)
         build_datasets(str(tmp_path / "nothing"), SPLIT, IngestConfig(image_size=SIZE))
     with pytest.raises(ValueError, match="fold:7"):
         build_datasets(dest, SplitSpec.parse("fold:7"), IngestConfig(image_size=SIZE))
+
+
+# ------------------------------------------------------------------------- stored pixels
+
+
+@pytest.fixture(scope="module")
+def stored_dest(dest: str) -> str:
+    """The same generated tiles prepared again, with pixels stored at SIZE."""
+    from breakhis.prepare import PrepareConfig, prepare
+
+    root = dest.rsplit("/", 1)[0]
+    prepare(
+        PrepareConfig(
+            src=f"{root}/raw",
+            dest=f"{root}/prepared-pixels",
+            folds=3,
+            shard_mb=0.03,
+            row_group_rows=8,
+            pixels=(SIZE,),
+        )
+    )
+    return f"{root}/prepared-pixels"
+
+
+def test_stored_pixels_are_the_decoded_pixels_and_are_never_decoded_again(
+    dest: str, stored_dest: str, caplog
+) -> None:
+    import logging
+
+    config = IngestConfig(image_size=SIZE, oversample=True, seed=5)
+    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+        stored = build_datasets(stored_dest, SPLIT, config)
+    assert f"ingest reads stored {SIZE}x{SIZE} pixels" in caplog.text
+    decoded = build_datasets(dest, SPLIT, config)
+    assert stored.num_rows == decoded.num_rows and stored.class_counts == decoded.class_counts
+    # Same tiles, same pixels, bit for bit: unaugmented (val, test) and augmented (train).
+    for side in ("val", "test"):
+        assert _by_tile(_epoch(stored.datasets[side])) == _by_tile(_epoch(decoded.datasets[side]))
+    assert _by_tile(_epoch(stored.datasets["train"])) == _by_tile(_epoch(decoded.datasets["train"]))
+    assert decoded.decode_stats().decoded == sum(decoded.num_rows.values()) - (
+        decoded.num_rows["train"] - sum(decoded.class_counts)  # oversampled copies
+    )
+    # Not one PNG decoded: at build (the cache), in later epochs, or streaming.
+    _epoch(stored.datasets["train"], columns=("label",))
+    streaming = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=SIZE, cache=False))
+    first = _epoch(streaming.datasets["val"])
+    assert _by_tile(first) == _by_tile(_epoch(decoded.datasets["val"]))
+    _epoch(streaming.datasets["train"], columns=("label",))
+    assert stored.decode_stats().decoded == streaming.decode_stats().decoded == 0
+
+
+def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
+    stored_dest: str, caplog
+) -> None:
+    import logging
+
+    other = SIZE - 8
+    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+        data = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=other), sides=("train",))
+    assert f"ingest decodes PNGs to {other}x{other} (stored pixel sizes: {SIZE};" in caplog.text
+    assert data.decode_stats().decoded == data.num_rows["train"]
+
+    victim = next(storage.walk(storage.join(stored_dest, "pixels", str(SIZE)))).uri
+    kept = storage.read_bytes(victim)
+    storage.delete(victim)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+            data = build_datasets(
+                stored_dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
+            )
+        assert "stored pixel file(s) at 32 px missing" in caplog.text
+        assert f"ingest decodes PNGs to {SIZE}x{SIZE}" in caplog.text
+        assert data.decode_stats().decoded == data.num_rows["train"]
+    finally:
+        storage.write_bytes(victim, kept)
+
+
+def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
+    dest: str, stored_dest: str, monkeypatch
+) -> None:
+    """predict.decode_tiles (score, evaluate) on tiles of prepared shards: stored pixels
+    at the model's size, the very pixels a decode gives; PNGs at any other size."""
+    from breakhis import imaging, predict
+
+    decodes: list[int] = []
+    original = imaging.decode_rgb
+
+    def counted(data, size=None):
+        decodes.append(size)
+        return original(data, size)
+
+    monkeypatch.setattr(imaging, "decode_rgb", counted)
+
+    def batch(prepared: str) -> dict[str, np.ndarray]:
+        shards = [e.uri for e in storage.walk(storage.join(prepared, "shards"))][:2]
+        rows = [
+            (uri, tile, shard)
+            for shard in shards
+            for uri, tile in zip(
+                *pq.read_table(storage.resolve(shard)[1], filesystem=storage.resolve(shard)[0])
+                .select(["uri", "tile_id"])
+                .to_pydict()
+                .values(),
+                strict=True,
+            )
+        ]
+        uri, tile, shard = (np.asarray(c, dtype=object) for c in zip(*rows, strict=True))
+        return {"uri": uri, "tile_id": tile, "unit": tile, "shard": shard}
+
+    plain = predict.decode_tiles(batch(dest), image_size=SIZE)
+    assert decodes == [SIZE] * len(plain["uri"]) and set(plain["error"]) == {""}
+    decodes.clear()
+    stored = predict.decode_tiles(batch(stored_dest), image_size=SIZE)
+    assert decodes == [] and set(stored["error"]) == {""}
+    by_tile = dict(zip(plain["tile_id"], plain["image"], strict=True))
+    for tile, image in zip(stored["tile_id"], stored["image"], strict=True):
+        np.testing.assert_array_equal(image, by_tile[tile])
+    other = predict.decode_tiles(batch(stored_dest), image_size=SIZE - 8)
+    assert decodes == [SIZE - 8] * len(other["uri"])
