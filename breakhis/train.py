@@ -260,6 +260,7 @@ def plan_run(
         "class_weights": [float(w) for w in ingest.class_weights],
         "steps_per_epoch": steps_per_epoch,
         "initial_state": initial_state,
+        "shuffle_buffer": ingest.shuffle_buffer,  # rows; 0: cached, already shuffled
     }
     return RunPlan(
         config=config,

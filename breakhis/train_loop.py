@@ -471,7 +471,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model,
             _remember_images(
                 train_shard.iter_torch_batches(
-                    batch_size=cfg.batch_size, prefetch_batches=2, drop_last=True
+                    batch_size=cfg.batch_size,
+                    prefetch_batches=2,
+                    drop_last=True,
+                    # Streaming (uncached): a read block holds a few patients; the buffer
+                    # mixes many in each batch.
+                    local_shuffle_buffer_size=config.get("shuffle_buffer") or None,
                 ),
                 recent,
             ),

@@ -427,3 +427,102 @@ def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
         np.testing.assert_array_equal(image, by_tile[tile])
     other = predict.decode_tiles(batch(stored_dest), image_size=SIZE - 8)
     assert decodes == [SIZE - 8] * len(other["uri"])
+
+
+# ------------------------------------------------------------------- streaming without cache
+
+
+def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
+    dest: str,
+) -> None:
+    from breakhis.ingest import CACHE_FRACTION, choose_cache, shuffle_buffer_rows
+
+    assert choose_cache(40, 100) and not choose_cache(int(CACHE_FRACTION * 100) + 1, 100)
+    auto = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",))
+    assert auto.config.cache is True and auto.shuffle_buffer == 0  # 78 tiny tiles fit
+    assert auto.decode_stats().decoded == auto.num_rows["train"]
+
+    streaming = build_datasets(
+        dest, SPLIT, IngestConfig(image_size=SIZE, cache=False), sides=("train",)
+    )
+    assert streaming.config.cache is False and streaming.decode_stats().decoded == 0
+    assert streaming.shuffle_buffer == shuffle_buffer_rows(SIZE) >= 4 * 64
+    train = streaming.datasets["train"].select_columns(["patient_id"])
+
+    def patients_per_batch(buffer: int | None) -> float:
+        counts = [
+            len(set(batch["patient_id"]))
+            for batch in train.iter_batches(
+                batch_size=8,
+                batch_format="numpy",
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=0 if buffer else None,
+                drop_last=True,
+            )
+        ]
+        return float(np.mean(counts))
+
+    # A read block is a shard of a few patients (shards hold patients in name order).
+    blockwise, buffered = patients_per_batch(None), patients_per_batch(streaming.shuffle_buffer)
+    assert buffered >= blockwise + 1.0, (blockwise, buffered)
+
+
+_STREAM_CHILD = """
+import json, sys
+import numpy as np, ray
+from ray.data import DataContext
+from breakhis.ingest import IngestConfig, build_datasets
+from breakhis.prepare import PrepareConfig, prepare
+from breakhis.splits import SplitSpec
+from breakhis.synth import synthesize
+
+root, size = sys.argv[1], int(sys.argv[2])
+ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2,
+         include_dashboard=False, configure_logging=False, log_to_driver=False)
+DataContext.get_current().enable_progress_bars = False
+synthesize(f"{root}/raw", scale=0.05, seed=0, width=64, height=42, workers=1)
+prepare(PrepareConfig(src=f"{root}/raw", dest=f"{root}/prepared", shard_mb=0.25,
+                      row_group_rows=16, pixels=(size,)))
+split = SplitSpec.parse("fold:0", val_fraction=0.0)
+data = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size), sides=("train",))
+ds = data.datasets["train"].select_columns(["image", "patient_id"])
+rows, mixes = 0, []
+for batch in ds.iter_batches(batch_size=32, batch_format="numpy",
+                             local_shuffle_buffer_size=data.shuffle_buffer):
+    rows += len(batch["image"])
+    mixes.append(len(set(batch["patient_id"])))
+stats = ds.stats()
+cached = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size, cache=True),
+                        sides=("train",))
+print(json.dumps({"cache": data.config.cache, "rows": rows, "expected": data.num_rows["train"],
+                  "decoded_gib": rows * 3 * size * size / 1024**3,
+                  "streamed_spilled": "Spilled to disk" in stats,
+                  "cached_spilled": "Spilled to disk" in cached.datasets["train"].stats(),
+                  "patients_per_batch": float(np.mean(mixes))}))
+"""
+
+
+@pytest.mark.slow
+def test_a_data_set_larger_than_the_object_store_streams_without_spilling(tmp_path) -> None:
+    """Own Ray with a 100 MiB object store, ~3x that many decoded tiles (stored at 512 px):
+    the automatic choice streams, every tile arrives, and nothing overflows to disk; the
+    cache of the same data would (the check can fail)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _STREAM_CHILD, str(tmp_path), "512"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cache"] is False, result
+    assert result["rows"] == result["expected"] and result["decoded_gib"] > 0.2, result
+    assert not result["streamed_spilled"] and result["cached_spilled"], result
+    assert result["patients_per_batch"] >= 3, result
