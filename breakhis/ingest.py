@@ -19,17 +19,27 @@ or ``collate_fn=TileCollate()``): torch has no string tensors.
 
 The pipeline, per side of the split:
 
-    read_parquet(DEST/shards) -> filter(patients [, magnification]) pushed into the scan
+    read_parquet(DEST/shards, or DEST/pixels/S) -> filter(patients [, magnification])
+         pushed into the scan
       -> map_batches(decode_tiles): PNG -> uint8 CHW at S x S (pyarrow in, numpy out),
-         fused into the read: one task per shard reads and decodes it
+         or map_batches(stored_tiles) when ``prepare --pixels S`` stored this size
+         (a view of the stored bytes: no decode at all); fused into the read: one task
+         per shard reads and decodes it
       -> train only: random_shuffle(seed)        } with ``cache``: materialize() once,
-                                                 } in the object store (spilling to disk)
+                                                 } in the object store
       -> train only: randomize_block_order (a new order each epoch) and
          map_batches(augment_tiles): oversampling and per-epoch augmentation
 
-With ``cache`` the decode runs once per run: every epoch after the first reads
-decoded tiles from the object store and only augments them. Without it (data
-too large to hold) the same pipeline streams and decodes again each epoch.
+Which source a run takes is logged in one line ("ingest reads stored 224x224 pixels" or
+"ingest decodes PNGs to 224x224"). With ``cache`` the tiles are decoded (or read) once
+per run: every epoch after the first reads them from the object store and only augments
+them. Without it the same pipeline streams every epoch from the shards with bounded
+memory (Ray Data's backpressure; nothing is held beyond a few blocks), for data larger
+than the object store: the shard files come in a new order each epoch and a local
+shuffle buffer (``IngestData.shuffle_buffer`` rows, given to ``iter_torch_batches``)
+mixes the few patients of each block with many others in a batch. ``cache=None`` (the
+default) chooses: cache when the decoded tiles take at most CACHE_FRACTION of the
+object store.
 
 Per-epoch yet reproducible augmentation. The randomness of a tile's
 augmentation comes from ``tile_rng(seed, epoch, tile_id, copy)``
@@ -61,35 +71,40 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
-from ray.data import DataContext, Dataset, FileShuffleConfig, RandomSeedConfig
+from ray.data import DataContext, Dataset, RandomSeedConfig
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.dataset import MaterializedDataset
-from ray.data.expressions import col
 
-from breakhis import storage
 from breakhis.names import MAGNIFICATIONS
-from breakhis.prepare import manifest_hash, manifest_shards, read_manifest
+from breakhis.pixels import pixels_uri
+from breakhis.prepare import manifest_hash, read_manifest, stored_pixel_sizes
 from breakhis.splits import SplitPatients, SplitSpec, select_split
-from breakhis.transforms import EvalTransform, TrainTransform
+from breakhis.tiles import (  # noqa: F401 - shard_paths, decode_tiles: importers use them here
+    DecodeStats,
+    decode_tiles,
+    new_ledger,
+    read_tiles,
+    shard_paths,
+    stored_pixel_files,
+)
+from breakhis.transforms import TrainTransform
 
 log = logging.getLogger(__name__)
 
 SIDES = ("train", "val", "test")
-# Shard columns the pipeline needs: everything but the PNG's bookkeeping.
-_READ_COLUMNS = ["tile_id", "uri", "patient_id", "label", "magnification", "png"]
-# Failures kept with their reason in the ledger; beyond this only counted.
-_MAX_FAILURES_KEPT = 1000
 # Images per colour-jitter step inside a block: bounds the float32 temporaries.
 _AUGMENT_CHUNK = 32
+CACHE_FRACTION = 0.4
+"""Automatic cache: on when the decoded tiles take at most this share of the object store
+(the global shuffle holds two copies for a moment, and streaming blocks need room)."""
+SHUFFLE_BUFFER_BYTES = 256 * 1024**2
+"""Bytes of the local shuffle buffer of a streaming (uncached) train dataset, per reader."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +114,11 @@ class IngestConfig:
     image_size: side S of the square uint8 tiles fed to the model, in pixels.
     magnification: keep only this magnification (40, 100, 200 or 400; one model
         per magnification, as in the paper) or None for all (magnification-independent).
-    cache: decode once and keep the decoded tiles in the Ray object store (which
-        spills to disk); False streams and decodes every epoch, for data too
-        large to hold.
+    cache: decode once and keep the decoded tiles in the Ray object store; False
+        streams every epoch from the shards (decoding, or reading stored pixels)
+        with bounded memory and a local shuffle buffer, for data larger than the
+        object store; None (default) caches when the decoded tiles of the sides
+        built take at most CACHE_FRACTION of the cluster's object store.
     augment_strength: 0 (no augmentation) .. 1; see breakhis/transforms.py.
     oversample: repeat each minority-class training tile round(n_major / n_minor)
         times per epoch (each copy augmented differently).
@@ -112,7 +129,7 @@ class IngestConfig:
 
     image_size: int = 224
     magnification: int | None = None
-    cache: bool = True
+    cache: bool | None = None
     augment_strength: float = 0.5
     oversample: bool = False
     shuffle: bool = True
@@ -133,44 +150,6 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
-class DecodeStats:
-    """What the decode step has done so far in this run, over all sides and epochs."""
-
-    decoded: int
-    failed: int
-    failures: tuple[tuple[str, str], ...]  # (uri, reason), the first 1000
-
-
-@ray.remote(num_cpus=0)
-class DecodeLedger:
-    """Counts decoded and failed tiles across every process of the pipeline."""
-
-    def __init__(self) -> None:
-        self._decoded = 0
-        self._failed = 0
-        self._failures: list[tuple[str, str]] = []
-
-    def record(self, decoded: int, failures: list[tuple[str, str]]) -> None:
-        self._decoded += decoded
-        self._failed += len(failures)
-        room = _MAX_FAILURES_KEPT - len(self._failures)
-        self._failures.extend(failures[: max(room, 0)])
-
-    def stats(self) -> DecodeStats:
-        return DecodeStats(self._decoded, self._failed, tuple(self._failures))
-
-
-def new_ledger() -> ray.actor.ActorHandle:
-    """A DecodeLedger on this driver's node: it lives as long as the job does, and a worker
-    node that dies does not take it along (decode tasks on every node report to it)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=True)
-    return DecodeLedger.options(scheduling_strategy=strategy).remote()
-
-
-@dataclass(frozen=True)
 class IngestData:
     """The datasets of one split and what a training run needs to know about them.
 
@@ -181,6 +160,11 @@ class IngestData:
     oversample_factor: (benign, malignant) copies of each training tile per epoch.
     num_rows: rows per epoch of each dataset; exact when cached, from the
         manifest (an upper bound if tiles fail to decode) when streaming.
+    config: the IngestConfig used, its ``cache`` resolved to True or False.
+    shuffle_buffer: rows of the local shuffle buffer to iterate the streaming train
+        dataset with (``iter_torch_batches(local_shuffle_buffer_size=...)``): a read
+        block holds a few patients, the buffer mixes many in a batch; 0 when cached
+        (the cache is shuffled globally) or not shuffling.
     """
 
     datasets: dict[str, Dataset]
@@ -192,6 +176,7 @@ class IngestData:
     oversample_factor: tuple[int, int] = (1, 1)
     config: IngestConfig = field(default_factory=IngestConfig)
     ledger: ray.actor.ActorHandle | None = field(default=None, repr=False)
+    shuffle_buffer: int = 0
 
     def decode_stats(self) -> DecodeStats:
         """Tiles decoded and failed so far (all sides, all epochs), from the ledger actor."""
@@ -214,47 +199,6 @@ class TileCollate(ArrowBatchCollateFn):
 
         keep = [c for c in self.columns if c in batch.column_names]
         return arrow_batch_to_tensors(batch.select(keep), combine_chunks=True)
-
-
-def decode_tiles(
-    batch: pa.Table, *, image_size: int, ledger: ray.actor.ActorHandle | None = None
-) -> dict[str, np.ndarray]:
-    """Decode a batch of shard rows into model-ready rows (the evaluation transform).
-
-    Returns numpy columns ``image`` uint8 (n, 3, S, S), ``label`` int64,
-    ``patient_id``, ``tile_id`` (str) and ``magnification`` int64 for the rows
-    that decode. A row that does not decode is logged with its URI, reported
-    to ``ledger`` and left out; it never raises.
-    """
-    transform = EvalTransform(image_size=image_size)
-    pngs = batch.column("png").to_pylist()
-    uris = batch.column("uri").to_pylist()
-    images = np.empty((len(pngs), 3, image_size, image_size), dtype=np.uint8)
-    keep: list[int] = []
-    failures: list[tuple[str, str]] = []
-    for i, data in enumerate(pngs):
-        try:
-            images[len(keep)] = transform(data)
-        except ValueError as err:
-            log.warning("skipping tile %s: %s", uris[i], err)
-            failures.append((uris[i], str(err)))
-            continue
-        keep.append(i)
-    if ledger is not None:
-        # Waited for, so counts are complete when the epoch that caused them ends.
-        try:
-            ray.get(ledger.record.remote(len(keep), failures))
-        except ray.exceptions.RayActorError as err:
-            # Counting is bookkeeping: a lost ledger (its node died) must not fail training.
-            log.warning("decode ledger lost, decode counts are incomplete from here: %s", err)
-    rows = batch.take(pa.array(keep, pa.int64()))
-    return {
-        "image": images[: len(keep)],
-        "label": rows.column("label").to_numpy().astype(np.int64),
-        "patient_id": np.asarray(rows.column("patient_id").to_pylist(), dtype=object),
-        "tile_id": np.asarray(rows.column("tile_id").to_pylist(), dtype=object),
-        "magnification": rows.column("magnification").to_numpy().astype(np.int64),
-    }
 
 
 def execution_index(context: DataContext | None = None) -> int:
@@ -343,92 +287,6 @@ def _cached_label_counts(ds: Dataset) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
-def shard_paths(dest: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem and paths of the shards of a prepared DEST: those its manifest lists
-    (a prepare that died before deleting an older plan's shards leaves them behind), or every
-    shard for a manifest that lists none.
-
-    Raises FileNotFoundError naming DEST/shards when there is none.
-    """
-    shards_uri = storage.join(dest, "shards")
-    uris = [e.uri for e in storage.walk(shards_uri, (".parquet",))]
-    with suppress(FileNotFoundError):
-        listed = manifest_shards(dest)
-        if listed is not None:
-            uris = [u for u in uris if u.rsplit("/", 1)[-1] in set(listed)]
-    if not uris:
-        raise FileNotFoundError(f"{shards_uri}: no shards; run `breakhis prepare SRC {dest}`")
-    fs, _ = storage.resolve(shards_uri)
-    return fs, [storage.resolve(u)[1] for u in uris]
-
-
-@contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Plan ``read_parquet`` with Ray Data's first Parquet datasource.
-
-    The V2 datasource (default in Ray 2.60) starts a pool of 32 FooterReader
-    actors for every execution, i.e. every epoch of a streaming dataset: 32
-    Python processes to read a few footers, which on a small node costs tens of
-    seconds per epoch. V1 reads the footers in the planning task and pushes the
-    same filter and projection into the scan.
-    """
-    context = DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = previous
-
-
-def read_tiles(
-    dest: str,
-    patients: frozenset[str],
-    config: IngestConfig,
-    ledger: ray.actor.ActorHandle | None = None,
-    *,
-    shuffle_files: bool = False,
-) -> Dataset:
-    """The decoded tiles of ``patients`` (at ``config.magnification``), lazily.
-
-    ``shuffle_files`` reads the shards in a new seeded order each execution.
-    Returns a Dataset with the row contract of the module docstring (not
-    augmented). Raises FileNotFoundError when DEST has no shards.
-    """
-    fs, paths = shard_paths(dest)
-    shuffle = (
-        FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if shuffle_files else None
-    )
-    with _parquet_reader_v1():
-        # One read task per shard, with the decode fused into it. Left to itself Ray
-        # splits each file's output into blocks to reach 200 (read_op_min_num_blocks),
-        # and a split read never fuses: the decode then ran as its own operator while
-        # the streaming reads held CPUs, one decode at a time on 2 cores (read and
-        # decode of 1,975 tiles: 24.5 s split, 17.1 s fused). Parallelism of the
-        # decode is therefore the number of shards: prepare with a smaller
-        # --shard-mb for a cluster with more CPUs than shards.
-        ds = ray.data.read_parquet(
-            paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths)
-        )
-    # Both predicates are pushed into the Parquet scan; row-group statistics skip
-    # most of the other patients' bytes since shards are written in name order.
-    predicate = col("patient_id").is_in(sorted(patients))
-    if config.magnification is not None:
-        predicate = predicate & (col("magnification") == config.magnification)
-    return (
-        ds.filter(expr=predicate)
-        .select_columns(_READ_COLUMNS)
-        .map_batches(
-            decode_tiles,
-            batch_format="pyarrow",
-            # Whole read blocks (at most target_max_block_size, 128 MiB of PNG): a
-            # batch size would stop Ray from fusing the decode into the read.
-            batch_size=None,
-            fn_kwargs={"image_size": config.image_size, "ledger": ledger},
-        )
-    )
-
-
 def cache_tiles(tiles: Dataset, *, shuffle_seed: int | None = None) -> MaterializedDataset:
     """Run ``tiles`` once and keep the result in the object store (spilling to disk).
 
@@ -481,6 +339,53 @@ def augmented_tiles(
     )
 
 
+def choose_cache(decoded_bytes: int, object_store_bytes: float) -> bool:
+    """The automatic cache decision: True when ``decoded_bytes`` fit in
+    ``CACHE_FRACTION`` of ``object_store_bytes``."""
+    return decoded_bytes <= CACHE_FRACTION * object_store_bytes
+
+
+def shuffle_buffer_rows(image_size: int, batch_size: int = 64) -> int:
+    """Rows of the streaming local shuffle buffer: SHUFFLE_BUFFER_BYTES of tiles, at least
+    four batches."""
+    return max(4 * batch_size, SHUFFLE_BUFFER_BYTES // (3 * image_size * image_size))
+
+
+def _resolve_cache(config: IngestConfig, rows: int) -> bool:
+    """``config.cache``, or the automatic choice for ``rows`` tiles, logged either way."""
+    decoded = rows * 3 * config.image_size**2
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    cache = choose_cache(decoded, store) if config.cache is None else config.cache
+    log.info(
+        "ingest cache %s (%s): decoded tiles %.2f GiB, object store %.2f GiB",
+        "on" if cache else "off, streaming",
+        "automatic" if config.cache is None else "--cache" if cache else "--no-cache",
+        decoded / 1024**3,
+        store / 1024**3,
+    )
+    return cache
+
+
+def _announce_source(dest: str, manifest: pa.Table, size: int, stored: bool) -> None:
+    if stored:
+        log.info(
+            "ingest reads stored %dx%d pixels from %s: no PNG decode",
+            size,
+            size,
+            pixels_uri(dest, size),
+        )
+        return
+    sizes = ", ".join(map(str, stored_pixel_sizes(manifest))) or "none"
+    log.info(
+        "ingest decodes PNGs to %dx%d (stored pixel sizes: %s; `breakhis prepare --pixels %d` "
+        "stores this one)",
+        size,
+        size,
+        sizes,
+        size,
+    )
+
+
 def build_datasets(
     dest: str,
     split: SplitSpec,
@@ -488,21 +393,27 @@ def build_datasets(
     *,
     sides: tuple[str, ...] = SIDES,
     manifest: pa.Table | None = None,
+    patients: SplitPatients | None = None,
 ) -> IngestData:
     """Build the Ray Datasets of one split of a prepared DEST: those of ``sides`` (a
     training run asks for train and val only, so the test tiles are never decoded).
 
     With ``config.cache`` this decodes every tile of those sides now (on the current Ray
     cluster) and keeps them in the object store; otherwise it only plans the pipeline.
-    ``manifest`` is DEST's, when the caller has read it already. Returns IngestData.
+    ``manifest`` is DEST's, when the caller has read it already, and ``patients`` the split
+    it selected from it (with the leakage check), so the training path plans once. Returns
+    IngestData.
     Raises FileNotFoundError when DEST has no manifest or shards, ValueError for a split
     the manifest lacks, an unknown side or a training side without images (e.g. at this
     magnification), and LeakageError when a patient is on two sides.
     """
     if "train" not in sides or not set(sides) <= set(SIDES):
         raise ValueError(f"sides {sides}: accepted: train, and any of val and test")
+    if patients is not None and manifest is None:
+        raise ValueError("build_datasets: patients= needs the manifest they were selected from")
     manifest = read_manifest(dest) if manifest is None else manifest
-    patients = select_split(manifest, split)
+    patients = select_split(manifest, split) if patients is None else patients
+    pixel_files = stored_pixel_files(dest, manifest, config.image_size)
     meta = manifest.schema.metadata or {}
     mhash = meta.get(b"breakhis.manifest_hash", b"").decode() or manifest_hash(manifest)
     if config.magnification is not None:
@@ -518,12 +429,22 @@ def build_datasets(
     if rows["train"].num_rows == 0:
         raise ValueError(f"{dest}: {where} has no training image")
 
+    _announce_source(dest, manifest, config.image_size, stored=bool(pixel_files))
+    cache = _resolve_cache(config, sum(r.num_rows for r in rows.values()))
+    config = replace(config, cache=cache)
     ledger = new_ledger()
     datasets: dict[str, Dataset] = {}
     num_rows: dict[str, int] = {}
     for side, members in chosen.items():
         shuffle = side == "train" and config.shuffle
-        ds = read_tiles(dest, members, config, ledger, shuffle_files=shuffle and not config.cache)
+        ds = read_tiles(
+            dest,
+            members,
+            config,
+            ledger,
+            shuffle_files=shuffle and not config.cache,
+            pixel_files=pixel_files,
+        )
         if config.cache:
             ds = cache_tiles(ds, shuffle_seed=config.seed if shuffle else None)
             num_rows[side] = ds.count()
@@ -555,7 +476,9 @@ def build_datasets(
         ", ".join(f"{s} {num_rows[s]}" for s in ("val", "test") if s in num_rows),
         "on" if config.cache else "off",
     )
+    streaming_shuffle = config.shuffle and not cache
     return IngestData(
+        shuffle_buffer=shuffle_buffer_rows(config.image_size) if streaming_shuffle else 0,
         datasets=datasets,
         class_counts=counts,
         class_weights=class_weights(seen),

@@ -135,7 +135,7 @@ def add_config_options(
             )
             if not path and item.name in positional:
                 parser.add_argument(dest, type=_parser_for(kind, optional), help=help_text)
-            elif kind is bool and not optional:
+            elif kind is bool:  # an optional one: None (neither flag) is the automatic choice
                 parser.add_argument(
                     flag,
                     dest=dest,

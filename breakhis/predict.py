@@ -131,21 +131,26 @@ class PredictOptions:
 def decode_tiles(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
     """Read and decode one batch of tiles (a Ray Data map_batches function).
 
-    ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). Returns
-    uri, tile_id, unit, ``image`` (N, S, S, 3 uint8; zeros for a bad tile) and
-    ``error`` ("" when decoded, else ``read: ...``/``decode: ...``). Never
-    raises for a bad tile.
+    ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). A tile of a
+    prepared shard with pixels stored at ``image_size`` (``breakhis prepare --pixels``)
+    is read from them, not decoded: the same pixels. Returns uri, tile_id, unit,
+    ``image`` (N, S, S, 3 uint8; zeros for a bad tile) and ``error`` ("" when decoded,
+    else ``read: ...``/``decode: ...``). Never raises for a bad tile.
     """
     from breakhis.imaging import decode_rgb
 
     uris = [str(u) for u in batch["uri"]]
-    data = _read_tile_bytes(uris, list(batch["shard"]))
+    data = _read_tile_bytes(uris, list(batch["shard"]), image_size)
     images = np.zeros((len(uris), image_size, image_size, 3), dtype=np.uint8)
     errors = []
     for i, uri in enumerate(uris):
         value = data[uri]
         if isinstance(value, str):
             errors.append(value)
+            continue
+        if isinstance(value, np.ndarray):  # stored pixels, CHW
+            images[i] = value.transpose(1, 2, 0)
+            errors.append("")
             continue
         try:
             images[i] = decode_rgb(value, image_size)
@@ -162,9 +167,14 @@ def decode_tiles(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
     }
 
 
-def _read_tile_bytes(uris: list[str], shards: list) -> dict[str, bytes | str]:
-    """uri -> bytes, or -> the read error's text."""
-    out: dict[str, bytes | str] = {}
+def _read_tile_bytes(
+    uris: list[str], shards: list, image_size: int | None = None
+) -> dict[str, bytes | str | np.ndarray]:
+    """uri -> bytes, or -> the read error's text, or -> the tile's stored pixels at
+    ``image_size`` (uint8 CHW) when its shard has them."""
+    from breakhis.pixels import read_stored
+
+    out: dict[str, bytes | str | np.ndarray] = {}
     by_shard: dict[str, list[str]] = defaultdict(list)
     for uri, shard in zip(uris, shards, strict=True):
         if shard:
@@ -175,6 +185,12 @@ def _read_tile_bytes(uris: list[str], shards: list) -> dict[str, bytes | str]:
         except OSError as err:  # FileNotFoundError, permissions, network
             out[uri] = f"read: {err}"
     for shard, members in by_shard.items():
+        stored = read_stored(shard, members, image_size) if image_size else None
+        if stored:
+            out.update(stored)
+            members = [u for u in members if u not in stored]
+            if not members:
+                continue
         fs, path = storage.resolve(shard)
         try:
             # Row-group statistics on the sorted uri column let the reader skip most of the shard.

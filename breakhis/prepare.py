@@ -8,7 +8,12 @@ Writes to DEST (local or ``s3://``):
   most ``row_group_rows`` rows;
 - ``manifest.parquet``: one row per accepted image with the split columns
   (``fold``, ``rep0``..) but no pixels;
-- ``rejects.parquet``: every file that failed to parse or decode, with the reason.
+- ``rejects.parquet``: every file that failed to parse or decode, with the reason;
+- with ``--pixels S[,S2]``: ``pixels/S/part-NNNNN-<hash>.parquet`` beside each shard, its
+  tiles decoded and resized to S x S uint8 (breakhis/pixels.py), so that training and
+  scoring at ``--image-size S`` read pixels instead of decoding PNGs. A rerun with a new
+  size adds it (reading the PNG shards, rewriting none of them nor the sizes already
+  there); the manifest lists every stored size, and a rerun keeps them all.
 
 Shards are planned deterministically from the catalog and named by a hash of
 their members, so a re-run skips shards that are already complete (a job that
@@ -24,17 +29,26 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.catalog import CATALOG_SCHEMA, Reject, rejects_table, scan_catalog
-from breakhis.imaging import decode_check
+from breakhis.imaging import decode_rgb, resize_rgb
+from breakhis.pixels import (
+    PIXELS_KEY,
+    check_sizes,
+    encode_pixel_file,
+    is_complete,
+    pixel_file_uri,
+)
 from breakhis.raysession import ensure_ray
 from breakhis.splits import add_split_columns
+from breakhis.transforms import to_chw
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,10 @@ class PrepareConfig:
     """Target shard size in MB of PNG bytes."""
     row_group_rows: int = 64
     """Most rows per Parquet row group (bounds a reader's memory)."""
+    pixels: tuple[int, ...] = ()
+    """Also store each tile decoded and resized to S x S uint8 for each size S given
+    (comma-separated, e.g. 224,128): training, scoring and evaluation at --image-size S then
+    read these pixels instead of decoding PNGs. Sizes stored by an earlier run are kept."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -83,6 +101,7 @@ class PrepareConfig:
             raise ValueError(f"--shard-mb must be > 0, got {self.shard_mb}")
         if self.row_group_rows < 1:
             raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
+        check_sizes(self.pixels)
         src, dest = _location(self.src), _location(self.dest)
         if src == dest:
             raise ValueError(
@@ -132,6 +151,7 @@ class ShardResult:
     metadata: pa.Table  # accepted rows, without the png column
     rejects: tuple[Reject, ...]
     skipped: bool  # True when the shard was already complete
+    pixel_files: int = 0  # pixel files written (one per size the shard lacked)
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,8 @@ class PrepareSummary:
     shards: int
     shards_written: int
     shards_deleted: int
+    pixel_sizes: tuple[int, ...]
+    pixel_files_written: int
     counts: dict[str, int]  # "class/magnification" -> images
     split_counts: dict[str, int]  # "fold K test" -> images
 
@@ -155,6 +177,13 @@ class PrepareSummary:
             f"shards: {self.shards} ({self.shards_written} written, "
             f"{self.shards - self.shards_written} already complete, "
             f"{self.shards_deleted} stale deleted); rejects: {self.rejects}",
+            "stored pixels: "
+            + (
+                f"{', '.join(f'{s}x{s}' for s in self.pixel_sizes)} "
+                f"({self.pixel_files_written} file(s) written)"
+                if self.pixel_sizes
+                else "none (--pixels S stores them)"
+            ),
             "",
             f"{'class':<10}{'40X':>7}{'100X':>7}{'200X':>7}{'400X':>7}{'total':>8}",
         ]
@@ -186,47 +215,85 @@ def plan_shards(catalog: pa.Table, *, shard_mb: float) -> list[ShardPlan]:
     return plans
 
 
-def _read_existing(uri: str) -> ShardResult | None:
-    """The metadata of a complete shard already at ``uri``, or None."""
+def _read_existing(uri: str, *, with_png: bool = False) -> tuple[ShardResult, pa.Table] | None:
+    """The result of a complete shard already at ``uri`` and its rows (with the PNG bytes
+    when ``with_png``), or None."""
     fs, path = storage.resolve(uri)
     try:
         parquet = pq.ParquetFile(fs.open_input_file(path))
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
         return None
-    metadata = parquet.read(columns=[f.name for f in SHARD_SCHEMA if f.name != "png"])
+    table = parquet.read(columns=[f.name for f in SHARD_SCHEMA if with_png or f.name != "png"])
     raw = parquet.schema_arrow.metadata or {}
     rejects = tuple(Reject(**r) for r in json.loads(raw.get(_REJECTS_KEY, b"[]")))
-    return ShardResult(uri.rsplit("/", 1)[-1], metadata, rejects, skipped=True)
+    metadata = table.drop_columns(["png"]) if with_png else table
+    return ShardResult(uri.rsplit("/", 1)[-1], metadata, rejects, skipped=True), table
 
 
-def write_shard(plan: ShardPlan, shards_uri: str, row_group_rows: int) -> ShardResult:
-    """Read, decode-check and pack one shard; skip it when already complete.
+def _write_pixels(
+    shard_uri: str, rows: pa.Table, images: dict[int, list[np.ndarray]], row_group_rows: int
+) -> None:
+    for size, tiles in images.items():
+        stack = np.stack(tiles) if tiles else np.empty((0, 3, size, size), np.uint8)
+        data = encode_pixel_file(rows, stack, row_group_rows=row_group_rows)
+        storage.write_bytes(pixel_file_uri(shard_uri, size), data)
+
+
+def write_shard(
+    plan: ShardPlan, shards_uri: str, row_group_rows: int, sizes: tuple[int, ...] = ()
+) -> ShardResult:
+    """Read, decode-check and pack one shard, and store its pixels at each of ``sizes``;
+    skip what is already complete (an existing shard's PNGs are decoded only for a size
+    it lacks). Each tile is decoded once, whatever the number of sizes.
 
     Files that cannot be read or decoded become rejects; they never raise.
     """
     uri = storage.join(shards_uri, plan.name)
-    existing = _read_existing(uri)
+    missing = [s for s in sizes if not is_complete(pixel_file_uri(uri, s))]
+    existing = _read_existing(uri, with_png=bool(missing))
     if existing is not None:
-        return existing
+        result, table = existing
+        if missing:
+            # Accepted rows decode (this shard's own check said so when it was written).
+            images = {s: [] for s in missing}
+            for data in table.column("png").to_pylist():
+                pixels = decode_rgb(data)
+                for size in missing:
+                    images[size].append(to_chw(resize_rgb(pixels, size)))
+            _write_pixels(uri, table, images, row_group_rows)
+        return replace(result, pixel_files=len(missing))
     rows: list[dict] = []
     rejects: list[Reject] = []
+    images = {s: [] for s in sizes}
     for row in plan.rows:
         try:
             data = storage.read_bytes(row["uri"])
         except OSError as err:
             rejects.append(Reject(row["uri"], "read", str(err)))
             continue
-        problem, width, height = decode_check(data)
-        if problem:
-            rejects.append(Reject(row["uri"], "decode", problem))
+        try:
+            pixels = decode_rgb(data)  # the whole decode proves the file usable
+        except ValueError as err:
+            rejects.append(Reject(row["uri"], "decode", str(err)))
             continue
+        for size in sizes:
+            images[size].append(to_chw(resize_rgb(pixels, size)))
+        height, width = pixels.shape[:2]
         rows.append({**row, "size_bytes": len(data), "width": width, "height": height, "png": data})
     meta = {_REJECTS_KEY: json.dumps([asdict(r) for r in rejects]).encode()}
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA.with_metadata(meta))
+    # Pixels first: a shard on storage then has its pixels unless a size was added later.
+    _write_pixels(uri, table, images, row_group_rows)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, row_group_size=row_group_rows, compression="none")
     storage.write_bytes(uri, buffer.getvalue())
-    return ShardResult(plan.name, table.drop_columns(["png"]), tuple(rejects), skipped=False)
+    return ShardResult(
+        plan.name,
+        table.drop_columns(["png"]),
+        tuple(rejects),
+        skipped=False,
+        pixel_files=len(sizes),
+    )
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -266,6 +333,21 @@ def manifest_shards(dest: str) -> list[str] | None:
     return sorted(json.loads(listed)) if listed is not None else None
 
 
+def stored_pixel_sizes(manifest: pa.Table | pa.Schema) -> tuple[int, ...]:
+    """The sizes whose pixels every shard of a manifest's plan has (sorted; () for none)."""
+    metadata = manifest.schema.metadata if isinstance(manifest, pa.Table) else manifest.metadata
+    listed = (metadata or {}).get(PIXELS_KEY.encode())
+    return tuple(sorted(json.loads(listed))) if listed is not None else ()
+
+
+def _previous_pixel_sizes(dest: str) -> tuple[int, ...]:
+    fs, path = storage.resolve(storage.join(dest, "manifest.parquet"))
+    try:
+        return stored_pixel_sizes(pq.read_schema(fs.open_input_file(path)))
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return ()
+
+
 def read_manifest(dest: str) -> pa.Table:
     """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
     uri = storage.join(dest, "manifest.parquet")
@@ -273,6 +355,20 @@ def read_manifest(dest: str) -> pa.Table:
         raise FileNotFoundError(f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first")
     fs, path = storage.resolve(uri)
     return pq.read_table(path, filesystem=fs)
+
+
+def _stale_pixel_files(dest: str, shards: set[str], sizes: tuple[int, ...]) -> list[str]:
+    """Pixel files of no shard of the plan, or of a size the manifest does not list."""
+    try:
+        entries = list(storage.walk(storage.join(dest, "pixels"), (".parquet",)))
+    except FileNotFoundError:
+        return []
+    folders = {str(s) for s in sizes}
+    return [
+        e.uri
+        for e in entries
+        if e.uri.rsplit("/", 1)[-1] not in shards or e.uri.rsplit("/", 2)[-2] not in folders
+    ]
 
 
 def prepare(config: PrepareConfig) -> PrepareSummary:
@@ -289,10 +385,16 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     ensure_ray()  # only now: a SRC without images fails before Ray starts
     shards_uri = storage.join(config.dest, "shards")
     storage.make_dirs(shards_uri)
-    log.info("checking and packing %d images into %d shard(s)", catalog.num_images, len(plans))
+    sizes = tuple(sorted(set(config.pixels) | set(_previous_pixel_sizes(config.dest))))
+    log.info(
+        "checking and packing %d images into %d shard(s)%s",
+        catalog.num_images,
+        len(plans),
+        f", pixels at {', '.join(map(str, sizes))}" if sizes else "",
+    )
 
     remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
-    refs = [remote.remote(plan, shards_uri, config.row_group_rows) for plan in plans]
+    refs = [remote.remote(plan, shards_uri, config.row_group_rows, sizes) for plan in plans]
     results: list[ShardResult] = ray.get(refs)
 
     wanted = {p.name for p in plans}
@@ -321,6 +423,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
             # Readers take exactly these shards, so stale ones left by a job that died
             # before deleting them are never read twice.
             SHARDS_KEY: json.dumps(sorted(wanted)),
+            PIXELS_KEY: json.dumps(list(sizes)),
         }
     )
     storage.write_bytes(storage.join(config.dest, "manifest.parquet"), _table_bytes(manifest))
@@ -336,6 +439,8 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         for e in storage.walk(shards_uri, (".parquet",))
         if e.uri.rsplit("/", 1)[-1] not in wanted
     ]
+    for uri in _stale_pixel_files(config.dest, wanted, sizes):
+        storage.delete(uri)
     for uri in stale:
         storage.delete(uri)
     for reject in rejects:
@@ -356,6 +461,8 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         shards=len(plans),
         shards_written=sum(not r.skipped for r in results),
         shards_deleted=len(stale),
+        pixel_sizes=sizes,
+        pixel_files_written=sum(r.pixel_files for r in results),
         counts=dict(counts),
         split_counts=dict(split_counts),
     )

@@ -229,6 +229,7 @@ def plan_run(
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
         manifest=data.manifest,
+        patients=data.patients,
     )
     if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
         raise ValueError(
@@ -245,6 +246,7 @@ def plan_run(
         "class_weights": [float(w) for w in ingest.class_weights],
         "steps_per_epoch": steps_per_epoch,
         "initial_state": initial_state,
+        "shuffle_buffer": ingest.shuffle_buffer,  # rows; 0: cached, already shuffled
     }
     return RunPlan(
         config=config,

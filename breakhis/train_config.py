@@ -67,8 +67,10 @@ class TrainConfig:
     """Training augmentation strength, 0 (none) to 1."""
     oversample: bool = False
     """Oversample the minority class in the training data (instead of or with class weights)."""
-    cache: bool = True
-    """Cache decoded tiles in the Ray object store between epochs."""
+    cache: bool | None = None
+    """Cache decoded tiles in the Ray object store between epochs (--no-cache: stream from the
+    shards every epoch, with bounded memory); default: cache when they fit in the object
+    store."""
     arch: str = "resnet50"
     """Model architecture, one of breakhis.model.ARCHITECTURES."""
     weights: str = "imagenet"

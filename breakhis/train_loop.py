@@ -288,6 +288,8 @@ class _Worker:
     loss_fn: nn.Module
     history: list[dict[str, float]]
     start_epoch: int
+    shuffle_buffer: int = 0
+    """Rows of the local shuffle buffer (streaming, uncached); 0: the cache is shuffled."""
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """What _save_checkpoint writes after ``epoch``."""
@@ -335,6 +337,7 @@ def _setup(config: dict[str, Any]) -> _Worker:
         loss_fn=make_loss(cfg, config["class_weights"]).to(device),
         history=history,
         start_epoch=start_epoch,
+        shuffle_buffer=int(config.get("shuffle_buffer") or 0),
     )
 
 
@@ -354,7 +357,12 @@ def _run_epoch(
     set_train_mode(net, cfg.arch, backbone_frozen=frozen)
     recent: deque[torch.Tensor] = deque(maxlen=cfg.bn_recalibration_batches)
     batches = train_shard.iter_torch_batches(
-        batch_size=cfg.batch_size, prefetch_batches=2, drop_last=True
+        batch_size=cfg.batch_size,
+        prefetch_batches=2,
+        drop_last=True,
+        # Streaming (uncached): a read block holds a few patients; the buffer mixes many in
+        # each batch.
+        local_shuffle_buffer_size=w.shuffle_buffer or None,
     )
     stats = train_one_epoch(
         model,

@@ -44,12 +44,18 @@ def test_ingest_benchmark(tmp_path: Path) -> None:
         "--image-size", "32", "--batch-size", "8", "--epochs", "2",
     )  # fmt: skip
     assert figures["images"] > 0 and figures["device"]
-    assert len(figures["ray_epoch_s"]) == len(figures["loader_epoch_s"]) == 2
-    assert _positive(*figures["ray_epoch_s"], *figures["loader_epoch_s"])
-    assert _positive(figures["ray_peak_bytes"], figures["loader_peak_bytes"])
-    # The cache: every tile decoded in the first epoch, none in the second.
-    assert figures["decodes_first_epoch"] == figures["images"]
-    assert figures["decodes_later_epochs"] == 0
+    runs = {r["name"]: r for r in figures["runs"]}
+    assert set(runs) == {"png-cached", "pixels-cached", "pixels-streaming"}
+    for run in (figures["loader"], *runs.values()):
+        assert len(run["epoch_s"]) == 2 and _positive(*run["epoch_s"], run["peak_bytes"])
+        assert run["patients_per_batch"] >= 1
+    # The cache: every tile decoded in the first epoch, none in the second; stored pixels
+    # are never decoded, cached or not.
+    assert runs["png-cached"]["decodes"] == [figures["images"], 0]
+    assert runs["pixels-cached"]["decodes"] == runs["pixels-streaming"]["decodes"] == [0, 0]
+    assert figures["decoded_bytes"] > 0 and figures["object_store_bytes"] >= 80 * 1024**2
+    assert _positive(figures["stream_peak_1x"], figures["stream_peak_nx"], figures["prepare_s"])
+    assert figures["pixel_bytes"] > 0 and len(figures["targets"]) == 4
 
 
 def test_train_benchmark(tmp_path: Path) -> None:

@@ -307,3 +307,222 @@ def test_missing_data_and_unknown_split_fail_with_the_place(dest: str, tmp_path)
         build_datasets(str(tmp_path / "nothing"), SPLIT, IngestConfig(image_size=SIZE))
     with pytest.raises(ValueError, match="fold:7"):
         build_datasets(dest, SplitSpec.parse("fold:7"), IngestConfig(image_size=SIZE))
+
+
+# ------------------------------------------------------------------------- stored pixels
+
+
+@pytest.fixture(scope="module")
+def stored_dest(dest: str) -> str:
+    """The same generated tiles prepared again, with pixels stored at SIZE."""
+    from breakhis.prepare import PrepareConfig, prepare
+
+    root = dest.rsplit("/", 1)[0]
+    prepare(
+        PrepareConfig(
+            src=f"{root}/raw",
+            dest=f"{root}/prepared-pixels",
+            folds=3,
+            shard_mb=0.03,
+            row_group_rows=8,
+            pixels=(SIZE,),
+        )
+    )
+    return f"{root}/prepared-pixels"
+
+
+def test_stored_pixels_are_the_decoded_pixels_and_are_never_decoded_again(
+    dest: str, stored_dest: str, caplog
+) -> None:
+    import logging
+
+    config = IngestConfig(image_size=SIZE, oversample=True, seed=5)
+    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+        stored = build_datasets(stored_dest, SPLIT, config)
+    assert f"ingest reads stored {SIZE}x{SIZE} pixels" in caplog.text
+    decoded = build_datasets(dest, SPLIT, config)
+    assert stored.num_rows == decoded.num_rows and stored.class_counts == decoded.class_counts
+    # Same tiles, same pixels, bit for bit: unaugmented (val, test) and augmented (train).
+    for side in ("val", "test"):
+        assert _by_tile(_epoch(stored.datasets[side])) == _by_tile(_epoch(decoded.datasets[side]))
+    assert _by_tile(_epoch(stored.datasets["train"])) == _by_tile(_epoch(decoded.datasets["train"]))
+    assert decoded.decode_stats().decoded == sum(decoded.num_rows.values()) - (
+        decoded.num_rows["train"] - sum(decoded.class_counts)  # oversampled copies
+    )
+    # Not one PNG decoded: at build (the cache), in later epochs, or streaming.
+    _epoch(stored.datasets["train"], columns=("label",))
+    streaming = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=SIZE, cache=False))
+    first = _epoch(streaming.datasets["val"])
+    assert _by_tile(first) == _by_tile(_epoch(decoded.datasets["val"]))
+    _epoch(streaming.datasets["train"], columns=("label",))
+    assert stored.decode_stats().decoded == streaming.decode_stats().decoded == 0
+
+
+def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
+    stored_dest: str, caplog
+) -> None:
+    import logging
+
+    other = SIZE - 8
+    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+        data = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=other), sides=("train",))
+    assert f"ingest decodes PNGs to {other}x{other} (stored pixel sizes: {SIZE};" in caplog.text
+    assert data.decode_stats().decoded == data.num_rows["train"]
+
+    victim = next(storage.walk(storage.join(stored_dest, "pixels", str(SIZE)))).uri
+    kept = storage.read_bytes(victim)
+    storage.delete(victim)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+            data = build_datasets(
+                stored_dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
+            )
+        assert "stored pixel file(s) at 32 px missing" in caplog.text
+        assert f"ingest decodes PNGs to {SIZE}x{SIZE}" in caplog.text
+        assert data.decode_stats().decoded == data.num_rows["train"]
+    finally:
+        storage.write_bytes(victim, kept)
+
+
+def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
+    dest: str, stored_dest: str, monkeypatch
+) -> None:
+    """predict.decode_tiles (score, evaluate) on tiles of prepared shards: stored pixels
+    at the model's size, the very pixels a decode gives; PNGs at any other size."""
+    from breakhis import imaging, predict
+
+    decodes: list[int] = []
+    original = imaging.decode_rgb
+
+    def counted(data, size=None):
+        decodes.append(size)
+        return original(data, size)
+
+    monkeypatch.setattr(imaging, "decode_rgb", counted)
+
+    def batch(prepared: str) -> dict[str, np.ndarray]:
+        shards = [e.uri for e in storage.walk(storage.join(prepared, "shards"))][:2]
+        rows = [
+            (uri, tile, shard)
+            for shard in shards
+            for uri, tile in zip(
+                *pq.read_table(storage.resolve(shard)[1], filesystem=storage.resolve(shard)[0])
+                .select(["uri", "tile_id"])
+                .to_pydict()
+                .values(),
+                strict=True,
+            )
+        ]
+        uri, tile, shard = (np.asarray(c, dtype=object) for c in zip(*rows, strict=True))
+        return {"uri": uri, "tile_id": tile, "unit": tile, "shard": shard}
+
+    plain = predict.decode_tiles(batch(dest), image_size=SIZE)
+    assert decodes == [SIZE] * len(plain["uri"]) and set(plain["error"]) == {""}
+    decodes.clear()
+    stored = predict.decode_tiles(batch(stored_dest), image_size=SIZE)
+    assert decodes == [] and set(stored["error"]) == {""}
+    by_tile = dict(zip(plain["tile_id"], plain["image"], strict=True))
+    for tile, image in zip(stored["tile_id"], stored["image"], strict=True):
+        np.testing.assert_array_equal(image, by_tile[tile])
+    other = predict.decode_tiles(batch(stored_dest), image_size=SIZE - 8)
+    assert decodes == [SIZE - 8] * len(other["uri"])
+
+
+# ------------------------------------------------------------------- streaming without cache
+
+
+def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
+    dest: str,
+) -> None:
+    from breakhis.ingest import CACHE_FRACTION, choose_cache, shuffle_buffer_rows
+
+    assert choose_cache(40, 100) and not choose_cache(int(CACHE_FRACTION * 100) + 1, 100)
+    auto = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",))
+    assert auto.config.cache is True and auto.shuffle_buffer == 0  # 78 tiny tiles fit
+    assert auto.decode_stats().decoded == auto.num_rows["train"]
+
+    streaming = build_datasets(
+        dest, SPLIT, IngestConfig(image_size=SIZE, cache=False), sides=("train",)
+    )
+    assert streaming.config.cache is False and streaming.decode_stats().decoded == 0
+    assert streaming.shuffle_buffer == shuffle_buffer_rows(SIZE) >= 4 * 64
+    train = streaming.datasets["train"].select_columns(["patient_id"])
+
+    def patients_per_batch(buffer: int | None) -> float:
+        counts = [
+            len(set(batch["patient_id"]))
+            for batch in train.iter_batches(
+                batch_size=8,
+                batch_format="numpy",
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=0 if buffer else None,
+                drop_last=True,
+            )
+        ]
+        return float(np.mean(counts))
+
+    # A read block is a shard of a few patients (shards hold patients in name order).
+    blockwise, buffered = patients_per_batch(None), patients_per_batch(streaming.shuffle_buffer)
+    assert buffered >= blockwise + 1.0, (blockwise, buffered)
+
+
+_STREAM_CHILD = """
+import json, sys
+import numpy as np, ray
+from ray.data import DataContext
+from breakhis.ingest import IngestConfig, build_datasets
+from breakhis.prepare import PrepareConfig, prepare
+from breakhis.splits import SplitSpec
+from breakhis.synth import synthesize
+
+root, size = sys.argv[1], int(sys.argv[2])
+ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2,
+         include_dashboard=False, configure_logging=False, log_to_driver=False)
+DataContext.get_current().enable_progress_bars = False
+synthesize(f"{root}/raw", scale=0.05, seed=0, width=64, height=42, workers=1)
+prepare(PrepareConfig(src=f"{root}/raw", dest=f"{root}/prepared", shard_mb=0.25,
+                      row_group_rows=16, pixels=(size,)))
+split = SplitSpec.parse("fold:0", val_fraction=0.0)
+data = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size), sides=("train",))
+ds = data.datasets["train"].select_columns(["image", "patient_id"])
+rows, mixes = 0, []
+for batch in ds.iter_batches(batch_size=32, batch_format="numpy",
+                             local_shuffle_buffer_size=data.shuffle_buffer):
+    rows += len(batch["image"])
+    mixes.append(len(set(batch["patient_id"])))
+stats = ds.stats()
+cached = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size, cache=True),
+                        sides=("train",))
+print(json.dumps({"cache": data.config.cache, "rows": rows, "expected": data.num_rows["train"],
+                  "decoded_gib": rows * 3 * size * size / 1024**3,
+                  "streamed_spilled": "Spilled to disk" in stats,
+                  "cached_spilled": "Spilled to disk" in cached.datasets["train"].stats(),
+                  "patients_per_batch": float(np.mean(mixes))}))
+"""
+
+
+@pytest.mark.slow
+def test_a_data_set_larger_than_the_object_store_streams_without_spilling(tmp_path) -> None:
+    """Own Ray with a 100 MiB object store, ~3x that many decoded tiles (stored at 512 px):
+    the automatic choice streams, every tile arrives, and nothing overflows to disk; the
+    cache of the same data would (the check can fail)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _STREAM_CHILD, str(tmp_path), "512"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cache"] is False, result
+    assert result["rows"] == result["expected"] and result["decoded_gib"] > 0.2, result
+    assert not result["streamed_spilled"] and result["cached_spilled"], result
+    assert result["patients_per_batch"] >= 3, result

@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -10,7 +11,8 @@ import pytest
 
 from breakhis import storage
 from breakhis.catalog import scan_catalog
-from breakhis.prepare import PrepareConfig, prepare, read_manifest
+from breakhis.pixels import images_of
+from breakhis.prepare import PrepareConfig, prepare, read_manifest, stored_pixel_sizes
 from breakhis.splits import SplitSpec, select_split
 
 pytestmark = [pytest.mark.ray]
@@ -131,7 +133,63 @@ def test_prepare_generated_data_in_s3(s3_prefix, ray_local):
     assert {r["uri"]: r["stage"] for r in rejects} == bad
 
 
+def _pixel_files(dest: str, size: int) -> dict[str, tuple[int, bytes]]:
+    folder = Path(dest, "pixels", str(size))
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
+    realdata_dir, tmp_path, ray_local
+):
+    from breakhis.transforms import EvalTransform
+
+    src, dest = tmp_path / "src", str(tmp_path / "prepared")
+    _real_tree_with_bad_files(realdata_dir, src)
+    first = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, pixels=(48,)))
+    assert first.rejects == 4 and first.pixel_sizes == (48,)
+    assert first.pixel_files_written == first.shards
+    assert stored_pixel_sizes(read_manifest(dest)) == (48,)
+    assert "stored pixels: 48x48" in first.format_table()
+
+    # Every accepted tile, in its shard's order, is exactly what a decode at 48 px gives.
+    decode = EvalTransform(image_size=48)
+    for shard in _shard_names(dest):
+        png = pq.read_table(f"{dest}/shards/{shard}")
+        pixels = pq.read_table(f"{dest}/pixels/48/{shard}")
+        assert pixels.column("uri").to_pylist() == png.column("uri").to_pylist()
+        assert pixels.column("patient_id").equals(png.column("patient_id"))
+        images = images_of(pixels.column("image"), 48)
+        for data, image in zip(png.column("png").to_pylist(), images, strict=True):
+            np.testing.assert_array_equal(image, decode(data))
+
+    # A second size is added without rewriting a shard or the first size.
+    before = _pixel_files(dest, 48)
+    second = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, pixels=(32,)))
+    assert second.shards_written == 0 and second.pixel_files_written == second.shards
+    assert second.pixel_sizes == (32, 48) and second.rejects == 4
+    assert _pixel_files(dest, 48) == before
+    assert stored_pixel_sizes(read_manifest(dest)) == (32, 48)
+    shard = _shard_names(dest)[0]
+    np.testing.assert_array_equal(
+        images_of(pq.read_table(f"{dest}/pixels/32/{shard}").column("image"), 32)[0],
+        EvalTransform(image_size=32)(pq.read_table(f"{dest}/shards/{shard}")["png"][0].as_py()),
+    )
+
+    # A rerun without --pixels keeps both; a lost pixel file is rewritten, a stray one goes.
+    Path(dest, "pixels", "32", shard).unlink()
+    Path(dest, "pixels", "64").mkdir()
+    Path(dest, "pixels", "64", shard).write_bytes(b"a size no manifest lists")
+    third = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8))
+    assert third.pixel_sizes == (32, 48) and third.pixel_files_written == 1
+    assert third.shards_written == 0
+    assert not Path(dest, "pixels", "64", shard).exists()
+    assert _pixel_files(dest, 48) == before
+
+
 def test_bad_config_is_refused_before_work(tmp_path):
+    for bad in ((4,), (224, 4096), (True,)):
+        with pytest.raises(ValueError, match="--pixels: size .* accepted: integers 8..2048"):
+            PrepareConfig(src="a", dest="b", pixels=bad)
     with pytest.raises(ValueError, match="--folds"):
         PrepareConfig(src="a", dest="b", folds=1)
     with pytest.raises(ValueError, match="differ"):

@@ -1,24 +1,31 @@
 """Ingest benchmark: images/s through the Ray Data pipeline against a plain DataLoader.
 
-    breakhis benchmark ingest --scale 0.05 --width 700 --height 460 --image-size 224
+    breakhis benchmark ingest --scale 0.25 --width 700 --height 460 --image-size 224
 
-Both sides do the same work per image and epoch: PNG decode, bilinear resize to
-S x S, the per-epoch TrainTransform, collation into uint8 NCHW torch batches
-and ``normalize`` on the (CPU) training device.
+Every side does the same work per image and epoch: tiles at S x S, the per-epoch
+TrainTransform, uint8 NCHW torch batches and ``normalize`` on the (CPU) training
+device.
 
-- Ray: the training pipeline of ``breakhis.ingest`` over all tiles, read from
-  Parquet shards in the embedded SeaweedFS (S3) -> decode -> cache -> augment
-  -> ``iter_torch_batches``. Its first epoch includes reading and decoding
-  (the cache is filled then); later epochs only augment cached tiles.
-- Baseline: ``torch.utils.data.DataLoader`` with ``num_workers`` = cores over
-  the same PNG files on local disk, decoding every epoch (no cache).
+- Baseline: ``torch.utils.data.DataLoader`` with ``num_workers`` = cores over the PNG
+  files on local disk, decoded with Pillow every epoch, as a user would write it.
+- Ray, decode PNGs, cached: ``breakhis.ingest`` over Parquet shards in the embedded
+  SeaweedFS (S3): read -> decode (libspng) -> cache -> augment. The first epoch fills
+  the cache; later ones only augment.
+- Ray, stored pixels, cached: the same after ``prepare --pixels S``: the first epoch
+  reads stored pixels instead of decoding.
+- Ray, stored pixels, no cache: streaming every epoch with the local shuffle buffer, in
+  a Ray instance whose object store is smaller than the decoded data (default half of
+  it); then one epoch over ``memory_multiple`` times the data (the pixel files read that
+  many times) to show that peak memory does not grow with the data.
 
-The data are generated (``breakhis.synth``) unless ``data`` names a local
-BreakHis folder. The benchmark starts its own S3 server and, after it, its own
-local Ray instance (so Ray's workers inherit the S3 settings): call it with no
-Ray running. Peak memory is the largest proportional set size (PSS, shared
-pages split between the processes that map them) summed over this process
-and its children, the S3 server left out, sampled every 0.2 s.
+Prepare is timed twice: the PNG shards, then adding the pixels to that DEST (a rerun of
+prepare with ``--pixels S``); bytes on storage of each are reported. The data are
+generated (``breakhis.synth``) unless ``data`` names a local BreakHis folder. The
+benchmark starts its own S3 server and, after it, its own local Ray instances (so Ray's
+workers inherit the S3 settings): call it with no Ray running. Peak memory is the
+largest proportional set size (PSS, shared pages split between the processes that map
+them) summed over this process and its children, the S3 server left out, sampled every
+0.2 s. "pat/b" is the mean number of distinct patients in a batch.
 """
 
 from __future__ import annotations
@@ -65,8 +72,19 @@ class IngestBenchmarkConfig:
     """DataLoader worker processes and Ray CPUs (default: this machine's cores)."""
     seed: int = 0
     """Seed of the generated data and of the augmentation."""
+    object_store_mb: float | None = None
+    """Object store of the no-cache runs' Ray instance in MiB (default: half the decoded
+    tiles, at least 80, so that the data are larger than the store)."""
+    memory_multiple: int = 8
+    """The no-cache memory check streams this many times the data in one epoch."""
 
     def __post_init__(self) -> None:
+        if self.memory_multiple < 2:
+            raise ValueError(f"--memory-multiple must be >= 2, got {self.memory_multiple}")
+        if self.object_store_mb is not None and self.object_store_mb < 80:
+            raise ValueError(
+                f"--object-store-mb must be >= 80 (Ray's least), got {self.object_store_mb}"
+            )
         if self.epochs < 2:
             raise ValueError(
                 f"--epochs must be >= 2 (a first and a later epoch), got {self.epochs}"
@@ -86,65 +104,118 @@ class IngestBenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class PipelineRun:
+    """One pipeline's epochs: seconds each, peak memory, PNG decodes, and the mix of patients
+    in its batches."""
+
+    name: str
+    epoch_s: tuple[float, ...]
+    peak_bytes: int
+    decodes: tuple[int, int]  # (first epoch, later epochs)
+    patients_per_batch: float
+
+    @property
+    def first_s(self) -> float:
+        return self.epoch_s[0]
+
+    @property
+    def later_s(self) -> float:
+        """Mean seconds of an epoch after the first."""
+        return sum(self.epoch_s[1:]) / len(self.epoch_s[1:])
+
+
+@dataclass(frozen=True)
 class IngestBenchmarkResult:
-    """Seconds per epoch of each side, and what they mean in images/s."""
+    """Every pipeline's epochs against the DataLoader's, the memory of streaming at 1x and
+    Nx the data, and what prepare cost."""
 
     images: int
     image_size: int
     cores: int
-    ray_epoch_s: tuple[float, ...]
-    loader_epoch_s: tuple[float, ...]
-    ray_peak_bytes: int
-    loader_peak_bytes: int
-    decodes_first_epoch: int
-    decodes_later_epochs: int
+    loader: PipelineRun
+    runs: tuple[PipelineRun, ...]  # png-cached, pixels-cached, pixels-streaming
+    object_store_bytes: int  # of the streaming runs' Ray instance
+    decoded_bytes: int  # the tiles at image_size, one epoch
+    memory_multiple: int
+    stream_peak_1x: int
+    stream_peak_nx: int
+    prepare_s: float  # PNG shards (catalog, decode check, pack)
+    prepare_pixels_s: float  # adding the pixels at image_size to that DEST
+    png_bytes: int
+    pixel_bytes: int
 
-    @staticmethod
-    def _rate(images: int, seconds: tuple[float, ...]) -> float:
-        return images * len(seconds) / sum(seconds)
+    def run(self, name: str) -> PipelineRun:
+        return next(r for r in self.runs if r.name == name)
 
-    @property
-    def ray_first_ips(self) -> float:
-        return self._rate(self.images, self.ray_epoch_s[:1])
-
-    @property
-    def ray_later_ips(self) -> float:
-        return self._rate(self.images, self.ray_epoch_s[1:])
-
-    @property
-    def loader_first_ips(self) -> float:
-        return self._rate(self.images, self.loader_epoch_s[:1])
-
-    @property
-    def loader_later_ips(self) -> float:
-        return self._rate(self.images, self.loader_epoch_s[1:])
+    def ratio(self, name: str, epoch: str) -> float:
+        """images/s of run ``name`` over the DataLoader's, ``epoch`` "first" or "later"."""
+        run = self.run(name)
+        if epoch == "first":
+            return self.loader.first_s / run.first_s
+        return self.loader.later_s / run.later_s
 
     @property
-    def first_ratio(self) -> float:
-        return self.ray_first_ips / self.loader_first_ips
-
-    @property
-    def later_ratio(self) -> float:
-        return self.ray_later_ips / self.loader_later_ips
+    def memory_growth(self) -> float:
+        return self.stream_peak_nx / self.stream_peak_1x
 
     def format_table(self) -> str:
-        """The figures as a plain-text table."""
-        gib = 1024**3
-        return "\n".join(
-            [
-                f"ingest benchmark: {self.images} images, {self.image_size}px tiles, "
-                f"{self.cores} cores",
-                f"{'':<26}{'first epoch':>14}{'later epochs':>14}{'peak memory':>14}",
-                f"{'Ray Data (S3, cached)':<26}{self.ray_first_ips:>10.1f} i/s"
-                f"{self.ray_later_ips:>10.1f} i/s{self.ray_peak_bytes / gib:>10.2f} GiB",
-                f"{'DataLoader (local PNGs)':<26}{self.loader_first_ips:>10.1f} i/s"
-                f"{self.loader_later_ips:>10.1f} i/s{self.loader_peak_bytes / gib:>10.2f} GiB",
-                f"{'ratio Ray / DataLoader':<26}{self.first_ratio:>12.2f} x"
-                f"{self.later_ratio:>12.2f} x",
-                f"PNG decodes: {self.decodes_first_epoch} in the first epoch, "
-                f"{self.decodes_later_epochs} in later ones",
-            ]
+        """The figures as a plain-text table, with the targets of issue 15."""
+        gib, mib = 1024**3, 1024**2
+        n = self.images
+
+        def row(label: str, run: PipelineRun) -> str:
+            return (
+                f"{label:<34}{n / run.first_s:>9.1f} i/s{n / run.later_s:>9.1f} i/s"
+                f"{run.peak_bytes / gib:>8.2f} GiB{run.patients_per_batch:>7.1f}"
+                f"{run.decodes[0]:>7d}{run.decodes[1]:>7d}"
+            )
+
+        labels = {
+            "png-cached": "Ray, decode PNGs, cached",
+            "pixels-cached": "Ray, stored pixels, cached",
+            "pixels-streaming": "Ray, stored pixels, no cache",
+        }
+        lines = [
+            f"ingest benchmark: {n} images, {self.image_size}px tiles, {self.cores} cores",
+            f"{'':<34}{'first epoch':>13}{'later epochs':>13}{'peak mem':>12}"
+            f"{'pat/b':>7}{'dec 1':>7}{'dec 2+':>7}",
+            row("DataLoader (local PNGs, Pillow)", self.loader),
+            *(row(labels[r.name], r) for r in self.runs),
+            "",
+            "ratio to the DataLoader (images/s)      first    later",
+            *(
+                f"  {labels[r.name]:<36}{self.ratio(r.name, 'first'):>6.2f}x"
+                f"{self.ratio(r.name, 'later'):>8.2f}x"
+                for r in self.runs
+            ),
+            "",
+            f"no cache, data {self.decoded_bytes / mib:.0f} MiB decoded vs object store "
+            f"{self.object_store_bytes / mib:.0f} MiB: peak memory "
+            f"{self.stream_peak_1x / gib:.2f} GiB at 1x the data, "
+            f"{self.stream_peak_nx / gib:.2f} GiB at {self.memory_multiple}x "
+            f"({self.memory_growth:.2f}x)",
+            f"prepare: {self.prepare_s:.1f} s for the PNG shards ({self.png_bytes / mib:.0f} MiB), "
+            f"+{self.prepare_pixels_s:.1f} s to add {self.image_size}px pixels "
+            f"({self.pixel_bytes / mib:.0f} MiB)",
+            "",
+            "targets: " + "; ".join(self.targets()),
+        ]
+        return "\n".join(lines)
+
+    def targets(self) -> list[str]:
+        """Each target of issue 15 with its figure and met / missed."""
+        checks = [
+            ("first epoch >= 1.5x", self.ratio("pixels-cached", "first"), 1.5),
+            ("no-cache epochs >= 1.5x", self.ratio("pixels-streaming", "later"), 1.5),
+            ("cached later epochs >= 5x", self.ratio("pixels-cached", "later"), 5.0),
+        ]
+        out = [f"{name}: {v:.2f}x {'met' if v >= goal else 'MISSED'}" for name, v, goal in checks]
+        flat = self.memory_growth <= 1.2
+        out.append(
+            f"no-cache memory 1x->{self.memory_multiple}x <= 1.2x: {self.memory_growth:.2f}x "
+            f"{'met' if flat else 'MISSED'}"
         )
+        return out
 
 
 # -------------------------------------------------------------------------------- baseline
@@ -167,10 +238,10 @@ class PngTiles:
         strength: float,
         seed: int,
     ) -> None:
-        from breakhis.transforms import EvalTransform, TrainTransform
+        from breakhis.transforms import TrainTransform
 
         self.paths, self.tile_ids, self.labels = paths, tile_ids, labels
-        self.decode = EvalTransform(image_size=image_size)
+        self.image_size = image_size
         self.augment = TrainTransform(strength=strength, seed=seed)
 
     def __len__(self) -> int:
@@ -178,12 +249,17 @@ class PngTiles:
 
     def __getitem__(self, index: int):
         import torch
+        from PIL import Image
 
         epoch, i = divmod(index, len(self.paths))
-        with open(self.paths[i], "rb") as f:
-            tile = self.decode(f.read())
+        # Decoded as a user would write it, with Pillow (the pipeline's libspng is its own
+        # advantage); the same resize, so both sides produce the same pixels.
+        with Image.open(self.paths[i]) as image:
+            size = (self.image_size, self.image_size)
+            image = image.convert("RGB").resize(size, Image.BILINEAR, reducing_gap=2.0)
+            tile = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
         image = self.augment(tile[None], [self.tile_ids[i]], epoch=epoch)[0]
-        return torch.from_numpy(image), self.labels[i]
+        return torch.from_numpy(image), self.labels[i], i
 
 
 class EpochSampler:
@@ -204,9 +280,13 @@ class EpochSampler:
 
 
 def time_dataloader(
-    paths: list[str], tile_ids: list[str], labels: list[int], config: IngestBenchmarkConfig
-) -> tuple[tuple[float, ...], int]:
-    """Seconds per epoch of the DataLoader baseline, and its peak memory in bytes."""
+    paths: list[str],
+    tile_ids: list[str],
+    labels: list[int],
+    patients: list[str],
+    config: IngestBenchmarkConfig,
+) -> PipelineRun:
+    """The DataLoader baseline's epochs."""
     import torch
 
     from breakhis.transforms import normalize
@@ -220,7 +300,7 @@ def time_dataloader(
         strength=config.augment_strength,
         seed=config.seed,
     )
-    seconds = []
+    seconds, mixes = [], []
     with peak_memory() as peak:
         loader = torch.utils.data.DataLoader(
             tiles,
@@ -234,23 +314,37 @@ def time_dataloader(
             sampler.set_epoch(epoch)
             started = time.perf_counter()
             seen = 0
-            for images, _labels in loader:
+            for images, _labels, index in loader:
                 seen += len(normalize(images))
+                mixes.append(len({patients[i] for i in index.tolist()}))
             seconds.append(time.perf_counter() - started)
             log.info("DataLoader epoch %d: %d images in %.2f s", epoch, seen, seconds[-1])
         del loader
-    return tuple(seconds), peak[0]
+    return PipelineRun("dataloader", tuple(seconds), peak[0], (seen, seen * (config.epochs - 1)),
+                       float(np.mean(mixes)))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- Ray
 
 
-def time_ray_pipeline(
-    dest: str, patients: frozenset[str], config: IngestBenchmarkConfig, exclude: frozenset[int]
-) -> tuple[tuple[float, ...], int, tuple[int, int], int]:
-    """Seconds per epoch of the Ray Data pipeline, its peak memory, the decodes
-    (first epoch, later epochs) and the images per epoch."""
+def ray_epochs(
+    name: str,
+    dest: str,
+    patients: frozenset[str],
+    config: IngestBenchmarkConfig,
+    *,
+    cache: bool,
+    epochs: int,
+    exclude: frozenset[int],
+    repeat: int = 1,
+) -> tuple[PipelineRun, int]:
+    """Time ``epochs`` of the training pipeline of ``breakhis.ingest`` over ``patients``:
+    stored pixels when DEST has them at the image size, else PNG decodes; cached (the first
+    epoch fills the cache) or streaming with the local shuffle buffer. ``repeat`` reads the
+    data that many times per epoch (the memory check). Returns the run and the images seen
+    in one epoch."""
     import ray
+    import torch
 
     from breakhis.ingest import (
         IngestConfig,
@@ -258,48 +352,91 @@ def time_ray_pipeline(
         cache_tiles,
         new_ledger,
         read_tiles,
+        shuffle_buffer_rows,
+        stored_pixel_files,
     )
+    from breakhis.prepare import read_manifest
     from breakhis.transforms import normalize
 
     ingest = IngestConfig(
-        image_size=config.image_size, augment_strength=config.augment_strength, seed=config.seed
+        image_size=config.image_size,
+        augment_strength=config.augment_strength,
+        seed=config.seed,
+        cache=cache,
     )
+    pixels = stored_pixel_files(dest, read_manifest(dest), config.image_size)
+    pixels = pixels * repeat if pixels else None
+    buffer = None if cache else shuffle_buffer_rows(config.image_size, config.batch_size)
     ledger = new_ledger()
     seconds: list[float] = []
     decodes: list[int] = []
+    mixes: list[int] = []
     with peak_memory(exclude=exclude) as peak:
         started = time.perf_counter()
-        cached = cache_tiles(read_tiles(dest, patients, ingest, ledger), shuffle_seed=config.seed)
-        train = augmented_tiles(cached, ingest, randomize_blocks=True).select_columns(
-            ["image", "label"]
+        tiles = read_tiles(dest, patients, ingest, ledger, shuffle_files=not cache,
+                           pixel_files=pixels)  # fmt: skip
+        if cache:
+            tiles = cache_tiles(tiles, shuffle_seed=config.seed)
+        train = augmented_tiles(tiles, ingest, randomize_blocks=cache).select_columns(
+            ["image", "patient_id"]
         )
-        for epoch in range(config.epochs):
+        for epoch in range(epochs):
             if epoch:
                 started = time.perf_counter()
             seen = 0
-            for batch in train.iter_torch_batches(batch_size=config.batch_size, prefetch_batches=2):
-                seen += len(normalize(batch["image"]))
+            for batch in train.iter_batches(
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=buffer,
+            ):
+                seen += len(normalize(torch.from_numpy(batch["image"])))
+                mixes.append(len(set(batch["patient_id"])))
             seconds.append(time.perf_counter() - started)
             decodes.append(ray.get(ledger.stats.remote()).decoded)
-            log.info("Ray Data epoch %d: %d images in %.2f s", epoch, seen, seconds[-1])
-    return tuple(seconds), peak[0], (decodes[0], decodes[-1] - decodes[0]), seen
+            log.info("%s epoch %d: %d images in %.2f s", name, epoch, seen, seconds[-1])
+    run = PipelineRun(
+        name,
+        tuple(seconds),
+        peak[0],
+        (decodes[0], decodes[-1] - decodes[0]),
+        float(np.mean(mixes)),
+    )
+    return run, seen
+
+
+def _bytes_under(uri: str) -> int:
+    from breakhis import storage
+
+    return sum(e.size for e in storage.walk(uri))
+
+
+def _timed_prepare(src: str, dest: str, pixels: tuple[int, ...] = ()) -> float:
+    from breakhis.prepare import PrepareConfig, prepare
+
+    started = time.perf_counter()
+    prepare(PrepareConfig(src=src, dest=dest, pixels=pixels))
+    return time.perf_counter() - started
 
 
 # ------------------------------------------------------------------------------------- run
 
 
 def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult:
-    """Run both sides on the same tiles and return the figures.
+    """Run the DataLoader and every Ray pipeline on the same tiles and return the figures.
 
-    Raises RuntimeError when Ray is already running in this process (the
-    benchmark needs its own, started after its S3 server), FileNotFoundError
-    for a missing ``data`` folder, and what prepare raises for unusable data.
+    Order: the DataLoader; prepare (PNG shards); Ray decoding PNGs, cached; prepare adds
+    the pixels; Ray on stored pixels, cached; then Ray again with an object store smaller
+    than the decoded data: stored pixels, not cached, at 1x and ``memory_multiple`` x the
+    data. Raises RuntimeError when Ray is already running in this process (the benchmark
+    needs its own, started after its S3 server), FileNotFoundError for a missing ``data``
+    folder, and what prepare raises for unusable data.
     """
     import ray
 
     from breakhis.catalog import scan_catalog
     from breakhis.dev.s3server import embedded_s3
-    from breakhis.prepare import PrepareConfig, prepare, read_manifest
+    from breakhis.prepare import read_manifest
     from breakhis.synth import synthesize
 
     if ray.is_initialized():
@@ -317,26 +454,43 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
         catalog = scan_catalog(src).table
         paths = catalog.column("uri").to_pylist()
         log.info("baseline: DataLoader, %d workers, %d local PNGs", config.cores, len(paths))
-        loader_s, loader_peak = time_dataloader(
+        loader = time_dataloader(
             paths,
             catalog.column("tile_id").to_pylist(),
             catalog.column("label").to_pylist(),
+            catalog.column("patient_id").to_pylist(),
             config,
         )
+        decoded_bytes = len(paths) * 3 * config.image_size**2
+        store = int(config.object_store_mb * 1024**2) if config.object_store_mb else None
+        store = store or max(80 * 1024**2, decoded_bytes // 2)
         with embedded_s3(buckets=("breakhis",)) as server:
-            ray.init(
-                address="local",
-                num_cpus=config.cores,
-                include_dashboard=False,
-                configure_logging=False,
-            )
+            exclude = frozenset({server.pid})
+            dest = "s3://breakhis/benchmark/prepared"
+            ray.init(address="local", num_cpus=config.cores, include_dashboard=False,
+                     configure_logging=False)  # fmt: skip
             try:
-                dest = "s3://breakhis/benchmark/prepared"
-                prepare(PrepareConfig(src=src, dest=dest))
+                prepare_s = _timed_prepare(src, dest)
                 patients = frozenset(read_manifest(dest).column("patient_id").to_pylist())
-                ray_s, ray_peak, decodes, images = time_ray_pipeline(
-                    dest, patients, config, exclude=frozenset({server.pid})
-                )
+                epochs = config.epochs
+                png, images = ray_epochs("png-cached", dest, patients, config, cache=True,
+                                         epochs=epochs, exclude=exclude)  # fmt: skip
+                pixels_s = _timed_prepare(src, dest, (config.image_size,))
+                cached, _ = ray_epochs("pixels-cached", dest, patients, config, cache=True,
+                                       epochs=epochs, exclude=exclude)  # fmt: skip
+                png_bytes = _bytes_under(f"{dest}/shards")
+                pixel_bytes = _bytes_under(f"{dest}/pixels/{config.image_size}")
+            finally:
+                ray.shutdown()
+            # The data are larger than this object store: what --no-cache is for.
+            ray.init(address="local", num_cpus=config.cores, object_store_memory=store,
+                     include_dashboard=False, configure_logging=False)  # fmt: skip
+            try:
+                streaming, _ = ray_epochs("pixels-streaming", dest, patients, config,
+                                          cache=False, epochs=epochs, exclude=exclude)  # fmt: skip
+                big, _ = ray_epochs("pixels-streaming-nx", dest, patients, config, cache=False,
+                                    epochs=1, exclude=exclude,
+                                    repeat=config.memory_multiple)  # fmt: skip
             finally:
                 ray.shutdown()
     if images != len(paths):
@@ -345,14 +499,20 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
         images=images,
         image_size=config.image_size,
         cores=config.cores,
-        ray_epoch_s=ray_s,
-        loader_epoch_s=loader_s,
-        ray_peak_bytes=ray_peak,
-        loader_peak_bytes=loader_peak,
-        decodes_first_epoch=decodes[0],
-        decodes_later_epochs=decodes[1],
+        loader=loader,
+        runs=(png, cached, streaming),
+        object_store_bytes=store,
+        decoded_bytes=decoded_bytes,
+        memory_multiple=config.memory_multiple,
+        stream_peak_1x=streaming.peak_bytes,
+        stream_peak_nx=big.peak_bytes,
+        prepare_s=prepare_s,
+        prepare_pixels_s=pixels_s,
+        png_bytes=png_bytes,
+        pixel_bytes=pixel_bytes,
     )
     if config.workdir:
         figures = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), **asdict(result)}
+        figures["targets"] = result.targets()
         save_result(config.workdir, "ingest", figures, result.format_table())
     return result
