@@ -199,7 +199,7 @@ class TilePredictor:
     Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
     of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
-    float16 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
+    float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
     NaN without a map), ``overlay`` (URI or "") and ``error``.
     """
 
@@ -286,7 +286,7 @@ class TilePredictor:
         prob = np.full(count, np.nan, dtype=np.float32)
         prob_raw = np.full(count, np.nan, dtype=np.float32)
         target = np.full(count, -1, dtype=np.int8)
-        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float16)
+        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float32)
         scale = np.full(count, np.nan, dtype=np.float32)
         overlays = np.full(count, "", dtype=object)
         if len(ok):
@@ -309,7 +309,7 @@ class TilePredictor:
                     **self.options,
                 ).numpy()
                 peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
-                maps[ok] = (raw / np.where(peak > 0, peak, 1.0)[:, None, None]).astype(np.float16)
+                maps[ok] = raw / np.where(peak > 0, peak, 1.0)[:, None, None]
                 scale[ok] = peak
                 target[ok] = explained
                 if self.overlay_root is not None:
