@@ -94,13 +94,22 @@ from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
 from breakhis.names import CLASS_NAMES
 from breakhis.predict import PredictOptions, actor_plan, predict_dataset
 from breakhis.raysession import ensure_ray
+from breakhis.score_output import (
+    JobMismatchError,  # noqa: F401 (re-exported: breakhis.score.JobMismatchError)
+    claim_output,
+    new_token,
+    release_claim,
+    unit_files,
+    verify_claim,
+    write_unit,
+)
 
 if TYPE_CHECKING:
     from breakhis.artifact import ModelCard
 
 log = logging.getLogger(__name__)
 
-JOB_FORMAT = 1
+JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
 
 
 def tile_schema(map_size: int) -> pa.Schema:
@@ -137,10 +146,6 @@ PATIENT_SCHEMA = pa.schema(
     ]
 )
 """``patients.parquet``: one row per patient; null statistics when no tile of it scored."""
-
-
-class JobMismatchError(ValueError):
-    """The output already holds a job with another model or other output-changing options."""
 
 
 @dataclass(frozen=True)
@@ -318,11 +323,20 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     )
     # The threshold as applied from here on (the model's own unless one was given).
     config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
-    _claim_output(config.output, record)
+    token = new_token()
+    claim_output(config.output, record, token)
+    try:
+        return _run_claimed(config, card, inputs, record, token, started)
+    finally:
+        release_claim(config.output, token)
+
+
+def _run_claimed(config, card, inputs, record: dict, token: str, started: float):
+    """The job once the output is claimed: score what is missing, check, summarise."""
 
     units = plan_units(inputs.table, config.unit_size)
     tiles_uri = storage.join(config.output, "tiles")
-    existing = _listing(tiles_uri)
+    existing = unit_files(tiles_uri)
     pending = [u for u in units if u.name not in existing]
     log.info(
         "%d tiles in %d units: %d already complete, %d to score",
@@ -337,13 +351,13 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
         storage.delete(storage.join(config.output, "_SUCCESS"))
     if pending:
         storage.make_dirs(tiles_uri)
-        _score_units(config, card, pending, tiles_uri)
+        _score_units(config, card, pending, tiles_uri, token)
     for name in stale:
         storage.delete(storage.join(tiles_uri, name))
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = _summarise(config, tiles_uri, units, inputs)
+    counts, patients = _summarise(config, card, tiles_uri, units, inputs)
     summary = ScoreSummary(
         output=config.output,
         model_id=card.model_id,
@@ -358,6 +372,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
         patients=patients,
         seconds=time.perf_counter() - started,
     )
+    verify_claim(config.output, record, token)
     done = {"job": record, "summary": asdict(summary)}
     storage.write_bytes(
         storage.join(config.output, "_SUCCESS"), json.dumps(done, indent=2).encode()
@@ -365,48 +380,9 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     return summary
 
 
-def _claim_output(output: str, record: dict) -> None:
-    """Write ``_job.json``, or check that the one there describes the same job."""
-    uri = storage.join(output, "_job.json")
-    if storage.exists(uri):
-        try:
-            previous = json.loads(storage.read_bytes(uri))
-        except json.JSONDecodeError as err:
-            raise JobMismatchError(
-                f"{uri}: not valid JSON ({err}); delete it or pick another --output"
-            ) from err
-        differences = [
-            f"{key}: {previous.get(key)!r} there, {record.get(key)!r} now"
-            for key in sorted(set(previous) | set(record))
-            if previous.get(key) != record.get(key)
-        ]
-        if differences:
-            raise JobMismatchError(
-                f"{output} holds the output of another scoring job ("
-                + "; ".join(differences)
-                + "). Rerun with the same model and options to finish it, or pick another "
-                "--output (or delete that output first)"
-            )
-        return
-    storage.write_bytes(uri, json.dumps(record, indent=2, sort_keys=True).encode())
-
-
-def _listing(folder: str) -> set[str]:
-    """Names of the complete unit files in ``folder`` (temp files of a killed writer removed)."""
-    if not storage.exists(folder):
-        return set()
-    names = set()
-    for entry in storage.walk(folder):
-        name = entry.uri.rsplit("/", 1)[-1]
-        if name.startswith(".unit-") and name.endswith(".tmp"):
-            storage.delete(entry.uri)  # left by a writer killed between write and rename
-        elif name.startswith("unit-") and name.endswith(".parquet"):
-            names.add(name)
-    return names
-
-
-def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str) -> None:
-
+def _score_units(
+    config: ScoreConfig, card, pending: list[Unit], tiles_uri: str, token: str
+) -> None:
     ensure_ray()
     blocks = [
         unit.members.select(["uri", "tile_id", "shard"]).append_column(
@@ -444,7 +420,7 @@ def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str)
             unit = by_index[index]
             if received[index] == unit.members.num_rows:
                 table = _unit_table(config, card, unit, waiting.pop(index))
-                storage.write_bytes(storage.join(tiles_uri, unit.name), _parquet_bytes(table))
+                write_unit(storage.join(tiles_uri, unit.name), _parquet_bytes(table), token)
                 written.add(index)
                 log.debug("wrote %s (%d/%d)", unit.name, len(written), len(pending))
     if len(written) != len(pending):
@@ -527,7 +503,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _summarise(
-    config: ScoreConfig, tiles_uri: str, units: list[Unit], inputs: InputSet
+    config: ScoreConfig, card, tiles_uri: str, units: list[Unit], inputs: InputSet
 ) -> tuple[dict[str, int], int]:
     """Check the output against the plan, write ``patients.parquet``; return counts."""
     import pyarrow.compute as pc
@@ -535,7 +511,15 @@ def _summarise(
 
     fs, path = storage.resolve(tiles_uri)
     files = [f"{path}/{u.name}" for u in units]
-    columns = ["uri", "patient_id", "label", "prob_malignant", "predicted_label", "error"]
+    columns = [
+        "uri",
+        "patient_id",
+        "label",
+        "prob_malignant",
+        "predicted_label",
+        "error",
+        "model_id",
+    ]
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
     if table.num_rows != inputs.num_tiles or pc.count_distinct(table["uri"]).as_py() != (
         inputs.num_tiles
@@ -543,6 +527,12 @@ def _summarise(
         raise RuntimeError(
             f"{tiles_uri}: {table.num_rows} rows for {inputs.num_tiles} input tiles; "
             "the output is inconsistent (was it written by two jobs at once?)"
+        )
+    others = pc.count(pc.filter(table["model_id"], pc.not_equal(table["model_id"], card.model_id)))
+    if others.as_py():
+        raise RuntimeError(
+            f"{tiles_uri}: {others.as_py()} row(s) scored by another model than "
+            f"{card.model_id}; _SUCCESS not written (was it written by two jobs at once?)"
         )
     scored = table["error"].null_count  # error is null exactly when the tile scored
     counts = {"scored": scored, "errors": table.num_rows - scored}

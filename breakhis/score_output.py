@@ -1,0 +1,268 @@
+"""The scoring job's output folder: one job per output, and unit files written exactly once.
+
+**One job per output.** A job claims its output before any work, in three steps:
+
+1. it writes ``_claims/<token>.json`` (its record and a token unique to this run);
+2. it creates ``_job.json`` (the record) *exclusively*: locally a hard link of a complete
+   temp file (``os.link`` fails when the name exists), on S3 a conditional PUT
+   (``If-None-Match: *``, honoured by AWS S3 and SeaweedFS: a second PUT gets 412). When
+   ``_job.json`` is already there, its record must equal this job's (a rerun), else the
+   job is refused (JobMismatchError, naming the differences);
+3. it lists ``_claims/``: any other claim with another record means another job is
+   claiming the output right now; the job withdraws its claim, waits a random moment and
+   claims again, and is refused when the rival is still there after a few tries.
+
+Step 3 is what keeps a store without exclusive creates safe (an S3 server that answers
+501 to the condition; ``conditional=False`` does the same): there it comes before step 2,
+and ``_job.json`` is written only by a claimer that saw no rival claim. Of two claimers
+the one that lists last sees the other's claim (S3 lists are strongly consistent), so at
+most one proceeds (both may be refused in a race; neither leaves a claim behind). Before
+``_SUCCESS`` the job checks the claim again (``verify_claim``: ``_job.json`` still holds
+its record and its claim is there) and the scoring job checks that every row
+carries its ``model_id``. A claim is removed when its job ends (``release_claim``); a
+killed job's claim stays, harmless to reruns with the same record; one with another
+record is named in the refusal, to be deleted by hand.
+
+**Unit files.** ``write_unit`` writes a whole file in one piece: locally a temp file
+``.<name>.<token>.tmp`` beside it, then a rename; on S3 one PUT. ``unit_files`` lists the
+complete units and deletes a temp file only when it is provably not being written: older
+than STALE_TEMP_S (a write takes seconds), so a live job's temp file is never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+
+import pyarrow.fs as pafs
+
+from breakhis import storage
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_S = 600.0
+"""Age (s since last modified) past which a temp unit file belongs to no live writer."""
+CLAIMS = "_claims"
+
+
+class JobMismatchError(ValueError):
+    """The output already holds (or is being claimed by) a job with another model or other
+    output-changing options."""
+
+
+def new_token() -> str:
+    """A token unique to one run of a job (names its claim and its temp files)."""
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------- the claim
+
+
+def claim_output(output: str, record: dict, token: str, *, conditional: bool = True) -> None:
+    """Claim ``output`` for the job of ``record`` (module docstring); ``conditional`` False
+    skips the exclusive create's condition on S3 (what a server that ignores it does).
+
+    Raises JobMismatchError when the output holds or is being claimed by another job.
+    """
+    claim = storage.join(output, CLAIMS, f"{token}.json")
+    storage.write_bytes(claim, json.dumps({"token": token, "record": record}).encode())
+    job_uri = storage.join(output, "_job.json")
+    body = json.dumps(record, indent=2, sort_keys=True).encode()
+    try:
+        created = _create_exclusive(job_uri, body, token, conditional)
+        if created is None:
+            # No exclusive create here: only a claimer that saw no rival writes _job.json.
+            _check_no_rival(output, record, token)
+            if not storage.exists(job_uri):
+                storage.write_bytes(job_uri, body)
+            _check_same(output, job_uri, record)
+            return
+        if not created:
+            _check_same(output, job_uri, record)
+        _check_no_rival(output, record, token)
+    except BaseException:
+        release_claim(output, token)
+        raise
+
+
+def verify_claim(output: str, record: dict, token: str) -> None:
+    """Check, before ``_SUCCESS``, that the output is still this job's. Raises
+    JobMismatchError otherwise."""
+    _check_same(output, storage.join(output, "_job.json"), record)
+    if not storage.exists(storage.join(output, CLAIMS, f"{token}.json")):
+        raise JobMismatchError(f"{output}: this job's claim {CLAIMS}/{token}.json is gone")
+
+
+def release_claim(output: str, token: str) -> None:
+    """Remove this job's claim (its record stays in ``_job.json``), and locally the claims
+    folder when no other claim is left in it."""
+    storage.delete(storage.join(output, CLAIMS, f"{token}.json"))
+    if not storage.is_s3(output):
+        with contextlib.suppress(OSError):  # another claim is there, or no folder
+            os.rmdir(storage.join(storage.resolve(output)[1], CLAIMS))
+
+
+def _create_exclusive(uri: str, body: bytes, token: str, conditional: bool) -> bool | None:
+    """Create ``uri`` holding ``body`` unless it exists: True when this call created it,
+    False when it existed, None when the store cannot create exclusively (nothing done)."""
+    if storage.is_s3(uri):
+        if storage.exists(uri):
+            return False
+        return _put_if_absent(uri, body) if conditional else None
+    path = storage.resolve(uri)[1]
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{token}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(body)
+    try:
+        os.link(tmp, path)  # atomic, complete, and fails when the name exists
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def _s3_client():
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(
+        connect_timeout=storage.CONNECT_TIMEOUT_S,
+        read_timeout=storage.REQUEST_TIMEOUT_S,
+        retries={"max_attempts": storage.RETRY_ATTEMPTS, "mode": "standard"},
+        s3={"addressing_style": "path"},
+    )
+    # Endpoint, region and credentials from the AWS environment, as breakhis.storage.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def _put_if_absent(uri: str, body: bytes) -> bool | None:
+    import botocore.exceptions
+
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    try:
+        _s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except botocore.exceptions.ClientError as err:
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (409, 412):  # 412: it exists; 409: a concurrent conditional write
+            return False
+        if status == 501:  # the server does not implement conditions: the claims decide
+            log.warning("%s: the S3 server refuses conditional writes; relying on %s", uri, CLAIMS)
+            return None
+        raise
+    return True
+
+
+def _check_same(output: str, job_uri: str, record: dict) -> None:
+    try:
+        previous = json.loads(storage.read_bytes(job_uri))
+    except json.JSONDecodeError as err:
+        raise JobMismatchError(
+            f"{job_uri}: not valid JSON ({err}); delete it or pick another --output"
+        ) from err
+    differences = _differences(previous, record)
+    if differences:
+        raise JobMismatchError(
+            f"{output} holds the output of another scoring job ("
+            + "; ".join(differences)
+            + "). Rerun with the same model and options to finish it, or pick another "
+            "--output (or delete that output first)"
+        )
+
+
+def _check_no_rival(output: str, record: dict, token: str, tries: int = 6) -> None:
+    """Return once a look at ``_claims/`` after this job's claim was written shows no rival
+    (another claim with another record). After a look that shows one, withdraw the claim,
+    wait a random 0.05-0.5 s and claim again (two claimers that keep seeing each other
+    fall out of step); raise JobMismatchError after ``tries`` looks."""
+    claim = storage.join(output, CLAIMS, f"{token}.json")
+    for attempt in range(tries):
+        if attempt:
+            storage.write_bytes(claim, json.dumps({"token": token, "record": record}).encode())
+        rival = _rival(output, record, token)
+        if rival is None:
+            return
+        if attempt == tries - 1:
+            uri, differences = rival
+            raise JobMismatchError(
+                f"{output} is being claimed by another scoring job ({uri}: "
+                + "; ".join(differences)
+                + "); one job at a time per output. If no such job runs (it was killed), "
+                f"delete {uri} and rerun"
+            )
+        storage.delete(claim)
+        time.sleep(random.uniform(0.05, 0.5))
+
+
+def _rival(output: str, record: dict, token: str) -> tuple[str, list[str]] | None:
+    """(URI, differences) of another claim with another record, or None."""
+    for entry in storage.walk(storage.join(output, CLAIMS), (".json",)):
+        if entry.uri.rsplit("/", 1)[-1] == f"{token}.json":
+            continue
+        try:
+            other = json.loads(storage.read_bytes(entry.uri))["record"]
+        except OSError:  # FileNotFoundError, or on S3 a read cut short by the delete
+            if not storage.exists(entry.uri):
+                continue  # released meanwhile
+            raise
+        except (json.JSONDecodeError, KeyError):
+            other = {}
+        differences = _differences(other, record)
+        if differences:
+            return entry.uri, differences
+    return None
+
+
+def _differences(previous: dict, record: dict) -> list[str]:
+    return [
+        f"{key}: {previous.get(key)!r} there, {record.get(key)!r} now"
+        for key in sorted(set(previous) | set(record))
+        if previous.get(key) != record.get(key)
+    ]
+
+
+# --------------------------------------------------------------------------- unit files
+
+
+def write_unit(uri: str, data: bytes, token: str) -> None:
+    """Write one unit file in one piece (module docstring)."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        storage.write_bytes(uri, data)  # one PUT: atomic by itself
+        return
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{token}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+def unit_files(folder: str) -> set[str]:
+    """Names of the complete unit files in ``folder``; temp files older than STALE_TEMP_S
+    (left by a killed writer) are deleted, younger ones (maybe a live job's) kept."""
+    if not storage.exists(folder):
+        return set()
+    names, kept = set(), 0
+    fs, path = storage.resolve(folder)
+    now = time.time()
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        name = info.base_name
+        if name.startswith(".unit-") and name.endswith(".tmp"):
+            modified = info.mtime.timestamp() if info.mtime else 0.0
+            if now - modified > STALE_TEMP_S:
+                storage.delete(storage.to_uri(fs, info.path))
+            else:
+                kept += 1
+        elif name.startswith("unit-") and name.endswith(".parquet"):
+            names.add(name)
+    if kept:
+        log.info("%s: %d recent temp file(s) kept (maybe another job's write)", folder, kept)
+    return names
