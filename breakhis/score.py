@@ -74,34 +74,45 @@ convert: hence float32 and zeros, not nulls. The cost: 4 bytes a cell instead of
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import json
 import logging
 import math
+import os
+import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.calibration import PATIENT_RULES
-from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
+from breakhis.inputs import Listing, list_inputs
 from breakhis.names import CLASS_NAMES
-from breakhis.predict import PredictOptions, actor_plan, predict_dataset
+from breakhis.predict import PredictOptions, actor_plan
 from breakhis.raysession import ensure_ray
 from breakhis.score_output import (
+    CLAIM_REFRESH_S,
     JobMismatchError,  # noqa: F401 (re-exported: breakhis.score.JobMismatchError)
     claim_output,
     new_token,
+    refresh_claim,
     release_claim,
+    sweep_dead_jobs,
     unit_files,
     verify_claim,
-    write_unit,
+)
+from breakhis.score_units import (  # noqa: F401 (re-exported: the output's schema, units)
+    Plan,
+    Unit,
+    UnitFormat,
+    parquet_bytes,
+    plan_units,
+    tile_schema,
+    units_dataset,
+    write_plan,
 )
 
 if TYPE_CHECKING:
@@ -110,27 +121,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
-
-
-def tile_schema(map_size: int) -> pa.Schema:
-    """The schema of ``tiles/unit-*.parquet`` for maps of ``map_size`` x ``map_size``."""
-    described = [f for f in INPUT_SCHEMA if f.name != "shard"]  # the tile, as its input
-    return pa.schema(
-        [
-            *described,
-            ("prob_malignant", pa.float32()),
-            ("predicted_label", pa.int8()),
-            ("predicted_class", pa.string()),
-            ("model_id", pa.string()),
-            ("model_version", pa.int16()),
-            ("attribution_method", pa.string()),
-            ("attribution_target", pa.int8()),
-            ("attribution", pa.list_(pa.float32(), map_size * map_size)),
-            ("attribution_scale", pa.float32()),
-            ("overlay_uri", pa.string()),
-            ("error", pa.string()),
-        ]
-    )
 
 
 PATIENT_SCHEMA = pa.schema(
@@ -169,13 +159,17 @@ class ScoreConfig:
     unit_size: int = 256
     """Tiles per work unit (per output file); the unit of resumption."""
     max_buffer_mb: int = 0
-    """Most object-store memory (MB) the pipeline holds at once (decoded tiles waiting for a
-    model actor, results waiting for the driver): what keeps memory flat for any input.
-    0: 8 batches of decoded tiles per actor, at least 256 MB."""
+    """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
+    a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
+    per actor, at least 256 MB."""
+    progress_interval_s: float = 10.0
+    """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
             raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
+        if not self.progress_interval_s > 0:
+            raise ValueError(f"--progress-interval-s must be > 0, got {self.progress_interval_s}")
         if self.max_buffer_mb < 0:
             raise ValueError(
                 f"--max-buffer-mb must be >= 0 (0: automatic), got {self.max_buffer_mb}"
@@ -230,31 +224,6 @@ def _normalised(uri: str) -> str:
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One work unit: consecutive tiles of the sorted listing, written as one file."""
-
-    index: int
-    members: pa.Table  # inputs.INPUT_SCHEMA rows, sorted by uri
-
-    @property
-    def name(self) -> str:
-        digest = hashlib.sha256()
-        for uri in self.members.column("uri").to_pylist():
-            digest.update(uri.encode())
-            digest.update(b"\n")
-        return f"unit-{self.index:05d}-{digest.hexdigest()[:12]}.parquet"
-
-
-def plan_units(inputs: pa.Table, unit_size: int) -> list[Unit]:
-    """Cut the (uri-sorted) listing into units of ``unit_size`` tiles, the last one shorter."""
-    table = inputs.sort_by("uri")
-    return [
-        Unit(i, table.slice(start, unit_size))
-        for i, start in enumerate(range(0, table.num_rows, unit_size))
-    ]
-
-
-@dataclass(frozen=True)
 class ScoreSummary:
     """What a scoring run produced (the whole output, not only this run's part)."""
 
@@ -302,9 +271,9 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     before Ray starts: the model (card, weights hash and load), the input and the output.
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
     missing model or input, ValueError for a damaged model, an input without tiles or
-    a bad manifest, JobMismatchError (a ValueError) when the output holds a job with
-    another model or options, and RuntimeError when a unit comes back
-    incomplete (a bug, never silently written).
+    a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
+    claimed by a job with another model or options, and RuntimeError when a unit comes
+    back incomplete or the output holds rows of another model (never silently written).
     """
     from breakhis.artifact import load_artifact
 
@@ -313,7 +282,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     _, card = load_artifact(config.model)
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
-    inputs = discover_inputs(config.input)
+    listing = list_inputs(config.input)
     record = config.job_record(card)
     log.info(
         "threshold %.4f (%s), temperature %.4f",
@@ -326,48 +295,57 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     token = new_token()
     claim_output(config.output, record, token)
     try:
-        return _run_claimed(config, card, inputs, record, token, started)
+        return _run_claimed(config, card, listing, record, token, started)
     finally:
         release_claim(config.output, token)
 
 
-def _run_claimed(config, card, inputs, record: dict, token: str, started: float):
-    """The job once the output is claimed: score what is missing, check, summarise."""
-
-    units = plan_units(inputs.table, config.unit_size)
+def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
+    """The job once the output is claimed: plan, score what is missing, check, summarise."""
     tiles_uri = storage.join(config.output, "tiles")
+    sweep_dead_jobs(config.output)
     existing = unit_files(tiles_uri)
-    pending = [u for u in units if u.name not in existing]
-    log.info(
-        "%d tiles in %d units: %d already complete, %d to score",
-        inputs.num_tiles,
-        len(units),
-        len(units) - len(pending),
-        len(pending),
-    )
-    wanted = {u.name for u in units}
-    stale = sorted(n for n in existing if n not in wanted)
-    if pending or stale:
-        storage.delete(storage.join(config.output, "_SUCCESS"))
-    if pending:
-        storage.make_dirs(tiles_uri)
-        _score_units(config, card, pending, tiles_uri, token)
+    plan_folder = storage.join(config.output, "_plan", token)
+    try:
+        plan = write_plan(listing, config.unit_size, existing, plan_folder)
+        log.info(
+            "%d tiles in %d units: %d already complete, %d to score",
+            listing.num_tiles,
+            len(plan.names),
+            len(plan.names) - plan.pending.num_rows,
+            plan.pending.num_rows,
+        )
+        stale = sorted(existing - set(plan.names))
+        if plan.pending.num_rows or stale:
+            storage.delete(storage.join(config.output, "_SUCCESS"))
+        if plan.pending.num_rows:
+            storage.make_dirs(tiles_uri)
+            _score_units(
+                config,
+                card,
+                plan,
+                tiles_uri,
+                lambda: refresh_claim(config.output, record, token),
+                token,
+            )
+    finally:
+        _delete_plan(config.output, plan_folder)
     for name in stale:
         storage.delete(storage.join(tiles_uri, name))
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = _summarise(config, card, tiles_uri, units, inputs)
+    counts, patients = _summarise(config, card, tiles_uri, plan)
     summary = ScoreSummary(
         output=config.output,
         model_id=card.model_id,
         attribution=config.predict.method,
-        tiles=inputs.num_tiles,
+        tiles=listing.num_tiles,
         scored=counts["scored"],
         errors=counts["errors"],
-        units=len(units),
-        units_written=len(pending),
-        units_skipped=len(units) - len(pending),
+        units=len(plan.names),
+        units_written=plan.pending.num_rows,
+        units_skipped=len(plan.names) - plan.pending.num_rows,
         stale_deleted=len(stale),
         patients=patients,
         seconds=time.perf_counter() - started,
@@ -380,170 +358,205 @@ def _run_claimed(config, card, inputs, record: dict, token: str, started: float)
     return summary
 
 
+def _delete_plan(output: str, folder: str) -> None:
+    """Delete this job's plan files (and locally its folders once empty)."""
+    if storage.exists(folder):
+        for entry in storage.walk(folder):
+            storage.delete(entry.uri)
+    if not storage.is_s3(folder):
+        for path in (folder, storage.join(output, "_plan")):
+            with contextlib.suppress(OSError):  # not empty: another job's plan is there
+                os.rmdir(storage.resolve(path)[1])
+
+
 def _score_units(
-    config: ScoreConfig, card, pending: list[Unit], tiles_uri: str, token: str
+    config: ScoreConfig, card, plan: Plan, tiles_uri: str, alive: Callable[[], None], token: str
 ) -> None:
+    """Run the pipeline over the plan's pending units; the workers write the unit files
+    and send back one summary row per unit (breakhis.score_units)."""
     ensure_ray()
-    blocks = [
-        unit.members.select(["uri", "tile_id", "shard"]).append_column(
-            "unit", pa.array([unit.index] * unit.members.num_rows, pa.int32())
-        )
-        for unit in pending
-    ]
-    log.info("scoring %d units", len(pending))
     predict = config.predict
     max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
-    tile_bytes = card.image_size * card.image_size * 3
-    buffer = config.max_buffer_mb * 2**20 or max(
-        256 * 2**20, 8 * max_actors * predict.batch_size * tile_bytes
-    )
-    ds = predict_dataset(
-        blocks,
-        model_uri=config.model,
+    largest = max(plan.pending["unit_rows"].to_pylist())
+    unit_bytes = largest * card.image_size * card.image_size * 3
+    # Decoded units waiting for an actor: two per actor, at least 256 MB.
+    buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
+    fmt = UnitFormat(
+        tiles_uri=tiles_uri,
+        token=token,
+        model=config.model,
+        model_id=card.model_id,
+        model_version=card.version,
+        method=predict.method,
+        map_size=predict.map_size,
+        threshold=predict.threshold,
+        tta=predict.tta,
         image_size=card.image_size,
-        threshold=config.threshold_for(card),
+    )
+    ds = units_dataset(
+        plan.pending,
+        fmt=fmt,
+        model_uri=config.model,
         options=predict,
         overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
         object_store_limit=buffer,
     )
-    by_index = {u.index: u for u in pending}
-    waiting: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-    received: dict[int, int] = defaultdict(int)
-    written: set[int] = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for index in np.unique(batch["unit"]):
-            rows = batch["unit"] == index
-            part = {k: v[rows] for k, v in batch.items()}
-            index = int(index)
-            waiting[index].append(part)
-            received[index] += int(rows.sum())
-            unit = by_index[index]
-            if received[index] == unit.members.num_rows:
-                table = _unit_table(config, card, unit, waiting.pop(index))
-                write_unit(storage.join(tiles_uri, unit.name), _parquet_bytes(table), token)
-                written.add(index)
-                log.debug("wrote %s (%d/%d)", unit.name, len(written), len(pending))
-    if len(written) != len(pending):
-        missing = sorted(by_index[i].name for i in by_index if i not in written)
+    expected = set(plan.pending["name"].to_pylist())
+    written: set[str] = set()
+    with Progress(plan.pending_tiles, config.progress_interval_s, alive) as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, rows, errors in zip(
+                batch["name"], batch["rows"], batch["errors"], strict=True
+            ):
+                written.add(str(name))
+                progress.add(int(rows), int(errors))
+    missing = sorted(expected - written)
+    if missing:
         raise RuntimeError(
-            f"{len(missing)} unit(s) came back incomplete from Ray Data "
-            f"(e.g. {missing[:3]}); nothing of them was written, rerun to score them"
+            f"{len(missing)} unit(s) were not written (e.g. {missing[:3]}); rerun to score them"
         )
 
 
-def _unit_table(config: ScoreConfig, card, unit: Unit, parts: list[dict]) -> pa.Table:
-    """One unit's rows: the members' facts joined with their scores, sorted by uri."""
-    scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(scores["uri"].astype(str), kind="stable")
-    scores = {k: v[order] for k, v in scores.items()}
-    members = unit.members  # sorted by uri already
-    if scores["uri"].tolist() != members.column("uri").to_pylist():
-        raise RuntimeError(f"{unit.name}: scored tiles differ from the unit's members")
-    error = scores["error"].astype(str)
-    bad = error != ""
-    prob = scores["prob"].astype(np.float32)
-    predicted = (prob >= config.predict.threshold).astype(np.int8)
-    has_map = (scores["target"] >= 0) & ~bad
-    schema = tile_schema(config.predict.map_size)
-    count = members.num_rows
-    flat = pa.array(scores["map"].reshape(-1).astype(np.float32), pa.float32())
-    maps = pa.FixedSizeListArray.from_arrays(flat, config.predict.map_size**2)
-    columns = {
-        **{
-            name: members.column(name)
-            for name in (
-                "uri",
-                "tile_id",
-                "file_name",
-                "patient_id",
-                "magnification",
-                "subtype",
-                "label",
-            )
-        },
-        "prob_malignant": pa.array(prob, pa.float32(), mask=bad),
-        "predicted_label": pa.array(predicted, pa.int8(), mask=bad),
-        "predicted_class": pa.array([CLASS_NAMES[c] for c in predicted], pa.string(), mask=bad),
-        "model_id": pa.array([card.model_id] * count, pa.string()),
-        "model_version": pa.array([card.version] * count, pa.int16()),
-        "attribution_method": pa.array([config.predict.method] * count, pa.string(), mask=~has_map),
-        "attribution_target": pa.array(scores["target"], pa.int8(), mask=~has_map),
-        "attribution": maps,
-        "attribution_scale": pa.array(scores["scale"], pa.float32(), mask=~has_map),
-        "overlay_uri": pa.array(
-            scores["overlay"].astype(str), pa.string(), mask=scores["overlay"] == ""
-        ),
-        "error": pa.array(error, pa.string(), mask=~bad),
-    }
-    metadata = {
-        "breakhis.score": json.dumps(
-            {
-                "model": config.model,
-                "model_id": card.model_id,
-                "attribution": {
-                    "method": config.predict.method,
-                    "shape": [config.predict.map_size] * 2,
-                    "dtype": "float32",
-                    "covers": "the whole tile, row-major, top row first",
-                    "values": "map / attribution_scale, in [-1, 1]",
-                },
-                "tta": config.predict.tta,
-                "threshold": config.predict.threshold,
-                "image_size": card.image_size,
-            }
+class Progress:
+    """Logs tiles done / total, tiles/s and an ETA every ``interval_s`` seconds (from a
+    thread, so the log keeps its pace whatever the pipeline does) and once at the end;
+    calls ``alive`` every CLAIM_REFRESH_S from the same thread (the claim's refresh)."""
+
+    def __init__(self, total: int, interval_s: float, alive: Callable[[], None]) -> None:
+        self.total, self.interval_s, self.alive = total, interval_s, alive
+        self.done = self.errors = self.units = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="score-progress", daemon=True)
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.log()
+
+    def add(self, rows: int, errors: int) -> None:
+        with self._lock:
+            self.done += rows
+            self.errors += errors
+            self.units += 1
+
+    def _run(self) -> None:
+        refreshed = time.perf_counter()
+        while not self._stop.wait(min(self.interval_s, CLAIM_REFRESH_S)):
+            if time.perf_counter() - refreshed >= CLAIM_REFRESH_S:
+                self.alive()
+                refreshed = time.perf_counter()
+            self.log()
+
+    def line(self) -> str:
+        with self._lock:
+            done, errors, units = self.done, self.errors, self.units
+        elapsed = time.perf_counter() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        return (
+            f"scored {done}/{self.total} tiles ({100 * done / max(1, self.total):.1f}%, "
+            f"{units} units, {errors} errors), {rate:.1f} tiles/s, ETA {eta}"
         )
-    }
-    return pa.table(columns, schema=schema.with_metadata(metadata))
+
+    def log(self) -> None:
+        log.info("%s", self.line())
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def _summarise(
-    config: ScoreConfig, card, tiles_uri: str, units: list[Unit], inputs: InputSet
-) -> tuple[dict[str, int], int]:
-    """Check the output against the plan, write ``patients.parquet``; return counts."""
+def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[dict[str, int], int]:
+    """Check the output against the plan (every unit there, one row per tile, every row of
+    this job's model), write ``patients.parquet``; return counts. Streams the unit files
+    in batches: memory holds one batch and the per-patient totals."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(tiles_uri)
-    files = [f"{path}/{u.name}" for u in units]
-    columns = [
-        "uri",
-        "patient_id",
-        "label",
-        "prob_malignant",
-        "predicted_label",
-        "error",
-        "model_id",
-    ]
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-    if table.num_rows != inputs.num_tiles or pc.count_distinct(table["uri"]).as_py() != (
-        inputs.num_tiles
-    ):
+    files = [f"{path}/{name}" for name in plan.names]
+    columns = ["patient_id", "label", "prob_malignant", "predicted_label", "error", "model_id"]
+    totals = PatientTotals()
+    rows = scored = others = 0
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    for batch in dataset.to_batches(columns=columns, batch_size=65_536):
+        rows += batch.num_rows
+        scored += batch.column("error").null_count  # null exactly when the tile scored
+        others += batch.num_rows - pc.sum(pc.equal(batch["model_id"], card.model_id)).as_py()
+        totals.add(batch)
+    if rows != sum(plan.rows):
         raise RuntimeError(
-            f"{tiles_uri}: {table.num_rows} rows for {inputs.num_tiles} input tiles; "
+            f"{tiles_uri}: {rows} rows for {sum(plan.rows)} input tiles; "
             "the output is inconsistent (was it written by two jobs at once?)"
         )
-    others = pc.count(pc.filter(table["model_id"], pc.not_equal(table["model_id"], card.model_id)))
-    if others.as_py():
+    if others:
         raise RuntimeError(
-            f"{tiles_uri}: {others.as_py()} row(s) scored by another model than "
-            f"{card.model_id}; _SUCCESS not written (was it written by two jobs at once?)"
+            f"{tiles_uri}: {others} row(s) scored by another model than {card.model_id}; "
+            "_SUCCESS not written (was the output written by two jobs at once?)"
         )
-    scored = table["error"].null_count  # error is null exactly when the tile scored
-    counts = {"scored": scored, "errors": table.num_rows - scored}
+    counts = {"scored": scored, "errors": rows - scored}
     patients_uri = storage.join(config.output, "patients.parquet")
-    known = table.filter(pc.is_valid(table["patient_id"]))
-    if known.num_rows == 0:
+    if not totals.by_patient:
         storage.delete(patients_uri)
         return counts, 0
-    patients = patient_table(known, config.predict.threshold, config.patient_rule)
-    storage.write_bytes(patients_uri, _parquet_bytes(patients))
+    patients = totals.table(config.predict.threshold, config.patient_rule)
+    storage.write_bytes(patients_uri, parquet_bytes(patients))
     return counts, patients.num_rows
+
+
+class PatientTotals:
+    """Running per-patient totals over tile rows (any number of batches)."""
+
+    def __init__(self) -> None:
+        # patient -> [tiles, scored, sum of prob, tiles called malignant, known labels]
+        self.by_patient: dict[str, list] = {}
+
+    def add(self, tiles) -> None:
+        """Add rows with patient_id, label, prob_malignant, predicted_label and error; rows
+        without a patient id are skipped."""
+        columns = [
+            tiles.column(name).to_pylist()
+            for name in ("patient_id", "label", "prob_malignant", "predicted_label", "error")
+        ]
+        for patient, label, prob, predicted, error in zip(*columns, strict=True):
+            if patient is None:
+                continue
+            total = self.by_patient.setdefault(patient, [0, 0, 0.0, 0, set()])
+            total[0] += 1
+            if error is None:
+                total[1] += 1
+                total[2] += prob
+                total[3] += predicted
+            if label is not None:
+                total[4].add(label)
+
+    def table(self, threshold: float, rule: str) -> pa.Table:
+        """PATIENT_SCHEMA rows, sorted by patient_id (patient_table's docstring)."""
+        rows = []
+        for patient in sorted(self.by_patient):
+            tiles, scored, prob_sum, called, labels = self.by_patient[patient]
+            mean = prob_sum / scored if scored else None
+            share = called / scored if scored else None
+            if mean is None:
+                call = None
+            else:
+                call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
+            rows.append(
+                {
+                    "patient_id": patient,
+                    "label": next(iter(labels)) if len(labels) == 1 else None,
+                    "tiles": tiles,
+                    "scored": scored,
+                    "errors": tiles - scored,
+                    "mean_prob_malignant": mean,
+                    "frac_predicted_malignant": share,
+                    "patient_call": call,
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)
 
 
 def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.Table:
@@ -556,34 +569,6 @@ def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.T
     called malignant. The label is the true label when all the patient's names
     agree, else null.
     """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, patient in enumerate(tiles.column("patient_id").to_pylist()):
-        groups[patient].append(i)
-    labels = tiles.column("label").to_pylist()
-    probs = tiles.column("prob_malignant").to_pylist()
-    predicted = tiles.column("predicted_label").to_pylist()
-    errors = tiles.column("error").to_pylist()
-    rows = []
-    for patient in sorted(groups):
-        members = groups[patient]
-        scored = [i for i in members if errors[i] is None]
-        known_labels = {labels[i] for i in members if labels[i] is not None}
-        mean = float(np.mean([probs[i] for i in scored])) if scored else None
-        share = float(np.mean([predicted[i] for i in scored])) if scored else None
-        if mean is None:
-            call = None
-        else:
-            call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
-        rows.append(
-            {
-                "patient_id": patient,
-                "label": known_labels.pop() if len(known_labels) == 1 else None,
-                "tiles": len(members),
-                "scored": len(scored),
-                "errors": len(members) - len(scored),
-                "mean_prob_malignant": mean,
-                "frac_predicted_malignant": share,
-                "patient_call": call,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)
+    totals = PatientTotals()
+    totals.add(tiles)
+    return totals.table(threshold, rule)

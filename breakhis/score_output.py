@@ -21,7 +21,9 @@ most one proceeds (both may be refused in a race; neither leaves a claim behind)
 its record and its claim is there) and the scoring job checks that every row
 carries its ``model_id``. A claim is removed when its job ends (``release_claim``); a
 killed job's claim stays, harmless to reruns with the same record; one with another
-record is named in the refusal, to be deleted by hand.
+record is named in the refusal, to be deleted by hand. A running job rewrites its claim
+every CLAIM_REFRESH_S; a claim older than STALE_TEMP_S is a dead job's, and the next job
+deletes it with that job's plan files (``sweep_dead_jobs``).
 
 **Unit files.** ``write_unit`` writes a whole file in one piece: locally a temp file
 ``.<name>.<token>.tmp`` beside it, then a rename; on S3 one PUT. ``unit_files`` lists the
@@ -42,11 +44,14 @@ import uuid
 import pyarrow.fs as pafs
 
 from breakhis import storage
+from breakhis.inputs import s3_client
 
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 600.0
-"""Age (s since last modified) past which a temp unit file belongs to no live writer."""
+"""Age (s since last modified) past which a temp unit file belongs to no live writer, and
+a claim to no live job (a running job refreshes its claim every CLAIM_REFRESH_S)."""
+CLAIM_REFRESH_S = 60.0
 CLAIMS = "_claims"
 
 
@@ -98,6 +103,34 @@ def verify_claim(output: str, record: dict, token: str) -> None:
         raise JobMismatchError(f"{output}: this job's claim {CLAIMS}/{token}.json is gone")
 
 
+def refresh_claim(output: str, record: dict, token: str) -> None:
+    """Rewrite this job's claim, so that its age says the job is alive."""
+    claim = storage.join(output, CLAIMS, f"{token}.json")
+    storage.write_bytes(claim, json.dumps({"token": token, "record": record}).encode())
+
+
+def sweep_dead_jobs(output: str, plans: str = "_plan") -> None:
+    """Delete the claims older than STALE_TEMP_S (their jobs were killed) and the plan
+    folders ``<output>/<plans>/<token>`` of tokens without a live claim."""
+    fs, _ = storage.resolve(output)
+    now, live = time.time(), set()
+    for folder in (CLAIMS, plans):
+        if not storage.exists(storage.join(output, folder)):
+            continue
+        path = storage.resolve(storage.join(output, folder))[1]
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=folder == plans)):
+            if folder == CLAIMS and info.base_name.endswith(".json"):
+                modified = info.mtime.timestamp() if info.mtime else 0.0
+                if now - modified > STALE_TEMP_S:
+                    storage.delete(storage.to_uri(fs, info.path))
+                else:
+                    live.add(info.base_name[: -len(".json")])
+            elif folder == plans and info.type == pafs.FileType.File:
+                token = info.path[len(path) + 1 :].split("/", 1)[0]
+                if token not in live:
+                    storage.delete(storage.to_uri(fs, info.path))
+
+
 def release_claim(output: str, token: str) -> None:
     """Remove this job's claim (its record stays in ``_job.json``), and locally the claims
     folder when no other claim is left in it."""
@@ -129,27 +162,12 @@ def _create_exclusive(uri: str, body: bytes, token: str, conditional: bool) -> b
     return True
 
 
-def _s3_client():
-    import boto3
-    import botocore.config
-
-    config = botocore.config.Config(
-        connect_timeout=storage.CONNECT_TIMEOUT_S,
-        read_timeout=storage.REQUEST_TIMEOUT_S,
-        retries={"max_attempts": storage.RETRY_ATTEMPTS, "mode": "standard"},
-        s3={"addressing_style": "path"},
-    )
-    # Endpoint, region and credentials from the AWS environment, as breakhis.storage.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
-
-
 def _put_if_absent(uri: str, body: bytes) -> bool | None:
     import botocore.exceptions
 
     bucket, key = uri[len("s3://") :].split("/", 1)
     try:
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
     except botocore.exceptions.ClientError as err:
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status in (409, 412):  # 412: it exists; 409: a concurrent conditional write
