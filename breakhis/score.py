@@ -8,34 +8,40 @@
 Input (breakhis.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
 prepared DEST's shards, or a manifest listing URIs.
 
-Pipeline (Ray Data, streaming): the input listing is cut into work units; the
-units' member lists are the source blocks of breakhis.predict's pipeline (decode tasks,
-then the model and its attribution maps in an actor pool). The driver collects each
-unit's rows and writes the unit's file once every tile of it is back. Ray Data's
-backpressure, under an object-store limit of ``max_buffer_mb`` for this dataset, bounds
-what is in flight, so memory does not grow with the input; the driver keeps only the
-input listing (a few strings per tile) and the rows of the units in flight (small: maps,
-not pixels).
+Pipeline (Ray Data, streaming; breakhis.score_units): the driver streams the sorted
+listing (a prefix page by page, breakhis.inputs.list_inputs) into work units and writes
+the members of the missing ones to a plan under the output; the pipeline's source is one
+small row per unit; decode tasks turn a unit into one block of decoded tiles; the model
+actors check that they hold whole units, score them (model calls of ``--batch-size``
+tiles), write each unit's file where it was scored and send the driver a summary row per
+unit (name, rows, errors), never the maps. Ray Data's backpressure, under an
+object-store limit of ``max_buffer_mb`` for this dataset, bounds what is in flight. The
+driver holds per unit its name and size, per tile nothing but (for a prefix) an 8-byte
+hash of its BreakHis name while listing; the summary and ``patients.parquet`` are
+computed by streaming the unit files. It logs tiles done / total, tiles/s and an ETA every
+``progress_interval_s`` (Ray Data's own progress stays in the dashboard).
 
 Exactly once, resumable. The listing is sorted, so the same input always gives
 the same units: ``unit_size`` consecutive tiles, named
 ``unit-NNNNN-<sha256 of the member URIs, 12 hex>.parquet``. A unit's file is
-written in one piece only after all its tiles are scored (temp file + rename
-locally, one PUT on S3), so a reader never sees half a file and a file that
-exists is complete. A rerun into the same output lists ``tiles/``, skips the
-units whose file exists and scores the rest; units of an older listing (the
-input changed) and temp files of a killed writer are deleted before the job
-declares success. The finished output therefore has exactly one row per input
+written in one piece only from all its tiles (temp file + rename locally, one PUT on
+S3; a batch holding part of a unit fails loudly), so a reader never sees half a file
+and a file that exists is complete; a task retried after a lost node writes the same
+file again. A rerun into the same output lists ``tiles/``, skips the units whose file
+exists and scores the rest; units of an older listing (the input changed) are deleted
+before the job declares success, and temp files only when stale (breakhis.score_output:
+never another live job's). The finished output therefore has exactly one row per input
 tile. (A tile rewritten in place under the same URI is not rescored: units are
 named by URIs, not contents; score into a new output for that.) ``_job.json``
 records the model and every option that changes the output; a rerun with
 another model or such an option is refused, naming the differences. One job at
-a time per output.
+a time per output, enforced: the output is claimed atomically (breakhis.score_output),
+the claim is checked again and every row's ``model_id`` verified before ``_SUCCESS``.
 
 Output (``OUTPUT/``, local or ``s3://``):
 
 - ``tiles/unit-*.parquet``: one row per input tile, ``tile_schema()`` (below), rows
-  sorted by uri within a file; read the folder with pyarrow or pandas;
+  sorted by uri within a file; read the folder with pandas, pyarrow, polars, DuckDB or Ray Data;
 - ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
   ids are known (BreakHis names), PATIENT_SCHEMA;
 - ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it
@@ -43,7 +49,8 @@ Output (``OUTPUT/``, local or ``s3://``):
   tile id when it is a plain file name, else a slug of it plus a hash
   (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT. The
   ``overlay_uri`` column gives each tile's file;
-- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last.
+- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last;
+- ``_claims/``, ``_plan/``: a running job's claim and plan (removed when it ends).
 
 Tile columns: ``uri``, ``tile_id`` (stable id, see breakhis.inputs),
 ``file_name``, ``patient_id``, ``magnification``, ``subtype``, ``label`` (the
@@ -85,19 +92,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
 from breakhis import storage
 from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import Listing, list_inputs
-from breakhis.names import CLASS_NAMES
 from breakhis.predict import PredictOptions, actor_plan
 from breakhis.raysession import ensure_ray
-from breakhis.score_output import (
+from breakhis.score_output import (  # noqa: F401 (re-exported: errors, patients.parquet)
     CLAIM_REFRESH_S,
-    JobMismatchError,  # noqa: F401 (re-exported: breakhis.score.JobMismatchError)
+    PATIENT_SCHEMA,
+    JobMismatchError,
+    PatientTotals,
     claim_output,
     new_token,
+    patient_table,
     refresh_claim,
     release_claim,
     sweep_dead_jobs,
@@ -121,21 +128,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
-
-
-PATIENT_SCHEMA = pa.schema(
-    [
-        ("patient_id", pa.string()),
-        ("label", pa.int8()),  # true label from the names; null when unknown
-        ("tiles", pa.int32()),  # input tiles of the patient
-        ("scored", pa.int32()),
-        ("errors", pa.int32()),
-        ("mean_prob_malignant", pa.float32()),  # over scored tiles
-        ("frac_predicted_malignant", pa.float32()),
-        ("patient_call", pa.string()),  # "malignant" when mean_prob_malignant >= threshold
-    ]
-)
-"""``patients.parquet``: one row per patient; null statistics when no tile of it scored."""
 
 
 @dataclass(frozen=True)
@@ -450,8 +442,11 @@ class Progress:
         refreshed = time.perf_counter()
         while not self._stop.wait(min(self.interval_s, CLAIM_REFRESH_S)):
             if time.perf_counter() - refreshed >= CLAIM_REFRESH_S:
-                self.alive()
-                refreshed = time.perf_counter()
+                try:
+                    self.alive()
+                    refreshed = time.perf_counter()
+                except OSError as err:  # e.g. S3 away for a while: try again next time
+                    log.warning("could not refresh the output's claim: %s", err)
             self.log()
 
     def line(self) -> str:
@@ -505,70 +500,3 @@ def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[d
     patients = totals.table(config.predict.threshold, config.patient_rule)
     storage.write_bytes(patients_uri, parquet_bytes(patients))
     return counts, patients.num_rows
-
-
-class PatientTotals:
-    """Running per-patient totals over tile rows (any number of batches)."""
-
-    def __init__(self) -> None:
-        # patient -> [tiles, scored, sum of prob, tiles called malignant, known labels]
-        self.by_patient: dict[str, list] = {}
-
-    def add(self, tiles) -> None:
-        """Add rows with patient_id, label, prob_malignant, predicted_label and error; rows
-        without a patient id are skipped."""
-        columns = [
-            tiles.column(name).to_pylist()
-            for name in ("patient_id", "label", "prob_malignant", "predicted_label", "error")
-        ]
-        for patient, label, prob, predicted, error in zip(*columns, strict=True):
-            if patient is None:
-                continue
-            total = self.by_patient.setdefault(patient, [0, 0, 0.0, 0, set()])
-            total[0] += 1
-            if error is None:
-                total[1] += 1
-                total[2] += prob
-                total[3] += predicted
-            if label is not None:
-                total[4].add(label)
-
-    def table(self, threshold: float, rule: str) -> pa.Table:
-        """PATIENT_SCHEMA rows, sorted by patient_id (patient_table's docstring)."""
-        rows = []
-        for patient in sorted(self.by_patient):
-            tiles, scored, prob_sum, called, labels = self.by_patient[patient]
-            mean = prob_sum / scored if scored else None
-            share = called / scored if scored else None
-            if mean is None:
-                call = None
-            else:
-                call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
-            rows.append(
-                {
-                    "patient_id": patient,
-                    "label": next(iter(labels)) if len(labels) == 1 else None,
-                    "tiles": tiles,
-                    "scored": scored,
-                    "errors": tiles - scored,
-                    "mean_prob_malignant": mean,
-                    "frac_predicted_malignant": share,
-                    "patient_call": call,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)
-
-
-def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.Table:
-    """Per-patient summary (PATIENT_SCHEMA, sorted by patient_id) of tile rows.
-
-    ``tiles`` needs patient_id, label, prob_malignant, predicted_label and
-    error. The patient call follows ``rule`` (breakhis.calibration.PATIENT_RULES):
-    ``mean``, malignant when the mean probability of the patient's scored tiles
-    is at least ``threshold``; ``majority``, when at least half of them are
-    called malignant. The label is the true label when all the patient's names
-    agree, else null.
-    """
-    totals = PatientTotals()
-    totals.add(tiles)
-    return totals.table(threshold, rule)

@@ -41,10 +41,12 @@ import random
 import time
 import uuid
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from breakhis import storage
 from breakhis.inputs import s3_client
+from breakhis.names import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -284,3 +286,88 @@ def unit_files(folder: str) -> set[str]:
     if kept:
         log.info("%s: %d recent temp file(s) kept (maybe another job's write)", folder, kept)
     return names
+
+
+# --------------------------------------------------------------------------- patients.parquet
+
+
+PATIENT_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("label", pa.int8()),  # true label from the names; null when unknown
+        ("tiles", pa.int32()),  # input tiles of the patient
+        ("scored", pa.int32()),
+        ("errors", pa.int32()),
+        ("mean_prob_malignant", pa.float32()),  # over scored tiles
+        ("frac_predicted_malignant", pa.float32()),
+        ("patient_call", pa.string()),  # "malignant" when mean_prob_malignant >= threshold
+    ]
+)
+"""``patients.parquet``: one row per patient; null statistics when no tile of it scored."""
+
+
+class PatientTotals:
+    """Running per-patient totals over tile rows (any number of batches)."""
+
+    def __init__(self) -> None:
+        # patient -> [tiles, scored, sum of prob, tiles called malignant, known labels]
+        self.by_patient: dict[str, list] = {}
+
+    def add(self, tiles) -> None:
+        """Add rows with patient_id, label, prob_malignant, predicted_label and error; rows
+        without a patient id are skipped."""
+        columns = [
+            tiles.column(name).to_pylist()
+            for name in ("patient_id", "label", "prob_malignant", "predicted_label", "error")
+        ]
+        for patient, label, prob, predicted, error in zip(*columns, strict=True):
+            if patient is None:
+                continue
+            total = self.by_patient.setdefault(patient, [0, 0, 0.0, 0, set()])
+            total[0] += 1
+            if error is None:
+                total[1] += 1
+                total[2] += prob
+                total[3] += predicted
+            if label is not None:
+                total[4].add(label)
+
+    def table(self, threshold: float, rule: str) -> pa.Table:
+        """PATIENT_SCHEMA rows, sorted by patient_id (patient_table's docstring)."""
+        rows = []
+        for patient in sorted(self.by_patient):
+            tiles, scored, prob_sum, called, labels = self.by_patient[patient]
+            mean = prob_sum / scored if scored else None
+            share = called / scored if scored else None
+            if mean is None:
+                call = None
+            else:
+                call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
+            rows.append(
+                {
+                    "patient_id": patient,
+                    "label": next(iter(labels)) if len(labels) == 1 else None,
+                    "tiles": tiles,
+                    "scored": scored,
+                    "errors": tiles - scored,
+                    "mean_prob_malignant": mean,
+                    "frac_predicted_malignant": share,
+                    "patient_call": call,
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)
+
+
+def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.Table:
+    """Per-patient summary (PATIENT_SCHEMA, sorted by patient_id) of tile rows.
+
+    ``tiles`` needs patient_id, label, prob_malignant, predicted_label and
+    error. The patient call follows ``rule`` (breakhis.calibration.PATIENT_RULES):
+    ``mean``, malignant when the mean probability of the patient's scored tiles
+    is at least ``threshold``; ``majority``, when at least half of them are
+    called malignant. The label is the true label when all the patient's names
+    agree, else null.
+    """
+    totals = PatientTotals()
+    totals.add(tiles)
+    return totals.table(threshold, rule)
