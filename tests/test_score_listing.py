@@ -112,3 +112,29 @@ def test_progress_logs_done_total_rate_and_eta(caplog) -> None:
     assert len(lines) >= 2  # on the interval, and at the end
     assert "scored 250/1000 tiles (25.0%, 1 units, 3 errors)" in lines[-1]
     assert "ETA" in lines[-1] and "unknown" not in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scale_benchmark_reports_the_loop_the_job_and_memory(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "breakhis.cli", "benchmark", "score", "--workdir", str(tmp_path),
+         "--scale-tiles", "30,60", "--arch", "smallcnn", "--image-size", "32", "--tile-width",
+         "64", "--tile-height", "42", "--batch-size", "16", "--unit-size", "16", "--cpus", "2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = json.loads((tmp_path / "benchmark-score-scale.json").read_text())
+    assert [r["tiles"] for r in figures["runs"]] == [30, 60]
+    for run in figures["runs"]:
+        assert run["loop_tiles_per_s"] > 0 and run["job_tiles_per_s"] > 0
+        assert run["driver_peak_rss_mb"] > 0 and run["tree_peak_mb"] > run["driver_peak_rss_mb"]
+    assert "job / loop" in (tmp_path / "benchmark-score-scale.md").read_text()
+    # Each job scored its folder: one row per tile.
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "scale" / "out-60" / "tiles").num_rows == 60
