@@ -76,7 +76,10 @@ DuckDB (``FLOAT[]``, from the files and from an Arrow table) and Ray Data's nump
 batches. Arrow's ``fixed_shape_tensor`` extension is not understood by polars, float16
 not by DuckDB from Arrow, and a null entry in a fixed-size list is what pyarrow cannot
 convert: hence float32 and zeros, not nulls. The cost: 4 bytes a cell instead of 2,
-16 KiB a row at S = 64 before compression instead of 8 KiB.
+16 KiB a row at S = 64 before compression instead of 8 KiB; in zstd Parquet (256 maps of
+64 x 64, 2026-12-04) 14.6 KB a row instead of 7.0 KB for smooth Grad-CAM-like maps, 17.2
+instead of 7.7 KB for noise: about 2.1x, some 15 GB of maps a million tiles (``--map-size
+32`` quarters it).
 """
 
 from __future__ import annotations
