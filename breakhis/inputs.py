@@ -25,17 +25,31 @@ a manifest outside its folder keep their whole URI (scheme dropped) as the id.
 
 The listing is sorted by URI, so the same input always gives the same table:
 that is what lets the scoring job cut it into the same work units on a rerun.
+
+At scale (``list_inputs``): a prefix is read page by page, never whole. A local folder
+or an S3 prefix (ListObjectsV2 with delimiter ``/``, 1,000 keys a request) is walked
+depth-first with each folder's entries sorted by name (a subfolder as ``name/``), which
+yields paths in the same order as sorting them as strings; memory holds one folder's
+names at a time. Two passes: the first counts
+the tiles and keeps an 8-byte hash of each BreakHis stem (to find names found twice:
+8 bytes a tile, the only thing held per tile), the second yields INPUT_SCHEMA pages,
+the same rows as ``discover_inputs``. A manifest (one file) or a prepared DEST is read
+as by ``discover_inputs`` and then paged.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
+from array import array
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +63,8 @@ TILE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".parquet", ".csv", ".txt")
 """File name endings that make an input URI a manifest listing URIs."""
 KINDS: tuple[str, ...] = ("prefix", "prepared", "manifest")
+PAGE_ROWS = 65_536
+"""Rows of one page of ``list_inputs``."""
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -93,6 +109,156 @@ def parse_tile_name(file_name: str) -> TileName | None:
         return None
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The tiles of one input URI, read page by page (module docstring)."""
+
+    source: str
+    kind: str  # one of KINDS
+    num_tiles: int
+    read_pages: Callable[[], Iterator[pa.Table]]
+    """A fresh iterator over INPUT_SCHEMA pages, sorted by uri across pages."""
+
+    def pages(self) -> Iterator[pa.Table]:
+        return self.read_pages()
+
+
+def list_inputs(uri: str, page_rows: int = PAGE_ROWS) -> Listing:
+    """The tiles of ``uri`` like ``discover_inputs``, without holding a prefix's whole
+    listing: its rows come in pages of ``page_rows``. Raises as ``discover_inputs``."""
+    if _is_prepared(uri) or uri.lower().endswith(MANIFEST_SUFFIXES) or storage.is_file(uri):
+        found = discover_inputs(uri)
+        table = found.table
+
+        def slices() -> Iterator[pa.Table]:
+            for start in range(0, table.num_rows, page_rows):
+                yield table.slice(start, page_rows)
+
+        return Listing(uri, found.kind, found.num_tiles, slices)
+    count, duplicated = _count_prefix(uri)
+    if count == 0:
+        _no_tiles(uri)
+    log.info("input %s (prefix): %d tiles", uri, count)
+    fs, path = storage.resolve(uri)
+    root = storage.to_uri(fs, path)
+    return Listing(uri, "prefix", count, lambda: _prefix_pages(uri, root, duplicated, page_rows))
+
+
+def _stem_hash(stem: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(stem.encode(), digest_size=8).digest(), "little", signed=True
+    )
+
+
+def _count_prefix(uri: str) -> tuple[int, set[int]]:
+    """Pass 1: (tiles, hashes of the BreakHis stems found more than once)."""
+    hashes = array("q")
+    count = 0
+    for tile in _tile_uris(uri):
+        count += 1
+        base = tile.rsplit("/", 1)[-1]
+        if parse_tile_name(base) is not None:
+            hashes.append(_stem_hash(base.rsplit(".", 1)[0]))
+    values, counts = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+    return count, set(values[counts > 1].tolist())
+
+
+def _prefix_pages(uri: str, root: str, duplicated: set[int], page_rows: int) -> Iterator[pa.Table]:
+    """Pass 2: INPUT_SCHEMA pages, ids as ``_rows_for`` gives them."""
+    page: list[str] = []
+    for tile in _tile_uris(uri):
+        page.append(tile)
+        if len(page) == page_rows:
+            yield _page_rows(page, root, duplicated)
+            page = []
+    if page:
+        yield _page_rows(page, root, duplicated)
+
+
+def _page_rows(uris: list[str], root: str, duplicated: set[int]) -> pa.Table:
+    rows = []
+    for uri in uris:
+        base = uri.rsplit("/", 1)[-1]
+        stem = base.rsplit(".", 1)[0]
+        tile = parse_tile_name(base)
+        plain = tile is not None and _stem_hash(stem) not in duplicated
+        rows.append(_row(uri, base, stem if plain else _relative_id(uri, root), tile))
+    return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+
+
+def _tile_uris(uri: str) -> Iterator[str]:
+    """The tiles below a prefix (tile suffix, not hidden), sorted, one at a time."""
+    for found in _walk_sorted(uri):
+        base = found.rsplit("/", 1)[-1]
+        if not base.startswith(".") and base.lower().endswith(TILE_SUFFIXES):
+            yield found
+
+
+def _walk_sorted(uri: str) -> Iterator[str]:
+    """Every file below ``uri`` in sorted URI order, page by page. Raises
+    FileNotFoundError naming the URI when nothing is there."""
+    fs, path = storage.resolve(uri)
+    if not storage.is_s3(uri):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{uri}: no such file or folder")
+        yield from _local_sorted(path)
+        return
+    bucket, _, prefix = path.partition("/")
+    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
+    seen = False
+    for key in _s3_sorted(s3_client(), bucket, prefix):
+        seen = True
+        yield f"s3://{bucket}/{key}"
+    if not seen and not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+
+
+def _s3_sorted(client, bucket: str, prefix: str) -> Iterator[str]:
+    """Keys below ``prefix`` in sorted order, one "folder" (delimiter ``/``) at a time:
+    servers differ in the order of a flat listing (AWS: by key; SeaweedFS: folder by
+    folder), so each level's keys and sub-prefixes (``name/``) are sorted here, as
+    ``_local_sorted`` sorts a folder."""
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, Delimiter="/"
+    )
+    entries = []
+    for page in pages:
+        entries += [(i["Key"], False) for i in page.get("Contents", []) if i["Key"] != prefix]
+        entries += [(p["Prefix"], True) for p in page.get("CommonPrefixes", [])]
+    for key, is_folder in sorted(entries):
+        if is_folder:
+            yield from _s3_sorted(client, bucket, key)
+        elif not key.endswith("/"):
+            yield key
+
+
+def _local_sorted(folder: str) -> Iterator[str]:
+    with os.scandir(folder) as found:
+        entries = [(e.name + "/" if e.is_dir() else e.name, e.path, e.is_dir()) for e in found]
+    for _, path, is_dir in sorted(entries):
+        if is_dir:
+            yield from _local_sorted(path)
+        else:
+            yield path
+
+
+def s3_client():
+    """A boto3 S3 client set up like breakhis.storage's filesystem: endpoint and region
+    from the AWS environment, credentials from the SDK's chain, the same timeouts."""
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(
+        connect_timeout=storage.CONNECT_TIMEOUT_S,
+        read_timeout=storage.REQUEST_TIMEOUT_S,
+        retries={"max_attempts": storage.RETRY_ATTEMPTS, "mode": "standard"},
+        s3={"addressing_style": "path"},
+    )
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
+
+
 def discover_inputs(uri: str) -> InputSet:
     """List the tiles of ``uri`` (a prepared DEST, a manifest file, or a prefix).
 
@@ -108,13 +274,17 @@ def discover_inputs(uri: str) -> InputSet:
     else:
         kind, table = "prefix", _prefix_rows(uri)
     if table.num_rows == 0:
-        raise ValueError(
-            f"{uri}: no tiles found; accepted: a prepared DEST (manifest.parquet + shards/), "
-            f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) listing URIs, or a folder/prefix "
-            f"holding {', '.join(TILE_SUFFIXES)} files at any depth"
-        )
+        _no_tiles(uri)
     log.info("input %s (%s): %d tiles", uri, kind, table.num_rows)
     return InputSet(source=uri, kind=kind, table=table)
+
+
+def _no_tiles(uri: str) -> None:
+    raise ValueError(
+        f"{uri}: no tiles found; accepted: a prepared DEST (manifest.parquet + shards/), "
+        f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) listing URIs, or a folder/prefix "
+        f"holding {', '.join(TILE_SUFFIXES)} files at any depth"
+    )
 
 
 def _is_prepared(uri: str) -> bool:
@@ -249,20 +419,22 @@ def _rows_for(uris: list[str], *, root: str) -> pa.Table:
         base = uri.rsplit("/", 1)[-1]
         stem = base.rsplit(".", 1)[0]
         tile_id = stem if tile is not None and stem not in twice else _relative_id(uri, root)
-        rows.append(
-            {
-                "uri": uri,
-                "tile_id": tile_id,
-                "file_name": base,
-                "patient_id": tile.patient_id if tile else None,
-                "magnification": tile.magnification if tile else None,
-                "subtype": tile.subtype if tile else None,
-                "label": tile.label if tile else None,
-                "shard": None,
-            }
-        )
+        rows.append(_row(uri, base, tile_id, tile))
     ids = Counter(row["tile_id"] for row in rows)
     for row in rows:
         if ids[row["tile_id"]] > 1:  # e.g. /b/k and s3://b/k in one manifest
             row["tile_id"] = row["uri"]
     return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+
+
+def _row(uri: str, base: str, tile_id: str, tile: TileName | None) -> dict:
+    return {
+        "uri": uri,
+        "tile_id": tile_id,
+        "file_name": base,
+        "patient_id": tile.patient_id if tile else None,
+        "magnification": tile.magnification if tile else None,
+        "subtype": tile.subtype if tile else None,
+        "label": tile.label if tile else None,
+        "shard": None,
+    }

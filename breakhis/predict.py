@@ -45,6 +45,8 @@ ATTRIBUTION_CHOICES: tuple[str, ...] = (
 """Accepted values of --attribution (``ig`` is integrated_gradients)."""
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 """Accepted values of --device."""
+DECODE_CPUS = 0.5
+"""CPUs Ray reserves per decode task (reads from S3 wait on the network)."""
 _TTA_VIEWS = 8  # the dihedral group: 4 rotations by 90 degrees, each also flipped
 
 
@@ -218,7 +220,7 @@ class TilePredictor:
     Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
     of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
-    float16 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
+    float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
     NaN without a map), ``overlay`` (URI or "") and ``error``.
     """
 
@@ -322,7 +324,7 @@ class TilePredictor:
         prob = np.full(count, np.nan, dtype=np.float32)
         prob_raw = np.full(count, np.nan, dtype=np.float32)
         target = np.full(count, -1, dtype=np.int8)
-        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float16)
+        maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float32)
         scale = np.full(count, np.nan, dtype=np.float32)
         overlays = np.full(count, "", dtype=object)
         if len(ok):
@@ -346,7 +348,7 @@ class TilePredictor:
                         **self.options,
                     ).numpy()
                 peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
-                maps[ok] = (raw / np.where(peak > 0, peak, 1.0)[:, None, None]).astype(np.float16)
+                maps[ok] = raw / np.where(peak > 0, peak, 1.0)[:, None, None]
                 scale[ok] = peak
                 target[ok] = explained
                 if self.overlay_root is not None:
@@ -431,28 +433,41 @@ def predict_dataset(
         fn_kwargs={"image_size": image_size},
         batch_size=options.decode_batch_size,
         batch_format="numpy",
-        num_cpus=0.5,
+        num_cpus=DECODE_CPUS,
     )
     return ds.map_batches(
         TilePredictor,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "method": options.method,
-            "map_size": options.map_size,
-            "tta": options.tta,
-            "threshold": threshold,
-            "device": device,
-            "torch_threads": options.torch_threads or options.cpus_per_actor,
-            "overlay_root": overlay_root,
-            "amp": options.amp,
-            "ig_steps": options.ig_steps,
-            "occlusion_window": options.occlusion_window,
-            "lime_samples": options.lime_samples,
-            "lime_grid": options.lime_grid,
-        },
+        fn_constructor_kwargs=predictor_kwargs(
+            model_uri, threshold, device, options, overlay_root=overlay_root
+        ),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_cpus=options.cpus_per_actor,
         num_gpus=gpus_per_actor,
         batch_size=options.batch_size,
         batch_format="numpy",
     )
+
+
+def predictor_kwargs(
+    model_uri: str,
+    threshold: float,
+    device: str,
+    options: PredictOptions,
+    overlay_root: str | None = None,
+) -> dict:
+    """TilePredictor's constructor arguments for ``options`` on ``device`` (actor_plan's)."""
+    return {
+        "model_uri": model_uri,
+        "method": options.method,
+        "map_size": options.map_size,
+        "tta": options.tta,
+        "threshold": threshold,
+        "device": device,
+        "torch_threads": options.torch_threads or options.cpus_per_actor,
+        "overlay_root": overlay_root,
+        "amp": options.amp,
+        "ig_steps": options.ig_steps,
+        "occlusion_window": options.occlusion_window,
+        "lime_samples": options.lime_samples,
+        "lime_grid": options.lime_grid,
+    }

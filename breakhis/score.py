@@ -8,34 +8,40 @@
 Input (breakhis.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
 prepared DEST's shards, or a manifest listing URIs.
 
-Pipeline (Ray Data, streaming): the input listing is cut into work units; the
-units' member lists are the source blocks of breakhis.predict's pipeline (decode tasks,
-then the model and its attribution maps in an actor pool). The driver collects each
-unit's rows and writes the unit's file once every tile of it is back. Ray Data's
-backpressure, under an object-store limit of ``max_buffer_mb`` for this dataset, bounds
-what is in flight, so memory does not grow with the input; the driver keeps only the
-input listing (a few strings per tile) and the rows of the units in flight (small: maps,
-not pixels).
+Pipeline (Ray Data, streaming; breakhis.score_units): the driver streams the sorted
+listing (a prefix page by page, breakhis.inputs.list_inputs) into work units and writes
+the members of the missing ones to a plan under the output; the pipeline's source is one
+small row per unit; decode tasks turn a unit into one block of decoded tiles; the model
+actors check that they hold whole units, score them (model calls of ``--batch-size``
+tiles), write each unit's file where it was scored and send the driver a summary row per
+unit (name, rows, errors), never the maps. Ray Data's backpressure, under an
+object-store limit of ``max_buffer_mb`` for this dataset, bounds what is in flight. The
+driver holds per unit its name and size, per tile nothing but (for a prefix) an 8-byte
+hash of its BreakHis name while listing; the summary and ``patients.parquet`` are
+computed by streaming the unit files. It logs tiles done / total, tiles/s and an ETA every
+``progress_interval_s`` (Ray Data's own progress stays in the dashboard).
 
 Exactly once, resumable. The listing is sorted, so the same input always gives
 the same units: ``unit_size`` consecutive tiles, named
 ``unit-NNNNN-<sha256 of the member URIs, 12 hex>.parquet``. A unit's file is
-written in one piece only after all its tiles are scored (temp file + rename
-locally, one PUT on S3), so a reader never sees half a file and a file that
-exists is complete. A rerun into the same output lists ``tiles/``, skips the
-units whose file exists and scores the rest; units of an older listing (the
-input changed) and temp files of a killed writer are deleted before the job
-declares success. The finished output therefore has exactly one row per input
+written in one piece only from all its tiles (temp file + rename locally, one PUT on
+S3; a batch holding part of a unit fails loudly), so a reader never sees half a file
+and a file that exists is complete; a task retried after a lost node writes the same
+file again. A rerun into the same output lists ``tiles/``, skips the units whose file
+exists and scores the rest; units of an older listing (the input changed) are deleted
+before the job declares success, and temp files only when stale (breakhis.score_output:
+never another live job's). The finished output therefore has exactly one row per input
 tile. (A tile rewritten in place under the same URI is not rescored: units are
 named by URIs, not contents; score into a new output for that.) ``_job.json``
 records the model and every option that changes the output; a rerun with
 another model or such an option is refused, naming the differences. One job at
-a time per output.
+a time per output, enforced: the output is claimed atomically (breakhis.score_output),
+the claim is checked again and every row's ``model_id`` verified before ``_SUCCESS``.
 
 Output (``OUTPUT/``, local or ``s3://``):
 
 - ``tiles/unit-*.parquet``: one row per input tile, ``tile_schema()`` (below), rows
-  sorted by uri within a file; read the folder with pyarrow or pandas;
+  sorted by uri within a file; read the folder with pandas, pyarrow, polars, DuckDB or Ray Data;
 - ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
   ids are known (BreakHis names), PATIENT_SCHEMA;
 - ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it
@@ -43,7 +49,8 @@ Output (``OUTPUT/``, local or ``s3://``):
   tile id when it is a plain file name, else a slug of it plus a hash
   (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT. The
   ``overlay_uri`` column gives each tile's file;
-- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last.
+- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last;
+- ``_claims/``, ``_plan/``: a running job's claim and plan (removed when it ends).
 
 Tile columns: ``uri``, ``tile_id`` (stable id, see breakhis.inputs),
 ``file_name``, ``patient_id``, ``magnification``, ``subtype``, ``label`` (the
@@ -54,87 +61,76 @@ malignant logit, averaged over the 8 flips/rotations with TTA),
 ``predicted_class`` ("benign"/"malignant"), ``model_id`` (the artifact's hash
 of its weights), ``model_version`` (the artifact format version),
 ``attribution_method``, ``attribution_target`` (the class explained: the
-predicted one), ``attribution`` (Arrow ``fixed_shape_tensor<float16, [S, S]>``,
+predicted one), ``attribution`` (Arrow ``fixed_size_list<float32>[S*S]``,
 S = ``map_size``, default 64: the map over the whole tile, row-major, top row
 first, divided by its largest absolute value so it lies in [-1, 1]; never null:
 all zeros for a tile without a map, whose ``attribution_method`` is null),
 ``attribution_scale`` (float32, that largest absolute value: raw map = map x
 scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
-``read: ...`` or ``decode: ...`` and every prediction column null). pandas
-reads ``attribution`` as flat numpy arrays of S*S values: ``a.reshape(S, S)``.
-(A null entry in a fixed-size list column is what pyarrow 25 cannot read back
-from Parquet, nor ``to_numpy_ndarray()`` convert: hence zeros, not nulls.)
+``read: ...`` or ``decode: ...`` and every prediction column null).
+
+Why that layout: it is the one every common reader takes as it is, error rows included
+(tests/test_score_readers.py): pandas (a numpy array of S*S values per row), pyarrow
+(``column.flatten().to_numpy().reshape(N, S, S)``), polars (an ``Array`` column),
+DuckDB (``FLOAT[]``, from the files and from an Arrow table) and Ray Data's numpy
+batches. Arrow's ``fixed_shape_tensor`` extension is not understood by polars, float16
+not by DuckDB from Arrow, and a null entry in a fixed-size list is what pyarrow cannot
+convert: hence float32 and zeros, not nulls. The cost: 4 bytes a cell instead of 2,
+16 KiB a row at S = 64 before compression instead of 8 KiB; in zstd Parquet (256 maps of
+64 x 64, 2026-12-04) 14.6 KB a row instead of 7.0 KB for smooth Grad-CAM-like maps, 17.2
+instead of 7.7 KB for noise: about 2.1x, some 15 GB of maps a million tiles (``--map-size
+32`` quarters it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import json
 import logging
 import math
+import os
+import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from breakhis import storage
 from breakhis.calibration import PATIENT_RULES
-from breakhis.inputs import INPUT_SCHEMA, InputSet, discover_inputs
-from breakhis.names import CLASS_NAMES
-from breakhis.predict import PredictOptions, actor_plan, predict_dataset
+from breakhis.inputs import Listing, list_inputs
+from breakhis.predict import PredictOptions, actor_plan
 from breakhis.raysession import ensure_ray
+from breakhis.score_output import (  # noqa: F401 (re-exported: errors, patients.parquet)
+    CLAIM_REFRESH_S,
+    PATIENT_SCHEMA,
+    JobMismatchError,
+    PatientTotals,
+    claim_output,
+    new_token,
+    patient_table,
+    refresh_claim,
+    release_claim,
+    sweep_dead_jobs,
+    unit_files,
+    verify_claim,
+)
+from breakhis.score_units import (  # noqa: F401 (re-exported: the output's schema, units)
+    Plan,
+    Unit,
+    UnitFormat,
+    parquet_bytes,
+    plan_units,
+    tile_schema,
+    units_dataset,
+    write_plan,
+)
 
 if TYPE_CHECKING:
     from breakhis.artifact import ModelCard
 
 log = logging.getLogger(__name__)
 
-JOB_FORMAT = 1
-
-
-def tile_schema(map_size: int) -> pa.Schema:
-    """The schema of ``tiles/unit-*.parquet`` for maps of ``map_size`` x ``map_size``."""
-    described = [f for f in INPUT_SCHEMA if f.name != "shard"]  # the tile, as its input
-    return pa.schema(
-        [
-            *described,
-            ("prob_malignant", pa.float32()),
-            ("predicted_label", pa.int8()),
-            ("predicted_class", pa.string()),
-            ("model_id", pa.string()),
-            ("model_version", pa.int16()),
-            ("attribution_method", pa.string()),
-            ("attribution_target", pa.int8()),
-            ("attribution", pa.fixed_shape_tensor(pa.float16(), (map_size, map_size))),
-            ("attribution_scale", pa.float32()),
-            ("overlay_uri", pa.string()),
-            ("error", pa.string()),
-        ]
-    )
-
-
-PATIENT_SCHEMA = pa.schema(
-    [
-        ("patient_id", pa.string()),
-        ("label", pa.int8()),  # true label from the names; null when unknown
-        ("tiles", pa.int32()),  # input tiles of the patient
-        ("scored", pa.int32()),
-        ("errors", pa.int32()),
-        ("mean_prob_malignant", pa.float32()),  # over scored tiles
-        ("frac_predicted_malignant", pa.float32()),
-        ("patient_call", pa.string()),  # "malignant" when mean_prob_malignant >= threshold
-    ]
-)
-"""``patients.parquet``: one row per patient; null statistics when no tile of it scored."""
-
-
-class JobMismatchError(ValueError):
-    """The output already holds a job with another model or other output-changing options."""
+JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
 
 
 @dataclass(frozen=True)
@@ -158,13 +154,17 @@ class ScoreConfig:
     unit_size: int = 256
     """Tiles per work unit (per output file); the unit of resumption."""
     max_buffer_mb: int = 0
-    """Most object-store memory (MB) the pipeline holds at once (decoded tiles waiting for a
-    model actor, results waiting for the driver): what keeps memory flat for any input.
-    0: 8 batches of decoded tiles per actor, at least 256 MB."""
+    """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
+    a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
+    per actor, at least 256 MB."""
+    progress_interval_s: float = 10.0
+    """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
             raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
+        if not self.progress_interval_s > 0:
+            raise ValueError(f"--progress-interval-s must be > 0, got {self.progress_interval_s}")
         if self.max_buffer_mb < 0:
             raise ValueError(
                 f"--max-buffer-mb must be >= 0 (0: automatic), got {self.max_buffer_mb}"
@@ -201,6 +201,7 @@ class ScoreConfig:
             "attribution": method,
             "map_size": predict.map_size,
             "tta": predict.tta,
+            "amp": predict.amp,  # bf16 on GPUs changes probabilities in the 3rd digit
             "threshold": self.threshold_for(card),
             "patient_rule": self.patient_rule,
             "overlays": self.overlays,
@@ -216,31 +217,6 @@ def _normalised(uri: str) -> str:
     """A URI spelled one way: local paths absolute, no trailing slash."""
     uri = uri.rstrip("/")
     return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One work unit: consecutive tiles of the sorted listing, written as one file."""
-
-    index: int
-    members: pa.Table  # inputs.INPUT_SCHEMA rows, sorted by uri
-
-    @property
-    def name(self) -> str:
-        digest = hashlib.sha256()
-        for uri in self.members.column("uri").to_pylist():
-            digest.update(uri.encode())
-            digest.update(b"\n")
-        return f"unit-{self.index:05d}-{digest.hexdigest()[:12]}.parquet"
-
-
-def plan_units(inputs: pa.Table, unit_size: int) -> list[Unit]:
-    """Cut the (uri-sorted) listing into units of ``unit_size`` tiles, the last one shorter."""
-    table = inputs.sort_by("uri")
-    return [
-        Unit(i, table.slice(start, unit_size))
-        for i, start in enumerate(range(0, table.num_rows, unit_size))
-    ]
 
 
 @dataclass(frozen=True)
@@ -291,9 +267,9 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     before Ray starts: the model (card, weights hash and load), the input and the output.
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
     missing model or input, ValueError for a damaged model, an input without tiles or
-    a bad manifest, JobMismatchError (a ValueError) when the output holds a job with
-    another model or options, and RuntimeError when a unit comes back
-    incomplete (a bug, never silently written).
+    a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
+    claimed by a job with another model or options, and RuntimeError when a unit comes
+    back incomplete or the output holds rows of another model (never silently written).
     """
     from breakhis.artifact import load_artifact
 
@@ -302,7 +278,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     _, card = load_artifact(config.model)
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
-    inputs = discover_inputs(config.input)
+    listing = list_inputs(config.input)
     record = config.job_record(card)
     log.info(
         "threshold %.4f (%s), temperature %.4f",
@@ -312,46 +288,65 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     )
     # The threshold as applied from here on (the model's own unless one was given).
     config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
-    _claim_output(config.output, record)
+    token = new_token()
+    claim_output(config.output, record, token)
+    try:
+        return _run_claimed(config, card, listing, record, token, started)
+    finally:
+        release_claim(config.output, token)
 
-    units = plan_units(inputs.table, config.unit_size)
+
+def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
+    """The job once the output is claimed: plan, score what is missing, check, summarise."""
     tiles_uri = storage.join(config.output, "tiles")
-    existing = _listing(tiles_uri)
-    pending = [u for u in units if u.name not in existing]
-    log.info(
-        "%d tiles in %d units: %d already complete, %d to score",
-        inputs.num_tiles,
-        len(units),
-        len(units) - len(pending),
-        len(pending),
-    )
-    wanted = {u.name for u in units}
-    stale = sorted(n for n in existing if n not in wanted)
-    if pending or stale:
-        storage.delete(storage.join(config.output, "_SUCCESS"))
-    if pending:
-        storage.make_dirs(tiles_uri)
-        _score_units(config, card, pending, tiles_uri)
+    sweep_dead_jobs(config.output)
+    existing = unit_files(tiles_uri)
+    plan_folder = storage.join(config.output, "_plan", token)
+    try:
+        plan = write_plan(listing, config.unit_size, existing, plan_folder)
+        log.info(
+            "%d tiles in %d units: %d already complete, %d to score",
+            listing.num_tiles,
+            len(plan.names),
+            len(plan.names) - plan.pending.num_rows,
+            plan.pending.num_rows,
+        )
+        stale = sorted(existing - set(plan.names))
+        if plan.pending.num_rows or stale:
+            storage.delete(storage.join(config.output, "_SUCCESS"))
+        if plan.pending.num_rows:
+            storage.make_dirs(tiles_uri)
+            _score_units(
+                config,
+                card,
+                plan,
+                tiles_uri,
+                lambda: refresh_claim(config.output, record, token),
+                token,
+            )
+    finally:
+        _delete_plan(config.output, plan_folder)
     for name in stale:
         storage.delete(storage.join(tiles_uri, name))
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = _summarise(config, tiles_uri, units, inputs)
+    counts, patients = _summarise(config, card, tiles_uri, plan)
     summary = ScoreSummary(
         output=config.output,
         model_id=card.model_id,
         attribution=config.predict.method,
-        tiles=inputs.num_tiles,
+        tiles=listing.num_tiles,
         scored=counts["scored"],
         errors=counts["errors"],
-        units=len(units),
-        units_written=len(pending),
-        units_skipped=len(units) - len(pending),
+        units=len(plan.names),
+        units_written=plan.pending.num_rows,
+        units_skipped=len(plan.names) - plan.pending.num_rows,
         stale_deleted=len(stale),
         patients=patients,
         seconds=time.perf_counter() - started,
     )
+    verify_claim(config.output, record, token)
     done = {"job": record, "summary": asdict(summary)}
     storage.write_bytes(
         storage.join(config.output, "_SUCCESS"), json.dumps(done, indent=2).encode()
@@ -359,237 +354,153 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     return summary
 
 
-def _claim_output(output: str, record: dict) -> None:
-    """Write ``_job.json``, or check that the one there describes the same job."""
-    uri = storage.join(output, "_job.json")
-    if storage.exists(uri):
-        try:
-            previous = json.loads(storage.read_bytes(uri))
-        except json.JSONDecodeError as err:
-            raise JobMismatchError(
-                f"{uri}: not valid JSON ({err}); delete it or pick another --output"
-            ) from err
-        differences = [
-            f"{key}: {previous.get(key)!r} there, {record.get(key)!r} now"
-            for key in sorted(set(previous) | set(record))
-            if previous.get(key) != record.get(key)
-        ]
-        if differences:
-            raise JobMismatchError(
-                f"{output} holds the output of another scoring job ("
-                + "; ".join(differences)
-                + "). Rerun with the same model and options to finish it, or pick another "
-                "--output (or delete that output first)"
-            )
-        return
-    storage.write_bytes(uri, json.dumps(record, indent=2, sort_keys=True).encode())
+def _delete_plan(output: str, folder: str) -> None:
+    """Delete this job's plan files (and locally its folders once empty)."""
+    if storage.exists(folder):
+        for entry in storage.walk(folder):
+            storage.delete(entry.uri)
+    if not storage.is_s3(folder):
+        for path in (folder, storage.join(output, "_plan")):
+            with contextlib.suppress(OSError):  # not empty: another job's plan is there
+                os.rmdir(storage.resolve(path)[1])
 
 
-def _listing(folder: str) -> set[str]:
-    """Names of the complete unit files in ``folder`` (temp files of a killed writer removed)."""
-    if not storage.exists(folder):
-        return set()
-    names = set()
-    for entry in storage.walk(folder):
-        name = entry.uri.rsplit("/", 1)[-1]
-        if name.startswith(".unit-") and name.endswith(".tmp"):
-            storage.delete(entry.uri)  # left by a writer killed between write and rename
-        elif name.startswith("unit-") and name.endswith(".parquet"):
-            names.add(name)
-    return names
-
-
-def _score_units(config: ScoreConfig, card, pending: list[Unit], tiles_uri: str) -> None:
-
+def _score_units(
+    config: ScoreConfig, card, plan: Plan, tiles_uri: str, alive: Callable[[], None], token: str
+) -> None:
+    """Run the pipeline over the plan's pending units; the workers write the unit files
+    and send back one summary row per unit (breakhis.score_units)."""
     ensure_ray()
-    blocks = [
-        unit.members.select(["uri", "tile_id", "shard"]).append_column(
-            "unit", pa.array([unit.index] * unit.members.num_rows, pa.int32())
-        )
-        for unit in pending
-    ]
-    log.info("scoring %d units", len(pending))
     predict = config.predict
     max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
-    tile_bytes = card.image_size * card.image_size * 3
-    buffer = config.max_buffer_mb * 2**20 or max(
-        256 * 2**20, 8 * max_actors * predict.batch_size * tile_bytes
-    )
-    ds = predict_dataset(
-        blocks,
-        model_uri=config.model,
+    largest = max(plan.pending["unit_rows"].to_pylist())
+    unit_bytes = largest * card.image_size * card.image_size * 3
+    # Decoded units waiting for an actor: two per actor, at least 256 MB.
+    buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
+    fmt = UnitFormat(
+        tiles_uri=tiles_uri,
+        token=token,
+        model=config.model,
+        model_id=card.model_id,
+        model_version=card.version,
+        method=predict.method,
+        map_size=predict.map_size,
+        threshold=predict.threshold,
+        tta=predict.tta,
         image_size=card.image_size,
-        threshold=config.threshold_for(card),
+    )
+    ds = units_dataset(
+        plan.pending,
+        fmt=fmt,
+        model_uri=config.model,
         options=predict,
         overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
         object_store_limit=buffer,
     )
-    by_index = {u.index: u for u in pending}
-    waiting: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-    received: dict[int, int] = defaultdict(int)
-    written: set[int] = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for index in np.unique(batch["unit"]):
-            rows = batch["unit"] == index
-            part = {k: v[rows] for k, v in batch.items()}
-            index = int(index)
-            waiting[index].append(part)
-            received[index] += int(rows.sum())
-            unit = by_index[index]
-            if received[index] == unit.members.num_rows:
-                table = _unit_table(config, card, unit, waiting.pop(index))
-                storage.write_bytes(storage.join(tiles_uri, unit.name), _parquet_bytes(table))
-                written.add(index)
-                log.debug("wrote %s (%d/%d)", unit.name, len(written), len(pending))
-    if len(written) != len(pending):
-        missing = sorted(by_index[i].name for i in by_index if i not in written)
+    expected = set(plan.pending["name"].to_pylist())
+    written: set[str] = set()
+    with Progress(plan.pending_tiles, config.progress_interval_s, alive) as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, rows, errors in zip(
+                batch["name"], batch["rows"], batch["errors"], strict=True
+            ):
+                written.add(str(name))
+                progress.add(int(rows), int(errors))
+    missing = sorted(expected - written)
+    if missing:
         raise RuntimeError(
-            f"{len(missing)} unit(s) came back incomplete from Ray Data "
-            f"(e.g. {missing[:3]}); nothing of them was written, rerun to score them"
+            f"{len(missing)} unit(s) were not written (e.g. {missing[:3]}); rerun to score them"
         )
 
 
-def _unit_table(config: ScoreConfig, card, unit: Unit, parts: list[dict]) -> pa.Table:
-    """One unit's rows: the members' facts joined with their scores, sorted by uri."""
-    scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(scores["uri"].astype(str), kind="stable")
-    scores = {k: v[order] for k, v in scores.items()}
-    members = unit.members  # sorted by uri already
-    if scores["uri"].tolist() != members.column("uri").to_pylist():
-        raise RuntimeError(f"{unit.name}: scored tiles differ from the unit's members")
-    error = scores["error"].astype(str)
-    bad = error != ""
-    prob = scores["prob"].astype(np.float32)
-    predicted = (prob >= config.predict.threshold).astype(np.int8)
-    has_map = (scores["target"] >= 0) & ~bad
-    schema = tile_schema(config.predict.map_size)
-    count = members.num_rows
-    flat = pa.array(scores["map"].reshape(-1), pa.float16())
-    storage_array = pa.FixedSizeListArray.from_arrays(flat, config.predict.map_size**2)
-    columns = {
-        **{
-            name: members.column(name)
-            for name in (
-                "uri",
-                "tile_id",
-                "file_name",
-                "patient_id",
-                "magnification",
-                "subtype",
-                "label",
-            )
-        },
-        "prob_malignant": pa.array(prob, pa.float32(), mask=bad),
-        "predicted_label": pa.array(predicted, pa.int8(), mask=bad),
-        "predicted_class": pa.array([CLASS_NAMES[c] for c in predicted], pa.string(), mask=bad),
-        "model_id": pa.array([card.model_id] * count, pa.string()),
-        "model_version": pa.array([card.version] * count, pa.int16()),
-        "attribution_method": pa.array([config.predict.method] * count, pa.string(), mask=~has_map),
-        "attribution_target": pa.array(scores["target"], pa.int8(), mask=~has_map),
-        "attribution": pa.ExtensionArray.from_storage(
-            schema.field("attribution").type, storage_array
-        ),
-        "attribution_scale": pa.array(scores["scale"], pa.float32(), mask=~has_map),
-        "overlay_uri": pa.array(
-            scores["overlay"].astype(str), pa.string(), mask=scores["overlay"] == ""
-        ),
-        "error": pa.array(error, pa.string(), mask=~bad),
-    }
-    metadata = {
-        "breakhis.score": json.dumps(
-            {
-                "model": config.model,
-                "model_id": card.model_id,
-                "attribution": {
-                    "method": config.predict.method,
-                    "shape": [config.predict.map_size] * 2,
-                    "dtype": "float16",
-                    "covers": "the whole tile, row-major, top row first",
-                    "values": "map / attribution_scale, in [-1, 1]",
-                },
-                "tta": config.predict.tta,
-                "threshold": config.predict.threshold,
-                "image_size": card.image_size,
-            }
+class Progress:
+    """Logs tiles done / total, tiles/s and an ETA every ``interval_s`` seconds (from a
+    thread, so the log keeps its pace whatever the pipeline does) and once at the end;
+    calls ``alive`` every CLAIM_REFRESH_S from the same thread (the claim's refresh)."""
+
+    def __init__(self, total: int, interval_s: float, alive: Callable[[], None]) -> None:
+        self.total, self.interval_s, self.alive = total, interval_s, alive
+        self.done = self.errors = self.units = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="score-progress", daemon=True)
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.log()
+
+    def add(self, rows: int, errors: int) -> None:
+        with self._lock:
+            self.done += rows
+            self.errors += errors
+            self.units += 1
+
+    def _run(self) -> None:
+        refreshed = time.perf_counter()
+        while not self._stop.wait(min(self.interval_s, CLAIM_REFRESH_S)):
+            if time.perf_counter() - refreshed >= CLAIM_REFRESH_S:
+                try:
+                    self.alive()
+                    refreshed = time.perf_counter()
+                except OSError as err:  # e.g. S3 away for a while: try again next time
+                    log.warning("could not refresh the output's claim: %s", err)
+            self.log()
+
+    def line(self) -> str:
+        with self._lock:
+            done, errors, units = self.done, self.errors, self.units
+        elapsed = time.perf_counter() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        return (
+            f"scored {done}/{self.total} tiles ({100 * done / max(1, self.total):.1f}%, "
+            f"{units} units, {errors} errors), {rate:.1f} tiles/s, ETA {eta}"
         )
-    }
-    return pa.table(columns, schema=schema.with_metadata(metadata))
+
+    def log(self) -> None:
+        log.info("%s", self.line())
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def _summarise(
-    config: ScoreConfig, tiles_uri: str, units: list[Unit], inputs: InputSet
-) -> tuple[dict[str, int], int]:
-    """Check the output against the plan, write ``patients.parquet``; return counts."""
+def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[dict[str, int], int]:
+    """Check the output against the plan (every unit there, one row per tile, every row of
+    this job's model), write ``patients.parquet``; return counts. Streams the unit files
+    in batches: memory holds one batch and the per-patient totals."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(tiles_uri)
-    files = [f"{path}/{u.name}" for u in units]
-    columns = ["uri", "patient_id", "label", "prob_malignant", "predicted_label", "error"]
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-    if table.num_rows != inputs.num_tiles or pc.count_distinct(table["uri"]).as_py() != (
-        inputs.num_tiles
-    ):
+    files = [f"{path}/{name}" for name in plan.names]
+    columns = ["patient_id", "label", "prob_malignant", "predicted_label", "error", "model_id"]
+    totals = PatientTotals()
+    rows = scored = others = 0
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    for batch in dataset.to_batches(columns=columns, batch_size=65_536):
+        rows += batch.num_rows
+        scored += batch.column("error").null_count  # null exactly when the tile scored
+        others += batch.num_rows - pc.sum(pc.equal(batch["model_id"], card.model_id)).as_py()
+        totals.add(batch)
+    if rows != sum(plan.rows):
         raise RuntimeError(
-            f"{tiles_uri}: {table.num_rows} rows for {inputs.num_tiles} input tiles; "
+            f"{tiles_uri}: {rows} rows for {sum(plan.rows)} input tiles; "
             "the output is inconsistent (was it written by two jobs at once?)"
         )
-    scored = table["error"].null_count  # error is null exactly when the tile scored
-    counts = {"scored": scored, "errors": table.num_rows - scored}
+    if others:
+        raise RuntimeError(
+            f"{tiles_uri}: {others} row(s) scored by another model than {card.model_id}; "
+            "_SUCCESS not written (was the output written by two jobs at once?)"
+        )
+    counts = {"scored": scored, "errors": rows - scored}
     patients_uri = storage.join(config.output, "patients.parquet")
-    known = table.filter(pc.is_valid(table["patient_id"]))
-    if known.num_rows == 0:
+    if not totals.by_patient:
         storage.delete(patients_uri)
         return counts, 0
-    patients = patient_table(known, config.predict.threshold, config.patient_rule)
-    storage.write_bytes(patients_uri, _parquet_bytes(patients))
+    patients = totals.table(config.predict.threshold, config.patient_rule)
+    storage.write_bytes(patients_uri, parquet_bytes(patients))
     return counts, patients.num_rows
-
-
-def patient_table(tiles: pa.Table, threshold: float, rule: str = "mean") -> pa.Table:
-    """Per-patient summary (PATIENT_SCHEMA, sorted by patient_id) of tile rows.
-
-    ``tiles`` needs patient_id, label, prob_malignant, predicted_label and
-    error. The patient call follows ``rule`` (breakhis.calibration.PATIENT_RULES):
-    ``mean``, malignant when the mean probability of the patient's scored tiles
-    is at least ``threshold``; ``majority``, when at least half of them are
-    called malignant. The label is the true label when all the patient's names
-    agree, else null.
-    """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, patient in enumerate(tiles.column("patient_id").to_pylist()):
-        groups[patient].append(i)
-    labels = tiles.column("label").to_pylist()
-    probs = tiles.column("prob_malignant").to_pylist()
-    predicted = tiles.column("predicted_label").to_pylist()
-    errors = tiles.column("error").to_pylist()
-    rows = []
-    for patient in sorted(groups):
-        members = groups[patient]
-        scored = [i for i in members if errors[i] is None]
-        known_labels = {labels[i] for i in members if labels[i] is not None}
-        mean = float(np.mean([probs[i] for i in scored])) if scored else None
-        share = float(np.mean([predicted[i] for i in scored])) if scored else None
-        if mean is None:
-            call = None
-        else:
-            call = CLASS_NAMES[int(mean >= threshold if rule == "mean" else share >= 0.5)]
-        rows.append(
-            {
-                "patient_id": patient,
-                "label": known_labels.pop() if len(known_labels) == 1 else None,
-                "tiles": len(members),
-                "scored": len(scored),
-                "errors": len(members) - len(scored),
-                "mean_prob_malignant": mean,
-                "frac_predicted_malignant": share,
-                "patient_call": call,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=PATIENT_SCHEMA)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from breakhis import storage
 
 SAMPLE_EVERY_S = 0.2
@@ -102,6 +104,19 @@ def peak_memory(
         stop.set()
         thread.join()
         peak[0] = max(peak[0], tree_pss(pid, exclude))
+
+
+def pillow_decode(data: bytes, side: int) -> np.ndarray:
+    """A tile decoded as a user's own loop would (Pillow; the pipeline's libspng is its own
+    advantage) and resized as the pipeline resizes: RGB uint8 (side, side, 3). The plain
+    loops' decode."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB").resize((side, side), Image.BILINEAR, reducing_gap=2.0)
+        return np.asarray(image)
 
 
 def prepared_dest(workdir: str, *, scale: float, side: int, seed: int) -> str:

@@ -86,6 +86,10 @@ class ScoreBenchmarkConfig:
     """CPUs of the local Ray instance and torch threads of the loop; 0: all of this machine."""
     seed: int = 0
     """Seed of the generated tiles and the model's initialisation."""
+    scale_tiles: tuple[int, ...] = ()
+    """Run only the scale benchmark (breakhis.benchmarks.score_scale) at these input sizes,
+    e.g. 10000,100000 (with --arch smallcnn --image-size 32 --tile-width 64
+    --tile-height 42)."""
 
     def __post_init__(self) -> None:
         for name in ("tiles", "image_size", "batch_size", "unit_size", "memory_tiles"):
@@ -97,6 +101,8 @@ class ScoreBenchmarkConfig:
             raise ValueError(f"--cpus must be >= 0 (0: all), got {self.cpus}")
         if not self.memory_scales or min(self.memory_scales) < 1:
             raise ValueError("--memory-scales must be integers >= 1")
+        if self.scale_tiles and min(self.scale_tiles) < 1:
+            raise ValueError(f"--scale-tiles must be integers >= 1, got {self.scale_tiles}")
         if storage.is_s3(self.workdir):
             raise ValueError("--workdir must be a local folder (the benchmark times local I/O)")
 
@@ -256,7 +262,7 @@ def _plain_loop(model_uri: str, uris: list[str], batch_size: int, device: str) -
     import torch
 
     from breakhis.artifact import load_artifact
-    from breakhis.imaging import decode_rgb
+    from breakhis.benchmarks.harness import pillow_decode
 
     started = time.perf_counter()
     model, card = load_artifact(model_uri, device=device)
@@ -267,7 +273,7 @@ def _plain_loop(model_uri: str, uris: list[str], batch_size: int, device: str) -
     for start in range(0, len(uris), batch_size):
         images = np.stack(
             [
-                decode_rgb(storage.read_bytes(u), card.image_size)
+                pillow_decode(storage.read_bytes(u), card.image_size)
                 for u in uris[start : start + batch_size]
             ]
         )
@@ -303,32 +309,12 @@ def _job(name: str, config, small_input: str, output: str) -> Throughput:
     return Throughput(name, tiles, seconds, tiles / seconds, steady)
 
 
-def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
-    """Run every measurement of the module docstring; write ``benchmark-score.json`` and
-    ``benchmark-score.md`` into the workdir.
-
-    The throughput runs use a local Ray instance of ``cpus`` CPUs, started here
-    unless Ray is already initialised; every memory run starts its own in a
-    child process. Returns the result. Raises ValueError for bad options and
-    RuntimeError when a memory run's job fails.
-    """
-    import shutil
-
-    import ray
+def _save_model(config: ScoreBenchmarkConfig) -> str:
+    """A model of random weights (speed does not depend on them) in the workdir."""
     import torch
 
     from breakhis.artifact import ModelCard, save_artifact
     from breakhis.model import build_model
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig
-
-    cpus = config.cpus or os.cpu_count() or 1
-    load_at_start = os.getloadavg()[0]
-    os.makedirs(config.workdir, exist_ok=True)
-    start_local_ray(cpus)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if torch.cuda.is_available() else 0
-    device = "cuda" if gpus else "cpu"
-    torch.set_num_threads(cpus)
 
     torch.manual_seed(config.seed)
     model_uri = os.path.join(config.workdir, "model")
@@ -342,6 +328,39 @@ def run_score_benchmark(config: ScoreBenchmarkConfig) -> ScoreBenchmarkResult:
             std=(0.229, 0.224, 0.225),
         ),
     )
+    return model_uri
+
+
+def run_score_benchmark(config: ScoreBenchmarkConfig):
+    """Run every measurement of the module docstring; write ``benchmark-score.json`` and
+    ``benchmark-score.md`` into the workdir.
+
+    The throughput runs use a local Ray instance of ``cpus`` CPUs, started here
+    unless Ray is already initialised; every memory run starts its own in a
+    child process. Returns the result. Raises ValueError for bad options and
+    RuntimeError when a memory run's job fails.
+    """
+    import shutil
+
+    import ray
+    import torch
+
+    from breakhis.predict import PredictOptions
+    from breakhis.score import ScoreConfig
+
+    cpus = config.cpus or os.cpu_count() or 1
+    load_at_start = os.getloadavg()[0]
+    os.makedirs(config.workdir, exist_ok=True)
+    if config.scale_tiles:  # each job starts its own Ray in a child process
+        from breakhis.benchmarks.score_scale import run_scale_benchmark
+
+        return run_scale_benchmark(config, _save_model(config), cpus)
+    start_local_ray(cpus)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if torch.cuda.is_available() else 0
+    device = "cuda" if gpus else "cpu"
+    torch.set_num_threads(cpus)
+
+    model_uri = _save_model(config)
     uris = _tile_uris(config, config.tiles)
     job = ScoreConfig(
         model=model_uri,

@@ -1,0 +1,140 @@
+"""The scoring job at scale: a prefix listed page by page, units planned from the pages,
+whole units only, and progress lines."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_score import SIZE, _save_model
+
+from breakhis import storage
+from breakhis.inputs import discover_inputs, list_inputs
+from breakhis.score import Progress
+from breakhis.score_units import (
+    UnitFormat,
+    UnitTilePredictor,
+    plan_units,
+    read_members,
+    write_plan,
+)
+
+NAMES = [
+    "a-b/x.png",
+    "a/b/y.png",
+    "a/b.png",
+    "ab.png",
+    "a/SOB_B_A-14-22549AB-40-001.png",
+    "b/SOB_B_A-14-22549AB-40-001.png",  # the same BreakHis name twice: ids fall back
+    "b/SOB_M_DC-14-2523-400-010.jpg",
+    "c/d/e/f/tile.tiff",
+    "c/.hidden.png",
+    "c/notes.txt",
+    "z.PNG",
+]
+
+
+def _write(root: str) -> None:
+    for name in NAMES:
+        storage.write_bytes(storage.join(root, name), b"not decoded here")
+
+
+def _check_pages(root: str) -> None:
+    whole = discover_inputs(root).table
+    for page_rows in (1, 3, 1000):
+        listing = list_inputs(root, page_rows=page_rows)
+        pages = list(listing.pages())
+        assert max(p.num_rows for p in pages) <= page_rows
+        assert listing.num_tiles == whole.num_rows == 9
+        assert pa.concat_tables(pages).equals(whole)  # same rows, ids and order
+
+
+def test_local_prefix_is_listed_page_by_page_like_discover_inputs(tmp_path) -> None:
+    _write(str(tmp_path))
+    _check_pages(str(tmp_path))
+
+
+def test_s3_prefix_is_listed_page_by_page_like_discover_inputs(s3_prefix) -> None:
+    _write(f"{s3_prefix}/in")
+    _check_pages(f"{s3_prefix}/in")
+
+
+def test_plan_streams_the_same_units_and_keeps_only_members_of_missing_ones(tmp_path) -> None:
+    _write(str(tmp_path / "in"))
+    whole = plan_units(discover_inputs(str(tmp_path / "in")).table, 2)
+    listing = list_inputs(str(tmp_path / "in"), page_rows=3)
+    done = {whole[1].name, whole[3].name}
+    plan = write_plan(listing, 2, done, str(tmp_path / "plan"))
+    assert plan.names == [u.name for u in whole] and plan.rows == [2, 2, 2, 2, 1]
+    assert plan.pending["unit"].to_pylist() == [0, 2, 4] and plan.pending_tiles == 5
+    for row in plan.pending.to_pylist():
+        members = read_members(row["part"], row["group"])
+        assert members.equals(whole[row["unit"]].members)
+
+
+def test_a_batch_with_part_of_a_unit_is_refused(tmp_path) -> None:
+    model = str(tmp_path / "model")
+    card = _save_model(model)
+    fmt = UnitFormat(str(tmp_path / "tiles"), "t", model, card.model_id, 1, None, 4, 0.5, False, 32)
+    predictor = UnitTilePredictor(
+        unit_format=fmt, batch_size=2, model_uri=model, method=None, map_size=4, tta=False,
+        threshold=0.5, device="cpu", torch_threads=1, overlay_root=None, ig_steps=4,
+        occlusion_window=0, lime_samples=8, lime_grid=4,
+    )  # fmt: skip
+    batch = {
+        "uri": np.array(["a", "b"], dtype=object),
+        "tile_id": np.array(["a", "b"], dtype=object),
+        "unit": np.array([7, 7], np.int32),
+        "name": np.array(["unit-00007-abc.parquet"] * 2, dtype=object),
+        "part": np.array(["p", "p"], dtype=object),
+        "group": np.array([0, 0], np.int32),
+        "unit_rows": np.array([3, 3], np.int32),
+        "image": np.zeros((2, SIZE, SIZE, 3), np.uint8),
+        "error": np.array(["", ""], dtype=object),
+    }
+    with pytest.raises(RuntimeError, match="unit-00007-abc.parquet: a batch holds 2 of the"):
+        predictor(batch)
+    assert not (tmp_path / "tiles").exists()
+
+
+def test_progress_logs_done_total_rate_and_eta(caplog) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="breakhis.score"),
+        Progress(1000, 0.05, lambda: None) as p,
+    ):
+        p.add(250, 3)
+        import time
+
+        time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if "tiles/s" in r.getMessage()]
+    assert len(lines) >= 2  # on the interval, and at the end
+    assert "scored 250/1000 tiles (25.0%, 1 units, 3 errors)" in lines[-1]
+    assert "ETA" in lines[-1] and "unknown" not in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scale_benchmark_reports_the_loop_the_job_and_memory(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "breakhis.cli", "benchmark", "score", "--workdir", str(tmp_path),
+         "--scale-tiles", "30,60", "--arch", "smallcnn", "--image-size", "32", "--tile-width",
+         "64", "--tile-height", "42", "--batch-size", "16", "--unit-size", "16", "--cpus", "2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = json.loads((tmp_path / "benchmark-score-scale.json").read_text())
+    assert [r["tiles"] for r in figures["runs"]] == [30, 60]
+    for run in figures["runs"]:
+        assert run["loop_tiles_per_s"] > 0 and run["job_tiles_per_s"] > 0
+        assert run["driver_peak_rss_mb"] > 0 and run["tree_peak_mb"] > run["driver_peak_rss_mb"]
+    assert "job / loop" in (tmp_path / "benchmark-score-scale.md").read_text()
+    # Each job scored its folder: one row per tile.
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "scale" / "out-60" / "tiles").num_rows == 60
