@@ -200,23 +200,11 @@ def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
 
 
 def _gpu_predictor(uri: str, method: str | None, amp: bool):
-    from breakhis.predict import TilePredictor
+    """The scoring jobs' model actor on the GPU, built as predict_dataset builds it."""
+    from breakhis.predict import PredictOptions, TilePredictor, predictor_kwargs
 
-    return TilePredictor(
-        model_uri=uri,
-        method=method,
-        map_size=64,
-        tta=False,
-        threshold=0.5,
-        device="cuda",
-        torch_threads=1,
-        overlay_root=None,
-        amp=amp,
-        ig_steps=32,
-        occlusion_window=0,
-        lime_samples=100,
-        lime_grid=8,
-    )
+    options = PredictOptions(attribution=method or "none", amp=amp, torch_threads=1)
+    return TilePredictor(**predictor_kwargs(uri, 0.5, "cuda", options))
 
 
 def measure_decode(config: GpuBenchmarkConfig, tiles: int = 64) -> dict[str, float]:
