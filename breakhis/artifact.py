@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from breakhis import storage
+from breakhis.geometry import TileGeometry
 from breakhis.model import build_model, check_arch
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 
@@ -47,7 +48,7 @@ class ModelCard:
     architecture: str
     """One of breakhis.model.ARCHITECTURES."""
     image_size: int
-    """Side of the square input in pixels."""
+    """Side S of the input in pixels (its height; see ``tile_geometry``)."""
     mean: tuple[float, float, float]
     """Per-channel mean subtracted from RGB values scaled to [0, 1]."""
     std: tuple[float, float, float]
@@ -78,6 +79,17 @@ class ModelCard:
     chosen on the validation patients; the default of scoring and evaluation."""
     threshold_rule: str = ""
     """How ``threshold`` was chosen (breakhis.calibration.THRESHOLD_RULES), "" for fixed."""
+
+    @property
+    def tile_geometry(self) -> TileGeometry:
+        """How tiles become this model's input (breakhis.geometry), from the training
+        config; a model trained before 2026-12-07 (no ``geometry``) squashed its tiles."""
+        return TileGeometry(
+            size=self.image_size,
+            geometry=str(self.config.get("geometry", "square")),
+            view=str(self.config.get("eval_view", "whole")),
+        )
+
     created_at: str = ""
     """UTC time of saving, ISO 8601; filled by save_artifact()."""
     model_id: str = ""

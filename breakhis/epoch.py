@@ -123,9 +123,14 @@ def train_one_epoch(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    trace: list[dict[str, Any]] | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` (``image``: uint8 NCHW, ``label``: int64), one optimizer
     and scheduler step per batch. The caller puts ``model`` in train mode.
+
+    ``trace``, when given, gets one dict per step: the batch's ``key`` column (the tiles'
+    row keys, breakhis.ingest.row_key), its labels, the loss and every parameter group's
+    learning rate of the step (one device sync per step: for audits, not for speed).
 
     Returns the EpochStats of this process. Raises FloatingPointError when the
     loss becomes NaN or infinite (a diverged run should stop, not checkpoint).
@@ -141,6 +146,15 @@ def train_one_epoch(
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if trace is not None:
+            trace.append(
+                {
+                    "keys": batch["key"].tolist() if "key" in batch else [],
+                    "labels": y.tolist(),
+                    "loss": float(loss),
+                    "lr": [float(g["lr"]) for g in optimizer.param_groups],
+                }
+            )
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * y.shape[0]
@@ -218,10 +232,33 @@ def kept_epoch(history: Sequence[Mapping[str, float]], cfg: TrainConfig) -> tupl
     return best, stop
 
 
-def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float]:
-    """``(temperature, threshold)`` fitted on validation predictions: the temperature
-    that minimises their log-likelihood, then the threshold on the calibrated
-    probabilities by ``rule`` (see breakhis.calibration)."""
+MIN_DECISION_PATIENTS = 5
+"""Validation patients of each class below which no temperature or threshold is fitted:
+fitted on fewer (the paper-sized splits' ~5 validation patients, 2 of them benign), the
+threshold ranged 0.23-0.92 across splits, a worse decision than argmax."""
+
+
+def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float, bool]:
+    """``(temperature, threshold, fitted)`` for validation predictions.
+
+    ``rule`` ``argmax`` gives ``(1.0, 0.5, False)``. Any other rule (breakhis.calibration's
+    THRESHOLD_RULES) fits the temperature that minimises the predictions' log-likelihood,
+    then the threshold on the calibrated probabilities, when the predictions hold at least
+    MIN_DECISION_PATIENTS patients of each class; with fewer it falls back to argmax
+    (``fitted`` False).
+    """
+    if rule == "argmax" or min(patients_per_class(predictions)) < MIN_DECISION_PATIENTS:
+        return 1.0, 0.5, False
     temperature = fit_temperature(predictions.margins, predictions.labels)
     calibrated = probabilities(predictions.margins, temperature)
-    return temperature, choose_threshold(calibrated, predictions.labels, rule)
+    return temperature, choose_threshold(calibrated, predictions.labels, rule), True
+
+
+def patients_per_class(predictions: Predictions) -> tuple[int, int]:
+    """Distinct (benign, malignant) patients among ``predictions`` (a patient's label is
+    that of its images)."""
+    pairs = set(zip(predictions.patient_ids.tolist(), predictions.labels.tolist(), strict=True))
+    return (
+        sum(1 for _, label in pairs if label == 0),
+        sum(1 for _, label in pairs if label == 1),
+    )

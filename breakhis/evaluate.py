@@ -52,6 +52,7 @@ from breakhis.evaluate_data import (
     model_patients,
 )
 from breakhis.evaluation_result import EvaluationResult, Example, SplitInfo
+from breakhis.geometry import TileGeometry
 from breakhis.metrics import classification_metrics
 from breakhis.names import CLASS_NAMES
 from breakhis.predict import PredictOptions, decode_tiles, predict_dataset
@@ -142,7 +143,7 @@ def classification_report(
 def predict_tiles(
     tiles: pa.Table,
     model_uri: str,
-    image_size: int,
+    geometry: TileGeometry,
     options: PredictOptions,
 ) -> pd.DataFrame:
     """Run breakhis.predict's pipeline over ``tiles`` (breakhis.inputs.INPUT_SCHEMA rows)
@@ -164,7 +165,7 @@ def predict_tiles(
     ds = predict_dataset(
         blocks,
         model_uri=model_uri,
-        image_size=image_size,
+        geometry=geometry,
         threshold=options.threshold,
         options=options,
     )
@@ -199,8 +200,11 @@ def predict_tiles(
     return frame
 
 
-def _examples(rows: pd.DataFrame, tiles: pa.Table, options: EvaluateOptions) -> tuple[Example, ...]:
-    """Decode the tiles of ``rows`` at thumbnail size and draw their attribution maps."""
+def _examples(
+    rows: pd.DataFrame, tiles: pa.Table, options: EvaluateOptions, geometry: TileGeometry
+) -> tuple[Example, ...]:
+    """Decode the tiles of ``rows`` at thumbnail size, as the model saw them (``geometry``,
+    the card's), and draw their attribution maps."""
     from breakhis.attribution import overlay_png
 
     if rows.empty:
@@ -218,7 +222,7 @@ def _examples(rows: pd.DataFrame, tiles: pa.Table, options: EvaluateOptions) -> 
                 "unit": np.zeros(len(part), np.int32),
                 "shard": np.asarray([shard_of[u] for u in part["uri"]], dtype=object),
             },
-            image_size=options.thumbnail_size,
+            geometry=replace(geometry, size=options.thumbnail_size),
         )
         for (_, row), image, error in zip(
             part.iterrows(), decoded["image"], decoded["error"], strict=True
@@ -464,8 +468,8 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
             class_weighted=bool(card.config.get("class_weighted")),
         ),
         history_png=_history_png(config.model),
-        correct=_examples(correct_rows, plan.tiles, options),
-        wrong=_examples(wrong_rows, plan.tiles, options),
+        correct=_examples(correct_rows, plan.tiles, options, card.tile_geometry),
+        wrong=_examples(wrong_rows, plan.tiles, options, card.tile_geometry),
     )
 
 
@@ -493,7 +497,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # One pipeline for every magnification: a second one (without attribution for the
     # cross-magnification tiles) would pay the actors' start-up again for little gain.
     threshold = plan.options.predict.threshold
-    scored = predict_tiles(plan.tiles, config.model, plan.card.image_size, plan.options.predict)
+    scored = predict_tiles(plan.tiles, config.model, plan.card.tile_geometry, plan.options.predict)
     frame = _prediction_frame(plan.tiles, scored, threshold, trained_at)
     result = replace(_result(config, plan, frame), seconds=time.perf_counter() - started)
     if config.out:

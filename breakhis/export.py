@@ -10,9 +10,11 @@ writes ``model.onnx`` (or ``model.torchscript.pt``) and its contract
 The exported graph does what scoring does to a decoded tile, so a caller only
 decodes and resizes:
 
-- input ``image``: uint8 RGB, (N, 3, S, S), the whole tile resized to S x S
-  (bilinear; ``breakhis.imaging.decode_rgb(data, S)`` then a transpose to
-  channels first gives exactly the job's pixels);
+- input ``image``: uint8 RGB, (N, 3, H, W): the model's evaluation view of the tile
+  (breakhis.geometry; aspect kept: S x round(S * 700 / 460), or its centre S x S crop;
+  models trained before 2026-12-07: the whole tile squashed to S x S). The contract's
+  ``input.resize`` says which; ``card.tile_geometry.eval_pixels(decode_rgb(data))``
+  then a transpose to channels first gives exactly the job's pixels;
 - inside: scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel,
   the network, then ``softmax(logits / temperature)``;
 - outputs ``probabilities`` (N, classes; column ``class_names.index("malignant")``
@@ -104,6 +106,21 @@ def contract(card: ModelCard, *, file_name: str, format: str, source: str) -> di
     """The preprocessing contract of an exported model (JSON-ready): input, outputs,
     normalisation, class names, temperature and threshold, and where it came from."""
     size = card.image_size
+    geometry = card.tile_geometry
+    height, width = geometry.eval_hw
+    if geometry.geometry == "square":
+        resize = (
+            f"the whole tile squashed to {size}x{size}, bilinear (PIL "
+            "Image.resize(BILINEAR, reducing_gap=2.0), as breakhis.imaging.decode_rgb)"
+        )
+    else:
+        resize = (
+            f"resized keeping the aspect ratio to cover {size}x{geometry.canonical_hw[1]} "
+            "(height x width) and centre-cropped to it, bilinear (PIL Image.resize(BILINEAR, "
+            "reducing_gap=2.0)), "
+            + ("then its centre square" if geometry.view == "centre" else "the whole tile")
+            + " (breakhis.geometry.TileGeometry.eval_pixels)"
+        )
     return {
         "contract_version": CONTRACT_VERSION,
         "format": format,
@@ -111,14 +128,13 @@ def contract(card: ModelCard, *, file_name: str, format: str, source: str) -> di
         "input": {
             "name": INPUT_NAME,
             "dtype": "uint8",
-            "shape": ["N", 3, size, size],
+            "shape": ["N", 3, height, width],
             "layout": "NCHW",
             "channels": "RGB",
             "image_size": size,
-            "resize": (
-                f"the whole tile squashed to {size}x{size}, bilinear (PIL "
-                "Image.resize(BILINEAR, reducing_gap=2.0), as breakhis.imaging.decode_rgb)"
-            ),
+            "geometry": geometry.geometry,
+            "view": geometry.view,
+            "resize": resize,
         },
         "normalization": {
             "scale": 1.0 / 255.0,
@@ -154,7 +170,7 @@ def contract(card: ModelCard, *, file_name: str, format: str, source: str) -> di
 
 def _example(card: ModelCard) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    size = (2, 3, card.image_size, card.image_size)
+    size = (2, 3, *card.tile_geometry.eval_hw)
     return torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
 
 

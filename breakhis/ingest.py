@@ -71,6 +71,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -81,6 +83,7 @@ from ray.data import DataContext, Dataset, RandomSeedConfig
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.dataset import MaterializedDataset
 
+from breakhis.geometry import TileGeometry
 from breakhis.names import MAGNIFICATIONS
 from breakhis.pixels import pixels_uri
 from breakhis.prepare import manifest_hash, read_manifest, stored_pixel_sizes
@@ -111,7 +114,12 @@ SHUFFLE_BUFFER_BYTES = 256 * 1024**2
 class IngestConfig:
     """How to turn a prepared DEST into training and evaluation datasets.
 
-    image_size: side S of the square uint8 tiles fed to the model, in pixels.
+    image_size: side S of the tiles fed to the model, in pixels (their height; see
+        breakhis.geometry).
+    geometry: ``aspect`` (keep the tile's aspect ratio; training crops S x S) or
+        ``square`` (squash the whole tile to S x S).
+    eval_view: what validation and test tiles are (aspect geometry): ``whole`` (the
+        S x W canonical tile) or ``centre`` (its centre S x S crop).
     magnification: keep only this magnification (40, 100, 200 or 400; one model
         per magnification, as in the paper) or None for all (magnification-independent).
     cache: decode once and keep the decoded tiles in the Ray object store; False
@@ -120,6 +128,8 @@ class IngestConfig:
         object store; None (default) caches when the decoded tiles of the sides
         built take at most CACHE_FRACTION of the cluster's object store.
     augment_strength: 0 (no augmentation) .. 1; see breakhis/transforms.py.
+    colour_augment: stain, brightness and contrast jitter on (at ``augment_strength``)
+        or off (the geometric draws only).
     oversample: repeat each minority-class training tile round(n_major / n_minor)
         times per epoch (each copy augmented differently).
     shuffle: shuffle the training tiles (once globally when cached; block and
@@ -130,14 +140,16 @@ class IngestConfig:
     image_size: int = 224
     magnification: int | None = None
     cache: bool | None = None
-    augment_strength: float = 0.5
+    augment_strength: float = 1.0
+    colour_augment: bool = True
     oversample: bool = False
     shuffle: bool = True
     seed: int = 0
+    geometry: str = "aspect"
+    eval_view: str = "whole"
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        self.tile_geometry  # noqa: B018 - validates size, geometry and view
         if self.magnification is not None and self.magnification not in MAGNIFICATIONS:
             raise ValueError(
                 f"magnification {self.magnification!r} unknown; accepted: "
@@ -147,6 +159,11 @@ class IngestConfig:
             raise ValueError(f"augment_strength must be in [0, 1], got {self.augment_strength}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def tile_geometry(self) -> TileGeometry:
+        """The TileGeometry of these options."""
+        return TileGeometry(size=self.image_size, geometry=self.geometry, view=self.eval_view)
 
 
 @dataclass(frozen=True)
@@ -161,10 +178,12 @@ class IngestData:
     num_rows: rows per epoch of each dataset; exact when cached, from the
         manifest (an upper bound if tiles fail to decode) when streaming.
     config: the IngestConfig used, its ``cache`` resolved to True or False.
-    shuffle_buffer: rows of the local shuffle buffer to iterate the streaming train
-        dataset with (``iter_torch_batches(local_shuffle_buffer_size=...)``): a read
-        block holds a few patients, the buffer mixes many in a batch; 0 when cached
-        (the cache is shuffled globally) or not shuffling.
+    shuffle_buffer: rows of the local shuffle buffer to iterate the train dataset with
+        (``iter_torch_batches(local_shuffle_buffer_size=..., local_shuffle_seed=...)``,
+        seeded by the run's seed and the epoch): streaming, a read block holds a few
+        patients; cached, the blocks are fixed partitions of the globally shuffled tiles;
+        either way the buffer mixes many blocks in each batch, anew each epoch. 0 when
+        not shuffling.
     """
 
     datasets: dict[str, Dataset]
@@ -250,14 +269,24 @@ def augment_tiles(
         index, copies = index[order], copies[order]
     ids = [str(tile_ids[i]) for i in index]
     images = batch["image"]
-    out = np.empty((len(index), *images.shape[1:]), dtype=np.uint8)
+    # Canonical (3, S, W) tiles in, S x S training tiles out.
+    out = np.empty((len(index), images.shape[1], images.shape[2], images.shape[2]), np.uint8)
     for start in range(0, len(index), _AUGMENT_CHUNK):
         part = slice(start, start + _AUGMENT_CHUNK)
         out[part] = transform(images[index[part]], ids[part], epoch=epoch, copies=copies[part])
     return {
         "image": out,
         **{name: np.asarray(values)[index] for name, values in batch.items() if name != "image"},
+        "key": np.asarray([row_key(t, int(c)) for t, c in zip(ids, copies, strict=True)], np.int64),
     }
+
+
+def row_key(tile_id: str, copy: int = 0) -> int:
+    """The int64 key of one training row: the first 8 bytes of BLAKE2b of the tile id, a
+    NUL and the copy number, signed little-endian. Training rows carry it as ``key`` (torch
+    has no string tensors), so a step's tiles can be named (TrainConfig.trace_dir)."""
+    digest = hashlib.blake2b(f"{tile_id}\0{copy}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def class_weights(counts: tuple[int, int]) -> tuple[float, float]:
@@ -331,7 +360,9 @@ def augmented_tiles(
         batch_format="numpy",
         batch_size=None,  # whole blocks: the in-block shuffle mixes as many tiles as it can
         fn_kwargs={
-            "transform": TrainTransform(strength=config.augment_strength, seed=config.seed),
+            "transform": TrainTransform(
+                strength=config.augment_strength, seed=config.seed, colour=config.colour_augment
+            ),
             "first_execution": execution_index(tiles.context),
             "copies_per_label": copies_per_label,
             "shuffle": config.shuffle,
@@ -353,7 +384,7 @@ def shuffle_buffer_rows(image_size: int, batch_size: int = 64) -> int:
 
 def _resolve_cache(config: IngestConfig, rows: int) -> bool:
     """``config.cache``, or the automatic choice for ``rows`` tiles, logged either way."""
-    decoded = rows * 3 * config.image_size**2
+    decoded = rows * 3 * config.image_size * config.tile_geometry.canonical_hw[1]
     store = float(ray.cluster_resources().get("object_store_memory", 0.0))
     cache = choose_cache(decoded, store) if config.cache is None else config.cache
     log.info(
@@ -386,6 +417,51 @@ def _announce_source(dest: str, manifest: pa.Table, size: int, stored: bool) -> 
     )
 
 
+@contextmanager
+def _ordered() -> Iterator[None]:
+    """Datasets created inside keep their block order (``preserve_order``): the cache's
+    seeded shuffle then starts from the same blocks every run, so a seed fixes it."""
+    options = DataContext.get_current().execution_options
+    previous = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
+
+
+def _read_sides(
+    dest: str,
+    chosen: dict[str, frozenset[str]],
+    rows: dict[str, pa.Table],
+    config: IngestConfig,
+    ledger: ray.actor.ActorHandle,
+    pixel_files: list[str] | None,
+) -> tuple[dict[str, Dataset], dict[str, int]]:
+    """The decoded (or stored) tiles of each side in ``chosen``, cached when
+    ``config.cache`` (the training side canonical and shuffled), and their row counts."""
+    datasets: dict[str, Dataset] = {}
+    num_rows: dict[str, int] = {}
+    for side, members in chosen.items():
+        shuffle = side == "train" and config.shuffle
+        ds = read_tiles(
+            dest,
+            members,
+            config,
+            ledger,
+            shuffle_files=shuffle and not config.cache,
+            pixel_files=pixel_files,
+            canonical=side == "train",
+        )
+        if config.cache:
+            ds = cache_tiles(ds, shuffle_seed=config.seed if shuffle else None)
+            num_rows[side] = ds.count()
+        else:
+            num_rows[side] = rows[side].num_rows
+        datasets[side] = ds
+    return datasets, num_rows
+
+
 def build_datasets(
     dest: str,
     split: SplitSpec,
@@ -413,7 +489,7 @@ def build_datasets(
         raise ValueError("build_datasets: patients= needs the manifest they were selected from")
     manifest = read_manifest(dest) if manifest is None else manifest
     patients = select_split(manifest, split) if patients is None else patients
-    pixel_files = stored_pixel_files(dest, manifest, config.image_size)
+    pixel_files = stored_pixel_files(dest, manifest, config.image_size, config.geometry)
     meta = manifest.schema.metadata or {}
     mhash = meta.get(b"breakhis.manifest_hash", b"").decode() or manifest_hash(manifest)
     if config.magnification is not None:
@@ -433,37 +509,22 @@ def build_datasets(
     cache = _resolve_cache(config, sum(r.num_rows for r in rows.values()))
     config = replace(config, cache=cache)
     ledger = new_ledger()
-    datasets: dict[str, Dataset] = {}
-    num_rows: dict[str, int] = {}
-    for side, members in chosen.items():
-        shuffle = side == "train" and config.shuffle
-        ds = read_tiles(
-            dest,
-            members,
-            config,
-            ledger,
-            shuffle_files=shuffle and not config.cache,
-            pixel_files=pixel_files,
+    with _ordered():
+        datasets, num_rows = _read_sides(dest, chosen, rows, config, ledger, pixel_files)
+        counts = (
+            _cached_label_counts(datasets["train"])
+            if config.cache
+            else _label_counts(rows["train"])
         )
-        if config.cache:
-            ds = cache_tiles(ds, shuffle_seed=config.seed if shuffle else None)
-            num_rows[side] = ds.count()
-        else:
-            num_rows[side] = rows[side].num_rows
-        datasets[side] = ds
-
-    counts = (
-        _cached_label_counts(datasets["train"]) if config.cache else _label_counts(rows["train"])
-    )
-    factor = oversample_factor(counts) if config.oversample else (1, 1)
-    seen = (counts[0] * factor[0], counts[1] * factor[1])
-    num_rows["train"] = sum(seen)
-    datasets["train"] = augmented_tiles(
-        datasets["train"],
-        config,
-        copies_per_label=factor,
-        randomize_blocks=config.cache and config.shuffle,
-    )
+        factor = oversample_factor(counts) if config.oversample else (1, 1)
+        seen = (counts[0] * factor[0], counts[1] * factor[1])
+        num_rows["train"] = sum(seen)
+        datasets["train"] = augmented_tiles(
+            datasets["train"],
+            config,
+            copies_per_label=factor,
+            randomize_blocks=config.cache and config.shuffle,
+        )
     log.info(
         "ingest %s from %s: train %d (benign %d x%d, malignant %d x%d), %s; cache %s",
         where,
@@ -476,9 +537,8 @@ def build_datasets(
         ", ".join(f"{s} {num_rows[s]}" for s in ("val", "test") if s in num_rows),
         "on" if config.cache else "off",
     )
-    streaming_shuffle = config.shuffle and not cache
     return IngestData(
-        shuffle_buffer=shuffle_buffer_rows(config.image_size) if streaming_shuffle else 0,
+        shuffle_buffer=shuffle_buffer_rows(config.image_size) if config.shuffle else 0,
         datasets=datasets,
         class_counts=counts,
         class_weights=class_weights(seen),

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.attribution import canonical_method
+from breakhis.geometry import TileGeometry
 
 if TYPE_CHECKING:
     import ray.data
@@ -130,32 +131,34 @@ class PredictOptions:
 # --------------------------------------------------------------------------- decoding (CPU tasks)
 
 
-def decode_tiles(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """Read and decode one batch of tiles (a Ray Data map_batches function).
+def decode_tiles(batch: dict[str, np.ndarray], *, geometry: TileGeometry) -> dict[str, np.ndarray]:
+    """Read and decode one batch of tiles (a Ray Data map_batches function) into the
+    model's evaluation input of ``geometry`` (the card's ``tile_geometry``).
 
     ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). A tile of a
-    prepared shard with pixels stored at ``image_size`` (``breakhis prepare --pixels``)
-    is read from them, not decoded: the same pixels. Returns uri, tile_id, unit,
-    ``image`` (N, S, S, 3 uint8; zeros for a bad tile) and ``error`` ("" when decoded,
+    prepared shard with pixels stored at the geometry's size (``breakhis prepare
+    --pixels``) is read from them, not decoded: the same pixels. Returns uri, tile_id,
+    unit, ``image`` (N, H, W, 3 uint8; zeros for a bad tile) and ``error`` ("" when decoded,
     else ``read: ...``/``decode: ...``). Never raises for a bad tile.
     """
     from breakhis.imaging import decode_rgb
 
     uris = [str(u) for u in batch["uri"]]
-    data = _read_tile_bytes(uris, list(batch["shard"]), image_size)
-    images = np.zeros((len(uris), image_size, image_size, 3), dtype=np.uint8)
+    stored_size = geometry.size if geometry.geometry == "aspect" else None
+    data = _read_tile_bytes(uris, list(batch["shard"]), stored_size)
+    images = np.zeros((len(uris), *geometry.eval_hw, 3), dtype=np.uint8)
     errors = []
     for i, uri in enumerate(uris):
         value = data[uri]
         if isinstance(value, str):
             errors.append(value)
             continue
-        if isinstance(value, np.ndarray):  # stored pixels, CHW
-            images[i] = value.transpose(1, 2, 0)
+        if isinstance(value, np.ndarray):  # stored canonical pixels, CHW
+            images[i] = geometry.view_of(value).transpose(1, 2, 0)
             errors.append("")
             continue
         try:
-            images[i] = decode_rgb(value, image_size)
+            images[i] = geometry.eval_pixels(decode_rgb(value))
         except ValueError as err:
             errors.append(f"decode: {err}")
             continue
@@ -402,7 +405,7 @@ def predict_dataset(
     blocks: list[pa.Table],
     *,
     model_uri: str,
-    image_size: int,
+    geometry: TileGeometry,
     threshold: float,
     options: PredictOptions,
     overlay_root: str | None = None,
@@ -430,7 +433,7 @@ def predict_dataset(
         )
     ds = ds.map_batches(
         decode_tiles,
-        fn_kwargs={"image_size": image_size},
+        fn_kwargs={"geometry": geometry},
         batch_size=options.decode_batch_size,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,

@@ -38,8 +38,10 @@ import pyarrow.parquet as pq
 
 from breakhis import storage
 from breakhis.catalog import CATALOG_SCHEMA, Reject, rejects_table, scan_catalog
-from breakhis.imaging import decode_rgb, resize_rgb
+from breakhis.geometry import TileGeometry, canonical_width
+from breakhis.imaging import decode_rgb
 from breakhis.pixels import (
+    GEOMETRY_KEY,
     PIXELS_KEY,
     check_sizes,
     encode_pixel_file,
@@ -179,7 +181,7 @@ class PrepareSummary:
             f"{self.shards_deleted} stale deleted); rejects: {self.rejects}",
             "stored pixels: "
             + (
-                f"{', '.join(f'{s}x{s}' for s in self.pixel_sizes)} "
+                f"{', '.join(f'{s}x{canonical_width(s)}' for s in self.pixel_sizes)} "
                 f"({self.pixel_files_written} file(s) written)"
                 if self.pixel_sizes
                 else "none (--pixels S stores them)"
@@ -249,7 +251,7 @@ def write_shard(
     Files that cannot be read or decoded become rejects; they never raise.
     """
     uri = storage.join(shards_uri, plan.name)
-    missing = [s for s in sizes if not is_complete(pixel_file_uri(uri, s))]
+    missing = [s for s in sizes if not is_complete(pixel_file_uri(uri, s), s)]
     existing = _read_existing(uri, with_png=bool(missing))
     if existing is not None:
         result, table = existing
@@ -259,7 +261,7 @@ def write_shard(
             for data in table.column("png").to_pylist():
                 pixels = decode_rgb(data)
                 for size in missing:
-                    images[size].append(to_chw(resize_rgb(pixels, size)))
+                    images[size].append(to_chw(TileGeometry(size=size).canonical(pixels)))
             _write_pixels(uri, table, images, row_group_rows)
         return replace(result, pixel_files=len(missing))
     rows: list[dict] = []
@@ -277,7 +279,7 @@ def write_shard(
             rejects.append(Reject(row["uri"], "decode", str(err)))
             continue
         for size in sizes:
-            images[size].append(to_chw(resize_rgb(pixels, size)))
+            images[size].append(to_chw(TileGeometry(size=size).canonical(pixels)))
         height, width = pixels.shape[:2]
         rows.append({**row, "size_bytes": len(data), "width": width, "height": height, "png": data})
     meta = {_REJECTS_KEY: json.dumps([asdict(r) for r in rejects]).encode()}
@@ -337,6 +339,8 @@ def stored_pixel_sizes(manifest: pa.Table | pa.Schema) -> tuple[int, ...]:
     """The sizes whose pixels every shard of a manifest's plan has (sorted; () for none)."""
     metadata = manifest.schema.metadata if isinstance(manifest, pa.Table) else manifest.metadata
     listed = (metadata or {}).get(PIXELS_KEY.encode())
+    if (metadata or {}).get(GEOMETRY_KEY.encode()) != b"aspect":
+        return ()  # squashed pixels of an older prepare: decode the PNGs instead
     return tuple(sorted(json.loads(listed))) if listed is not None else ()
 
 
@@ -424,6 +428,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
             # before deleting them are never read twice.
             SHARDS_KEY: json.dumps(sorted(wanted)),
             PIXELS_KEY: json.dumps(list(sizes)),
+            GEOMETRY_KEY: "aspect",
         }
     )
     storage.write_bytes(storage.join(config.dest, "manifest.parquet"), _table_bytes(manifest))

@@ -374,7 +374,7 @@ def _score_units(
     predict = config.predict
     max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
     largest = max(plan.pending["unit_rows"].to_pylist())
-    unit_bytes = largest * card.image_size * card.image_size * 3
+    unit_bytes = largest * math.prod(card.tile_geometry.eval_hw) * 3
     # Decoded units waiting for an actor: two per actor, at least 256 MB.
     buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
     fmt = UnitFormat(
@@ -388,6 +388,7 @@ def _score_units(
         threshold=predict.threshold,
         tta=predict.tta,
         image_size=card.image_size,
+        geometry=card.tile_geometry,
     )
     ds = units_dataset(
         plan.pending,

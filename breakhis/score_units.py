@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breakhis import storage
+from breakhis.geometry import TileGeometry
 from breakhis.inputs import INPUT_SCHEMA, Listing
 from breakhis.names import CLASS_NAMES
 from breakhis.score_output import write_unit
@@ -196,7 +197,7 @@ def read_members(part: str, group: int) -> pa.Table:
 # --------------------------------------------------------------------------- workers
 
 
-def decode_tiles_of_units(batch: dict[str, np.ndarray], *, image_size: int) -> dict:
+def decode_tiles_of_units(batch: dict[str, np.ndarray], *, geometry: TileGeometry) -> dict:
     """Ray Data map_batches function: read and decode every tile of the batch's units
     (PENDING_SCHEMA rows). Returns predict.decode_tiles' columns for all their tiles plus
     ``name``, ``part``, ``group`` and ``unit_rows`` of each tile's unit."""
@@ -213,7 +214,7 @@ def decode_tiles_of_units(batch: dict[str, np.ndarray], *, image_size: int) -> d
                 "shard": np.asarray(members.column("shard").to_pylist(), dtype=object),
                 "unit": np.full(count, batch["unit"][i], dtype=np.int32),
             },
-            image_size=image_size,
+            geometry=geometry,
         )
         for column in ("name", "part", "group", "unit_rows"):
             decoded[column] = np.repeat(batch[column][i : i + 1], count)
@@ -235,6 +236,13 @@ class UnitFormat:
     threshold: float
     tta: bool
     image_size: int
+    geometry: TileGeometry | None = None
+    """The model's input geometry (its card's ``tile_geometry``); None: the whole tile
+    squashed to image_size."""
+
+    @property
+    def input_geometry(self) -> TileGeometry:
+        return self.geometry or TileGeometry(size=self.image_size, geometry="square")
 
 
 class UnitTilePredictor:
@@ -369,7 +377,7 @@ def units_dataset(
     )
     ds = ds.map_batches(
         decode_tiles_of_units,
-        fn_kwargs={"image_size": fmt.image_size},
+        fn_kwargs={"geometry": fmt.input_geometry},
         batch_size=None,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,

@@ -19,6 +19,7 @@ from ray.data import DataContext, Dataset, FileShuffleConfig
 from ray.data.expressions import col
 
 from breakhis import storage
+from breakhis.geometry import TileGeometry
 from breakhis.pixels import PIXEL_COLUMNS, images_of, pixel_file_uri, pixels_uri
 from breakhis.prepare import manifest_shards, stored_pixel_sizes
 from breakhis.transforms import EvalTransform
@@ -73,19 +74,24 @@ def new_ledger() -> ray.actor.ActorHandle:
 
 
 def decode_tiles(
-    batch: pa.Table, *, image_size: int, ledger: ray.actor.ActorHandle | None = None
+    batch: pa.Table,
+    *,
+    geometry: TileGeometry,
+    canonical: bool = False,
+    ledger: ray.actor.ActorHandle | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode a batch of shard rows into model-ready rows (the evaluation transform).
+    """Decode a batch of shard rows into model-ready rows: the evaluation view of
+    ``geometry``, or with ``canonical`` the canonical tile training crops from.
 
-    Returns numpy columns ``image`` uint8 (n, 3, S, S), ``label`` int64,
+    Returns numpy columns ``image`` uint8 (n, 3, H, W), ``label`` int64,
     ``patient_id``, ``tile_id`` (str) and ``magnification`` int64 for the rows
     that decode. A row that does not decode is logged with its URI, reported
     to ``ledger`` and left out; it never raises.
     """
-    transform = EvalTransform(image_size=image_size)
+    transform = EvalTransform(geometry=geometry, canonical=canonical)
     pngs = batch.column("png").to_pylist()
     uris = batch.column("uri").to_pylist()
-    images = np.empty((len(pngs), 3, image_size, image_size), dtype=np.uint8)
+    images = np.empty((len(pngs), *transform.shape), dtype=np.uint8)
     keep: list[int] = []
     failures: list[tuple[str, str]] = []
     for i, data in enumerate(pngs):
@@ -106,10 +112,13 @@ def decode_tiles(
     return _rows(batch.take(pa.array(keep, pa.int64())), images[: len(keep)])
 
 
-def stored_tiles(batch: pa.Table, *, image_size: int) -> dict[str, np.ndarray]:
-    """Rows of stored pixel files (breakhis.pixels) in the row contract of ``decode_tiles``:
-    the same pixels a decode at ``image_size`` gives, read, not decoded."""
-    return _rows(batch, images_of(batch.column("image"), image_size))
+def stored_tiles(
+    batch: pa.Table, *, geometry: TileGeometry, canonical: bool = False
+) -> dict[str, np.ndarray]:
+    """Rows of stored pixel files (breakhis.pixels: canonical aspect-kept tiles) in the row
+    contract of ``decode_tiles``: the same pixels a decode gives, read, not decoded."""
+    images = images_of(batch.column("image"), geometry.size)
+    return _rows(batch, images if canonical else np.ascontiguousarray(geometry.view_of(images)))
 
 
 def _rows(rows: pa.Table, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,10 +155,13 @@ def _shard_uris(dest: str) -> list[str]:
     return uris
 
 
-def stored_pixel_files(dest: str, manifest: pa.Table, image_size: int) -> list[str] | None:
+def stored_pixel_files(
+    dest: str, manifest: pa.Table, image_size: int, geometry: str = "aspect"
+) -> list[str] | None:
     """The pixel files of DEST at ``image_size`` (one per shard), or None when the manifest
-    lists no such size or a file is missing (then ingest decodes PNGs, saying why)."""
-    if image_size not in stored_pixel_sizes(manifest):
+    lists no such size, a file is missing, or the run squashes tiles (``geometry``
+    square: stored pixels keep the aspect); then ingest decodes PNGs, saying why."""
+    if geometry != "aspect" or image_size not in stored_pixel_sizes(manifest):
         return None
     wanted = [pixel_file_uri(u, image_size) for u in _shard_uris(dest)]
     try:
@@ -198,8 +210,10 @@ def read_tiles(
     *,
     shuffle_files: bool = False,
     pixel_files: list[str] | None = None,
+    canonical: bool = False,
 ) -> Dataset:
-    """The decoded tiles of ``patients`` (at ``config.magnification``), lazily.
+    """The decoded tiles of ``patients`` (at ``config.magnification``), lazily: the
+    evaluation view of ``config.geometry``, or with ``canonical`` the canonical tiles.
 
     ``shuffle_files`` reads the shards in a new seeded order each execution.
     ``pixel_files`` (from ``stored_pixel_files``) reads stored pixels of the
@@ -240,7 +254,7 @@ def read_tiles(
                 stored_tiles,
                 batch_format="pyarrow",
                 batch_size=None,
-                fn_kwargs={"image_size": config.image_size},
+                fn_kwargs={"geometry": config.tile_geometry, "canonical": canonical},
             )
         )
     return (
@@ -252,6 +266,10 @@ def read_tiles(
             # Whole read blocks (at most target_max_block_size, 128 MiB of PNG): a
             # batch size would stop Ray from fusing the decode into the read.
             batch_size=None,
-            fn_kwargs={"image_size": config.image_size, "ledger": ledger},
+            fn_kwargs={
+                "geometry": config.tile_geometry,
+                "canonical": canonical,
+                "ledger": ledger,
+            },
         )
     )

@@ -154,9 +154,12 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
     return steps
 
 
-def plan_data(config: TrainConfig, *, validate: bool = True, manifest: Any = None) -> DataPlan:
+def plan_data(
+    config: TrainConfig, *, validate: bool | None = None, manifest: Any = None
+) -> DataPlan:
     """Read the manifest (unless given), select the split and check it holds validation
-    patients (``validate``) and a batch of training images. Needs no Ray.
+    patients (``validate``; default: whether the config holds any out) and a batch of
+    training images. Needs no Ray.
 
     Returns the DataPlan. Raises FileNotFoundError for missing data, ValueError for a
     bad split or too little data for the batch size, and LeakageError for a split with
@@ -165,6 +168,7 @@ def plan_data(config: TrainConfig, *, validate: bool = True, manifest: Any = Non
     from breakhis.prepare import read_manifest
     from breakhis.splits import select_split
 
+    validate = config.validates if validate is None else validate
     spec = SplitSpec.parse(
         config.split, val_fraction=config.val_fraction if validate else 0.0, seed=config.seed
     )
@@ -189,8 +193,11 @@ def _ingest_config(config: TrainConfig) -> Any:
         magnification=config.magnification,
         cache=config.cache,
         augment_strength=config.augment_strength,
+        colour_augment=config.colour_augment,
         oversample=config.oversample,
         seed=config.seed,
+        geometry=config.geometry,
+        eval_view=config.eval_view,
     )
 
 
@@ -198,7 +205,7 @@ def plan_run(
     config: TrainConfig,
     *,
     gpus_per_worker: float | None = None,
-    validate: bool = True,
+    validate: bool | None = None,
     data: DataPlan | None = None,
 ) -> RunPlan:
     """Check everything that can be checked on the driver, and build the datasets.
@@ -209,11 +216,13 @@ def plan_run(
     validation patients have no image. Nothing has started on the workers when it
     raises.
 
-    ``validate=False`` plans a refit: the validation patients join the training
-    ones and no epoch is validated (see run_training).
+    ``validate`` (default: the config holds validation patients out) False plans a run
+    without validation (``--val-fraction 0``, or a refit: the validation patients join
+    the training ones); no epoch is validated.
     """
     from breakhis.ingest import build_datasets
 
+    validate = config.validates if validate is None else validate
     data = plan_data(config, validate=validate) if data is None else data
     resumed_from = check_resumable(config)
 
@@ -237,7 +246,7 @@ def plan_run(
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
-    datasets = {"train": ingest.datasets["train"].select_columns(["image", "label"])}
+    datasets = {"train": ingest.datasets["train"].select_columns(["image", "label", "key"])}
     if validate:
         datasets["val"] = ingest.datasets["val"].select_columns(["image", "label", "patient_id"])
     loop_config = {
@@ -293,7 +302,15 @@ def check_cluster_fits(
 
 class EvalShardsDataConfig(ray.train.DataConfig):
     """Splits ``train`` into equal shards (DDP needs the same number of steps on every
-    rank) and ``val`` into unequal ones, so that no validation image is dropped."""
+    rank) and ``val`` into unequal ones, so that no validation image is dropped; every
+    dataset keeps its order (``preserve_order``), so that a seed fixes the batches."""
+
+    def _resolve_execution_options(self, dataset_name: str) -> Any:
+        options = super()._resolve_execution_options(dataset_name)
+        # Without it blocks come out in the order their tasks finish, and the same seed
+        # gives other batches on every run (issue 23: a seeded run moved by 0.2).
+        options.preserve_order = True
+        return options
 
     def configure(
         self,

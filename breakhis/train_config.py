@@ -12,11 +12,16 @@ from typing import Any
 
 from breakhis import storage, tracking
 from breakhis.calibration import THRESHOLD_RULES
+from breakhis.geometry import check_geometry
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 from breakhis.model import check_arch
 from breakhis.splits import SplitSpec
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+DECISION_RULES: tuple[str, ...] = ("argmax", *THRESHOLD_RULES)
+"""Accepted values of --threshold-rule: ``argmax`` (threshold 0.5, temperature 1), or a
+rule that fits both on the validation patients (when they are enough: see
+breakhis.epoch.fit_decision)."""
 VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
 
 MODEL_EPOCH_RULES: tuple[str, ...] = ("last", "best")
@@ -39,6 +44,7 @@ RESUME_FIXED: tuple[str, ...] = (
     "seed",
     "magnification",
     "image_size",
+    "geometry",
     "arch",
     "dropout",
 )
@@ -57,14 +63,27 @@ class TrainConfig:
     """Run name: the run lives at STORAGE/NAME; the same name resumes it."""
     split: str = "fold:0"
     """Patient-disjoint split of the manifest: ``fold:K`` or ``rep:K``."""
-    val_fraction: float = 0.2
-    """Share of the training patients held out for validation (by patient, per class)."""
+    val_fraction: float = 0.0
+    """Share of the training patients held out for validation (by patient, per class); 0
+    (the default) trains on every training patient and validates nothing: the model is the
+    last epoch's and the decision argmax. Needed by --patience, --model-epoch best,
+    --refit and a fitted --threshold-rule."""
     magnification: int | None = None
     """Train on one magnification (40, 100, 200, 400) or all (None)."""
     image_size: int = 224
-    """Side of the square model input in pixels."""
+    """Side S of the model input in pixels: the height of the aspect-kept tile and the
+    side of the training crops (see breakhis.geometry)."""
+    geometry: str = "aspect"
+    """``aspect``: resize keeping the tile's aspect ratio to height S, train on random S x S
+    crops; ``square``: squash the whole tile to S x S (the old recipe)."""
+    eval_view: str = "whole"
+    """What validation, evaluation and scoring feed the model (aspect geometry): ``whole``
+    (the whole S x W tile) or ``centre`` (its centre S x S crop)."""
     augment_strength: float = 1.0
     """Training augmentation strength, 0 (none) to 1."""
+    colour_augment: bool = True
+    """Stain, brightness and contrast jitter at --augment-strength (--no-colour-augment:
+    crops, flips and quarter turns only)."""
     oversample: bool = False
     """Oversample the minority class in the training data (instead of or with class weights)."""
     cache: bool | None = None
@@ -136,15 +155,22 @@ class TrainConfig:
     """Training batches (each epoch's last) over which BatchNorm statistics are recomputed
     with the epoch's final weights before validating and checkpointing (PreciseBN); 0 keeps
     BatchNorm's running averages."""
-    threshold_rule: str = "balanced_accuracy"
-    """How the decision threshold is chosen on the validation patients each epoch and stored
-    in the model: ``balanced_accuracy`` or ``accuracy`` (see breakhis.calibration)."""
+    threshold_rule: str = "argmax"
+    """The decision stored in the model: ``argmax`` (threshold 0.5, temperature 1), or the
+    temperature and threshold fitted on the validation patients by ``balanced_accuracy``
+    or ``accuracy`` (breakhis.calibration) when they hold at least 5 patients of each
+    class (else argmax, logged and recorded in the epoch's ``val_decision_fitted``)."""
     refit: bool = False
     """After choosing the epoch count on the validation patients, train again from the start
     on training and validation patients together for that many epochs, and hand over that
     model (with the temperature and threshold fitted on validation)."""
     seed: int = 0
     """Seed of the validation patients, weight init and dropout."""
+    trace_dir: str | None = None
+    """Write an audit trace of the run to this folder (local path or s3:// URI): the
+    initial weights (``initial_state.pt``) and, per epoch and worker, every step's tile
+    row keys, labels, loss and learning rates (``epoch_NNNN_rank_R.json``); costs one
+    device sync per step. Used by the faithfulness test (tests/test_faithful.py)."""
     tracking_uri: str | None = None
     """MLflow tracking URI the run logs to (parameters, per-epoch metrics, curves, model
     card); default: MLFLOW_TRACKING_URI, else no tracking (see breakhis.tracking)."""
@@ -161,12 +187,10 @@ class TrainConfig:
                 f"--name {self.name!r}: use letters, digits and . _ = - (no slashes), "
                 "e.g. rn50-fold0"
             )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         SplitSpec.parse(self.split, val_fraction=self.val_fraction, seed=self.seed)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(
-                f"--val-fraction must be in (0, 1): every epoch is validated on held-out "
-                f"patients; got {self.val_fraction}"
-            )
+        check_geometry(self.geometry, self.eval_view)
         if self.magnification not in (None, 40, 100, 200, 400):
             raise ValueError(
                 f"--magnification {self.magnification}: accepted 40, 100, 200, 400 (or all)"
@@ -216,16 +240,39 @@ class TrainConfig:
                 f"--patience {self.patience} stops when --metric stops improving, and then the "
                 "last epoch is not the model to keep: use --model-epoch best (or --patience 0)"
             )
-        if self.threshold_rule not in THRESHOLD_RULES:
+        if self.threshold_rule not in DECISION_RULES:
             raise ValueError(
                 f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
-                f"{', '.join(THRESHOLD_RULES)}"
+                f"{', '.join(DECISION_RULES)}"
             )
         tracking.check_uri(self.tracking_uri)
+        self._check_needs_validation()
         if self.weights == "imagenet" and self.arch == "smallcnn":
             raise ValueError(
                 "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"
             )
+
+    def _check_needs_validation(self) -> None:
+        """Refuse options that need validation patients when --val-fraction is 0."""
+        if self.val_fraction > 0:
+            return
+        needs = {
+            "--patience": self.patience > 0,
+            "--model-epoch best": self.model_epoch == "best",
+            "--refit": self.refit,
+            f"--threshold-rule {self.threshold_rule}": self.threshold_rule != "argmax",
+        }
+        named = [name for name, asked in needs.items() if asked]
+        if named:
+            raise ValueError(
+                f"{', '.join(named)} need(s) validation patients: set --val-fraction "
+                "(e.g. 0.2), or leave it at 0 to train on every training patient"
+            )
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run holds out validation patients (``val_fraction`` > 0)."""
+        return self.val_fraction > 0
 
     @property
     def pretrained(self) -> bool:

@@ -31,7 +31,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from breakhis import tracking
+from breakhis import storage, tracking
 from breakhis.epoch import (
     EpochStats,
     Predictions,
@@ -79,8 +79,9 @@ def validate_epoch(
     differ in size) on this rank's ``shard`` and gather every rank's predictions, so all
     ranks compute the same metrics and take the same early-stopping decision.
 
-    Returns ``val_<metric>`` for every metric, plus ``val_temperature`` and
-    ``val_threshold`` fitted on these predictions (fit_decision).
+    Returns ``val_<metric>`` for every metric, plus ``val_temperature``,
+    ``val_threshold`` and ``val_decision_fitted`` (1.0 when they were fitted, 0.0 for
+    argmax) from these predictions (fit_decision).
     """
     local = evaluate(
         net,
@@ -91,11 +92,12 @@ def validate_epoch(
     )
     predictions = Predictions.concat(_all_gather(local))
     val = classification_metrics(predictions.labels, predictions.probs, predictions.patient_ids)
-    temperature, threshold = fit_decision(predictions, cfg.threshold_rule)
+    temperature, threshold, fitted = fit_decision(predictions, cfg.threshold_rule)
     return {
         **{f"val_{k}": float(v) for k, v in val.items()},
         "val_temperature": temperature,
         "val_threshold": threshold,
+        "val_decision_fitted": float(fitted),
     }
 
 
@@ -289,7 +291,7 @@ class _Worker:
     history: list[dict[str, float]]
     start_epoch: int
     shuffle_buffer: int = 0
-    """Rows of the local shuffle buffer (streaming, uncached); 0: the cache is shuffled."""
+    """Rows of the local shuffle buffer the training batches come through; 0: none."""
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """What _save_checkpoint writes after ``epoch``."""
@@ -323,6 +325,10 @@ def _setup(config: dict[str, Any]) -> _Worker:
     history, start_epoch = _resume(net, optimizer, scheduler)
     if start_epoch > 1 and rank == 0:
         log.info("resuming %s at epoch %d of %d", cfg.name, start_epoch, cfg.epochs)
+    if cfg.trace_dir and start_epoch == 1 and rank == 0:
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        storage.write_bytes(storage.join(cfg.trace_dir, "initial_state.pt"), buffer.getvalue())
     net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     _optimizer_to(optimizer, device)
     return _Worker(
@@ -360,10 +366,12 @@ def _run_epoch(
         batch_size=cfg.batch_size,
         prefetch_batches=2,
         drop_last=True,
-        # Streaming (uncached): a read block holds a few patients; the buffer mixes many in
-        # each batch.
+        # A read block (streaming) holds a few patients, a cached block is a fixed part of
+        # the data: the buffer mixes many blocks in each batch, seeded anew each epoch.
         local_shuffle_buffer_size=w.shuffle_buffer or None,
+        local_shuffle_seed=(cfg.seed * 100_003 + epoch) if w.shuffle_buffer else None,
     )
+    trace: list[dict[str, Any]] | None = [] if cfg.trace_dir else None
     stats = train_one_epoch(
         model,
         _remember_images(batches, recent),
@@ -373,7 +381,11 @@ def _run_epoch(
         device=w.device,
         amp_dtype=w.amp_dtype,
         channels_last=w.channels_last,
+        trace=trace,
     )
+    if trace is not None:
+        name = f"epoch_{epoch:04d}_rank_{w.rank}.json"
+        storage.write_bytes(storage.join(cfg.trace_dir, name), json.dumps(trace).encode())
     recalibrate_batchnorm(net, recent, device=w.device, channels_last=w.channels_last)
     recent.clear()
     val = {}

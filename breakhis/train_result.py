@@ -145,6 +145,8 @@ def save_model(
     from breakhis.artifact import ModelCard, save_artifact
     from breakhis.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    if not metrics.get("val_decision_fitted"):
+        metrics = {**metrics, "val_temperature": 1.0, "val_threshold": 0.5}
     net = build_model(config.arch, weights="none", dropout=config.dropout)
     net.load_state_dict(weights)
     card = ModelCard(
@@ -161,7 +163,8 @@ def save_model(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         temperature=float(metrics.get("val_temperature", 1.0)),
         threshold=float(metrics.get("val_threshold", 0.5)),
-        threshold_rule=config.threshold_rule,
+        # "" marks a fixed decision (argmax), as the card documents.
+        threshold_rule=config.threshold_rule if metrics.get("val_decision_fitted") else "",
     )
     return save_artifact(uri, net, card)
 

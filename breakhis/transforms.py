@@ -5,11 +5,13 @@ Pixels travel as uint8 CHW arrays (3, S, S) from the decode step to the
 training device, a quarter of the bytes of float32; ``normalize`` turns a
 batch into float32 there, after ``iter_torch_batches`` has moved it.
 
-- ``EvalTransform``: PNG bytes -> the whole tile resized to S x S, uint8 CHW.
-  No randomness; the ingest cache, validation, test and scoring all use it,
-  so a model sees tiles at one scale everywhere.
-- ``TrainTransform``: a batch of decoded tiles -> augmented tiles of the same
-  shape. Every draw comes from ``tile_rng(seed, epoch, tile_id, copy)``, so an
+- ``EvalTransform``: PNG bytes -> uint8 CHW pixels of the run's TileGeometry
+  (breakhis.geometry): the canonical tile (aspect kept, S x W) that the training cache
+  holds, or the evaluation view that validation, test and scoring feed the model. No
+  randomness, so a model sees tiles at one scale everywhere.
+- ``TrainTransform``: a batch of canonical tiles -> augmented S x S training tiles
+  (with the aspect geometry a random S x S crop of each S x W tile; with the square
+  one the whole tile). Every draw comes from ``tile_rng(seed, epoch, tile_id, copy)``, so an
   augmentation depends only on which tile it is, in which epoch, and which
   oversampled copy; not on the batch it lands in, the worker that runs it,
   the order of tasks or a retried task. Same seed, same pixels.
@@ -20,8 +22,9 @@ variation (Tellez et al., 2019, "Quantifying the effects of data augmentation
 and stain color normalization in convolutional neural networks for
 computational pathology"), scaled by one ``strength`` in [0, 1]:
 
-- translation by up to ``strength * S / 8`` pixels each way, the border
-  filled by reflection (tissue continues; no black bars);
+- aspect geometry: a random S x S crop of the S x W canonical tile (uniform offset; the
+  centre crop at ``strength = 0``); square geometry: translation by up to
+  ``strength * S / 8`` pixels each way, the border filled by reflection;
 - horizontal and vertical flips and 90-degree rotations (a slide has no up),
   each with probability 1/2 or 1/4 as soon as ``strength > 0``;
 - stain jitter in haematoxylin-eosin-DAB optical-density space (Ruifrok and
@@ -29,8 +32,10 @@ computational pathology"), scaled by one ``strength`` in [0, 1]:
   ``1 +- 0.2 * strength`` and shifted by ``+-0.05 * strength``;
 - brightness ``1 +- 0.1 * strength`` and contrast ``1 +- 0.2 * strength``.
 
-``strength = 0`` is the identity, so a training run without augmentation
-sees exactly the evaluation pixels.
+``colour=False`` keeps the geometric draws and leaves the colours alone (the ablation of
+stain jitter). ``strength = 0`` is the identity on the square geometry and the centre crop
+on the aspect one, so a training run without augmentation sees the evaluation pixels of
+the centre view.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from breakhis.geometry import TileGeometry
 from breakhis.imaging import decode_rgb
 
 if TYPE_CHECKING:  # data workers never import torch for these transforms
@@ -75,21 +81,28 @@ def to_chw(image_hwc: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalTransform:
-    """The deterministic transform: PNG bytes -> uint8 (3, S, S), the whole tile resized.
+    """The deterministic transform: PNG bytes -> uint8 CHW pixels of ``geometry``.
 
-    image_size: output side S in pixels (BreakHis tiles, 700x460, are squashed
-    to a square by a bilinear resize, as in the published CNN baselines).
+    geometry: the TileGeometry (side S, ``aspect`` or ``square``, evaluation view).
+    canonical: return the canonical tile (what training crops from) instead of the
+    evaluation view.
     """
 
-    image_size: int = 224
+    geometry: TileGeometry = TileGeometry(size=224)
+    canonical: bool = False
 
-    def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (3, H, W) shape of every output."""
+        hw = self.geometry.canonical_hw if self.canonical else self.geometry.eval_hw
+        return (3, *hw)
 
     def __call__(self, data: bytes) -> np.ndarray:
-        """The tile as uint8 (3, S, S). Raises ValueError with the reason for a bad image."""
-        return to_chw(decode_rgb(data, self.image_size))
+        """The tile as uint8 (3, H, W). Raises ValueError with the reason for a bad image."""
+        pixels = decode_rgb(data)
+        if self.canonical:
+            return to_chw(self.geometry.canonical(pixels))
+        return to_chw(self.geometry.eval_pixels(pixels))
 
 
 def tile_rng(seed: int, epoch: int, tile_id: str, copy: int = 0) -> np.random.Generator:
@@ -111,6 +124,7 @@ class AugmentParams:
 
     shift_y: int = 0
     shift_x: int = 0
+    crop_x: int = 0  # left edge of the S x S crop of an S x W canonical tile
     hflip: bool = False
     vflip: bool = False
     rot90: int = 0  # quarter turns counter-clockwise
@@ -129,21 +143,42 @@ class AugmentParams:
         )
 
 
-def random_params(rng: np.random.Generator, *, strength: float, image_size: int) -> AugmentParams:
-    """Draw one tile's AugmentParams at ``strength`` (0 gives the identity)."""
+def random_params(
+    rng: np.random.Generator,
+    *,
+    strength: float,
+    image_size: int,
+    width: int | None = None,
+    colour: bool = True,
+) -> AugmentParams:
+    """Draw one tile's AugmentParams at ``strength`` (0 gives the identity, or the centre
+    crop). ``width`` is the canonical tile's width when it is wider than ``image_size``
+    (aspect geometry): a random crop replaces the translation. ``colour=False`` draws
+    the same geometry and no colour change."""
+    width = image_size if width is None else width
     if strength <= 0:
-        return AugmentParams()
-    max_shift = int(round(strength * image_size * _SHIFT_FRACTION))
-    shift_y, shift_x = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+        return AugmentParams(crop_x=(width - image_size) // 2)
+    if width > image_size:
+        shift_y = shift_x = 0
+        crop_x = int(rng.integers(0, width - image_size + 1))
+    else:
+        max_shift = int(round(strength * image_size * _SHIFT_FRACTION))
+        shift_y, shift_x = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+        crop_x = 0
     hflip, vflip = (bool(v) for v in rng.integers(0, 2, size=2))
     rot90 = int(rng.integers(0, 4))
     scale = rng.uniform(1 - _STAIN_SCALE * strength, 1 + _STAIN_SCALE * strength, size=3)
     shift = rng.uniform(-_STAIN_SHIFT * strength, _STAIN_SHIFT * strength, size=3)
     brightness = float(rng.uniform(1 - _BRIGHTNESS * strength, 1 + _BRIGHTNESS * strength))
     contrast = float(rng.uniform(1 - _CONTRAST * strength, 1 + _CONTRAST * strength))
+    if not colour:
+        return AugmentParams(
+            shift_y=shift_y, shift_x=shift_x, crop_x=crop_x, hflip=hflip, vflip=vflip, rot90=rot90
+        )
     return AugmentParams(
         shift_y=shift_y,
         shift_x=shift_x,
+        crop_x=crop_x,
         hflip=hflip,
         vflip=vflip,
         rot90=rot90,
@@ -155,8 +190,10 @@ def random_params(rng: np.random.Generator, *, strength: float, image_size: int)
 
 
 def apply_geometry(image: np.ndarray, params: AugmentParams) -> np.ndarray:
-    """Translate (reflecting the border), flip and rotate one uint8 (3, S, S) tile."""
-    out = image
+    """Crop an S x S square at ``crop_x`` (a canonical S x W tile), translate (reflecting
+    the border), flip and rotate one uint8 (3, S, W) tile; returns (3, S, S)."""
+    size = image.shape[1]
+    out = image = image[:, :, params.crop_x : params.crop_x + size]
     if params.shift_y or params.shift_x:
         pad = max(abs(params.shift_y), abs(params.shift_x))
         padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
@@ -208,6 +245,7 @@ class TrainTransform:
 
     strength: float = 0.5
     seed: int = 0
+    colour: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -215,10 +253,21 @@ class TrainTransform:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
-    def params(self, tile_id: str, *, epoch: int, copy: int = 0, image_size: int) -> AugmentParams:
-        """The AugmentParams of one tile in one epoch (the same in every process)."""
+    def params(
+        self,
+        tile_id: str,
+        *,
+        epoch: int,
+        copy: int = 0,
+        image_size: int,
+        width: int | None = None,
+    ) -> AugmentParams:
+        """The AugmentParams of one tile in one epoch (the same in every process);
+        ``width`` is the canonical tile's width (aspect geometry)."""
         rng = tile_rng(self.seed, epoch, tile_id, copy)
-        return random_params(rng, strength=self.strength, image_size=image_size)
+        return random_params(
+            rng, strength=self.strength, image_size=image_size, width=width, colour=self.colour
+        )
 
     def __call__(
         self,
@@ -228,25 +277,23 @@ class TrainTransform:
         epoch: int,
         copies: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Augmented copies of ``images`` (uint8 (N, 3, S, S)), one per tile id.
+        """Augmented S x S copies of ``images`` (uint8 (N, 3, S, W) canonical tiles, W >= S),
+        one per tile id.
 
         ``copies`` tells apart the oversampled copies of one tile (default all 0).
-        Returns a new uint8 array of the same shape; raises ValueError when the
-        shapes disagree.
+        Returns a new uint8 (N, 3, S, S) array; raises ValueError when the shapes disagree.
         """
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise ValueError(f"expected uint8 (N, 3, S, S) tiles, got shape {images.shape}")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] > images.shape[3]:
+            raise ValueError(f"expected uint8 (N, 3, S, W >= S) tiles, got shape {images.shape}")
         if len(tile_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(tile_ids)} tile ids")
         copies = [0] * len(images) if copies is None else copies
-        if self.strength <= 0:
-            return images.copy()
-        size = images.shape[2]
+        size, width = images.shape[2], images.shape[3]
         params = [
-            self.params(t, epoch=epoch, copy=int(c), image_size=size)
+            self.params(t, epoch=epoch, copy=int(c), image_size=size, width=width)
             for t, c in zip(tile_ids, copies, strict=True)
         ]
-        moved = np.empty_like(images)
+        moved = np.empty((len(images), 3, size, size), dtype=np.uint8)
         for i, (image, p) in enumerate(zip(images, params, strict=True)):
             moved[i] = apply_geometry(image, p)
         if not any(p.changes_colour for p in params):

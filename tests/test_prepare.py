@@ -141,6 +141,7 @@ def _pixel_files(dest: str, size: int) -> dict[str, tuple[int, bytes]]:
 def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     realdata_dir, tmp_path, ray_local
 ):
+    from breakhis.geometry import TileGeometry
     from breakhis.transforms import EvalTransform
 
     src, dest = tmp_path / "src", str(tmp_path / "prepared")
@@ -149,10 +150,10 @@ def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     assert first.rejects == 4 and first.pixel_sizes == (48,)
     assert first.pixel_files_written == first.shards
     assert stored_pixel_sizes(read_manifest(dest)) == (48,)
-    assert "stored pixels: 48x48" in first.format_table()
+    assert "stored pixels: 48x73" in first.format_table()
 
     # Every accepted tile, in its shard's order, is exactly what a decode at 48 px gives.
-    decode = EvalTransform(image_size=48)
+    decode = EvalTransform(geometry=TileGeometry(size=48), canonical=True)
     for shard in _shard_names(dest):
         png = pq.read_table(f"{dest}/shards/{shard}")
         pixels = pq.read_table(f"{dest}/pixels/48/{shard}")
@@ -172,7 +173,9 @@ def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     shard = _shard_names(dest)[0]
     np.testing.assert_array_equal(
         images_of(pq.read_table(f"{dest}/pixels/32/{shard}").column("image"), 32)[0],
-        EvalTransform(image_size=32)(pq.read_table(f"{dest}/shards/{shard}")["png"][0].as_py()),
+        EvalTransform(geometry=TileGeometry(size=32), canonical=True)(
+            pq.read_table(f"{dest}/shards/{shard}")["png"][0].as_py()
+        ),
     )
 
     # A rerun without --pixels keeps both; a lost pixel file is rewritten, a stray one goes.

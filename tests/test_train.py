@@ -55,10 +55,14 @@ def _config(tmp_path: Path, data: str, **overrides) -> TrainConfig:
         ({"arch": "resnet51"}, "unknown model 'resnet51'; accepted: resnet50"),
         ({"optimizer": "adam"}, "--optimizer 'adam' unknown; accepted: adamw, sgd"),
         ({"metric": "val_auc"}, "--metric 'val_auc' unknown; accepted: val_loss"),
-        ({"val_fraction": 0.0}, "--val-fraction must be in"),
+        ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
+        ({"patience": 2}, "--patience need.* validation patients: set --val-fraction"),
+        ({"refit": True}, "--refit need.* validation patients"),
+        ({"threshold_rule": "accuracy"}, "--threshold-rule accuracy need.* validation"),
+        ({"geometry": "circle"}, "--geometry 'circle' unknown; accepted: aspect, square"),
         ({"name": "runs/x"}, "no slashes"),
         ({"split": "fold0"}, "expected fold:K or rep:K"),
-        ({"threshold_rule": "f1"}, "--threshold-rule 'f1' unknown; accepted: balanced_accuracy"),
+        ({"threshold_rule": "f1"}, "--threshold-rule 'f1' unknown; accepted: argmax, balanced"),
         ({"bn_recalibration_batches": -1}, "--bn-recalibration-batches must be >= 0"),
         ({"weights": "imagenet"}, "smallcnn has no ImageNet weights"),
         ({"magnification": 50}, "accepted 40, 100, 200, 400"),
@@ -97,12 +101,38 @@ def test_fit_decision_calibrates_then_thresholds_the_validation_predictions() ->
         labels=labels,
         patient_ids=np.array([f"P{i % 40}" for i in range(labels.size)]),
     )
-    temperature, threshold = loop_module.fit_decision(predictions, "balanced_accuracy")
-    assert temperature > 2.0  # the overconfidence is seen (the fit also absorbs the shift)
+    temperature, threshold, fitted = loop_module.fit_decision(predictions, "balanced_accuracy")
+    assert (
+        fitted and temperature > 2.0
+    )  # the overconfidence is seen (the fit also absorbs the shift)
     called = 1 / (1 + np.exp(-margins / temperature)) >= threshold
     assert classification_metrics(labels, called.astype(float))["balanced_accuracy"] > 0.80
     # At 0.5 without calibration the shift costs several points.
     assert classification_metrics(labels, predictions.probs)["balanced_accuracy"] < 0.70
+    # argmax fits nothing, whatever the predictions.
+    assert loop_module.fit_decision(predictions, "argmax") == (1.0, 0.5, False)
+
+
+def test_no_decision_is_fitted_on_fewer_than_five_patients_of_a_class() -> None:
+    """The paper-sized splits hold ~5 validation patients, 2 of them benign: a threshold
+    fitted there ranged 0.23-0.92 over splits. Below 5 patients a class, argmax."""
+    from breakhis.epoch import MIN_DECISION_PATIENTS, patients_per_class
+
+    rng = np.random.default_rng(1)
+
+    def predictions(benign_patients: int) -> object:
+        patients = [f"B{i}" for i in range(benign_patients)] + [f"M{i}" for i in range(6)]
+        ids = np.repeat(patients, 20)
+        labels = np.array([0 if p.startswith("B") else 1 for p in ids])
+        margins = np.where(labels == 1, 1.0, -1.0) * 3.0 - 4.0 + rng.normal(0, 0.5, labels.size)
+        return loop_module.Predictions(margins, 1 / (1 + np.exp(-margins)), labels, ids)
+
+    few = predictions(MIN_DECISION_PATIENTS - 1)
+    assert patients_per_class(few) == (4, 6)
+    assert loop_module.fit_decision(few, "balanced_accuracy") == (1.0, 0.5, False)
+    enough = predictions(MIN_DECISION_PATIENTS)
+    temperature, threshold, fitted = loop_module.fit_decision(enough, "balanced_accuracy")
+    assert fitted and threshold < 0.5  # the shift towards benign is corrected
 
 
 def test_config_round_trips_through_a_dict(tmp_path: Path) -> None:
@@ -142,8 +172,9 @@ def test_the_model_is_the_last_epoch_unless_early_stopping_asks_for_the_best() -
         {"epoch": 2, "val_loss": 0.6},
         {"epoch": 3, "val_loss": 0.7},
     ]
-    base = TrainConfig(data="d", storage="s", name="n")
+    base = TrainConfig(data="d", storage="s", name="n", val_fraction=0.2)
     assert (base.patience, base.epoch_rule) == (0, "last")
+    assert TrainConfig(data="d", storage="s", name="n").validates is False
     assert kept_epoch(history, base) == (3, False)
     assert kept_epoch(history, dataclasses.replace(base, model_epoch="best")) == (1, False)
     early = dataclasses.replace(base, patience=2)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from breakhis.imaging import decode_rgb
+from breakhis.geometry import TileGeometry, canonical_width
+from breakhis.imaging import decode_rgb, resize_rgb
 from breakhis.ingest import IngestConfig, augment_tiles, class_weights, oversample_factor
 from breakhis.transforms import (
     IMAGENET_MEAN,
@@ -24,6 +25,7 @@ from breakhis.transforms import (
     apply_geometry,
     normalize,
     tile_rng,
+    to_chw,
 )
 
 SIZE = 32
@@ -48,19 +50,100 @@ def _tiles(n: int = 4, seed: int = 0) -> tuple[np.ndarray, list[str]]:
 # ------------------------------------------------------------------------- eval transform
 
 
-def test_eval_transform_is_the_whole_tile_resized_as_uint8_chw() -> None:
+def test_square_geometry_is_the_whole_tile_squashed_as_uint8_chw() -> None:
     data = _png()
-    out = EvalTransform(image_size=SIZE)(data)
+    square = TileGeometry(size=SIZE, geometry="square")
+    out = EvalTransform(geometry=square)(data)
     assert out.shape == (3, SIZE, SIZE) and out.dtype == np.uint8 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, decode_rgb(data, SIZE).transpose(2, 0, 1))
-    np.testing.assert_array_equal(out, EvalTransform(image_size=SIZE)(data))
+    np.testing.assert_array_equal(out, EvalTransform(geometry=square)(data))
+
+
+def test_aspect_geometry_keeps_the_tissue_shape() -> None:
+    """700x460 -> S x round(1.52 S) without stretching; the centre view is its middle square;
+    a tile of another shape is resized to cover and centre-cropped, never squashed."""
+    width = canonical_width(SIZE)
+    assert (width, canonical_width(224), canonical_width(128)) == (49, 341, 195)
+    pixels = decode_rgb(_png(700, 460))
+    whole = TileGeometry(size=SIZE)
+    assert whole.canonical_hw == whole.eval_hw == (SIZE, width)
+    np.testing.assert_array_equal(whole.canonical(pixels), resize_rgb(pixels, (SIZE, width)))
+    centre = TileGeometry(size=SIZE, view="centre")
+    assert centre.eval_hw == (SIZE, SIZE)
+    left = (width - SIZE) // 2
+    np.testing.assert_array_equal(
+        centre.eval_pixels(pixels), whole.canonical(pixels)[:, left : left + SIZE]
+    )
+    chw = to_chw(whole.canonical(pixels))
+    np.testing.assert_array_equal(centre.view_of(chw), chw[:, :, left : left + SIZE])
+    # The sample's 700x456 tiles: covered (scale 32/456) and cropped, same shape.
+    narrow = decode_rgb(_png(700, 456))
+    out = whole.canonical(narrow)
+    assert out.shape == (SIZE, width, 3)
+    cover = resize_rgb(narrow, (SIZE, round(700 * SIZE / 456)))
+    crop = (cover.shape[1] - width) // 2
+    np.testing.assert_array_equal(out, cover[:, crop : crop + width])
+    aspect = EvalTransform(geometry=whole, canonical=True)
+    assert aspect.shape == (3, SIZE, width) and aspect(_png(700, 460)).shape == (3, SIZE, width)
+
+
+def test_training_crops_are_squares_of_the_canonical_tile_and_turns_are_symmetries() -> None:
+    width = canonical_width(SIZE)
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, size=(6, 3, SIZE, width), dtype=np.uint8)
+    ids = [f"SOB_M_DC-14-2523-400-{i:03d}" for i in range(6)]
+    transform = TrainTransform(strength=1.0, seed=4, colour=False)
+    out = transform(tiles, ids, epoch=2)
+    assert out.shape == (6, 3, SIZE, SIZE)
+    for tile, tile_id, got in zip(tiles, ids, out, strict=True):
+        p = transform.params(tile_id, epoch=2, image_size=SIZE, width=width)
+        assert 0 <= p.crop_x <= width - SIZE and (p.shift_x, p.shift_y) == (0, 0)
+        crop = tile[:, :, p.crop_x : p.crop_x + SIZE]
+        flipped = crop[:, :, ::-1] if p.hflip else crop
+        flipped = flipped[:, ::-1, :] if p.vflip else flipped
+        np.testing.assert_array_equal(got, np.rot90(flipped, p.rot90, axes=(1, 2)))
+    # A quarter turn of a crop is a crop of the turned tile: no stretch to undo.
+    crop = tiles[0][:, :, 5 : 5 + SIZE]
+    turned = np.rot90(tiles[0], 1, axes=(1, 2))  # (3, W, S)
+    np.testing.assert_array_equal(
+        np.rot90(crop, 1, axes=(1, 2)), turned[:, width - 5 - SIZE : width - 5, :]
+    )
+    # Crops move across epochs; strength 0 is the centre crop.
+    offsets = {
+        transform.params(ids[0], epoch=e, image_size=SIZE, width=width).crop_x for e in range(8)
+    }
+    assert len(offsets) > 1
+    still = TrainTransform(strength=0.0)(tiles, ids, epoch=0)
+    left = (width - SIZE) // 2
+    np.testing.assert_array_equal(still, tiles[:, :, :, left : left + SIZE])
+
+
+def test_colour_off_draws_the_same_geometry_and_keeps_colours() -> None:
+    width = canonical_width(SIZE)
+    with_colour = TrainTransform(strength=1.0, seed=1).params(
+        "t", epoch=0, image_size=SIZE, width=width
+    )
+    without = TrainTransform(strength=1.0, seed=1, colour=False).params(
+        "t", epoch=0, image_size=SIZE, width=width
+    )
+    assert with_colour.changes_colour and not without.changes_colour
+    assert (without.crop_x, without.hflip, without.vflip, without.rot90) == (
+        with_colour.crop_x,
+        with_colour.hflip,
+        with_colour.vflip,
+        with_colour.rot90,
+    )
 
 
 def test_eval_transform_rejects_bad_bytes_and_sizes() -> None:
     with pytest.raises(ValueError, match="not an image"):
-        EvalTransform(image_size=SIZE)(b"this is not a png")
+        EvalTransform(geometry=TileGeometry(size=SIZE))(b"this is not a png")
     with pytest.raises(ValueError, match="image_size"):
-        EvalTransform(image_size=2)
+        TileGeometry(size=2)
+    with pytest.raises(ValueError, match="--geometry 'round' unknown; accepted: aspect, square"):
+        TileGeometry(size=SIZE, geometry="round")
+    with pytest.raises(ValueError, match="--eval-view 'left' unknown; accepted: whole, centre"):
+        TileGeometry(size=SIZE, view="left")
 
 
 # ------------------------------------------------------------------------ train transform
@@ -97,8 +180,8 @@ def test_train_transform_validates() -> None:
         TrainTransform(seed=-1)
     with pytest.raises(ValueError, match="tile ids"):
         TrainTransform()(images, ids[:2], epoch=0)
-    with pytest.raises(ValueError, match="N, 3, S, S"):
-        TrainTransform()(images[:, :, :, :-1], ids, epoch=0)
+    with pytest.raises(ValueError, match="N, 3, S, W >= S"):
+        TrainTransform()(images[:, :, :-1, :-2], ids, epoch=0)
 
 
 def test_tile_rng_does_not_depend_on_python_hash_seed() -> None:
