@@ -1,0 +1,117 @@
+"""The accuracy benchmark's parts that need no Ray: the reference loop's geometry and
+determinism. The benchmark end to end (Ray, the job) is in test_benchmarks.py."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from breakhis.benchmarks.reference_loop import (
+    ReferenceOptions,
+    centre_crop,
+    class_weights,
+    decode_tile,
+    images_per_epoch,
+    reference_probs,
+    train_crop,
+)
+
+TINY = ReferenceOptions(arch="smallcnn", image_size=32, epochs=1, batch_size=8, lr=1e-3, seed=0)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tiles(
+    n: int, width: int = 48, height: int = 32, seed: int = 0
+) -> tuple[list[bytes], list[int]]:
+    """``n`` noise PNGs, the malignant ones (every other) redder."""
+    rng = np.random.default_rng(seed)
+    pngs, labels = [], []
+    for i in range(n):
+        pixels = rng.integers(0, 200, (height, width, 3), dtype=np.uint8)
+        pixels[..., 0] += 55 * (i % 2)
+        pngs.append(_png(pixels))
+        labels.append(i % 2)
+    return pngs, labels
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+def test_decode_keeps_the_aspect_ratio_at_height_s_or_squashes() -> None:
+    landscape = _png(np.zeros((460, 700, 3), dtype=np.uint8))
+    portrait = _png(np.zeros((70, 46, 3), dtype=np.uint8))
+    assert decode_tile(landscape, 64, keep_aspect=True).shape == (3, 64, round(64 * 700 / 460))
+    assert decode_tile(portrait, 20, keep_aspect=True).shape == (3, round(20 * 70 / 46), 20)
+    assert decode_tile(landscape, 64, keep_aspect=False).shape == (3, 64, 64)
+    assert decode_tile(landscape, 64, keep_aspect=True).dtype == torch.uint8
+
+
+def _dihedral(window: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 images of ``window`` under flips and quarter turns (index 0: itself)."""
+    turns = [torch.rot90(window, k, dims=(1, 2)) for k in range(4)]
+    return turns + [t.flip(2) for t in turns]
+
+
+def _place(crop: torch.Tensor, tile: torch.Tensor, side: int) -> tuple[int, int] | None:
+    """(x offset, dihedral index) of the window of ``tile`` that ``crop`` is, or None."""
+    for x in range(tile.shape[2] - side + 1):
+        for index, image in enumerate(_dihedral(tile[:, :side, x : x + side])):
+            if torch.equal(crop, image):
+                return x, index
+    return None
+
+
+@pytest.mark.parametrize("quarter_turns", [True, False])
+def test_a_train_crop_is_an_s_by_s_window_of_the_tile_flipped_and_turned(quarter_turns) -> None:
+    side = 20
+    tile = decode_tile(_tiles(1, width=70, height=46)[0][0], side, keep_aspect=True)
+    assert tile.shape == (3, 20, 30)
+    generator = torch.Generator().manual_seed(0)
+    places = [
+        _place(train_crop(tile, side, generator, quarter_turns=quarter_turns), tile, side)
+        for _ in range(200)
+    ]
+    assert None not in places  # every crop is a window of the tile under a flip or turn
+    assert len({x for x, _ in places}) > 5  # at random places along the width
+    # Flips alone give 4 of the 8 images (identity, both flips, the half turn); quarter
+    # turns the other 4.
+    assert len({index for _, index in places}) == (8 if quarter_turns else 4)
+
+
+def test_the_test_takes_the_centre_window() -> None:
+    tile = torch.arange(3 * 20 * 31, dtype=torch.int64).reshape(3, 20, 31)
+    assert torch.equal(centre_crop(tile, 20), tile[:, :, 5:25])
+    assert torch.equal(centre_crop(tile[:, :, :20], 20), tile[:, :, :20])
+
+
+def test_class_weights_are_inverse_frequency() -> None:
+    assert torch.allclose(class_weights([0, 1, 1, 1]), torch.tensor([2.0, 4 / 6]))
+    with pytest.raises(ValueError, match="both classes"):
+        class_weights([1, 1, 1])
+    assert images_per_epoch(17, 8) == 16 and images_per_epoch(18, 8) == 18
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["strong", "notebook"])
+def test_the_same_seed_gives_the_same_predictions(loop) -> None:
+    pngs, labels = _tiles(20)
+    train, test = (pngs[:14], labels[:14]), pngs[14:]
+    first, per_epoch = reference_probs(loop, *train, test, TINY)
+    again, _ = reference_probs(loop, *train, test, TINY)
+    other, _ = reference_probs(loop, *train, test, replace(TINY, seed=1))
+    assert first.shape == (6,) and per_epoch == 14
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting comes back
