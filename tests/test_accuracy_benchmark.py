@@ -1,16 +1,21 @@
 """The accuracy benchmark's parts that need no Ray: the reference loop's geometry and
-determinism. The benchmark end to end (Ray, the job) is in test_benchmarks.py."""
+determinism, and the run store a rerun resumes from. The benchmark end to end (Ray, the
+job) is in test_benchmarks.py."""
 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
 
+from breakhis.benchmarks.accuracy_result import REFERENCE, SideResult
 from breakhis.benchmarks.reference_loop import (
     ReferenceOptions,
     centre_crop,
@@ -18,8 +23,10 @@ from breakhis.benchmarks.reference_loop import (
     decode_tile,
     images_per_epoch,
     reference_probs,
+    run_reference,
     train_crop,
 )
+from breakhis.benchmarks.run_store import RunKey, RunStore
 
 TINY = ReferenceOptions(arch="smallcnn", image_size=32, epochs=1, batch_size=8, lr=1e-3, seed=0)
 
@@ -115,3 +122,42 @@ def test_the_same_seed_gives_the_same_predictions(loop) -> None:
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
     assert not torch.are_deterministic_algorithms_enabled()  # the setting comes back
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def _tile_table(n: int) -> pa.Table:
+    pngs, labels = _tiles(n)
+    return pa.table(
+        {
+            "tile_id": [f"t{i}" for i in range(n)],
+            "patient_id": [f"p{i % 8}" for i in range(n)],  # one label per patient
+            "label": labels,
+            "png": pngs,
+        }
+    )
+
+
+def test_a_rerun_loads_the_finished_runs_and_runs_the_others(tmp_path: Path) -> None:
+    tiles = _tile_table(16)
+    train, test = frozenset(f"p{i}" for i in range(6)), frozenset({"p6", "p7"})
+    key = RunKey(REFERENCE, 0, 0, recipe={"loop": "strong"}, options={"epochs": 1}, manifest="m")
+
+    def run(seed: int) -> SideResult:
+        return run_reference("strong", tiles, train, test, replace(TINY, seed=seed))
+
+    first = RunStore(tmp_path)
+    ran = first.get_or_run(key, lambda: run(0))
+    assert (first.computed, first.resumed) == (1, 0) and first.path(key).is_file()
+
+    rerun = RunStore(tmp_path)
+    assert rerun.get_or_run(key, lambda: pytest.fail("a finished run ran again")) == ran
+    other = replace(key, seed=1)
+    rerun.get_or_run(other, lambda: run(1))
+    assert (rerun.computed, rerun.resumed) == (1, 1)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+    # A file holding another key is not trusted: that run is done again.
+    rerun.path(other).write_text(json.dumps({"key": {"side": "x"}, "result": {}}))
+    assert rerun.load(other) is None
