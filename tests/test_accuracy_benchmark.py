@@ -1,11 +1,12 @@
 """The accuracy benchmark's parts that need no Ray: the reference loop's geometry and
-determinism, and the run store a rerun resumes from. The benchmark end to end (Ray, the
-job) is in test_benchmarks.py."""
+determinism, the run store a rerun resumes from, the paired statistics and the options'
+errors. The benchmark end to end (Ray, the job) is in test_benchmarks.py."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from breakhis.benchmarks.accuracy_result import REFERENCE, SideResult
+from breakhis.benchmarks.accuracy import AccuracyBenchmarkConfig, job_config, job_key, reference_key
+from breakhis.benchmarks.accuracy_result import (
+    REFERENCE,
+    AccuracyBenchmarkResult,
+    DataInfo,
+    SideResult,
+    paired_summary,
+)
 from breakhis.benchmarks.reference_loop import (
     ReferenceOptions,
     centre_crop,
@@ -161,3 +169,89 @@ def test_a_rerun_loads_the_finished_runs_and_runs_the_others(tmp_path: Path) -> 
     # A file holding another key is not trusted: that run is done again.
     rerun.path(other).write_text(json.dumps({"key": {"side": "x"}, "result": {}}))
     assert rerun.load(other) is None
+
+
+def test_a_run_key_holds_what_changes_the_result_and_nothing_else() -> None:
+    config = AccuracyBenchmarkConfig(arch="smallcnn", epochs=1)
+    ref = reference_key(config, 0, 0, "m")
+    assert ref == reference_key(replace(config, workdir="elsewhere", cpus=1, seeds=(5,)), 0, 0, "m")
+    assert ref != reference_key(replace(config, reference="notebook"), 0, 0, "m")
+    assert ref != reference_key(replace(config, epochs=2), 0, 0, "m")
+    assert ref != reference_key(config, 0, 0, "another manifest")
+    assert ref.file_name() != replace(ref, seed=1).file_name()
+
+    def key(variant: str, where: str = "a", **changes) -> RunKey:
+        c = replace(config, **changes)
+        return job_key(job_config(f"{where}/d", f"{where}/r", variant, 1, 2, c), variant, 1, 2, "m")
+
+    assert key("job") == key("job", where="b")  # where it reads and writes is not in the key
+    assert key("job") != key("refit") and key("job") != key("job", lr=0.01)
+    assert key("job").digest() != key("refit").digest()
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def test_paired_summary_of_a_known_input() -> None:
+    s = paired_summary([0.1, 0.2, 0.3])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2 dof)
+    assert s.n == 3 and math.isclose(s.mean, 0.2) and math.isclose(s.std, 0.1)
+    assert math.isclose(s.low, 0.2 - half) and math.isclose(s.high, 0.2 + half)
+    one = paired_summary([0.5])
+    assert one.mean == 0.5 and math.isnan(one.std) and math.isnan(one.low)
+    assert math.isnan(paired_summary([0.1, math.nan]).mean)
+
+
+def _side(rate: float) -> SideResult:
+    return SideResult(rate, rate, rate, rate, 1.0, 10, 2, 5, 0, 40, 1, 0.5)
+
+
+def test_the_result_reports_paired_differences_per_pair_with_their_interval() -> None:
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reference = [0.5, 0.6, 0.7, 0.8]
+    job = [0.6, 0.6, 0.9, 0.8]  # differences 0.1, 0, 0.2, 0
+    result = AccuracyBenchmarkResult(
+        date="2026-01-01",
+        device="cpu",
+        config=AccuracyBenchmarkConfig().__dict__,
+        data=DataInfo("src", "raw", "dest", 40, 4, "m"),
+        pairs=pairs,
+        sides={REFERENCE: [_side(r) for r in reference], "job": [_side(r) for r in job]},
+        runs={"computed": 3, "resumed": 5},
+    )
+    figures = result.to_dict()
+    diffs = figures["differences"]["job"]
+    assert [d["image_rate"] for d in diffs["per_pair"]] == pytest.approx([0.1, 0.0, 0.2, 0.0])
+    assert [(d["split"], d["seed"]) for d in diffs["per_pair"]] == [
+        ("rep:0", 0), ("rep:0", 1), ("rep:1", 0), ("rep:1", 1),
+    ]  # fmt: skip
+    expected = paired_summary([0.1, 0.0, 0.2, 0.0])
+    for metric in ("image_rate", "patient_rate", "balanced_accuracy", "roc_auc"):
+        assert diffs[metric]["mean"] == pytest.approx(0.075)
+        assert diffs[metric]["low"] == pytest.approx(expected.low)
+        assert diffs[metric]["low"] < 0 < diffs[metric]["high"]
+    assert figures["target"]["job"] == "met" and figures["runs"]["resumed"] == 5
+    table = result.format_table()
+    assert "95% t-interval" in table and f"{expected.low:+.3f}" in table
+    assert "| rep:1 | 1 | job |" in table and "computed 3, resumed 5" in table
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"reference": "fancy"}, ["--reference fancy", "strong", "notebook"]),
+        ({"seeds": ()}, ["--seeds"]),
+        ({"seeds": (0, 0)}, ["--seeds 0,0", "repeated"]),
+        ({"seeds": (-1,)}, ["--seeds -1", "accepted"]),
+        ({"splits": (0, 7)}, ["--splits 0,7", "0..4"]),
+        ({"variants": ("job", "nope")}, ["--variants job,nope", "nope", "refit"]),
+        ({"batch_size": 1}, ["--batch-size"]),
+    ],
+)
+def test_a_bad_option_is_named_with_what_is_accepted(options, named) -> None:
+    with pytest.raises(ValueError) as err:
+        AccuracyBenchmarkConfig(**options)
+    assert all(part in str(err.value) for part in named), str(err.value)
