@@ -93,43 +93,50 @@ def test_score_benchmark(tmp_path: Path) -> None:
 
 def test_accuracy_benchmark(tmp_path: Path) -> None:
     # One split: its reference, job and refit (two runs) take minutes on 2 cores already.
-    figures = _benchmark(
-        "accuracy", tmp_path, "--data", "generated", "--scale", "0.02", "--width", "64",
-        "--height", "48", "--arch", "smallcnn", "--image-size", "32", "--epochs", "1",
-        "--batch-size", "16", "--splits", "2", "--variants", "job,refit",
+    tiny = (
+        "--data", "generated", "--scale", "0.02", "--width", "64", "--height", "48",
+        "--arch", "smallcnn", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
+        "--splits", "2",
     )  # fmt: skip
+    figures = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0", "--variants", "job,refit")
     assert figures["data"]["kind"] == "generated" and figures["device"]
-    assert [s["split"] for s in figures["splits"]] == ["rep:2"]
-    for split in figures["splits"]:
-        sides = split["sides"]
-        assert sorted(sides) == ["job", "reference", "refit"]
-        reference, job, refit = sides["reference"], sides["job"], sides["refit"]
-        for side in (job, refit):  # the same test patients and tiles on every side
-            assert side["test_images"] == reference["test_images"] > 0
-            assert side["test_patients"] == reference["test_patients"] > 0
-            assert side["val_patients"] > 0 == reference["val_patients"]
-            assert side["kept_epoch"] == 1
-        # The job's validation patients come out of the reference's training patients; the
-        # refit trains on them too.
-        assert job["train_patients"] + job["val_patients"] == reference["train_patients"]
-        assert refit["train_patients"] == reference["train_patients"]
-        assert 0 < job["images_per_epoch"] < refit["images_per_epoch"]
-        assert refit["images_per_epoch"] <= reference["images_per_epoch"]
-        for side in sides.values():
-            assert 0.0 <= side["image_rate"] <= 1.0 and 0.0 <= side["patient_rate"] <= 1.0
-            assert _positive(side["seconds"])
+    assert figures["config"]["reference"] == "strong" and figures["data"]["manifest"]
+    assert [(p["split"], p["seed"]) for p in figures["pairs"]] == [("rep:2", 0)]
+    assert (figures["runs"]["computed"], figures["runs"]["resumed"]) == (3, 0)
+    sides = figures["pairs"][0]["sides"]
+    assert sorted(sides) == ["job", "reference", "refit"]
+    reference, job, refit = sides["reference"], sides["job"], sides["refit"]
+    for side in (job, refit):  # the same test patients and tiles on every side
+        assert side["test_images"] == reference["test_images"] > 0
+        assert side["test_patients"] == reference["test_patients"] > 0
+        assert side["val_patients"] > 0 == reference["val_patients"]
+        assert side["kept_epoch"] == 1
+    # The job's validation patients come out of the reference's training patients; the
+    # refit trains on them too.
+    assert job["train_patients"] + job["val_patients"] == reference["train_patients"]
+    assert refit["train_patients"] == reference["train_patients"]
+    assert 0 < job["images_per_epoch"] < refit["images_per_epoch"]
+    assert refit["images_per_epoch"] <= reference["images_per_epoch"]
+    for side in sides.values():
+        assert 0.0 <= side["image_rate"] <= 1.0 and 0.0 <= side["patient_rate"] <= 1.0
+        assert _positive(side["seconds"])
     for variant in ("job", "refit"):
         differences = figures["differences"][variant]
-        for split, diff in zip(figures["splits"], differences["per_split"], strict=True):
-            assert diff["split"] == split["split"]
-            for rate in ("image_rate", "patient_rate"):
-                expected = split["sides"][variant][rate] - split["sides"]["reference"][rate]
-                assert math.isclose(diff[rate], expected, abs_tol=1e-12)
-        for rate in ("image_rate", "patient_rate"):
-            per_split = [d[rate] for d in differences["per_split"]]
-            assert math.isclose(differences[rate]["mean"], per_split[0], abs_tol=1e-12)
-            assert differences[rate]["std"] is None  # no spread from one split
+        for metric in ("image_rate", "patient_rate", "balanced_accuracy", "roc_auc"):
+            expected = sides[variant][metric] - reference[metric]
+            assert math.isclose(differences["per_pair"][0][metric], expected, abs_tol=1e-12)
+            assert math.isclose(differences[metric]["mean"], expected, abs_tol=1e-12)
+            assert differences[metric]["std"] is None  # no spread from one pair
         assert figures["target"][variant] in ("met", "missed")
+
+    # A rerun with one more seed loads the runs of seed 0 and runs only those of seed 1.
+    again = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0,1", "--variants", "job")
+    assert (again["runs"]["computed"], again["runs"]["resumed"]) == (2, 2)
+    assert len(list((tmp_path / "results").glob("*.json"))) == 5
+    assert again["pairs"][0]["sides"]["job"] == job
+    assert again["pairs"][0]["sides"]["reference"] == reference
+    pair = again["differences"]["job"]["image_rate"]
+    assert pair["n"] == 2 and pair["low"] <= pair["mean"] <= pair["high"]
 
 
 def test_accuracy_benchmark_rejects_a_missing_split_before_any_work(tmp_path: Path) -> None:
