@@ -62,6 +62,11 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if not self.train.validates:
+            raise ValueError(
+                "--val-fraction 0: a sweep ranks its trials on validation patients; set "
+                "--val-fraction (e.g. 0.2)"
+            )
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.gpus_per_trial < 0:

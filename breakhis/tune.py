@@ -1,8 +1,8 @@
 """Hyperparameter sweeps: every trial is a full training run (Ray Train V2 inside Ray Tune).
 
     breakhis tune --data s3://bucket/breakhis-prepared --storage s3://bucket/sweeps \\
-        --name rn50-sweep --search-space cluster/search_space.yaml --num-samples 32 \\
-        --gpus-per-trial 1
+        --name rn50-sweep --val-fraction 0.2 --search-space cluster/search_space.yaml \\
+        --num-samples 32 --gpus-per-trial 1
     ray job submit --working-dir . -- python jobs/tune.py ... (same options)
 
 How it runs, in reading order:

@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def small_train_config(data: str, storage: str, **overrides):
     """A TrainConfig of a smallcnn run small enough for a 2-core machine (32 px, one epoch,
-    batches of 16, no augmentation, one worker, no retries); ``overrides`` change any field."""
+    batches of 16, no augmentation, one worker, no retries, a fifth of the training patients
+    held out for validation); ``overrides`` change any field."""
     from breakhis.train_config import TrainConfig
 
     values = dict(
@@ -43,6 +44,7 @@ def small_train_config(data: str, storage: str, **overrides):
         warmup_epochs=0.0,
         num_workers=1,
         max_failures=0,
+        val_fraction=0.2,
     )
     return TrainConfig(**{**values, **overrides})
 

@@ -116,6 +116,7 @@ def _job(dest: str, storage: str, name: str, trace: Path):
         dropout=0.0,
         bn_recalibration_batches=0,
         cache=True,
+        val_fraction=0.0,
         seed=SEED,
         keep_checkpoints=2,
         trace_dir=str(trace),

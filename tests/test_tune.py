@@ -58,7 +58,7 @@ def test_the_shipped_search_space_is_the_default_and_fits_the_default_run() -> N
     space = load_search_space(str(path))
     assert space.to_dict() == DEFAULT_SEARCH_SPACE
     assert load_search_space(None).to_dict() == DEFAULT_SEARCH_SPACE
-    check_search_space(space, TrainConfig(data="d", storage="s", name="n"))
+    check_search_space(space, TrainConfig(data="d", storage="s", name="n", val_fraction=0.2))
     wanted = {"lr", "weight_decay", "batch_size", "freeze_epochs", "augment_strength"}
     assert wanted | {"label_smoothing", "dropout", "arch"} <= set(space.keys)
 
@@ -66,7 +66,9 @@ def test_the_shipped_search_space_is_the_default_and_fits_the_default_run() -> N
 def test_the_default_space_from_random_weights_leaves_out_what_needs_pretrained_ones(
     tmp_path: Path,
 ) -> None:
-    base = TrainConfig(data="d", storage=str(tmp_path), name="n", arch="resnet18", weights="none")
+    base = TrainConfig(
+        data="d", storage=str(tmp_path), name="n", arch="resnet18", weights="none", val_fraction=0.2
+    )
     space = resolve_space(SweepConfig(train=base))
     assert "freeze_epochs" not in space.keys
     assert set(space.keys) == set(DEFAULT_SEARCH_SPACE) - {"freeze_epochs"}

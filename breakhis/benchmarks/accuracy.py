@@ -80,9 +80,19 @@ log = logging.getLogger(__name__)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "job": {},
-    "best": {"model_epoch": "best"},
-    "refit": {"refit": True},
-    "refit-best": {"refit": True, "model_epoch": "best"},
+    # The ablation of issue 23, one change from the defaults each (docs/training.md).
+    "square": {"geometry": "square"},
+    "centre": {"eval_view": "centre"},
+    "no-colour": {"colour_augment": False},
+    "strength-0.5": {"augment_strength": 0.5},
+    "no-augment": {"augment_strength": 0.0},
+    "val-carve": {"val_fraction": 0.2},
+    "fitted": {"val_fraction": 0.2, "threshold_rule": "balanced_accuracy"},
+    "no-precise-bn": {"bn_recalibration_batches": 0},
+    "no-dropout": {"dropout": 0.0},
+    "best": {"val_fraction": 0.2, "model_epoch": "best"},
+    "refit": {"val_fraction": 0.2, "refit": True},
+    "refit-best": {"val_fraction": 0.2, "refit": True, "model_epoch": "best"},
 }
 """Variants of the job: name -> TrainConfig overrides on top of the benchmark's options. A new
 variant is one more entry here (its overrides are part of its runs' keys)."""

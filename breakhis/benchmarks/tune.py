@@ -193,6 +193,7 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
         batch_size=config.batch_size,
         warmup_epochs=0.0,
         patience=0,
+        val_fraction=0.2,
         num_workers=workers,
         use_gpu=config.gpus_per_trial > 0,
         max_failures=0,
