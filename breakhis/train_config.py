@@ -56,7 +56,9 @@ class TrainConfig:
     name: str
     """Run name: the run lives at STORAGE/NAME; the same name resumes it."""
     split: str = "fold:0"
-    """Patient-disjoint split of the manifest: ``fold:K`` or ``rep:K``."""
+    """Patient-disjoint split of the manifest: ``fold:K``, ``rep:K`` or ``column:NAME`` (a
+    manifest column of train/val/test per patient; its val patients, if any, are the
+    validation patients instead of a --val-fraction share of train)."""
     val_fraction: float = 0.2
     """Share of the training patients held out for validation (by patient, per class)."""
     magnification: int | None = None
