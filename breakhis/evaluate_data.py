@@ -36,9 +36,10 @@ def describe_scheme(manifest: pa.Table, scheme: str, columns: tuple[str, ...] = 
             f"{c!r}" + (f" (test patients from {sources[c]})" if c in sources else "")
             for c in columns
         )
+        plural = "s" if len(columns) > 1 else ""
         return (
-            f"user-defined split(s) in manifest column(s) {named}: train, val or test per "
-            "patient; no patient on both sides of a split"
+            f"user-defined split{plural} in manifest column{plural} {named}: train, val or "
+            "test per patient; no patient on both sides of a split"
         )
     if scheme == "rep":
         share = float(params.get("test_fraction", 0.3))
