@@ -6,8 +6,8 @@
 
 What happens, in reading order:
 
-1. Patients. The split (``--fold K``, ``--split rep:K``, or by default the one
-   the model was trained on) gives the test patients of DEST's manifest. The
+1. Patients. The split (``--fold K``, ``--split rep:K``, ``--split column:NAME``,
+   or by default the one the model was trained on) gives the test patients of DEST's manifest. The
    model's card names the manifest (by hash) and split it was trained on; the
    patients it saw (its training and validation patients) are read from that
    manifest, DEST's own or the one at the card's training data URI. Any test

@@ -65,7 +65,8 @@ class EvaluateConfig:
     out: str | None
     """Report folder (local or s3://); None computes the result without writing files."""
     split: str | None = None
-    """``fold:K`` or ``rep:K`` of DEST's manifest; None: the split the model was trained on."""
+    """``fold:K``, ``rep:K`` or ``column:NAME`` of DEST's manifest; None: the split the model
+    was trained on."""
     options: EvaluateOptions = field(default_factory=EvaluateOptions)
     """How to evaluate."""
 

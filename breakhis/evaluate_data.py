@@ -25,10 +25,22 @@ def _split_params(manifest: pa.Table) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def describe_scheme(manifest: pa.Table, scheme: str) -> str:
-    """A split scheme of a manifest in words, from the parameters prepare stored."""
+def describe_scheme(manifest: pa.Table, scheme: str, columns: tuple[str, ...] = ()) -> str:
+    """A split scheme of a manifest in words, from the parameters prepare stored
+    (``columns``: the split columns of the ``column`` scheme)."""
     params = _split_params(manifest)
     seed = params.get("seed", "?")
+    if scheme == "column":
+        sources = params.get("columns", {})
+        named = ", ".join(
+            f"{c!r}" + (f" (test patients from {sources[c]})" if c in sources else "")
+            for c in columns
+        )
+        plural = "s" if len(columns) > 1 else ""
+        return (
+            f"user-defined split{plural} in manifest column{plural} {named}: train, val or "
+            "test per patient; no patient on both sides of a split"
+        )
     if scheme == "rep":
         share = float(params.get("test_fraction", 0.3))
         return (
@@ -44,6 +56,8 @@ def describe_scheme(manifest: pa.Table, scheme: str) -> str:
 
 def describe_split(manifest: pa.Table, spec: SplitSpec) -> str:
     """One split of a manifest in words, e.g. "repetition 0 of 5 random splits ..."."""
+    if spec.scheme == "column":
+        return describe_scheme(manifest, "column", (spec.column or "",))
     what = "repetition" if spec.scheme == "rep" else "fold"
     return f"{what} {spec.index} of {describe_scheme(manifest, spec.scheme)}"
 

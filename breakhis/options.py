@@ -9,7 +9,9 @@ prefixed with the nested field's name (``--train-seed``), and one nested deeper
 (``--evaluation-batch-size``).
 
 Types: str, int, float, bool (``--flag`` / ``--no-flag``), ``X | None``
-(``none`` or ``all`` gives None), ``tuple[X, ...]`` (comma-separated).
+(``none`` or ``all`` gives None), ``tuple[X, ...]`` (comma-separated; or, for a
+field declared with ``metadata={"repeatable": True}``, one item per use of the
+option, e.g. ``--split-file a=x.txt --split-file b=y.txt``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,13 @@ def _parser_for(kind: Any, optional: bool) -> Callable[[str], Any]:
     return parse
 
 
+class _Repeated(argparse.Action):
+    """Each use of the option adds one item to the tuple (a repeatable option)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, (*(getattr(namespace, self.dest) or ()), values))
+
+
 def _is_config(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
@@ -135,6 +144,17 @@ def add_config_options(
             )
             if not path and item.name in positional:
                 parser.add_argument(dest, type=_parser_for(kind, optional), help=help_text)
+            elif item.metadata.get("repeatable"):
+                item_kind, item_optional = _unwrap_optional(typing.get_args(kind)[0])
+                parser.add_argument(
+                    flag,
+                    dest=dest,
+                    action=_Repeated,
+                    type=_parser_for(item_kind, item_optional),
+                    default=default,
+                    help=f"{help_text} (repeatable)",
+                    metavar=item.metadata.get("metavar", dest.upper()),
+                )
             elif kind is bool:  # an optional one: None (neither flag) is the automatic choice
                 parser.add_argument(
                     flag,

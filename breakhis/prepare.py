@@ -7,7 +7,7 @@ Writes to DEST (local or ``s3://``):
   and ``png`` (the file's bytes), ~``shard_mb`` per file in row groups of at
   most ``row_group_rows`` rows;
 - ``manifest.parquet``: one row per accepted image with the split columns
-  (``fold``, ``rep0``..) but no pixels;
+  (``fold``, ``rep0``.., and one per ``--split-file NAME=PATH``) but no pixels;
 - ``rejects.parquet``: every file that failed to parse or decode, with the reason;
 - with ``--pixels S[,S2]``: ``pixels/S/part-NNNNN-<hash>.parquet`` beside each shard, its
   tiles decoded and resized to S x S uint8 (breakhis/pixels.py), so that training and
@@ -19,6 +19,15 @@ Shards are planned deterministically from the catalog and named by a hash of
 their members, so a re-run skips shards that are already complete (a job that
 died part-way resumes), rewrites none twice, and deletes shards of an older
 plan: the result is the same whatever happened before.
+
+User-defined splits: ``--split-file heldout=patients.txt`` (repeatable) adds the
+manifest column ``heldout``, ``test`` for the patient ids the file lists (one per
+line, ``#`` comments and blank lines ignored) and ``train`` for the others; jobs
+use it as ``--split column:heldout``. An id the data does not have is refused
+before Ray starts. The column is part of the manifest hash, so a model trained
+before it changed cannot be evaluated against it. A rerun keeps the split columns
+of earlier runs (as it keeps stored pixels: dropping one would change the hash
+under every model trained on DEST); naming a column again replaces it.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import io
 import json
 import logging
 import os
+import re
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +59,14 @@ from breakhis.pixels import (
     pixel_file_uri,
 )
 from breakhis.raysession import ensure_ray
-from breakhis.splits import add_split_columns
+from breakhis.splits import (
+    SplitSpec,
+    add_split_columns,
+    check_column_name,
+    read_patient_list,
+    select_split,
+    user_split_column,
+)
 from breakhis.transforms import to_chw
 
 log = logging.getLogger(__name__)
@@ -59,9 +76,14 @@ SHARD_SCHEMA = (
     .append(pa.field("height", pa.int32()))
     .append(pa.field("png", pa.binary()))
 )
+_BUILT_IN_COLUMNS = (*SHARD_SCHEMA.names, "fold")
+"""Manifest columns prepare writes itself (and rep0..rep{k-1})."""
 _REJECTS_KEY = b"breakhis.rejects"
 SHARDS_KEY = "breakhis.shards"
 """Manifest metadata key: JSON list of the shard file names of its plan."""
+SPLIT_KEY = "breakhis.split"
+"""Manifest metadata key: JSON of the split options; ``columns`` maps each user-defined
+split column to the file its test patients came from."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,13 @@ class PrepareConfig:
     """Also store each tile decoded and resized to S x S uint8 for each size S given
     (comma-separated, e.g. 224,128): training, scoring and evaluation at --image-size S then
     read these pixels instead of decoding PNGs. Sizes stored by an earlier run are kept."""
+    split_file: tuple[str, ...] = field(
+        default=(), metadata={"repeatable": True, "metavar": "NAME=PATH"}
+    )
+    """A user-defined split NAME=PATH (repeat the option for several): the manifest column
+    NAME is ``test`` for the patient ids listed in PATH (local or s3://; one per line, #
+    comments) and ``train`` for the others; jobs use it as --split column:NAME. Columns of
+    an earlier run are kept; naming one again replaces it."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -104,6 +133,7 @@ class PrepareConfig:
         if self.row_group_rows < 1:
             raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
         check_sizes(self.pixels)
+        parse_split_files(self.split_file)
         src, dest = _location(self.src), _location(self.dest)
         if src == dest:
             raise ValueError(
@@ -119,6 +149,28 @@ class PrepareConfig:
                 f"SRC {self.src} is inside DEST {self.dest}: a rerun would delete or catalogue "
                 "its own output; choose a DEST outside SRC"
             )
+
+
+def parse_split_files(entries: tuple[str, ...]) -> dict[str, str]:
+    """NAME -> PATH of ``--split-file NAME=PATH`` entries. Raises ValueError for an entry
+    that is not NAME=PATH, a name given twice, or a name of a column prepare writes itself."""
+    files: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise ValueError(
+                f"--split-file {entry!r}: expected NAME=PATH, e.g. heldout=patients.txt"
+            )
+        check_column_name(name, what=f"--split-file {entry}")
+        if name in _BUILT_IN_COLUMNS or re.fullmatch(r"rep\d+", name):
+            raise ValueError(
+                f"--split-file {entry}: {name!r} is a column prepare writes itself "
+                f"({', '.join(_BUILT_IN_COLUMNS)}, rep0..); choose another name"
+            )
+        if name in files:
+            raise ValueError(f"--split-file: column {name!r} is given twice")
+        files[name] = path
+    return files
 
 
 def _location(uri: str) -> tuple[str, ...]:
@@ -307,13 +359,15 @@ def _table_bytes(table: pa.Table) -> bytes:
 def manifest_hash(manifest: pa.Table) -> str:
     """A short content hash of a manifest: which tiles, labels and splits.
 
+    The splits are every column that is not a shard's own (``fold``, ``rep0``.. and the
+    user-defined split columns), so that a split column added or edited by hand changes it.
     Model artifacts record it so that evaluation can tell which data a model saw.
     """
     digest = hashlib.sha256()
     keep = [
         c
         for c in manifest.column_names
-        if c in ("tile_id", "patient_id", "label", "fold") or c.startswith("rep")
+        if c in ("tile_id", "patient_id", "label") or c not in SHARD_SCHEMA.names
     ]
     for row in manifest.select(keep).sort_by("tile_id").to_pylist():
         digest.update(json.dumps(row, sort_keys=True).encode())
@@ -352,6 +406,59 @@ def _previous_pixel_sizes(dest: str) -> tuple[int, ...]:
         return ()
 
 
+def user_split_columns(manifest: pa.Table) -> dict[str, str]:
+    """The user-defined split columns of a manifest (``--split-file``), each with the file
+    its test patients came from, sorted by name ({} for none)."""
+    raw = (manifest.schema.metadata or {}).get(SPLIT_KEY.encode())
+    return dict(sorted(json.loads(raw).get("columns", {}).items())) if raw else {}
+
+
+def _test_patients(config: PrepareConfig, catalog: pa.Table) -> dict[str, tuple[str, frozenset]]:
+    """Each user-defined split column: NAME -> (source, its test patients), from the split
+    files given and, for the names not given again, DEST's current manifest. Raises
+    FileNotFoundError for a missing file and ValueError for one that is not text or lists
+    patient ids ``catalog`` lacks (before Ray starts)."""
+    known = frozenset(catalog.column("patient_id").to_pylist())
+    chosen: dict[str, tuple[str, frozenset]] = {}
+    for name, path in parse_split_files(config.split_file).items():
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--split-file {name}={path}: not UTF-8 text ({err})") from err
+        test = frozenset(read_patient_list(text))
+        user_split_column(known, test, known=known, source=f"--split-file {name}={path}")
+        chosen[name] = (path, test)
+    try:
+        previous = read_manifest(config.dest)
+    except FileNotFoundError:
+        return chosen
+    for name, source in user_split_columns(previous).items():
+        if name in chosen or name not in previous.column_names:
+            continue  # given again: the new list replaces it
+        rows = previous.filter(pc.equal(previous.column(name), "test"))
+        kept = frozenset(rows.column("patient_id").to_pylist()) & known
+        if not kept:
+            log.warning("dropping split column %r: none of its test patients is in SRC", name)
+            continue
+        log.info("keeping split column %r of the earlier run (from %s)", name, source)
+        chosen[name] = (source, kept)
+    return dict(sorted(chosen.items()))
+
+
+def _add_user_split_columns(
+    manifest: pa.Table, columns: dict[str, tuple[str, frozenset]], known: frozenset[str]
+) -> pa.Table:
+    """Append the user-defined split columns and run the split checks on each."""
+    patients = manifest.column("patient_id").to_pylist()
+    for name, (source, test) in columns.items():
+        column = user_split_column(
+            patients, test, known=known, source=f"--split-file {name}={source}"
+        )
+        manifest = manifest.append_column(name, column)
+        select_split(manifest, SplitSpec("column", column=name))  # one side per patient
+    return manifest
+
+
 def read_manifest(dest: str) -> pa.Table:
     """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
     uri = storage.join(dest, "manifest.parquet")
@@ -385,6 +492,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     import ray
 
     catalog = scan_catalog(config.src, strict=config.strict)
+    user_splits = _test_patients(config, catalog.table)  # a bad list fails before Ray starts
     plans = plan_shards(catalog.table, shard_mb=config.shard_mb)
     ensure_ray()  # only now: a SRC without images fails before Ray starts
     shards_uri = storage.join(config.dest, "shards")
@@ -413,16 +521,19 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         test_fraction=config.test_fraction,
         seed=config.seed,
     )
+    known = frozenset(catalog.table.column("patient_id").to_pylist())
+    manifest = _add_user_split_columns(manifest, user_splits, known)
+    split_options = {
+        "folds": config.folds,
+        "repetitions": config.repetitions,
+        "test_fraction": config.test_fraction,
+        "seed": config.seed,
+    }
+    if user_splits:
+        split_options["columns"] = {name: source for name, (source, _) in user_splits.items()}
     manifest = manifest.replace_schema_metadata(
         {
-            "breakhis.split": json.dumps(
-                {
-                    "folds": config.folds,
-                    "repetitions": config.repetitions,
-                    "test_fraction": config.test_fraction,
-                    "seed": config.seed,
-                }
-            ),
+            SPLIT_KEY: json.dumps(split_options),
             "breakhis.manifest_hash": manifest_hash(manifest),
             # Readers take exactly these shards, so stale ones left by a job that died
             # before deleting them are never read twice.
@@ -458,6 +569,8 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     split_counts = Counter(f"fold{f}" for f in manifest.column("fold").to_pylist())
     for i in range(config.repetitions):
         split_counts[f"rep{i}"] = pc.sum(pc.equal(manifest.column(f"rep{i}"), "test")).as_py()
+    for name in user_splits:
+        split_counts[name] = pc.sum(pc.equal(manifest.column(name), "test")).as_py()
     return PrepareSummary(
         dest=config.dest,
         images=manifest.num_rows,

@@ -3,13 +3,17 @@ held-out patients, reported as mean +- std over the splits.
 
     breakhis protocol --data s3://bucket/prepared --storage s3://bucket/runs --name rn50-paper
     breakhis protocol --data ... --storage ... --name rn50-per-mag --per-magnification
+    breakhis protocol --data ... --storage ... --name rn50-site --scheme column --columns site_a
     ray job submit --working-dir . -- python jobs/protocol.py --data ... (same options)
 
 Spanhol et al. (2016) split the patients at random 70/30 five times and report
 the mean and standard deviation of the recognition rates over the five
 repetitions, per magnification. ``scheme="rep"`` runs exactly that on the
 manifest's ``rep0..rep4`` columns; ``scheme="fold"`` runs k-fold
-cross-validation by patient instead. Each split trains the
+cross-validation by patient instead; ``scheme="column"`` runs the user-defined
+splits (``--columns``, by default every one ``breakhis prepare --split-file``
+added), one split per manifest column. The protocol sets each run's split
+itself, so ``--split`` is refused here. Each split trains the
 magnification-independent model (``None`` in ``magnifications``) and, with
 ``--per-magnification``, one model per magnification as well; every model is
 evaluated on its split's test patients at all four magnifications, which gives
@@ -33,7 +37,7 @@ artifact was written with the same options is not trained again, so running
 the same command after a failure only redoes what is missing.
 
 Outputs under STORAGE/NAME: one run folder per (split, magnification)
-(``rep0-all``, ``rep0-40x``, ...) holding the training job's checkpoints,
+(``rep0-all``, ``rep0-40x``, ``column-heldout-all``, ...) holding the training job's checkpoints,
 ``model/`` artifact and curves, plus ``evaluation/`` (that run's full report);
 and ``report/`` (or ``out``): the protocol's ``report.html`` and ``metrics.json``.
 """
@@ -45,7 +49,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from breakhis import storage
@@ -53,7 +57,7 @@ from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
 from breakhis.names import MAGNIFICATIONS
 from breakhis.protocol_result import ProtocolResult, ProtocolRun, aggregate
 from breakhis.raysession import ensure_ray
-from breakhis.splits import SCHEMES, SplitSpec
+from breakhis.splits import SCHEMES, SplitSpec, check_column_name
 from breakhis.train import DATA_CPUS
 from breakhis.train_config import ARTIFACT_DIR, TrainConfig
 
@@ -64,6 +68,7 @@ PER_MAGNIFICATION: tuple[int | None, ...] = (None, *MAGNIFICATIONS)
 and one per magnification."""
 REPORT_DIR = "report"
 EVALUATION_DIR = "evaluation"
+_DEFAULT_SPLIT = next(f.default for f in fields(TrainConfig) if f.name == "split")
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,14 @@ class ProtocolConfig:
     protocol's: runs live at STORAGE/NAME/<split>-<magnification>. Its ``split`` and
     ``magnification`` are set per run (leave them at their defaults)."""
     scheme: str = "rep"
-    """``rep``: the paper's random 70/30 patient splits; ``fold``: k-fold by patient."""
+    """``rep``: the paper's random 70/30 patient splits; ``fold``: k-fold by patient;
+    ``column``: user-defined splits, manifest columns of train/val/test (see ``columns``)."""
     splits: tuple[int, ...] = ()
-    """Split indices to run; empty: every split of the scheme in the manifest."""
+    """Split indices to run (``rep`` and ``fold``); empty: every split of the scheme in the
+    manifest."""
+    columns: tuple[str, ...] = ()
+    """With ``--scheme column``: the manifest's split columns to run, each as the split
+    ``column:NAME``; empty: every column ``breakhis prepare --split-file`` added."""
     magnifications: tuple[int | None, ...] = (None,)
     """Models per split: None is the magnification-independent model, 40..400 a model
     trained at that magnification only (PER_MAGNIFICATION for all five)."""
@@ -93,6 +103,21 @@ class ProtocolConfig:
             raise ValueError(f"--scheme {self.scheme!r}; accepted: {', '.join(SCHEMES)}")
         if any(i < 0 for i in self.splits) or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"--splits {list(self.splits)}: expected distinct indices >= 0")
+        if self.scheme == "column" and self.splits:
+            raise ValueError(
+                "--splits picks rep or fold splits; with --scheme column use --columns"
+            )
+        if self.scheme != "column" and self.columns:
+            raise ValueError(f"--columns {','.join(self.columns)} needs --scheme column")
+        for name in self.columns:
+            check_column_name(name, what="--columns")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"--columns {','.join(self.columns)} repeat a column")
+        if self.train.split != _DEFAULT_SPLIT:
+            raise ValueError(
+                f"--split {self.train.split}: the protocol sets each run's split; use --scheme "
+                "rep|fold with --splits K,..., or --scheme column with --columns NAME,..."
+            )
         if not self.magnifications:
             raise ValueError("magnifications: give at least one (None: all magnifications)")
         for mag in self.magnifications:
@@ -138,9 +163,18 @@ class RunPlan:
         return storage.join(self.train.run_uri, EVALUATION_DIR)
 
 
-def run_name(scheme: str, index: int, magnification: int | None) -> str:
-    """The run folder name, e.g. ``rep0-all`` or ``fold3-40x``."""
-    return f"{scheme}{index}-{'all' if magnification is None else f'{magnification}x'}"
+def run_name(scheme: str, split: int | str, magnification: int | None) -> str:
+    """The run folder name, e.g. ``rep0-all``, ``fold3-40x`` or (``split`` a column name)
+    ``column-heldout-all``."""
+    stem = f"column-{split}" if scheme == "column" else f"{scheme}{split}"
+    return f"{stem}-{'all' if magnification is None else f'{magnification}x'}"
+
+
+def split_spec(scheme: str, split: int | str) -> SplitSpec:
+    """The split ``split`` (an index, or a column name with ``column``) of a scheme."""
+    if scheme == "column":
+        return SplitSpec("column", column=str(split))
+    return SplitSpec(scheme, int(split))
 
 
 def available_splits(manifest_columns: Sequence[str], fold_count: int, scheme: str) -> list[int]:
@@ -150,14 +184,14 @@ def available_splits(manifest_columns: Sequence[str], fold_count: int, scheme: s
     return sorted(int(c[3:]) for c in manifest_columns if c.startswith("rep") and c[3:].isdigit())
 
 
-def plan_runs(config: ProtocolConfig, indices: Sequence[int]) -> list[RunPlan]:
+def plan_runs(config: ProtocolConfig, splits: Sequence[int | str]) -> list[RunPlan]:
     """One RunPlan per (split, magnification), splits first so that concurrent threads
-    start on different splits."""
+    start on different splits. ``splits``: indices, or column names with ``column``."""
     plans = []
     for magnification in config.magnifications:
-        for index in indices:
+        for index in splits:
             name = run_name(config.scheme, index, magnification)
-            split = str(SplitSpec(config.scheme, index))
+            split = str(split_spec(config.scheme, index))
             train = replace(
                 config.train,
                 storage=config.root,
@@ -254,12 +288,25 @@ def _mag_text(magnification: int | None) -> str:
     return "all magnifications" if magnification is None else f"{magnification}X"
 
 
-def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int]:
-    """The split indices to run (``config.splits``, else all the manifest has); raises
-    ValueError for splits it lacks and LeakageError for a leaking one, before any
-    training starts."""
+def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int | str]:
+    """The splits to run: indices (``config.splits``, else all the manifest has) or with
+    ``column`` column names (``config.columns``, else every user-defined one); raises
+    ValueError for splits it lacks or a malformed split column, and LeakageError for a
+    leaking one, before any training starts."""
+    from breakhis.prepare import user_split_columns
     from breakhis.splits import select_split
 
+    if config.scheme == "column":
+        columns: list[int | str] = list(config.columns or user_split_columns(manifest))
+        if not columns:
+            raise ValueError(
+                f"{config.train.data}: the manifest has no user-defined split column; add one "
+                "with `breakhis prepare SRC DEST --split-file NAME=patients.txt` or name one "
+                "with --columns"
+            )
+        for name in columns:
+            select_split(manifest, split_spec("column", name))
+        return columns
     folds = (
         int(max(manifest.column("fold").to_pylist())) + 1 if "fold" in manifest.column_names else 0
     )
@@ -273,7 +320,7 @@ def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int]:
         )
     for index in indices:
         select_split(manifest, SplitSpec(config.scheme, index))
-    return indices
+    return list(indices)
 
 
 def _run_all(
@@ -337,10 +384,12 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
         data=config.train.data,
         root=config.root,
         scheme=config.scheme,
-        config_splits=tuple(str(SplitSpec(config.scheme, i)) for i in indices),
+        config_splits=tuple(str(split_spec(config.scheme, i)) for i in indices),
         magnifications=tuple(config.magnifications),
         patients=len(set(manifest.column("patient_id").to_pylist())),
-        protocol_description=describe_scheme(manifest, config.scheme),
+        protocol_description=describe_scheme(
+            manifest, config.scheme, tuple(str(i) for i in indices)
+        ),
         train_config={
             k: v
             for k, v in config.train.to_dict().items()

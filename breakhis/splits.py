@@ -2,27 +2,42 @@
 
 The patient, not the image, is the unit of independence in BreakHis: images
 of one patient on both sides of a split inflate accuracy by several points.
-Two schemes, both stratified by label and deterministic for a seed:
+Two schemes ``breakhis prepare`` writes, both stratified by label and
+deterministic for a seed:
 
 - ``rep``: the paper's protocol, ``k`` repetitions of a random 70/30 split of
   patients (manifest columns ``rep0`` .. ``rep{k-1}``, "train"/"test");
 - ``fold``: k-fold cross-validation grouped by patient (manifest column
-  ``fold``: the fold in which the patient is tested).
+  ``fold``: the fold in which the patient is tested);
+
+and one the user defines:
+
+- ``column:NAME``: the manifest column NAME holds ``train``, ``val`` or
+  ``test`` for each image, the same for every image of a patient.
+  ``breakhis prepare SRC DEST --split-file NAME=patients.txt`` writes such a
+  column from a list of test patients (the others train); see
+  user_split_column.
 
 A validation set, when asked for, is carved from the training patients of
-the chosen split, also by patient and stratified by label.
+the chosen split, also by patient and stratified by label; a column with
+``val`` rows names its validation patients itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMES = ("fold", "rep")
+SCHEMES = ("fold", "rep", "column")
+SIDES = ("train", "val", "test")
+"""The values of a user-defined split column."""
+COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+"""Names accepted for a user-defined split column (they also name protocol run folders)."""
 
 
 class LeakageError(RuntimeError):
@@ -33,16 +48,21 @@ class LeakageError(RuntimeError):
 class SplitSpec:
     """Which split of a prepared data set a job uses.
 
-    scheme: "fold" (k-fold by patient) or "rep" (the paper's 70/30 repetitions).
-    index: the fold or repetition number.
-    val_fraction: share of the training patients held out for validation (0 for none).
+    scheme: "fold" (k-fold by patient), "rep" (the paper's 70/30 repetitions) or
+        "column" (a user-defined manifest column of train/val/test).
+    index: the fold or repetition number (0 with "column").
+    val_fraction: share of the training patients held out for validation when the split
+        names none itself (a column without ``val`` rows); 0: no validation patients at
+        all (a column's ``val`` patients then train too, as a refit wants).
     seed: seed for carving the validation patients.
+    column: with "column", the manifest column that holds each image's side.
     """
 
     scheme: str = "fold"
     index: int = 0
     val_fraction: float = 0.0
     seed: int = 0
+    column: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -53,17 +73,40 @@ class SplitSpec:
             raise ValueError(f"split index must be >= 0, got {self.index}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.scheme == "column":
+            check_column_name(self.column or "", what="split column:NAME")
+            if self.index:
+                raise ValueError(f"split column:{self.column} has no index, got {self.index}")
+        elif self.column is not None:
+            raise ValueError(f"split {self.scheme}:{self.index} takes no column name")
 
     @classmethod
     def parse(cls, text: str, *, val_fraction: float = 0.0, seed: int = 0) -> SplitSpec:
-        """Parse ``fold:K`` or ``rep:K``. Raises ValueError saying what is accepted."""
+        """Parse ``fold:K``, ``rep:K`` or ``column:NAME``. Raises ValueError saying what is
+        accepted."""
         scheme, _, index = text.partition(":")
+        if scheme == "column":
+            return cls(scheme=scheme, column=index, val_fraction=val_fraction, seed=seed)
         if not index.isdigit():
-            raise ValueError(f"split {text!r}: expected fold:K or rep:K, e.g. fold:0")
+            raise ValueError(
+                f"split {text!r}: expected fold:K or rep:K (a split prepare wrote) or "
+                "column:NAME (a manifest column of train/val/test), e.g. fold:0"
+            )
         return cls(scheme=scheme, index=int(index), val_fraction=val_fraction, seed=seed)
 
     def __str__(self) -> str:
+        if self.scheme == "column":
+            return f"column:{self.column}"
         return f"{self.scheme}:{self.index}"
+
+
+def check_column_name(name: str, *, what: str) -> None:
+    """Raise ValueError unless ``name`` can name a user-defined split column."""
+    if not COLUMN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{what}: column name {name!r}: use a letter, then letters, digits and . _ - "
+            "(e.g. heldout)"
+        )
 
 
 @dataclass(frozen=True)
@@ -234,9 +277,36 @@ def add_split_columns(
 def select_split(manifest: pa.Table, spec: SplitSpec) -> SplitPatients:
     """The train/val/test patients of one split of a manifest.
 
-    Raises ValueError when the manifest lacks the split, and LeakageError
-    when a patient falls on two sides (e.g. a hand-edited manifest).
+    Raises ValueError when the manifest lacks the split or a split column is
+    malformed (see column_sides), and LeakageError when a patient falls on two
+    sides (e.g. a hand-edited manifest).
     """
+    named_val: frozenset[str] = frozenset()
+    if spec.scheme == "column":
+        sides = column_sides(manifest, spec)
+        train_rows, named_val, test_rows = sides["train"], sides["val"], sides["test"]
+        check_no_leakage(train=train_rows, val=named_val, test=test_rows)
+    else:
+        train_rows, test_rows = _prepared_sides(manifest, spec)
+        check_no_leakage(train=train_rows, test=test_rows)
+    if named_val and spec.val_fraction > 0:
+        val = named_val
+    elif named_val:  # no validation asked for: the column's validation patients train
+        train_rows, val = train_rows | named_val, frozenset()
+    else:
+        val = carve_validation(
+            sorted(train_rows),
+            patient_labels(manifest),
+            fraction=spec.val_fraction,
+            seed=spec.seed,
+        )
+    split = SplitPatients(train=frozenset(train_rows - val), val=val, test=frozenset(test_rows))
+    check_no_leakage(train=split.train, val=split.val, test=split.test)
+    return split
+
+
+def _prepared_sides(manifest: pa.Table, spec: SplitSpec) -> tuple[frozenset[str], frozenset[str]]:
+    """The training and test patients of a ``fold`` or ``rep`` split (not yet checked)."""
     patients = manifest.column("patient_id")
     if spec.scheme == "fold":
         if "fold" not in manifest.column_names:
@@ -251,12 +321,95 @@ def select_split(manifest: pa.Table, spec: SplitSpec) -> SplitPatients:
             reps = [c for c in manifest.column_names if c.startswith("rep")]
             raise ValueError(f"split {spec}: manifest has no {column!r}; it has {reps}")
         is_test = pc.equal(manifest.column(column), "test")
-    test_rows = set(pc.filter(patients, is_test).to_pylist())
-    train_rows = set(pc.filter(patients, pc.invert(is_test)).to_pylist())
-    check_no_leakage(train=train_rows, test=test_rows)
-    val = carve_validation(
-        sorted(train_rows), patient_labels(manifest), fraction=spec.val_fraction, seed=spec.seed
-    )
-    split = SplitPatients(train=frozenset(train_rows - val), val=val, test=frozenset(test_rows))
-    check_no_leakage(train=split.train, val=split.val, test=split.test)
-    return split
+    test_rows = frozenset(pc.filter(patients, is_test).to_pylist())
+    train_rows = frozenset(pc.filter(patients, pc.invert(is_test)).to_pylist())
+    return train_rows, test_rows
+
+
+def column_sides(manifest: pa.Table, spec: SplitSpec) -> dict[str, frozenset[str]]:
+    """The patients on each side ("train", "val", "test") of a ``column:NAME`` split.
+
+    Raises ValueError, in one line: naming the columns the manifest has when
+    NAME is not one; naming the row, its patient and the accepted values for
+    a value other than train/val/test; naming the patient and the sides found
+    when a patient's images are not all on one side; and when no patient is
+    on the train or the test side.
+    """
+    name = spec.column or ""
+    if name not in manifest.column_names:
+        raise ValueError(
+            f"split {spec}: the manifest has no column {name!r}; its columns: "
+            f"{', '.join(manifest.column_names)}"
+        )
+    values = manifest.column(name)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ValueError(
+            f"split {spec}: column {name!r} holds {values.type} values; a split column "
+            f"holds one of {', '.join(SIDES)} per image"
+        )
+    patients = manifest.column("patient_id").to_pylist()
+    found: dict[str, set[str]] = {}
+    for row, (patient, side) in enumerate(zip(patients, values.to_pylist(), strict=True)):
+        if side not in SIDES:
+            tile = (
+                f"tile {manifest.column('tile_id')[row].as_py()}, "
+                if "tile_id" in manifest.column_names
+                else ""
+            )
+            raise ValueError(
+                f"split {spec}: column {name!r}, row {row} ({tile}patient {patient}) holds "
+                f"{side!r}; accepted: {', '.join(SIDES)}"
+            )
+        found.setdefault(patient, set()).add(side)
+    mixed = sorted(p for p, s in found.items() if len(s) > 1)
+    if mixed:
+        others = f" ({len(mixed) - 1} other patient(s) too)" if len(mixed) > 1 else ""
+        raise ValueError(
+            f"split {spec}: patient {mixed[0]} has images on "
+            f"{' and '.join(s for s in SIDES if s in found[mixed[0]])} in column {name!r}"
+            f"{others}; every image of a patient must be on one side"
+        )
+    sides = {s: frozenset(p for p, f in found.items() if s in f) for s in SIDES}
+    for needed in ("train", "test"):
+        if not sides[needed]:
+            raise ValueError(
+                f"split {spec}: column {name!r} puts no patient on {needed!r}; a split needs "
+                "training and test patients"
+            )
+    return sides
+
+
+def read_patient_list(text: str) -> list[str]:
+    """The patient ids of a split file: one per line; blank lines and ``#`` comments (whole
+    lines or after an id) are ignored. Returns them in file order, without repeats."""
+    patients: dict[str, None] = {}
+    for line in text.splitlines():
+        patient = line.split("#", 1)[0].strip()
+        if patient:
+            patients[patient] = None
+    return list(patients)
+
+
+def user_split_column(
+    patients: Iterable[str], test: Collection[str], *, known: Collection[str], source: str
+) -> pa.Array:
+    """A split column for rows of ``patients``: "test" for the patients in ``test``, "train"
+    for the others.
+
+    ``known`` is every patient of the data set and ``source`` names the list in messages.
+    Raises ValueError, in one line, naming the ids in ``test`` that are not ``known``
+    (and how many are), and when ``test`` is empty or holds every known patient.
+    """
+    unknown = sorted(set(test) - set(known))
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        example = f" (ids like {min(known)})" if known else ""
+        raise ValueError(
+            f"{source}: {len(unknown)} patient id(s) not in the data: {shown}; "
+            f"the data has {len(set(known))} patients{example}"
+        )
+    if not test:
+        raise ValueError(f"{source}: lists no patient; list the test patients, one per line")
+    if set(known) <= set(test):
+        raise ValueError(f"{source}: lists every patient as test; no patient would train")
+    return pa.array(["test" if p in test else "train" for p in patients], pa.string())

@@ -62,7 +62,10 @@ class TrainConfig:
     name: str
     """Run name: the run lives at STORAGE/NAME; the same name resumes it."""
     split: str = "fold:0"
-    """Patient-disjoint split of the manifest: ``fold:K`` or ``rep:K``."""
+    """Patient-disjoint split of the manifest: ``fold:K``, ``rep:K`` or ``column:NAME`` (a
+    manifest column of train/val/test per patient; with --val-fraction > 0 its val
+    patients, if any, are the validation patients instead of a share of train; with 0
+    they train too)."""
     val_fraction: float = 0.0
     """Share of the training patients held out for validation (by patient, per class); 0
     (the default) trains on every training patient and validates nothing: the model is the

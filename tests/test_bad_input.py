@@ -4,7 +4,8 @@ seconds), and nothing written to the outputs.
 
 Each case is a real file or folder on disk: a missing or damaged model, an empty input,
 an output another job owns, a missing or leaking manifest, a bad search space, splits
-the manifest lacks, a report folder that is a file.
+the manifest lacks, a user-defined split column that is missing or puts a patient on two
+sides, a split file naming patients the data lacks, a report folder that is a file.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
     )
     (root / "leaking").mkdir()
     pq.write_table(leaking, root / "leaking" / "manifest.parquet")
+    # A user-defined split column that puts p0's two images on two sides.
+    two_sided = _manifest()
+    sides = ["test" if p in ("p0", "p1") else "train" for p in two_sided["patient_id"].to_pylist()]
+    sides[0] = "train"
+    (root / "column").mkdir()
+    pq.write_table(
+        two_sided.append_column("site", pa.array(sides, pa.string())),
+        root / "column" / "manifest.parquet",
+    )
 
     # The model records the leaking manifest as its own (a hand-edited one, say), so that
     # evaluation gets as far as the split's own leakage check.
@@ -104,6 +114,11 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
 
     (root / "tiles").mkdir()
     Image.new("RGB", (48, 48), (200, 120, 160)).save(root / "tiles" / "tile.png")
+    (root / "breakhis").mkdir()
+    shutil.copyfile(
+        root / "tiles" / "tile.png", root / "breakhis" / "SOB_B_A-14-22549AB-40-001.png"
+    )
+    (root / "heldout.txt").write_text("# test patients\n14-22549AB\n14-9999\n")
     (root / "empty").mkdir()
 
     (root / "owned").mkdir()
@@ -193,6 +208,30 @@ CASES: dict[str, Case] = {
                    "--name", "x", "--arch", "smallcnn", "--weights", "none",
                    "--search-space", str(p / "bad-space.yaml")],
         "bad-space.yaml: unknown key 'colour'", ("sweeps-b",),
+    ),
+    "train-split-column-missing": Case(
+        lambda p: ["train", "--data", str(p / "prepared"), "--storage", str(p / "runs-c"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none",
+                   "--split", "column:site"],
+        "split column:site: the manifest has no column 'site'; its columns: tile_id, uri,",
+        ("runs-c",),
+    ),
+    "train-split-column-patient-on-two-sides": Case(
+        lambda p: ["train", "--data", str(p / "column"), "--storage", str(p / "runs-d"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none",
+                   "--split", "column:site"],
+        "patient p0 has images on train and test in column 'site'", ("runs-d",),
+    ),
+    "tune-split-column-missing": Case(
+        lambda p: ["tune", "--data", str(p / "prepared"), "--storage", str(p / "sweeps-c"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none",
+                   "--split", "column:site"],
+        "split column:site: the manifest has no column 'site'", ("sweeps-c",),
+    ),
+    "prepare-split-file-unknown-patient": Case(
+        lambda p: ["prepare", str(p / "breakhis"), str(p / "dest-b"), "--split-file",
+                   f"heldout={p / 'heldout.txt'}"],
+        "1 patient id(s) not in the data: 14-9999; the data has 1 patients", ("dest-b",),
     ),
     "protocol-splits-the-manifest-lacks": Case(
         lambda p: ["protocol", "--data", str(p / "prepared"), "--storage", str(p / "proto"),

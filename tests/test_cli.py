@@ -164,3 +164,51 @@ def test_verbose_is_debug_for_breakhis_only(tmp_path):
     assert " DEBUG botocore" not in done.stderr and " DEBUG urllib3" not in done.stderr, (
         done.stderr[-2000:]
     )
+
+
+def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsys):
+    import breakhis.evaluate
+    import breakhis.prepare
+    import breakhis.protocol
+    import breakhis.train
+
+    built = {}
+
+    class Done:
+        def format_table(self) -> str:
+            return "done"
+
+    def capture(name: str):
+        def run(config):
+            built[name] = config
+            return Done()
+
+        return run
+
+    monkeypatch.setattr(breakhis.train, "run_training", capture("train"))
+    monkeypatch.setattr(breakhis.evaluate, "run_evaluation", capture("evaluate"))
+    monkeypatch.setattr(breakhis.protocol, "run_protocol", capture("protocol"))
+    monkeypatch.setattr(breakhis.prepare, "prepare", capture("prepare"))
+    run = ["--data", str(tmp_path / "prepared"), "--storage", str(tmp_path), "--name", "n"]
+
+    assert cli.main(["train", *run, "--split", "column:site_a"]) == 0
+    assert built["train"].split == "column:site_a"
+    evaluate = ["evaluate", "--model", "m", "--data", "d", "--out", "o"]
+    assert cli.main([*evaluate, "--split", "column:site_a"]) == 0
+    assert built["evaluate"].split == "column:site_a"
+    assert cli.main(["protocol", *run, "--scheme", "column", "--columns", "site_a,b"]) == 0
+    assert (built["protocol"].scheme, built["protocol"].columns) == ("column", ("site_a", "b"))
+    (tmp_path / "src").mkdir()
+    prepare = ["prepare", str(tmp_path / "src"), str(tmp_path / "dest")]
+    assert cli.main([*prepare, "--split-file", "a=x,1.txt", "--split-file", "b=y.txt"]) == 0
+    assert built["prepare"].split_file == ("a=x,1.txt", "b=y.txt")  # one entry per use
+    capsys.readouterr()
+
+    # A bad split name is one line and exit status 2, whichever job is given it.
+    assert cli.main(["train", *run, "--split", "column:"]) == 2
+    assert cli.main([*evaluate, "--split", "column:a b"]) == 2
+    assert cli.main(["protocol", *run, "--split", "column:site_a"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and "Traceback" not in "".join(lines)
+    assert "column name ''" in lines[0] and "column name 'a b'" in lines[1]
+    assert "the protocol sets each run's split" in lines[2]

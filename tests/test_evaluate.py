@@ -348,6 +348,54 @@ def test_a_model_from_another_manifest_is_checked_against_its_own_patients(
         run_evaluation(EvaluateConfig(model=model, data=data_a, out=None, split="rep:0"))
 
 
+def test_column_splits_are_checked_against_the_patients_the_model_saw(tmp_path: Path) -> None:
+    from breakhis.artifact import read_card
+    from breakhis.prepare import manifest_hash
+
+    table = _manifest()
+    fold0 = select_split(table, SplitSpec("fold", 0))
+    # A user-defined split whose test patients are two of fold:0's training patients.
+    borrowed = sorted(fold0.train)[:2]
+    sides = ["test" if p in borrowed else "train" for p in table["patient_id"].to_pylist()]
+    with_site = table.append_column("site", pa.array(sides, pa.string()))
+    assert manifest_hash(with_site) != manifest_hash(table)  # the column is part of the data
+    data = _write_manifest(tmp_path / "prepared", with_site)
+    model = _artifact(
+        str(tmp_path / "model"), split="fold:0", manifest_hash=manifest_hash(with_site), data=data
+    )
+    with pytest.raises(LeakageError, match="refusing to evaluate") as info:
+        run_evaluation(EvaluateConfig(model=model, data=data, out=None, split="column:site"))
+    assert all(patient in str(info.value) for patient in borrowed)
+
+    # A model trained on the column saw every patient but the column's test patients.
+    own = _artifact(
+        str(tmp_path / "own"),
+        split="column:site",
+        manifest_hash=manifest_hash(with_site),
+        data=data,
+    )
+    known = model_patients(read_card(own), with_site, data)
+    assert known.split.test == frozenset(borrowed) and not known.seen & known.split.test
+    assert known.seen == frozenset(table["patient_id"].to_pylist()) - frozenset(borrowed)
+
+    # The column edited by hand after training: the model's manifest is gone.
+    edited = with_site.set_column(
+        with_site.schema.get_field_index("site"),
+        "site",
+        pa.array(
+            [
+                "train" if p == borrowed[0] else side
+                for p, side in zip(table["patient_id"].to_pylist(), sides, strict=True)
+            ],
+            pa.string(),
+        ),
+    )
+    assert manifest_hash(edited) != manifest_hash(with_site)
+    _write_manifest(tmp_path / "prepared", edited)
+    with pytest.raises(LeakageError, match="has changed since"):
+        run_evaluation(EvaluateConfig(model=own, data=data, out=None, split="column:site"))
+
+
 def test_a_model_without_a_recorded_split_is_refused(tmp_path: Path) -> None:
     table = _manifest()
     data = _write_manifest(tmp_path / "prepared", table)

@@ -12,7 +12,14 @@ import pytest
 from breakhis import storage
 from breakhis.catalog import scan_catalog
 from breakhis.pixels import images_of
-from breakhis.prepare import PrepareConfig, prepare, read_manifest, stored_pixel_sizes
+from breakhis.prepare import (
+    PrepareConfig,
+    manifest_hash,
+    prepare,
+    read_manifest,
+    stored_pixel_sizes,
+    user_split_columns,
+)
 from breakhis.splits import SplitSpec, select_split
 
 pytestmark = [pytest.mark.ray]
@@ -283,3 +290,97 @@ def test_a_newline_in_a_file_name_cannot_forge_a_log_line(
     rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
     assert len(rejected) == 1, rejected
     assert "\n" not in rejected[0] and "\\n" in rejected[0]
+
+
+# --------------------------------------------------------------------------- --split-file
+
+
+def _sides(manifest, column: str) -> dict[str, str]:
+    return dict(zip(manifest["patient_id"].to_pylist(), manifest[column].to_pylist(), strict=True))
+
+
+def test_split_files_add_columns_in_the_hash_and_reruns_keep_them(
+    realdata_dir, tmp_path, ray_local
+):
+    src, dest = tmp_path / "src", str(tmp_path / "prepared")
+    _real_tree_with_bad_files(realdata_dir, src)
+    prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8))
+    plain = read_manifest(dest)
+    heldout, site = tmp_path / "heldout.txt", tmp_path / "site.txt"
+    heldout.write_text("# held out by hand\n14-13412\n\n  14-25197  # fibroadenoma\n")
+    site.write_text("15-190EF\n")
+    files = (f"heldout={heldout}", f"site_b={site}")
+    summary = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, split_file=files))
+
+    manifest = read_manifest(dest)
+    assert summary.shards_written == 0  # only the manifest changes
+    assert manifest.num_rows == plain.num_rows == 60
+    assert set(_sides(manifest, "heldout").values()) == {"train", "test"}
+    assert {p for p, s in _sides(manifest, "heldout").items() if s == "test"} == {
+        "14-13412",
+        "14-25197",
+    }
+    assert {p for p, s in _sides(manifest, "site_b").items() if s == "test"} == {"15-190EF"}
+    assert manifest.drop_columns(["heldout", "site_b"]).equals(plain)
+    # The columns are part of the prepared data's identity.
+    assert manifest_hash(manifest) != manifest_hash(plain)
+    stored = manifest.schema.metadata[b"breakhis.manifest_hash"].decode()
+    assert stored == manifest_hash(manifest)
+    assert user_split_columns(manifest) == {"heldout": str(heldout), "site_b": str(site)}
+    assert "heldout=" in summary.format_table() and "site_b=" in summary.format_table()
+    split = select_split(manifest, SplitSpec.parse("column:heldout", val_fraction=0.2))
+    assert split.test == {"14-13412", "14-25197"} and split.val and split.train
+
+    # A rerun that names one column again replaces it and keeps the other as it was.
+    heldout.write_text("14-2523\n")
+    again = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, split_file=files[:1]))
+    rerun = read_manifest(dest)
+    assert again.shards_written == 0
+    assert {p for p, s in _sides(rerun, "heldout").items() if s == "test"} == {"14-2523"}
+    assert rerun["site_b"].equals(manifest["site_b"])
+    assert user_split_columns(rerun) == {"heldout": str(heldout), "site_b": str(site)}
+    assert manifest_hash(rerun) not in (manifest_hash(manifest), manifest_hash(plain))
+
+
+def test_split_file_ids_the_data_lacks_are_refused_before_ray(realdata_dir, tmp_path, monkeypatch):
+    import breakhis.prepare as prepare_module
+
+    def no_ray() -> None:
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(prepare_module, "ensure_ray", no_ray)
+    listed = tmp_path / "patients.txt"
+    listed.write_text("14-13412\n14-99999\n14_13412\n")
+    config = PrepareConfig(
+        src=str(realdata_dir), dest=str(tmp_path / "out"), split_file=(f"heldout={listed}",)
+    )
+    with pytest.raises(ValueError) as info:
+        prepare(config)
+    assert str(info.value) == (
+        f"--split-file heldout={listed}: 2 patient id(s) not in the data: 14-99999, 14_13412; "
+        "the data has 11 patients (ids like 14-12465)"
+    )
+    missing = PrepareConfig(
+        src=str(realdata_dir), dest=str(tmp_path / "out"), split_file=("heldout=nope.txt",)
+    )
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
+        prepare(missing)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (("heldout",), "expected NAME=PATH"),
+        (("heldout=",), "expected NAME=PATH"),
+        (("fold=a.txt",), "'fold' is a column prepare writes itself"),
+        (("rep7=a.txt",), "'rep7' is a column prepare writes itself"),
+        (("patient_id=a.txt",), "'patient_id' is a column prepare writes itself"),
+        (("width=a.txt",), "'width' is a column prepare writes itself"),
+        (("a=x.txt", "a=y.txt"), "column 'a' is given twice"),
+        (("held out=a.txt",), "column name 'held out'"),
+    ],
+)
+def test_split_file_options_are_checked_when_built(entries, message):
+    with pytest.raises(ValueError, match=message):
+        PrepareConfig(src="a", dest="b", split_file=entries)

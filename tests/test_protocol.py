@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from conftest import small_train_config
 
@@ -22,6 +23,7 @@ from breakhis.protocol import (
     run_protocol,
 )
 from breakhis.protocol_result import ProtocolRun, aggregate
+from breakhis.splits import add_split_columns
 from breakhis.train_config import TrainConfig
 
 
@@ -146,6 +148,10 @@ def test_available_splits() -> None:
         ({"magnifications": (40, 40)}, "repeat"),
         ({"splits": (0, 0)}, "distinct indices"),
         ({"max_concurrent": -1}, "--max-concurrent must be >= 0"),
+        ({"columns": ("site",)}, "--columns site needs --scheme column"),
+        ({"scheme": "column", "splits": (0,)}, "with --scheme column use --columns"),
+        ({"scheme": "column", "columns": ("a", "a")}, "repeat a column"),
+        ({"scheme": "column", "columns": ("a b",)}, "column name 'a b'"),
     ],
 )
 def test_config_errors_name_the_option(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -156,6 +162,48 @@ def test_config_errors_name_the_option(tmp_path: Path, overrides: dict, message:
 def test_the_protocol_sets_magnifications_itself(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="leave --magnification unset"):
         ProtocolConfig(train=_train(tmp_path, magnification=40))
+
+
+def test_the_protocol_sets_splits_itself(tmp_path: Path) -> None:
+    # Each run's split comes from --scheme: a --split would be silently replaced.
+    for split in ("rep:1", "column:site"):
+        with pytest.raises(ValueError, match=f"--split {split}: the protocol sets each run"):
+            ProtocolConfig(train=_train(tmp_path, split=split))
+
+
+def test_column_scheme_runs_the_user_defined_split_columns(tmp_path: Path) -> None:
+    from breakhis.protocol import _check_splits
+
+    rows = [
+        {"tile_id": f"t{p}-{i}", "patient_id": f"p{p}", "label": p % 2}
+        for p in range(10)
+        for i in range(2)
+    ]
+    manifest = add_split_columns(pa.Table.from_pylist(rows), folds=2, repetitions=1)
+    sides = {"site_a": {"p0", "p1"}, "site_b": {"p2", "p3", "p4"}}
+    for name, test in sides.items():
+        column = ["test" if r["patient_id"] in test else "train" for r in rows]
+        manifest = manifest.append_column(name, pa.array(column, pa.string()))
+    columns = {"columns": {"site_a": "a.txt", "site_b": "b.txt"}, "seed": 0}
+    manifest = manifest.replace_schema_metadata({"breakhis.split": json.dumps(columns)})
+
+    config = ProtocolConfig(train=_train(tmp_path), scheme="column")
+    assert _check_splits(config, manifest) == ["site_a", "site_b"]  # every one prepare added
+    picked = replace(config, columns=("site_b",))
+    assert _check_splits(picked, manifest) == ["site_b"]
+    plans = plan_runs(replace(config, magnifications=(None, 40)), ["site_a", "site_b"])
+    assert [p.name for p in plans] == [
+        "column-site_a-all",
+        "column-site_b-all",
+        "column-site_a-40x",
+        "column-site_b-40x",
+    ]
+    assert [p.train.split for p in plans[:2]] == ["column:site_a", "column:site_b"]
+    with pytest.raises(ValueError, match="no column 'site_c'; its columns: tile_id"):
+        _check_splits(replace(config, columns=("site_c",)), manifest)
+    plain = manifest.replace_schema_metadata({})
+    with pytest.raises(ValueError, match="no user-defined split column; add one"):
+        _check_splits(config, plain)
 
 
 # --------------------------------------------------------------------------- a real protocol
