@@ -101,13 +101,16 @@ def calibration_summary(
         rel = reliability(p, y, bins)
         return {"brier": brier_score(p, y), "ece": rel.ece, "reliability": asdict(rel)}
 
-    given = threshold != card.threshold or not card.threshold_rule
+    if threshold != card.threshold:
+        source = "given (--threshold)"
+    elif not card.threshold_rule:
+        source = "the model's decision rule: argmax (threshold and temperature not fitted)"
+    else:
+        source = f"the model's, chosen by {card.threshold_rule} on its validation patients"
     return {
         "temperature": float(card.temperature),
         "threshold": float(threshold),
-        "threshold_source": "given (--threshold)"
-        if given
-        else f"the model's, chosen by {card.threshold_rule} on its validation patients",
+        "threshold_source": source,
         "before": measures(np.asarray(uncalibrated, dtype=np.float64)),
         "after": measures(np.asarray(probs, dtype=np.float64)),
     }

@@ -262,6 +262,16 @@ def _report(row: dict[str, float], state: dict[str, Any] | None, cfg: TrainConfi
 
 
 def _log_epoch(cfg: TrainConfig, row: Mapping[str, float]) -> None:
+    if "val_loss" not in row:  # no validation patients (--val-fraction 0, or a refit)
+        log.info(
+            "epoch %d/%d: train loss %.4f, lr %.3g (%.0f img/s)",
+            row["epoch"],
+            cfg.epochs,
+            row["train_loss"],
+            row["lr"],
+            row["train_images_per_s"],
+        )
+        return
     log.info(
         "epoch %d/%d: train loss %.4f, val loss %.4f, %s %.4f, patient rate %.3f (%.0f img/s)",
         row["epoch"],

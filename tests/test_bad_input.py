@@ -200,13 +200,13 @@ CASES: dict[str, Case] = {
     "tune-missing-search-space": Case(
         lambda p: ["tune", "--data", str(p / "prepared"), "--storage", str(p / "sweeps-a"),
                    "--name", "x", "--arch", "smallcnn", "--weights", "none",
-                   "--search-space", str(p / "no-space.yaml")],
+                   "--val-fraction", "0.2", "--search-space", str(p / "no-space.yaml")],
         "no-space.yaml: no such file", ("sweeps-a",),
     ),
     "tune-bad-search-space": Case(
         lambda p: ["tune", "--data", str(p / "prepared"), "--storage", str(p / "sweeps-b"),
                    "--name", "x", "--arch", "smallcnn", "--weights", "none",
-                   "--search-space", str(p / "bad-space.yaml")],
+                   "--val-fraction", "0.2", "--search-space", str(p / "bad-space.yaml")],
         "bad-space.yaml: unknown key 'colour'", ("sweeps-b",),
     ),
     "train-split-column-missing": Case(
@@ -225,7 +225,7 @@ CASES: dict[str, Case] = {
     "tune-split-column-missing": Case(
         lambda p: ["tune", "--data", str(p / "prepared"), "--storage", str(p / "sweeps-c"),
                    "--name", "x", "--arch", "smallcnn", "--weights", "none",
-                   "--split", "column:site"],
+                   "--val-fraction", "0.2", "--split", "column:site"],
         "split column:site: the manifest has no column 'site'", ("sweeps-c",),
     ),
     "prepare-split-file-unknown-patient": Case(

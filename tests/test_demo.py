@@ -57,10 +57,10 @@ def test_the_demo_runs_every_step_and_ends_with_the_report(tmp_path: Path) -> No
     assert len(children) == 2 and len(runs) == 4  # the training run, the sweep and its trials
     trained = next(r for r in runs if r not in children and "model_id" in r.data.tags)
     assert trained.data.metrics["val_roc_auc"] > 0.5 and trained.info.status == "FINISHED"
-    # Evaluation applies the decision the training fitted on its validation patients.
+    # Evaluation applies the model's decision: argmax, the default threshold rule.
     calibration = json.loads((workdir / "report" / "metrics.json").read_text())["calibration"]
-    assert calibration["threshold_source"].startswith("the model's, chosen by balanced_accuracy")
-    assert calibration["temperature"] > 0 and set(calibration) >= {"before", "after"}
+    assert calibration["threshold_source"].startswith("the model's decision rule: argmax")
+    assert calibration["temperature"] == 1.0 and set(calibration) >= {"before", "after"}
 
 
 def _user_data(prefix: str) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from breakhis import storage
+from breakhis.geometry import TileGeometry, canonical_width
 from breakhis.ingest import IngestConfig, IngestData, TileCollate, build_datasets
 from breakhis.splits import SplitSpec, select_split
 from breakhis.transforms import normalize
@@ -99,7 +100,9 @@ def test_batches_have_the_contract_shapes_dtypes_ranges_and_manifest_labels(
     )
     for side in ("val", "test"):
         epoch = _epoch(cached.datasets[side])
-        assert epoch["image"].dtype == np.uint8 and epoch["image"].shape[1:] == (3, SIZE, SIZE)
+        # Evaluation sides: the whole aspect-kept tile (breakhis.geometry).
+        whole = (3, SIZE, canonical_width(SIZE))
+        assert epoch["image"].dtype == np.uint8 and epoch["image"].shape[1:] == whole
         assert len(epoch["tile_id"]) == cached.num_rows[side]
         assert [labels[t] for t in epoch["tile_id"]] == epoch["label"].tolist()
     seen = 0
@@ -417,16 +420,24 @@ def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
         uri, tile, shard = (np.asarray(c, dtype=object) for c in zip(*rows, strict=True))
         return {"uri": uri, "tile_id": tile, "unit": tile, "shard": shard}
 
-    plain = predict.decode_tiles(batch(dest), image_size=SIZE)
-    assert decodes == [SIZE] * len(plain["uri"]) and set(plain["error"]) == {""}
+    geometry = TileGeometry(size=SIZE)
+    plain = predict.decode_tiles(batch(dest), geometry=geometry)
+    assert decodes == [None] * len(plain["uri"]) and set(plain["error"]) == {""}
     decodes.clear()
-    stored = predict.decode_tiles(batch(stored_dest), image_size=SIZE)
+    stored = predict.decode_tiles(batch(stored_dest), geometry=geometry)
     assert decodes == [] and set(stored["error"]) == {""}
     by_tile = dict(zip(plain["tile_id"], plain["image"], strict=True))
     for tile, image in zip(stored["tile_id"], stored["image"], strict=True):
         np.testing.assert_array_equal(image, by_tile[tile])
-    other = predict.decode_tiles(batch(stored_dest), image_size=SIZE - 8)
-    assert decodes == [SIZE - 8] * len(other["uri"])
+    other = predict.decode_tiles(batch(stored_dest), geometry=TileGeometry(size=SIZE - 8))
+    assert decodes == [None] * len(other["uri"])
+    assert other["image"].shape[1:] == (SIZE - 8, canonical_width(SIZE - 8), 3)
+    # A squashing model never reads the stored (aspect-kept) pixels.
+    decodes.clear()
+    square = predict.decode_tiles(
+        batch(stored_dest), geometry=TileGeometry(size=SIZE, geometry="square")
+    )
+    assert decodes == [None] * len(square["uri"]) and square["image"].shape[1:] == (SIZE, SIZE, 3)
 
 
 # ------------------------------------------------------------------- streaming without cache
@@ -439,7 +450,9 @@ def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
 
     assert choose_cache(40, 100) and not choose_cache(int(CACHE_FRACTION * 100) + 1, 100)
     auto = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",))
-    assert auto.config.cache is True and auto.shuffle_buffer == 0  # 78 tiny tiles fit
+    assert auto.config.cache is True  # 78 tiny tiles fit
+    # The cached blocks are fixed: the buffer mixes them in every batch, anew each epoch.
+    assert auto.shuffle_buffer == shuffle_buffer_rows(SIZE)
     assert auto.decode_stats().decoded == auto.num_rows["train"]
 
     streaming = build_datasets(
