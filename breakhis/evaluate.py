@@ -393,7 +393,9 @@ def _test_tiles(
     inputs = discover_inputs(data)
     if inputs.kind != "prepared":
         raise ValueError(f"--data {data}: not a prepared DEST (manifest.parquet + shards/)")
-    tiles = inputs.table.filter(pc.is_in(inputs.table.column("patient_id"), pa.array(sorted(test))))
+    tiles = inputs.table.filter(
+        pc.is_in(inputs.table.column("patient_id"), pa.array(sorted(test), pa.string()))
+    )
     if trained_at and not options.cross_magnification:
         tiles = tiles.filter(pc.equal(tiles.column("magnification"), trained_at))
     if _at_magnification(tiles, trained_at).num_rows == 0:

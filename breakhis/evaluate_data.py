@@ -98,7 +98,9 @@ def data_distribution(
         manifest = manifest.filter(pc.equal(manifest.column("magnification"), magnification))
 
     def rows_of(patients: frozenset[str]) -> pa.Table:
-        return manifest.filter(pc.is_in(manifest.column("patient_id"), pa.array(sorted(patients))))
+        return manifest.filter(
+            pc.is_in(manifest.column("patient_id"), pa.array(sorted(patients), pa.string()))
+        )
 
     out = {side: _counts(rows_of(patients)) for side, patients in sides.items()}
     if "train" not in sides:

@@ -498,7 +498,9 @@ def build_datasets(
     chosen = {side: members_of[side] for side in sides if members_of[side]}
     chosen["train"] = patients.train
     rows = {
-        side: manifest.filter(pc.is_in(manifest.column("patient_id"), pa.array(sorted(members))))
+        side: manifest.filter(
+            pc.is_in(manifest.column("patient_id"), pa.array(sorted(members), pa.string()))
+        )
         for side, members in chosen.items()
     }
     where = f"split {split}" + (f" at {config.magnification}X" if config.magnification else "")

@@ -147,6 +147,9 @@ def test_data_distribution_counts_and_balancing() -> None:
     assert copied["train_balanced"]["class"] == {"benign": 2.0, "malignant": 2.0}
     plain = data_distribution(table, sides, magnification=40)
     assert plain["train_balanced"] == plain["train"]
+    # A model trained without validation patients (--val-fraction 0): an empty side.
+    empty = data_distribution(table, {**sides, "val": frozenset()}, magnification=None)
+    assert empty["val"]["class"] == {"benign": 0.0, "malignant": 0.0}
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -310,7 +310,9 @@ def run_reference(
     torch.set_num_threads(os.cpu_count() or 1)
 
     def rows(patients: frozenset[str]) -> pa.Table:
-        return tiles.filter(pc.is_in(tiles.column("patient_id"), pa.array(sorted(patients))))
+        return tiles.filter(
+            pc.is_in(tiles.column("patient_id"), pa.array(sorted(patients), pa.string()))
+        )
 
     train, test = rows(train_patients), rows(test_patients)
     probs, per_epoch = reference_probs(
