@@ -213,38 +213,29 @@ def test_the_job_is_faithful_to_a_hand_written_loop(
 
     # Evaluate's probabilities: a plain softmax over the same decoded test tiles.
     from breakhis.artifact import load_artifact
-    from breakhis.evaluate import predict_tiles
-    from breakhis.inputs import INPUT_SCHEMA
+    from breakhis.evaluate import run_evaluation
+    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
     from breakhis.predict import PredictOptions
 
     _, card = load_artifact(result.artifact_uri)
     assert (card.threshold, card.temperature, card.threshold_rule) == (0.5, 1.0, "")
-    test = manifest.filter(pc.equal(manifest.column("fold"), 0)).slice(0, 24)
-    rows = {"uri": test["uri"], "tile_id": test["tile_id"]}
-    table = pa_table(rows)
-    options = PredictOptions(attribution="none", threshold=0.5, num_actors=1)
-    scored = predict_tiles(table, result.artifact_uri, card.tile_geometry, options)
+    options = EvaluateOptions(
+        predict=PredictOptions(attribution="none", num_actors=1),
+        bootstrap=1,
+        cross_magnification=False,
+    )
+    evaluated = run_evaluation(
+        EvaluateConfig(model=result.artifact_uri, data=faithful_data, out=None, options=options)
+    )
+    frame = evaluated.predictions
+    test = manifest.filter(pc.equal(manifest.column("fold"), 0))
+    assert sorted(frame["tile_id"]) == sorted(test["tile_id"].to_pylist())
     final = hand_model(_checkpoint(tmp_path / "runs" / "faithful", 2)).eval()
-    images = np.stack([hand_decode(Path(u).read_bytes()) for u in test["uri"].to_pylist()])
+    images = np.stack([hand_decode(Path(u).read_bytes()) for u in frame["uri"]])
     with torch.no_grad():
         plain = torch.softmax(hand_logits(final, images), dim=1)[:, 1].numpy()
-    by_uri = dict(zip(scored["uri"], scored["prob_malignant"], strict=True))
-    got = np.array([by_uri[u] for u in test["uri"].to_pylist()])
-    np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-6)
-    assert INPUT_SCHEMA.names  # the listing columns predict_tiles reads are the job's own
-
-
-def pa_table(columns: dict) -> object:
-    import pyarrow as pa
-
-    uris = columns["uri"].to_pylist()
-    return pa.table(
-        {
-            "uri": pa.array(uris, pa.string()),
-            "tile_id": pa.array(columns["tile_id"].to_pylist(), pa.string()),
-            "shard": pa.array([None] * len(uris), pa.string()),
-        }
-    )
+    np.testing.assert_allclose(frame["prob_malignant"].to_numpy(), plain, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(frame["predicted_label"], (plain >= 0.5).astype(np.int64))
 
 
 @pytest.mark.ray
