@@ -134,6 +134,14 @@ def faithful_data(make_prepared) -> str:
     return make_prepared(scale=0.02, width=70, height=46)
 
 
+@pytest.fixture(scope="module")
+def first_run(faithful_data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The job run both tests read: (config, TrainResult, its folder)."""
+    root = tmp_path_factory.mktemp("faithful")
+    config, result = _job(faithful_data, str(root / "runs"), "faithful", root / "trace")
+    return config, result, root
+
+
 @pytest.fixture
 def one_thread():
     """The hand loop on one torch thread, as the job's worker (--cpus-per-worker 1): the
@@ -146,9 +154,9 @@ def one_thread():
 
 @pytest.mark.ray
 def test_the_job_is_faithful_to_a_hand_written_loop(
-    faithful_data: str, tmp_path: Path, one_thread: None
+    faithful_data: str, first_run: tuple, one_thread: None
 ) -> None:
-    config, result = _job(faithful_data, str(tmp_path / "runs"), "faithful", tmp_path / "trace")
+    config, result, tmp_path = first_run
     assert result.history[0]["torch_threads"] == 1
     manifest = pq.read_table(f"{faithful_data}/manifest.parquet")
     train = manifest.filter(pc.not_equal(manifest.column("fold"), 0))
@@ -239,15 +247,17 @@ def test_the_job_is_faithful_to_a_hand_written_loop(
 
 
 @pytest.mark.ray
-def test_the_same_seed_gives_the_same_model_bit_for_bit(faithful_data: str, tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    _job(faithful_data, str(runs), "first", tmp_path / "trace1")
-    _job(faithful_data, str(runs), "second", tmp_path / "trace2")
+def test_the_same_seed_gives_the_same_model_bit_for_bit(
+    faithful_data: str, first_run: tuple, tmp_path: Path
+) -> None:
+    _, _, first = first_run
+    _job(faithful_data, str(tmp_path / "runs"), "again", tmp_path / "trace")
     for epoch in (1, 2):
-        first = (tmp_path / "trace1" / f"epoch_{epoch:04d}_rank_0.json").read_text()
-        second = (tmp_path / "trace2" / f"epoch_{epoch:04d}_rank_0.json").read_text()
-        assert first == second, f"epoch {epoch}: other batches, losses or learning rates"
-    a, b = _checkpoint(runs / "first", 2), _checkpoint(runs / "second", 2)
+        name = f"epoch_{epoch:04d}_rank_0.json"
+        again = (tmp_path / "trace" / name).read_text()
+        assert (first / "trace" / name).read_text() == again, f"epoch {epoch}: other steps"
+    a = _checkpoint(first / "runs" / "faithful", 2)
+    b = _checkpoint(tmp_path / "runs" / "again", 2)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
