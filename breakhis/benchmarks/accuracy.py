@@ -90,6 +90,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fitted": {"val_fraction": 0.2, "threshold_rule": "balanced_accuracy"},
     "no-precise-bn": {"bn_recalibration_batches": 0},
     "no-dropout": {"dropout": 0.0},
+    "tta": {},  # the job's model, evaluated with dihedral test-time averaging (EVALUATION)
     "best": {"val_fraction": 0.2, "model_epoch": "best"},
     "refit": {"val_fraction": 0.2, "refit": True},
     "refit-best": {"val_fraction": 0.2, "refit": True, "model_epoch": "best"},
@@ -214,9 +215,14 @@ def job_config(
     )
 
 
-def run_job(train_config: Any) -> SideResult:
+EVALUATION: dict[str, dict[str, Any]] = {"tta": {"tta": True}}
+"""Variants that change how the model is evaluated: name -> PredictOptions overrides."""
+
+
+def run_job(train_config: Any, predict: dict[str, Any] | None = None) -> SideResult:
     """Train ``train_config`` (a TrainConfig of job_config), evaluate its artifact on the
-    split's test patients, and return its SideResult (with ``error`` set, figures NaN, when
+    split's test patients (with ``predict``'s PredictOptions overrides, e.g. TTA), and
+    return its SideResult (with ``error`` set, figures NaN, when
     the job refuses to train)."""
     from breakhis.evaluate import run_evaluation
     from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
@@ -242,7 +248,9 @@ def run_job(train_config: Any) -> SideResult:
             data=train_config.data,
             out=None,
             options=EvaluateOptions(
-                predict=PredictOptions(attribution="none"), bootstrap=1, cross_magnification=False
+                predict=PredictOptions(attribution="none", **(predict or {})),
+                bootstrap=1,
+                cross_magnification=False,
             ),
         )
     )
@@ -295,6 +303,8 @@ def job_key(train_config: Any, variant: str, k: int, seed: int, manifest: str) -
     changed job default, or a changed variant, is a new run)."""
     options = {f: v for f, v in asdict(train_config).items() if f not in _NOT_IN_KEY}
     recipe = {"variant": variant, "overrides": VARIANTS[variant]}
+    if variant in EVALUATION:
+        recipe["evaluation"] = EVALUATION[variant]
     return RunKey(variant, k, seed, recipe=recipe, options=options, manifest=manifest)
 
 
@@ -323,7 +333,7 @@ def _run_pair(
     for variant in config.variants:
         train_config = job_config(data.dest, runs, variant, k, seed, config)
         key = job_key(train_config, variant, k, seed, data.hash)
-        result = store.get_or_run(key, partial(run_job, train_config))
+        result = store.get_or_run(key, partial(run_job, train_config, EVALUATION.get(variant)))
         ref = out[REFERENCE]
         if not result.error and (result.test_images, result.test_patients) != (
             ref.test_images,
