@@ -4,7 +4,9 @@ An 8-bit RGB PNG (every BreakHis tile) is decoded by libspng (``pyspng``), about
 faster than Pillow on these tiles and pixel for pixel the same (tests/test_imaging.py
 checks it on the real sample); every other image (grayscale, 16-bit, RGBA, palette
 PNGs, JPEG, TIFF, ...) and any PNG that libspng refuses goes through Pillow exactly as
-before, so the reason recorded for a corrupt file is Pillow's. The resize is always
+before, so the reason recorded for a corrupt file is Pillow's. Every PNG chunk's CRC is
+checked first (libspng ignores them: a flipped byte would decode to wrong pixels), about
+0.25 ms a real 700x460 tile, under 3% of its decode. The resize is always
 Pillow's (bilinear, ``reducing_gap=2.0``), on the same pixels whichever decoder ran.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,10 +30,13 @@ _MAX_PIXELS = 64_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Colour type 2 (truecolour) at 8 bits per sample: the one layout libspng decodes here.
 _RGB8 = (8, 2)
+# A chunk's length is at most 2^31 - 1 (PNG spec, 5.3).
+_MAX_CHUNK = 2**31 - 1
 
 
 def decode_check(data: bytes) -> tuple[str | None, int, int]:
-    """Fully decode ``data`` once to prove it is a usable image.
+    """Fully decode ``data`` once to prove it is a usable image (for a PNG, every chunk's
+    CRC too, so a damaged file is refused rather than decoded to wrong pixels).
 
     Returns ``(None, width, height)`` for a good image, and
     ``(reason, 0, 0)`` for a bad one; never raises for bad bytes.
@@ -74,6 +80,8 @@ def png_layout(data: bytes) -> tuple[int, int, int, int] | None:
 
 def _decode(data: bytes) -> np.ndarray:
     """The image as RGB uint8 (H, W, 3). Raises ValueError with the reason for a bad one."""
+    if data[:8] == _PNG_SIGNATURE:
+        _check_png_chunks(data)
     layout = png_layout(data) if pyspng is not None else None
     if layout is not None and layout[2:] == _RGB8 and layout[0] * layout[1] <= _MAX_PIXELS:
         try:
@@ -91,6 +99,41 @@ def _decode(data: bytes) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
+
+
+def _check_png_chunks(data: bytes) -> frozenset[bytes]:
+    """Walk a PNG's chunks (length, type, data, CRC) up to IEND and check each CRC.
+
+    Returns the chunk types found. Raises ValueError naming the chunk and its offset for a
+    CRC mismatch, a malformed chunk, or a file that ends before IEND.
+    """
+    view = memoryview(data)
+    pos, size, found = 8, len(data), set()
+    while True:
+        if pos + 8 > size:
+            raise ValueError(f"cannot decode: PNG truncated at byte {pos} (no IEND chunk)")
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        name = kind.decode("latin-1")
+        if not kind.isalpha():  # four ASCII letters
+            raise ValueError(f"cannot decode: PNG chunk at byte {pos} has an invalid type {name!r}")
+        end = pos + 8 + length
+        if length > _MAX_CHUNK or end + 4 > size:
+            raise ValueError(
+                f"cannot decode: PNG chunk {name} at byte {pos} declares {length} bytes, "
+                f"{max(size - pos - 12, 0)} remain (truncated or a damaged length)"
+            )
+        stored = int.from_bytes(view[end : end + 4], "big")
+        computed = zlib.crc32(view[pos + 4 : end])
+        if stored != computed:
+            raise ValueError(
+                f"cannot decode: PNG chunk {name} at byte {pos} fails its CRC (stored "
+                f"{stored:08x}, computed {computed:08x}): the file is damaged"
+            )
+        found.add(kind)
+        if kind == b"IEND":
+            return frozenset(found)
+        pos = end + 4
 
 
 def _open(data: bytes) -> Image.Image:

@@ -23,7 +23,7 @@ def _shard_names(dest: str) -> list[str]:
 
 
 def _real_tree_with_bad_files(realdata_dir: Path, root: Path) -> dict[str, str]:
-    """The real sample, in the official layout, plus four bad files."""
+    """The real sample, in the official layout, plus five bad files."""
     from breakhis.names import official_relative_path, parse_name
 
     for src in realdata_dir.glob("*.png"):
@@ -31,10 +31,14 @@ def _real_tree_with_bad_files(realdata_dir: Path, root: Path) -> dict[str, str]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
     good = (realdata_dir / "SOB_B_F-14-25197-100-001.png").read_bytes()
+    # One bit flipped early in the first IDAT: libspng decoded it to wrong pixels, no error.
+    flipped = bytearray(good)
+    flipped[good.index(b"IDAT") + 4 + 100] ^= 0x01
     bad = {
         "SOB_B_F-14-25197-40-901.png": (good[: len(good) // 3], "decode"),
         "SOB_B_F-14-25197-40-902.png": (b"", "decode"),
         "SOB_B_F-14-25197-40-903.png": (b"<html>not a png</html>", "decode"),
+        "SOB_B_F-14-25197-40-904.png": (bytes(flipped), "decode"),
         "scan-0001.png": (good, "parse"),
     }
     for name, (data, _) in bad.items():
@@ -50,12 +54,14 @@ def test_prepare_real_sample_locally(realdata_dir, tmp_path, ray_local):
 
     assert summary.images == 60
     assert summary.patients == 11
-    assert summary.rejects == 4
+    assert summary.rejects == 5
     assert summary.shards > 1 and summary.shards_written == summary.shards
 
     rejects = pq.read_table(f"{dest}/rejects.parquet").to_pylist()
     assert {r["file_name"]: r["stage"] for r in rejects} == bad
     assert all(r["reason"] for r in rejects)
+    flipped = next(r["reason"] for r in rejects if r["file_name"].endswith("-904.png"))
+    assert "PNG chunk IDAT" in flipped and "CRC" in flipped, flipped
 
     # Read back with a different reader (pandas over the whole shard folder).
     shards = pd.read_parquet(f"{dest}/shards")
@@ -104,7 +110,7 @@ def test_rerun_is_idempotent_and_resumes(realdata_dir, tmp_path, ray_local):
     assert resumed.shards_deleted == 1
     assert _shard_names(dest) == first
     assert Path(dest, "manifest.parquet").read_bytes() == manifest_bytes
-    assert resumed.rejects == 4  # rejects of skipped shards come from their metadata
+    assert resumed.rejects == 5  # rejects of skipped shards come from their metadata
 
 
 def test_prepare_generated_data_in_s3(s3_prefix, ray_local):
