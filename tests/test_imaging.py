@@ -111,14 +111,12 @@ def test_other_formats_go_through_pillow_unchanged(spng_calls) -> None:
     image = Image.fromarray(rgb)
     cases = {
         "grayscale png": _save(image.convert("L"), "PNG"),
-        "grayscale+alpha png": _save(image.convert("LA"), "PNG"),
-        "rgba png": _save(image.convert("RGBA"), "PNG"),
+        "opaque grayscale+alpha png": _save(image.convert("LA"), "PNG"),
+        "opaque rgba png": _save(image.convert("RGBA"), "PNG"),
         "palette png": _save(image.convert("P"), "PNG"),
-        "16-bit grayscale png": _save(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG"),
         "16-bit rgb png": _png_rgb16(rgb.astype(np.uint16) * 256 + 3),
         "jpeg": _save(image, "JPEG", quality=90),
         "tiff": _save(image, "TIFF"),
-        "bmp": _save(image, "BMP"),
     }
     for name, data in cases.items():
         expected = _pillow_rgb(data)
@@ -140,7 +138,9 @@ def test_a_png_libspng_refuses_fails_with_pillows_reason(spng_calls) -> None:
         decode_rgb(bad_filter)
     assert len(spng_calls) == 2  # tried, refused, then Pillow named the problem
     assert decode_check(b"") == ("empty file (0 bytes)", 0, 0)
-    assert decode_check(b"not an image")[0] == "not an image (no decoder recognises the bytes)"
+    assert (
+        decode_check(b"not an image")[0] == "not an image of an accepted format (PNG, JPEG, TIFF)"
+    )
     # A truncated PNG is refused by the chunk walk before any decoder runs.
     data = _save(Image.fromarray(np.full((40, 40, 3), 200, np.uint8)), "PNG")
     reason = decode_check(data[: len(data) // 2])[0]
@@ -190,3 +190,86 @@ def test_every_flipped_byte_of_a_real_tile_is_refused(realdata_dir: Path) -> Non
                         _pillow_rgb(bad)
             checked += 1
     assert idat >= 4 * 20 * 3 and checked > idat
+
+
+def test_16bit_grey_keeps_its_high_byte_instead_of_turning_white(spng_calls) -> None:
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, size=(19, 27), dtype=np.uint8)
+    low = rng.integers(0, 256, grey.shape, dtype=np.uint16)
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 256 + low)
+    expected = np.repeat(grey[..., None], 3, axis=2)
+    for fmt in ("PNG", "TIFF"):
+        data = _save(sixteen, fmt)
+        assert Image.open(io.BytesIO(data)).mode.startswith("I;16"), fmt
+        np.testing.assert_array_equal(decode_rgb(data), expected, err_msg=fmt)
+        assert decode_check(data) == (None, 27, 19)
+    # 32-bit samples have no one 8-bit reading: refused, not clipped to white.
+    for array in (grey.astype(np.int32) << 20, grey.astype(np.float32) / 255):
+        reason = decode_check(_save(Image.fromarray(array), "TIFF"))[0]
+        assert reason is not None and reason.startswith("unsupported pixel format"), reason
+    assert spng_calls == []
+
+
+def test_transparency_is_composited_on_white(spng_calls) -> None:
+    colour = np.array([200, 40, 90], np.uint8)
+    rgb = np.broadcast_to(colour, (4, 3, 3)).copy()
+    alpha = np.array([0, 255, 128], np.uint8)  # one value per column
+    half = (colour.astype(int) * 128 + 255 * 127) / 255
+    rgba = np.dstack([rgb, np.broadcast_to(alpha, (4, 3))])
+    grey_alpha = np.dstack([rgb[..., :1], np.broadcast_to(alpha, (4, 3))])
+    for name, data, ink in (
+        ("rgba png", _save(Image.fromarray(rgba), "PNG"), colour),
+        ("rgba tiff", _save(Image.fromarray(rgba), "TIFF"), colour),
+        ("grey+alpha png", _save(Image.fromarray(grey_alpha, "LA"), "PNG"), colour[:1]),
+    ):
+        out = decode_rgb(data).astype(int)
+        assert (out[:, 0] == 255).all(), f"{name}: transparent pixels are not white"
+        assert (out[:, 1] == ink).all(), f"{name}: opaque pixels changed"
+        want = half if ink.size == 3 else half[:1]
+        assert (np.abs(out[:, 2] - want) <= 1).all(), f"{name}: half alpha {out[0, 2]}"
+    # A transparent colour (tRNS) of an 8-bit RGB or a palette PNG: libspng would drop it.
+    image = Image.fromarray(np.where(np.arange(3)[None, :, None] == 0, rgb, 10).astype(np.uint8))
+    palette = image.convert("P", palette=Image.ADAPTIVE)
+    key = int(np.asarray(palette)[0, 1])
+    for name, data, opaque in (
+        ("rgb png with tRNS", _save(image, "PNG", transparency=(10, 10, 10)), colour),
+        ("palette png with tRNS", _save(palette, "PNG", transparency=key), None),
+    ):
+        out = decode_rgb(data)
+        assert (out[:, 1:] == 255).all(), f"{name}: the transparent colour is not white"
+        expected = np.asarray(palette.convert("RGB"))[:, 0] if opaque is None else opaque
+        assert (out[:, 0] == expected).all(), name
+    assert spng_calls == []
+
+
+_EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+    b"newpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+)
+
+
+def test_only_png_jpeg_and_tiff_are_opened(monkeypatch, spng_calls) -> None:
+    """Pillow would open ~40 formats whatever the file's suffix; an EPS would run Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    ghostscript: list[object] = []
+
+    def spy(*args, **kwargs):
+        ghostscript.append(args)
+        raise OSError("Ghostscript would run here")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", spy)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs", raising=False)
+    image = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    for name, data in (
+        ("eps", _EPS),
+        ("bmp", _save(image, "BMP")),
+        ("gif", _save(image, "GIF")),
+        ("ico", _save(image, "ICO")),
+    ):
+        reason = decode_check(data)
+        assert reason == ("not an image of an accepted format (PNG, JPEG, TIFF)", 0, 0), name
+        with pytest.raises(ValueError, match="accepted format"):
+            decode_rgb(data)
+    assert ghostscript == []
+    assert spng_calls == []
