@@ -348,13 +348,33 @@ def _previous_pixel_sizes(dest: str) -> tuple[int, ...]:
         return ()
 
 
+MANIFEST_REQUIRED = ("tile_id", "patient_id", "label")
+"""Columns every manifest row needs, never null: splits group tiles by patient and stratify
+by label, so a tile without either cannot be placed on one side of a split."""
+
+
 def read_manifest(dest: str) -> pa.Table:
-    """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
+    """The manifest of a prepared DEST. Raises FileNotFoundError naming it, and ValueError
+    naming the column (and the first row) when a MANIFEST_REQUIRED column is missing or null."""
     uri = storage.join(dest, "manifest.parquet")
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first")
     fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
+    manifest = pq.read_table(path, filesystem=fs)
+    for name in MANIFEST_REQUIRED:
+        if name not in manifest.column_names:
+            raise ValueError(
+                f"{uri}: no {name!r} column (columns: {', '.join(manifest.column_names)}); a "
+                f"manifest needs {', '.join(MANIFEST_REQUIRED)} (`breakhis prepare` writes them)"
+            )
+        nulls = manifest.column(name).null_count
+        if nulls:
+            row = pc.index(pc.is_null(manifest.column(name)), True).as_py()
+            raise ValueError(
+                f"{uri}: {nulls} row(s) with a null {name!r} (the first is row {row}); every "
+                f"tile needs {', '.join(MANIFEST_REQUIRED)} for patient-disjoint splits"
+            )
+    return manifest
 
 
 def _stale_pixel_files(dest: str, shards: set[str], sizes: tuple[int, ...]) -> list[str]:

@@ -77,6 +77,17 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
     )
     (root / "leaking").mkdir()
     pq.write_table(leaking, root / "leaking" / "manifest.parquet")
+    # Hand-made manifests: one without patient_id, one with a patient left null.
+    (root / "no-patient").mkdir()
+    pq.write_table(_manifest().drop_columns(["patient_id"]), root / "no-patient/manifest.parquet")
+    nulled = _manifest()
+    patients = nulled.column("patient_id").to_pylist()
+    patients[3] = None
+    nulled = nulled.set_column(
+        nulled.schema.get_field_index("patient_id"), "patient_id", pa.array(patients, pa.string())
+    )
+    (root / "null-patient").mkdir()
+    pq.write_table(nulled, root / "null-patient" / "manifest.parquet")
 
     # The model records the leaking manifest as its own (a hand-edited one, say), so that
     # evaluation gets as far as the split's own leakage check.
@@ -152,6 +163,21 @@ CASES: dict[str, Case] = {
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
                    "--output", str(p / "owned")],
         "holds the output of another scoring job", ("owned",),
+    ),
+    "train-manifest-without-patient-id": Case(
+        lambda p: ["train", "--data", str(p / "no-patient"), "--storage", str(p / "runs-c"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none", "--fold", "0"],
+        "no-patient/manifest.parquet: no 'patient_id' column", ("runs-c",),
+    ),
+    "train-null-patient-id": Case(
+        lambda p: ["train", "--data", str(p / "null-patient"), "--storage", str(p / "runs-d"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none", "--fold", "0"],
+        "1 row(s) with a null 'patient_id' (the first is row 3)", ("runs-d",),
+    ),
+    "evaluate-null-patient-id": Case(
+        lambda p: ["evaluate", "--model", str(p / "model"), "--data", str(p / "null-patient"),
+                   "--out", str(p / "report-c")],
+        "1 row(s) with a null 'patient_id'", ("report-c",),
     ),
     "train-missing-manifest": Case(
         lambda p: ["train", "--data", str(p / "nothing"), "--storage", str(p / "runs-a"),
