@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
@@ -102,7 +101,7 @@ class PrepareConfig:
         if self.row_group_rows < 1:
             raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
         check_sizes(self.pixels)
-        src, dest = _location(self.src), _location(self.dest)
+        src, dest = storage.location(self.src), storage.location(self.dest)
         if src == dest:
             raise ValueError(
                 f"SRC {self.src} and DEST {self.dest} are the same place; they must differ"
@@ -117,15 +116,6 @@ class PrepareConfig:
                 f"SRC {self.src} is inside DEST {self.dest}: a rerun would delete or catalogue "
                 "its own output; choose a DEST outside SRC"
             )
-
-
-def _location(uri: str) -> tuple[str, ...]:
-    """A URI as comparable path parts: ``("s3", bucket, key parts...)`` or ``("file", parts of
-    the absolute, symlink-resolved local path...)``; ``a//b/`` and ``a/b`` compare equal."""
-    if storage.is_s3(uri):
-        return ("s3", *(part for part in uri[len("s3://") :].split("/") if part))
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return ("file", *(part for part in os.path.realpath(path).split(os.sep) if part))
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,28 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def location(uri: str) -> tuple[str, ...]:
+    """A URI as comparable path parts: ``("s3", bucket, key parts...)`` or ``("file", parts of
+    the absolute, symlink-resolved local path...)``; ``a//b/`` and ``a/b`` compare equal, and
+    so do a folder and a symlink to it. ``a[: len(b)] == b``: ``a`` is ``b`` or inside it."""
+    if is_s3(uri):
+        return ("s3", *(part for part in uri[len("s3://") :].split("/") if part))
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return ("file", *(part for part in os.path.realpath(path).split(os.sep) if part))
+
+
+def file_in_the_way(uri: str) -> str | None:
+    """The local file that keeps ``uri`` from being or becoming a folder (the path itself,
+    or its nearest existing parent, when that is not a folder); None when nothing is in the
+    way, and for s3:// URIs (a key and a prefix of the same name can both exist)."""
+    if is_s3(uri):
+        return None
+    path = resolve(uri)[1]
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
 def absolute(uri: str) -> str:
     """``uri`` with a local path made absolute (s3:// URIs as they are): for what runs in
     another working directory (Tune trials run in their own)."""

@@ -116,6 +116,7 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
     (root / "tiles").mkdir()
     Image.new("RGB", (48, 48), (200, 120, 160)).save(root / "tiles" / "tile.png")
     (root / "empty").mkdir()
+    (root / "tiles-link").symlink_to(root / "tiles")
 
     (root / "owned").mkdir()
     (root / "owned" / "_job.json").write_text(json.dumps({"format": 1, "model": "/elsewhere"}))
@@ -163,6 +164,21 @@ CASES: dict[str, Case] = {
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
                    "--output", str(p / "owned")],
         "holds the output of another scoring job", ("owned",),
+    ),
+    "score-output-is-a-file": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "a-file")],
+        "a-file is a file; give a folder", ("a-file",),
+    ),
+    "score-output-below-a-file": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "a-file" / "scores")],
+        "a-file is a file; give a folder", ("a-file",),
+    ),
+    "score-output-inside-input-through-a-symlink": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "tiles-link" / "scores")],
+        "overlap", ("tiles",),
     ),
     "train-manifest-without-patient-id": Case(
         lambda p: ["train", "--data", str(p / "no-patient"), "--storage", str(p / "runs-c"),
