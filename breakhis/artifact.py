@@ -254,7 +254,7 @@ def read_card(uri: str) -> ModelCard:
     """The ModelCard of the artifact at ``uri``, without loading weights.
 
     Raises FileNotFoundError naming the URI when there is no artifact there (or
-    ``uri`` is a file), ValueError for a card that does not parse.
+    ``uri`` is a file), ValueError for a card that does not parse or has no ``model_id``.
     """
     card_uri = storage.join(uri, CARD_FILE)
     try:
@@ -270,7 +270,14 @@ def read_card(uri: str) -> ModelCard:
         ) from err
     except UnicodeDecodeError as err:
         raise ValueError(f"{card_uri}: not UTF-8 text ({err})") from err
-    return ModelCard.from_json(text, source=card_uri)
+    card = ModelCard.from_json(text, source=card_uri)
+    if not card.model_id:
+        # "" is a card not yet saved; on storage it would let any weights pass load_artifact.
+        raise ValueError(
+            f"{card_uri}: field 'model_id': empty; a saved card holds the first 12 hex digits "
+            f"of the SHA-256 of {WEIGHTS_FILE} (the card was written or edited by hand)"
+        )
+    return card
 
 
 def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
@@ -287,7 +294,7 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{weights_uri}: the artifact's weights are missing") from err
     digest = hashlib.sha256(data).hexdigest()[:12]
-    if card.model_id and digest != card.model_id:
+    if digest != card.model_id:
         raise ValueError(
             f"{weights_uri}: weights hash {digest} does not match model_id {card.model_id} "
             f"in {CARD_FILE}; the artifact is incomplete or was modified"

@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -134,7 +133,7 @@ class PrepareConfig:
             raise ValueError(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
         check_sizes(self.pixels)
         parse_split_files(self.split_file)
-        src, dest = _location(self.src), _location(self.dest)
+        src, dest = storage.location(self.src), storage.location(self.dest)
         if src == dest:
             raise ValueError(
                 f"SRC {self.src} and DEST {self.dest} are the same place; they must differ"
@@ -171,15 +170,6 @@ def parse_split_files(entries: tuple[str, ...]) -> dict[str, str]:
             raise ValueError(f"--split-file: column {name!r} is given twice")
         files[name] = path
     return files
-
-
-def _location(uri: str) -> tuple[str, ...]:
-    """A URI as comparable path parts: ``("s3", bucket, key parts...)`` or ``("file", parts of
-    the absolute, symlink-resolved local path...)``; ``a//b/`` and ``a/b`` compare equal."""
-    if storage.is_s3(uri):
-        return ("s3", *(part for part in uri[len("s3://") :].split("/") if part))
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return ("file", *(part for part in os.path.realpath(path).split(os.sep) if part))
 
 
 @dataclass(frozen=True)
@@ -459,13 +449,33 @@ def _add_user_split_columns(
     return manifest
 
 
+MANIFEST_REQUIRED = ("tile_id", "patient_id", "label")
+"""Columns every manifest row needs, never null: splits group tiles by patient and stratify
+by label, so a tile without either cannot be placed on one side of a split."""
+
+
 def read_manifest(dest: str) -> pa.Table:
-    """The manifest of a prepared DEST. Raises FileNotFoundError naming it."""
+    """The manifest of a prepared DEST. Raises FileNotFoundError naming it, and ValueError
+    naming the column (and the first row) when a MANIFEST_REQUIRED column is missing or null."""
     uri = storage.join(dest, "manifest.parquet")
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first")
     fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
+    manifest = pq.read_table(path, filesystem=fs)
+    for name in MANIFEST_REQUIRED:
+        if name not in manifest.column_names:
+            raise ValueError(
+                f"{uri}: no {name!r} column (columns: {', '.join(manifest.column_names)}); a "
+                f"manifest needs {', '.join(MANIFEST_REQUIRED)} (`breakhis prepare` writes them)"
+            )
+        nulls = manifest.column(name).null_count
+        if nulls:
+            row = pc.index(pc.is_null(manifest.column(name)), True).as_py()
+            raise ValueError(
+                f"{uri}: {nulls} row(s) with a null {name!r} (the first is row {row}); every "
+                f"tile needs {', '.join(MANIFEST_REQUIRED)} for patient-disjoint splits"
+            )
+    return manifest
 
 
 def _stale_pixel_files(dest: str, shards: set[str], sizes: tuple[int, ...]) -> list[str]:

@@ -175,11 +175,18 @@ class ScoreConfig:
             )
         if self.overlays and self.predict.method is None:
             raise ValueError("--overlays needs an attribution method (not --attribution none)")
-        out, src = _normalised(self.output), _normalised(self.input)
-        if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
+        # Compared as places, symlinks resolved, as prepare compares SRC and DEST.
+        out, src = storage.location(self.output), storage.location(self.input)
+        if out[: len(src)] == src or src[: len(out)] == out:
             raise ValueError(
                 f"--output {self.output} and --input {self.input} overlap; "
                 "write scores outside the input (its overlays would become input tiles)"
+            )
+        blocker = storage.file_in_the_way(self.output)
+        if blocker is not None:
+            raise ValueError(
+                f"--output {self.output}: {blocker} is a file; give a folder (or an s3:// "
+                "prefix) for the scores"
             )
 
     def threshold_for(self, card: ModelCard) -> float:

@@ -13,8 +13,9 @@ cluster's IAM role, never from code or configs:
 Every S3 request has a connect timeout (5 s) and a read timeout (60 s), and is retried a
 bounded number of times (8 attempts, backing off, so a 10 s outage mid-job is survived);
 an endpoint that still cannot be reached raises S3UnreachableError, one line naming the
-endpoint. ``check_reachable`` asks once, with one retry, for commands to fail in seconds
-before starting any work.
+endpoint. ``check_reachable`` asks once, with one retry and a 5 s read timeout, for
+commands to fail in seconds before starting any work (also on an endpoint that accepts
+connections and never answers).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import pyarrow.fs as pafs
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 RETRY_ATTEMPTS = 8
+CHECK_TIMEOUT_S = 5.0
+"""Read timeout of ``check_reachable``'s request: a bucket lookup answers in milliseconds, so
+an endpoint that accepts the connection and never answers fails the check in ~2 x 5 s."""
 # What the AWS SDK says when no answer came (refused, reset, DNS, timeout), as opposed to
 # an answer such as AccessDenied or NoSuchBucket.
 _NETWORK_ERRORS = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "timed out")
@@ -66,9 +70,13 @@ def endpoint_name() -> str:
     return endpoint or f"https://s3.{_region()}.amazonaws.com"
 
 
-def s3_filesystem(retry_attempts: int | None = None) -> pafs.S3FileSystem:
+def s3_filesystem(
+    retry_attempts: int | None = None, request_timeout_s: float = REQUEST_TIMEOUT_S
+) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem configured from the AWS environment variables, with the
-    module's timeouts and ``retry_attempts`` attempts per request (None: RETRY_ATTEMPTS).
+    module's connect timeout, ``request_timeout_s`` to read an answer (on Linux the SDK's
+    low-speed limit: no byte for that long) and ``retry_attempts`` attempts per request
+    (None: RETRY_ATTEMPTS).
 
     Credentials are left to the AWS SDK's default chain (environment, shared
     config, instance role), so they never pass through this code.
@@ -77,7 +85,7 @@ def s3_filesystem(retry_attempts: int | None = None) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": _region(),
         "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": REQUEST_TIMEOUT_S,
+        "request_timeout": request_timeout_s,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(retry_attempts or RETRY_ATTEMPTS),
     }
     if endpoint:
@@ -89,7 +97,9 @@ def s3_filesystem(retry_attempts: int | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def _unreachable(uri: str, err: OSError, attempts: int) -> S3UnreachableError | None:
+def _unreachable(
+    uri: str, err: OSError, attempts: int, read_timeout_s: float = REQUEST_TIMEOUT_S
+) -> S3UnreachableError | None:
     """The one-line error for an SDK error that means no answer came, else None."""
     text = str(err)
     if not any(marker in text for marker in _NETWORK_ERRORS):
@@ -97,8 +107,8 @@ def _unreachable(uri: str, err: OSError, attempts: int) -> S3UnreachableError | 
     reason = text.split("Details:", 1)[-1].strip().splitlines()[0]
     return S3UnreachableError(
         f"S3 endpoint {endpoint_name()} is unreachable ({reason}; {attempts} attempt(s), "
-        f"{CONNECT_TIMEOUT_S:g} s connect timeout) while accessing {uri}; check "
-        "AWS_ENDPOINT_URL and the network"
+        f"{CONNECT_TIMEOUT_S:g} s connect and {read_timeout_s:g} s read timeout) while "
+        f"accessing {uri}; check AWS_ENDPOINT_URL and the network"
     )
 
 
@@ -125,9 +135,9 @@ def check_reachable(uri: str) -> None:
         return
     bucket = uri[len("s3://") :].strip("/").split("/", 1)[0]
     try:
-        s3_filesystem(retry_attempts=2).get_file_info(bucket)
+        s3_filesystem(retry_attempts=2, request_timeout_s=CHECK_TIMEOUT_S).get_file_info(bucket)
     except OSError as err:
-        unreachable = _unreachable(uri, err, attempts=2)
+        unreachable = _unreachable(uri, err, attempts=2, read_timeout_s=CHECK_TIMEOUT_S)
         if unreachable is not None:
             raise unreachable from err
 
@@ -148,6 +158,28 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         raise ValueError(f"{uri!r}: unsupported scheme; accepted: s3://bucket/key or a local path")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def location(uri: str) -> tuple[str, ...]:
+    """A URI as comparable path parts: ``("s3", bucket, key parts...)`` or ``("file", parts of
+    the absolute, symlink-resolved local path...)``; ``a//b/`` and ``a/b`` compare equal, and
+    so do a folder and a symlink to it. ``a[: len(b)] == b``: ``a`` is ``b`` or inside it."""
+    if is_s3(uri):
+        return ("s3", *(part for part in uri[len("s3://") :].split("/") if part))
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return ("file", *(part for part in os.path.realpath(path).split(os.sep) if part))
+
+
+def file_in_the_way(uri: str) -> str | None:
+    """The local file that keeps ``uri`` from being or becoming a folder (the path itself,
+    or its nearest existing parent, when that is not a folder); None when nothing is in the
+    way, and for s3:// URIs (a key and a prefix of the same name can both exist)."""
+    if is_s3(uri):
+        return None
+    path = resolve(uri)[1]
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 def absolute(uri: str) -> str:

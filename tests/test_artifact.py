@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -140,12 +141,30 @@ def test_an_artifact_path_that_is_a_file_is_named(tmp_path: Path) -> None:
 
 
 def test_unreadable_weights_are_a_clear_error(tmp_path: Path) -> None:
-    # A card without model_id (hand-written) skips the hash check: the load itself must fail
-    # with the file's name, not a torch traceback.
+    # Garbage whose hash the card records: the load itself must fail with the file's name,
+    # not a torch traceback.
     uri = str(tmp_path / "model")
     save_artifact(uri, build_model("smallcnn"), _card())
+    garbage = b"\x80\x02garbage" * 100
     card_file = tmp_path / "model" / "model.json"
-    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "model_id": ""}))
-    (tmp_path / "model" / "model.pt").write_bytes(b"\x80\x02garbage" * 100)
+    digest = hashlib.sha256(garbage).hexdigest()[:12]
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "model_id": digest}))
+    (tmp_path / "model" / "model.pt").write_bytes(garbage)
     with pytest.raises(ValueError, match="model.pt: not a PyTorch state dict"):
         load_artifact(uri)
+
+
+def test_an_empty_model_id_does_not_skip_the_weights_check(tmp_path: Path) -> None:
+    """``model_id: ""`` in a saved card used to turn the hash check off, so other weights of
+    the same architecture loaded under the card's name."""
+    uri = str(tmp_path / "model")
+    save_artifact(uri, build_model("smallcnn"), _card())
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    save_artifact(str(other), build_model("smallcnn"), _card())
+    (tmp_path / "model" / "model.pt").write_bytes((other / "model.pt").read_bytes())
+    card_file = tmp_path / "model" / "model.json"
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "model_id": ""}))
+    for read in (read_card, load_artifact):
+        with pytest.raises(ValueError, match=f"{card_file}: field 'model_id': empty"):
+            read(uri)

@@ -87,6 +87,17 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
         two_sided.append_column("site", pa.array(sides, pa.string())),
         root / "column" / "manifest.parquet",
     )
+    # Hand-made manifests: one without patient_id, one with a patient left null.
+    (root / "no-patient").mkdir()
+    pq.write_table(_manifest().drop_columns(["patient_id"]), root / "no-patient/manifest.parquet")
+    nulled = _manifest()
+    patients = nulled.column("patient_id").to_pylist()
+    patients[3] = None
+    nulled = nulled.set_column(
+        nulled.schema.get_field_index("patient_id"), "patient_id", pa.array(patients, pa.string())
+    )
+    (root / "null-patient").mkdir()
+    pq.write_table(nulled, root / "null-patient" / "manifest.parquet")
 
     # The model records the leaking manifest as its own (a hand-edited one, say), so that
     # evaluation gets as far as the split's own leakage check.
@@ -120,6 +131,7 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Place:
     )
     (root / "heldout.txt").write_text("# test patients\n14-22549AB\n14-9999\n")
     (root / "empty").mkdir()
+    (root / "tiles-link").symlink_to(root / "tiles")
 
     (root / "owned").mkdir()
     (root / "owned" / "_job.json").write_text(json.dumps({"format": 1, "model": "/elsewhere"}))
@@ -167,6 +179,36 @@ CASES: dict[str, Case] = {
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
                    "--output", str(p / "owned")],
         "holds the output of another scoring job", ("owned",),
+    ),
+    "score-output-is-a-file": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "a-file")],
+        "a-file is a file; give a folder", ("a-file",),
+    ),
+    "score-output-below-a-file": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "a-file" / "scores")],
+        "a-file is a file; give a folder", ("a-file",),
+    ),
+    "score-output-inside-input-through-a-symlink": Case(
+        lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
+                   "--output", str(p / "tiles-link" / "scores")],
+        "overlap", ("tiles",),
+    ),
+    "train-manifest-without-patient-id": Case(
+        lambda p: ["train", "--data", str(p / "no-patient"), "--storage", str(p / "runs-c"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none", "--fold", "0"],
+        "no-patient/manifest.parquet: no 'patient_id' column", ("runs-c",),
+    ),
+    "train-null-patient-id": Case(
+        lambda p: ["train", "--data", str(p / "null-patient"), "--storage", str(p / "runs-d"),
+                   "--name", "x", "--arch", "smallcnn", "--weights", "none", "--fold", "0"],
+        "1 row(s) with a null 'patient_id' (the first is row 3)", ("runs-d",),
+    ),
+    "evaluate-null-patient-id": Case(
+        lambda p: ["evaluate", "--model", str(p / "model"), "--data", str(p / "null-patient"),
+                   "--out", str(p / "report-c")],
+        "1 row(s) with a null 'patient_id'", ("report-c",),
     ),
     "train-missing-manifest": Case(
         lambda p: ["train", "--data", str(p / "nothing"), "--storage", str(p / "runs-a"),

@@ -334,19 +334,44 @@ def test_runtime_env_is_valid_for_ray_and_ships_only_the_code() -> None:
 
 AUTH_SECRET = "breakhis-ray-auth"
 HEAD_PORTS = (6379, 8265, 10001)
+# KubeRay 1.6's RayClusterSpec.authOptions (ray-operator/apis/ray/v1/raycluster_types.go
+# AuthOptions; config/crd/bases/ray.io_rayclusters.yaml): its fields and its mode's enum.
+# KubeRay 1.5 had `mode` only; secretName came in 1.6.
+AUTH_OPTION_FIELDS = {"mode", "secretName", "enableK8sTokenAuth"}
+AUTH_MODES = {"disabled", "token"}
+# The operator refuses authOptions.mode token below this Ray (utils/validation.go).
+MIN_RAY_FOR_TOKEN = (2, 52, 0)
 
 
-def _check_token_auth(where: str, container: dict) -> None:
-    """Ray's token auth on, with the token from the project's Kubernetes Secret."""
-    env = {e["name"]: e for e in container.get("env", [])}
-    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (
-        f"{where}: no RAY_AUTH_MODE=token; anyone who reaches the pod runs code"
+def _check_auth_options(where: str, spec: dict) -> None:
+    """Ray's token auth through KubeRay's authOptions (KubeRay >= 1.6), the token from the
+    project's Secret: only then does the operator put the token into every Ray container,
+    the autoscaler sidecar and the submitter, and send it with its own status polls."""
+    options = spec.get("authOptions")
+    assert isinstance(options, dict), (
+        f"{where}: no authOptions; KubeRay sends no token (its status polls get 401, the "
+        "autoscaler cannot reach the GCS): set authOptions: {mode: token, secretName: ...}"
     )
-    token = env.get("RAY_AUTH_TOKEN", {})
-    assert "value" not in token, f"{where}: RAY_AUTH_TOKEN written into the manifest"
-    ref = token.get("valueFrom", {}).get("secretKeyRef", {})
-    assert ref.get("name") == AUTH_SECRET and ref.get("key") == "auth_token", (
-        f"{where}: RAY_AUTH_TOKEN must come from Secret {AUTH_SECRET} (key auth_token)"
+    assert set(options) <= AUTH_OPTION_FIELDS, (
+        f"{where}: authOptions has {sorted(set(options) - AUTH_OPTION_FIELDS)}; KubeRay knows "
+        f"{sorted(AUTH_OPTION_FIELDS)}"
+    )
+    assert options.get("mode") in AUTH_MODES, f"{where}: authOptions.mode {options.get('mode')!r}"
+    assert options == {"mode": "token", "secretName": AUTH_SECRET}, (
+        f"{where}: authOptions {options}; expected mode token with secretName {AUTH_SECRET} "
+        "(a Secret KubeRay did not generate: the client needs the same token)"
+    )
+    version = tuple(int(part) for part in spec["rayVersion"].split("."))
+    assert version >= MIN_RAY_FOR_TOKEN, f"{where}: token auth needs Ray >= 2.52.0"
+
+
+def _check_no_hand_written_token(where: str, container: dict) -> None:
+    """The token reaches a container only through authOptions: hand-written env would hide
+    a missing authOptions (the pods work, the operator and autoscaler do not)."""
+    names = {e["name"] for e in container.get("env", [])}
+    assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (
+        f"{where}: RAY_AUTH_MODE/RAY_AUTH_TOKEN written by hand; KubeRay >= 1.6 sets them "
+        "from authOptions"
     )
 
 
@@ -360,11 +385,15 @@ def _cluster_specs() -> list[tuple[str, dict, str]]:
 def test_every_ray_pod_requires_the_token_and_is_selected_by_the_network_policy(
     where, spec, kind
 ) -> None:
+    _check_auth_options(where, spec)
     groups = [("head", spec["headGroupSpec"])]
     groups += [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
     for name, group in groups:
         template = group["template"]
-        _check_token_auth(f"{where} {name}", template["spec"]["containers"][0])
+        for container in template["spec"]["containers"] + template["spec"].get(
+            "initContainers", []
+        ):
+            _check_no_hand_written_token(f"{where} {name} {container['name']}", container)
         labels = template.get("metadata", {}).get("labels", {})
         assert labels.get("app.kubernetes.io/name") == "breakhis", (
             f"{where} {name}: pods need app.kubernetes.io/name=breakhis for the NetworkPolicy"
@@ -376,15 +405,24 @@ def test_every_ray_pod_requires_the_token_and_is_selected_by_the_network_policy(
 
 
 @pytest.mark.parametrize("path_and_doc", JOBS, ids=lambda p: p[0].name)
-def test_rayjob_submitter_has_the_token(path_and_doc) -> None:
+def test_rayjob_submitter_gets_the_token_from_auth_options(path_and_doc) -> None:
+    """KubeRay gives the submitter the token of its RayCluster's authOptions; the template
+    only gives it the label the NetworkPolicy admits."""
     path, doc = path_and_doc
     spec = doc["spec"]
+    assert spec.get("rayClusterSpec"), f"{path}: a selected cluster's authOptions are unchecked"
+    _check_auth_options(f"{path.name} rayClusterSpec", spec["rayClusterSpec"])
     if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
         return
     template = spec.get("submitterPodTemplate")
-    assert template, f"{path}: the submitter pod runs `ray job submit` and needs the token"
-    _check_token_auth(f"{path} submitter", template["spec"]["containers"][0])
+    assert template, f"{path}: the submitter pod needs the label the NetworkPolicy admits"
+    _check_no_hand_written_token(f"{path} submitter", template["spec"]["containers"][0])
     assert template["metadata"]["labels"].get("app.kubernetes.io/name") == "breakhis"
+
+
+def test_kuberay_manifests_say_they_need_kuberay_1_6() -> None:
+    for path in sorted(KUBERAY.glob("ray*.yaml")):
+        assert "KubeRay >= 1.6" in path.read_text(), f"{path.name}: say it needs KubeRay >= 1.6"
 
 
 def test_network_policy_lets_only_the_projects_pods_reach_the_head() -> None:
@@ -441,3 +479,60 @@ def test_readme_cluster_commands_bring_the_token() -> None:
     # Every `ray job submit` of the section runs where RAY_AUTH_MODE=token is exported.
     before_submit = cluster.split("ray job submit", 1)[0]
     assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", before_submit, re.M)
+    assert "KubeRay (1.6 or later)" in cluster and "authOptions" in cluster
+    generate = cluster.index("ray get-auth-token --generate")
+    assert "chmod 600 ~/.ray/auth_token" in cluster[generate : generate + 200], (
+        "tell users to make the token file private right after generating it"
+    )
+
+
+def _readme_shell_blocks() -> list[str]:
+    """The README's ```bash blocks, continuation lines joined."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme, re.M | re.S)
+    return [re.sub(r"\\\n\s*", " ", block) for block in blocks]
+
+
+SECRET_NAMES = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|CREDENTIAL", re.I)
+
+
+def test_readme_job_submissions_are_ones_ray_accepts_without_secrets(monkeypatch) -> None:
+    """Each `ray job submit` line parses with Ray's own CLI and builds its runtime env as
+    Ray does (which refuses --runtime-env beside --runtime-env-json); no credential travels
+    in a runtime env (every token holder reads it); the client has RAY_AUTH_MODE=token."""
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+    from ray.dashboard.modules.job.cli import submit
+
+    monkeypatch.chdir(REPO)
+    seen = 0
+    for block in _readme_shell_blocks():
+        lines = [line for line in block.splitlines() if "ray job submit" in line]
+        if not lines:
+            continue
+        assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", block, re.M), (
+            f"README: `ray job submit` without RAY_AUTH_MODE=token in the client's environment "
+            f"(the client then sends no token):\n{block}"
+        )
+        for line in lines:
+            args = shlex.split(line.split("ray job submit", 1)[1], comments=True)
+            params = submit.make_context("submit", args).params
+            runtime_env = parse_runtime_env_args(
+                runtime_env=params["runtime_env"],
+                runtime_env_json=params["runtime_env_json"],
+                working_dir=params["working_dir"],
+            )
+            leaked = [k for k in runtime_env.get("env_vars", {}) if SECRET_NAMES.search(k)]
+            assert not leaked, f"README: {leaked} in a runtime env: {line}"
+            seen += 1
+    assert seen >= 8
+
+
+def test_readme_documents_a_lifecycle_rule_for_incomplete_multipart_uploads() -> None:
+    rules = [
+        block for block in _readme_shell_blocks() if "put-bucket-lifecycle-configuration" in block
+    ]
+    assert rules, "README: no S3 lifecycle rule for incomplete multipart uploads"
+    config = json.loads(shlex.split(rules[0].split("--lifecycle-configuration", 1)[1])[0])
+    (rule,) = config["Rules"]
+    assert rule["Status"] == "Enabled" and rule["Filter"] == {}
+    assert rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1

@@ -30,7 +30,7 @@ def _shard_names(dest: str) -> list[str]:
 
 
 def _real_tree_with_bad_files(realdata_dir: Path, root: Path) -> dict[str, str]:
-    """The real sample, in the official layout, plus four bad files."""
+    """The real sample, in the official layout, plus five bad files."""
     from breakhis.names import official_relative_path, parse_name
 
     for src in realdata_dir.glob("*.png"):
@@ -38,10 +38,14 @@ def _real_tree_with_bad_files(realdata_dir: Path, root: Path) -> dict[str, str]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
     good = (realdata_dir / "SOB_B_F-14-25197-100-001.png").read_bytes()
+    # One bit flipped early in the first IDAT: libspng decoded it to wrong pixels, no error.
+    flipped = bytearray(good)
+    flipped[good.index(b"IDAT") + 4 + 100] ^= 0x01
     bad = {
         "SOB_B_F-14-25197-40-901.png": (good[: len(good) // 3], "decode"),
         "SOB_B_F-14-25197-40-902.png": (b"", "decode"),
         "SOB_B_F-14-25197-40-903.png": (b"<html>not a png</html>", "decode"),
+        "SOB_B_F-14-25197-40-904.png": (bytes(flipped), "decode"),
         "scan-0001.png": (good, "parse"),
     }
     for name, (data, _) in bad.items():
@@ -57,12 +61,14 @@ def test_prepare_real_sample_locally(realdata_dir, tmp_path, ray_local):
 
     assert summary.images == 60
     assert summary.patients == 11
-    assert summary.rejects == 4
+    assert summary.rejects == 5
     assert summary.shards > 1 and summary.shards_written == summary.shards
 
     rejects = pq.read_table(f"{dest}/rejects.parquet").to_pylist()
     assert {r["file_name"]: r["stage"] for r in rejects} == bad
     assert all(r["reason"] for r in rejects)
+    flipped = next(r["reason"] for r in rejects if r["file_name"].endswith("-904.png"))
+    assert "PNG chunk IDAT" in flipped and "CRC" in flipped, flipped
 
     # Read back with a different reader (pandas over the whole shard folder).
     shards = pd.read_parquet(f"{dest}/shards")
@@ -111,7 +117,7 @@ def test_rerun_is_idempotent_and_resumes(realdata_dir, tmp_path, ray_local):
     assert resumed.shards_deleted == 1
     assert _shard_names(dest) == first
     assert Path(dest, "manifest.parquet").read_bytes() == manifest_bytes
-    assert resumed.rejects == 4  # rejects of skipped shards come from their metadata
+    assert resumed.rejects == 5  # rejects of skipped shards come from their metadata
 
 
 def test_prepare_generated_data_in_s3(s3_prefix, ray_local):
@@ -152,9 +158,9 @@ def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     from breakhis.transforms import EvalTransform
 
     src, dest = tmp_path / "src", str(tmp_path / "prepared")
-    _real_tree_with_bad_files(realdata_dir, src)
+    bad = _real_tree_with_bad_files(realdata_dir, src)
     first = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, pixels=(48,)))
-    assert first.rejects == 4 and first.pixel_sizes == (48,)
+    assert first.rejects == len(bad) and first.pixel_sizes == (48,)
     assert first.pixel_files_written == first.shards
     assert stored_pixel_sizes(read_manifest(dest)) == (48,)
     assert "stored pixels: 48x73" in first.format_table()
@@ -174,7 +180,7 @@ def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     before = _pixel_files(dest, 48)
     second = prepare(PrepareConfig(src=str(src), dest=dest, shard_mb=8, pixels=(32,)))
     assert second.shards_written == 0 and second.pixel_files_written == second.shards
-    assert second.pixel_sizes == (32, 48) and second.rejects == 4
+    assert second.pixel_sizes == (32, 48) and second.rejects == len(bad)
     assert _pixel_files(dest, 48) == before
     assert stored_pixel_sizes(read_manifest(dest)) == (32, 48)
     shard = _shard_names(dest)[0]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -395,6 +398,54 @@ def test_an_unreachable_endpoint_is_one_error_naming_it(monkeypatch: pytest.Monk
         assert f"S3 endpoint {endpoint} is unreachable" in message and "\n" not in message
     # Local paths never ask an endpoint.
     storage.check_reachable("/tmp")
+
+
+@contextlib.contextmanager
+def _silent_endpoint() -> Iterator[str]:
+    """An endpoint that accepts every connection and never sends a byte."""
+    held: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    held.append(server.accept()[0])
+                except TimeoutError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        finally:
+            stop.set()
+            thread.join()
+            for connection in held:
+                connection.close()
+
+
+def test_the_reachability_check_gives_up_quickly_on_an_endpoint_that_never_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connecting works, no answer ever comes: the check fails in about 2 x its short read
+    timeout, not 2 x the 60 s a job's requests wait (121 s before)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with _silent_endpoint() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        with pytest.raises(storage.S3UnreachableError) as err:
+            storage.check_reachable("s3://test/prefix")
+        seconds = time.monotonic() - started
+    assert seconds < 4 * storage.CHECK_TIMEOUT_S, f"{seconds:.1f} s"
+    message = str(err.value)
+    assert f"S3 endpoint {endpoint} is unreachable" in message and "\n" not in message
+    assert f"{storage.CHECK_TIMEOUT_S:g} s read timeout" in message
 
 
 def test_a_command_fails_in_seconds_when_the_endpoint_does_not_answer(tmp_path: Path) -> None:
