@@ -151,3 +151,57 @@ def test_the_command_exports_and_bad_options_name_what_is_accepted(
         ExportConfig(model=model_uri, format="tflite")
     assert cli.main(["export", "--model", str(tmp_path / "missing")]) == 2
     assert "no model artifact here" in capsys.readouterr().err
+
+
+def test_an_aspect_kept_model_exports_with_its_whole_tile_input(
+    tiles: list[Path], tmp_path: Path
+) -> None:
+    """A model trained with --geometry aspect (the default) takes the whole S x W tile; its
+    contract says so, and tiles resized as the contract says give the jobs' probabilities."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from breakhis.artifact import load_artifact
+    from breakhis.imaging import decode_rgb
+    from breakhis.transforms import normalize, to_chw
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", weights="none", dropout=0.0).eval()
+    card = ModelCard(
+        architecture="smallcnn",
+        image_size=SIZE,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        dropout=0.0,
+        config={"geometry": "aspect", "eval_view": "whole"},
+    )
+    uri = str(tmp_path / "model")
+    save_artifact(uri, net, card)
+    result = export_model(ExportConfig(model=uri, format="onnx"))
+    contract = json.loads(Path(result.contract_uri).read_text())
+    width = round(SIZE * 700 / 460)
+    assert contract["input"]["shape"] == ["N", 3, SIZE, width]
+    assert (
+        contract["input"]["geometry"] == "aspect" and "aspect ratio" in contract["input"]["resize"]
+    )
+
+    loaded, card = load_artifact(uri)
+    job = np.stack(
+        [to_chw(card.tile_geometry.eval_pixels(decode_rgb(t.read_bytes()))) for t in tiles]
+    )
+    with torch.no_grad():
+        expected = torch.softmax(loaded(normalize(torch.from_numpy(job))), dim=1)[:, 1].numpy()
+    by_contract = []
+    for tile in tiles:  # the contract's words: cover SIZE x width keeping the aspect, centre crop
+        with Image.open(tile) as image:
+            w, h = image.size
+            scale = max(SIZE / h, width / w)
+            cw, ch = max(width, round(w * scale)), max(SIZE, round(h * scale))
+            rgb = np.asarray(
+                image.convert("RGB").resize((cw, ch), Image.BILINEAR, reducing_gap=2.0)
+            )
+        top, left = (ch - SIZE) // 2, (cw - width) // 2
+        by_contract.append(rgb[top : top + SIZE, left : left + width].transpose(2, 0, 1))
+    session = ort.InferenceSession(result.model_uri, providers=["CPUExecutionProvider"])
+    probabilities, _ = session.run(None, {"image": np.ascontiguousarray(np.stack(by_contract))})
+    np.testing.assert_allclose(_malignant(contract, probabilities), expected, atol=1e-4)
