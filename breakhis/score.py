@@ -35,8 +35,14 @@ tile. (A tile rewritten in place under the same URI is not rescored: units are
 named by URIs, not contents; score into a new output for that.) ``_job.json``
 records the model and every option that changes the output; a rerun with
 another model or such an option is refused, naming the differences. One job at
-a time per output, enforced: the output is claimed atomically (breakhis.score_output),
-the claim is checked again and every row's ``model_id`` verified before ``_SUCCESS``.
+a time per output, enforced, even with the same options: the output is claimed atomically
+(breakhis.score_output) and any other live claim refuses the job. Before ``_SUCCESS`` the
+claim is checked again, the output must hold exactly the plan's units (no unit of another
+job) and every row's ``model_id`` is verified.
+
+**Readers wait for ``_SUCCESS``.** Until it is there, ``tiles/`` may hold part of the
+units, or units of an older listing that the job is about to delete; only an output with
+``_SUCCESS`` has exactly one row per input tile (a rerun deletes ``_SUCCESS`` first).
 
 Output (``OUTPUT/``, local or ``s3://``):
 
@@ -91,7 +97,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -100,15 +105,15 @@ from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import Listing, list_inputs
 from breakhis.predict import PredictOptions, actor_plan
 from breakhis.raysession import ensure_ray
+from breakhis.score_check import check_units
 from breakhis.score_output import (  # noqa: F401 (re-exported: errors, patients.parquet)
-    CLAIM_REFRESH_S,
     PATIENT_SCHEMA,
     JobMismatchError,
     PatientTotals,
     claim_output,
+    keeping_claim,
     new_token,
     patient_table,
-    refresh_claim,
     release_claim,
     sweep_dead_jobs,
     unit_files,
@@ -268,8 +273,9 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
     missing model or input, ValueError for a damaged model, an input without tiles or
     a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
-    claimed by a job with another model or options, and RuntimeError when a unit comes
-    back incomplete or the output holds rows of another model (never silently written).
+    claimed by another job (any other running job: even one with the same model and
+    options), and RuntimeError when a unit comes back incomplete or the output holds rows
+    of another model or units outside the plan (never silently written).
     """
     from breakhis.artifact import load_artifact
 
@@ -291,7 +297,8 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     token = new_token()
     claim_output(config.output, record, token)
     try:
-        return _run_claimed(config, card, listing, record, token, started)
+        with keeping_claim(config.output, record, token):
+            return _run_claimed(config, card, listing, record, token, started)
     finally:
         release_claim(config.output, token)
 
@@ -299,14 +306,14 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
 def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing, check, summarise."""
     tiles_uri = storage.join(config.output, "tiles")
-    sweep_dead_jobs(config.output)
+    sweep_dead_jobs(config.output, token)
     existing = unit_files(tiles_uri)
     plan_folder = storage.join(config.output, "_plan", token)
     try:
         plan = write_plan(listing, config.unit_size, existing, plan_folder)
         log.info(
             "%d tiles in %d units: %d already complete, %d to score",
-            listing.num_tiles,
+            sum(plan.rows),
             len(plan.names),
             len(plan.names) - plan.pending.num_rows,
             plan.pending.num_rows,
@@ -316,14 +323,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
             storage.delete(storage.join(config.output, "_SUCCESS"))
         if plan.pending.num_rows:
             storage.make_dirs(tiles_uri)
-            _score_units(
-                config,
-                card,
-                plan,
-                tiles_uri,
-                lambda: refresh_claim(config.output, record, token),
-                token,
-            )
+            _score_units(config, card, plan, tiles_uri, token)
     finally:
         _delete_plan(config.output, plan_folder)
     for name in stale:
@@ -336,7 +336,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
         output=config.output,
         model_id=card.model_id,
         attribution=config.predict.method,
-        tiles=listing.num_tiles,
+        tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
         scored=counts["scored"],
         errors=counts["errors"],
         units=len(plan.names),
@@ -365,9 +365,7 @@ def _delete_plan(output: str, folder: str) -> None:
                 os.rmdir(storage.resolve(path)[1])
 
 
-def _score_units(
-    config: ScoreConfig, card, plan: Plan, tiles_uri: str, alive: Callable[[], None], token: str
-) -> None:
+def _score_units(config: ScoreConfig, card, plan: Plan, tiles_uri: str, token: str) -> None:
     """Run the pipeline over the plan's pending units; the workers write the unit files
     and send back one summary row per unit (breakhis.score_units)."""
     ensure_ray()
@@ -399,7 +397,7 @@ def _score_units(
     )
     expected = set(plan.pending["name"].to_pylist())
     written: set[str] = set()
-    with Progress(plan.pending_tiles, config.progress_interval_s, alive) as progress:
+    with Progress(plan.pending_tiles, config.progress_interval_s) as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for name, rows, errors in zip(
                 batch["name"], batch["rows"], batch["errors"], strict=True
@@ -415,11 +413,10 @@ def _score_units(
 
 class Progress:
     """Logs tiles done / total, tiles/s and an ETA every ``interval_s`` seconds (from a
-    thread, so the log keeps its pace whatever the pipeline does) and once at the end;
-    calls ``alive`` every CLAIM_REFRESH_S from the same thread (the claim's refresh)."""
+    thread, so the log keeps its pace whatever the pipeline does) and once at the end."""
 
-    def __init__(self, total: int, interval_s: float, alive: Callable[[], None]) -> None:
-        self.total, self.interval_s, self.alive = total, interval_s, alive
+    def __init__(self, total: int, interval_s: float) -> None:
+        self.total, self.interval_s = total, interval_s
         self.done = self.errors = self.units = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -443,14 +440,7 @@ class Progress:
             self.units += 1
 
     def _run(self) -> None:
-        refreshed = time.perf_counter()
-        while not self._stop.wait(min(self.interval_s, CLAIM_REFRESH_S)):
-            if time.perf_counter() - refreshed >= CLAIM_REFRESH_S:
-                try:
-                    self.alive()
-                    refreshed = time.perf_counter()
-                except OSError as err:  # e.g. S3 away for a while: try again next time
-                    log.warning("could not refresh the output's claim: %s", err)
+        while not self._stop.wait(self.interval_s):
             self.log()
 
     def line(self) -> str:
@@ -475,6 +465,7 @@ def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[d
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    check_units(tiles_uri, plan)
     fs, path = storage.resolve(tiles_uri)
     files = [f"{path}/{name}" for name in plan.names]
     columns = ["patient_id", "label", "prob_malignant", "predicted_label", "error", "model_id"]

@@ -102,7 +102,7 @@ def test_a_batch_with_part_of_a_unit_is_refused(tmp_path) -> None:
 def test_progress_logs_done_total_rate_and_eta(caplog) -> None:
     with (
         caplog.at_level(logging.INFO, logger="breakhis.score"),
-        Progress(1000, 0.05, lambda: None) as p,
+        Progress(1000, 0.05) as p,
     ):
         p.add(250, 3)
         import time
