@@ -19,6 +19,12 @@ one summary row per unit (index, name, rows, errors) to the driver: never the ma
 
 A unit file is written by whichever attempt of its task finishes (a retried task after
 a lost node writes the same rows again, under the same name), so each unit exists once.
+
+Faults are bounded: a decode task is retried at most breakhis.predict.RETRIES times (its
+worker died, or a transient storage error outlasted the read's own retries: never an error
+row), its last attempt decoding tile by tile (breakhis.score_isolate), so one poison tile
+becomes an error row; a model actor is restarted, and each of its tasks retried, at most as
+often. Past that the pipeline fails, and so does the job: a rerun scores what is missing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import pyarrow.parquet as pq
 from breakhis import storage
 from breakhis.inputs import INPUT_SCHEMA, Listing
 from breakhis.names import CLASS_NAMES
+from breakhis.score_isolate import ISOLATE_AFTER, decode_alone, register_attempt
 from breakhis.score_output import write_unit
 
 log = logging.getLogger(__name__)
@@ -196,29 +203,40 @@ def read_members(part: str, group: int) -> pa.Table:
 # --------------------------------------------------------------------------- workers
 
 
-def decode_tiles_of_units(batch: dict[str, np.ndarray], *, image_size: int) -> dict:
+def decode_tiles_of_units(
+    batch: dict[str, np.ndarray], *, image_size: int, max_tile_bytes: int, plan_folder: str
+) -> dict:
     """Ray Data map_batches function: read and decode every tile of the batch's units
-    (PENDING_SCHEMA rows). Returns predict.decode_tiles' columns for all their tiles plus
-    ``name``, ``part``, ``group`` and ``unit_rows`` of each tile's unit."""
-    from breakhis.predict import decode_tiles
+    (PENDING_SCHEMA rows); a unit whose decoding failed ISOLATE_AFTER times before is
+    decoded tile by tile (breakhis.score_isolate). Returns tile_decode.decode_tiles' columns for
+    all their tiles plus ``name``, ``part``, ``group`` and ``unit_rows`` of each tile's unit."""
+    from breakhis.tile_decode import decode_tiles
 
     outs = []
     for i in range(len(batch["unit"])):
         members = read_members(str(batch["part"][i]), int(batch["group"][i]))
-        count = members.num_rows
-        decoded = decode_tiles(
-            {
-                "uri": np.asarray(members.column("uri").to_pylist(), dtype=object),
-                "tile_id": np.asarray(members.column("tile_id").to_pylist(), dtype=object),
-                "shard": np.asarray(members.column("shard").to_pylist(), dtype=object),
-                "unit": np.full(count, batch["unit"][i], dtype=np.int32),
-            },
-            image_size=image_size,
-        )
+        count, name = members.num_rows, str(batch["name"][i])
+        members = members.append_column("unit", pa.array(np.full(count, batch["unit"][i])))
+        if register_attempt(plan_folder, name) >= ISOLATE_AFTER:
+            decoded = decode_alone(
+                members, image_size=image_size, max_tile_bytes=max_tile_bytes, unit=name
+            )
+        else:
+            decoded = decode_tiles(
+                {c: _column(members, c) for c in ("uri", "tile_id", "shard", "unit")},
+                image_size=image_size,
+                max_tile_bytes=max_tile_bytes,
+            )
         for column in ("name", "part", "group", "unit_rows"):
             decoded[column] = np.repeat(batch[column][i : i + 1], count)
         outs.append(decoded)
     return {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    if name == "unit":
+        return np.asarray(table.column(name), dtype=np.int32)
+    return np.asarray(table.column(name).to_pylist(), dtype=object)
 
 
 @dataclass(frozen=True)
@@ -349,13 +367,15 @@ def units_dataset(
     options,
     overlay_root: str | None,
     object_store_limit: int,
+    plan_folder: str,
 ):
     """The lazy Ray Data pipeline over the ``pending`` units (module docstring): each output
     row is one written unit's summary (unit, name, rows, errors). ``options`` is the
-    job's breakhis.predict.PredictOptions, with the threshold applied."""
+    job's breakhis.predict.PredictOptions with the threshold applied, ``plan_folder`` the
+    job's plan (where decode attempts are counted: breakhis.score_isolate)."""
     import ray
 
-    from breakhis.predict import DECODE_CPUS, actor_plan, predictor_kwargs
+    from breakhis.predict import DECODE_CPUS, RETRIES, actor_plan, predictor_kwargs
 
     max_actors, gpus_per_actor, device = actor_plan(
         options.device, options.num_actors, options.cpus_per_actor
@@ -369,10 +389,16 @@ def units_dataset(
     )
     ds = ds.map_batches(
         decode_tiles_of_units,
-        fn_kwargs={"image_size": fmt.image_size},
+        fn_kwargs={
+            "image_size": fmt.image_size,
+            "max_tile_bytes": options.max_tile_bytes,
+            "plan_folder": plan_folder,
+        },
         batch_size=None,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,
+        max_retries=RETRIES,  # the last attempt decodes tile by tile (ISOLATE_AFTER)
+        retry_exceptions=[storage.TransientStorageError],
     )
     kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root)
     return ds.map_batches(
@@ -383,4 +409,6 @@ def units_dataset(
         num_gpus=gpus_per_actor,
         batch_size=None,
         batch_format="numpy",
+        max_restarts=RETRIES,  # Ray Data's default: forever
+        max_task_retries=RETRIES,
     )
