@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -147,7 +147,9 @@ class PredictOptions:
 class TilePredictor:
     """Ray Data callable class: the model, loaded once per actor, over batches of tiles.
 
-    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
+    The model is ``artifact`` when given (a breakhis.artifact.Artifact or a Ray ObjectRef
+    of one: the weights the driver checked), else read from ``model_uri``; ``model_id`` is
+    the hash of the weights loaded. Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
     of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
     float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
@@ -170,10 +172,10 @@ class TilePredictor:
         occlusion_window: int,
         lime_samples: int,
         lime_grid: int,
+        artifact: Any = None,
     ) -> None:
         import torch
 
-        from breakhis.artifact import load_artifact
         from breakhis.model import last_conv_layer
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -183,7 +185,7 @@ class TilePredictor:
         if device == "cpu":
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
-        self.model, card = load_artifact(model_uri, device=self.device)
+        self.model, card, self.model_id = _load_model(model_uri, artifact, self.device)
         for param in self.model.parameters():
             param.requires_grad_(False)  # attributions need input gradients only
         # On a GPU, as in training: bf16 autocast on tensor cores, channels_last for cuDNN,
@@ -309,6 +311,20 @@ class TilePredictor:
         return uris
 
 
+def _load_model(model_uri: str, artifact, device):
+    """(model, card, hash of the weights loaded) from ``artifact`` (an Artifact or an
+    ObjectRef of one) when given, else from ``model_uri``."""
+    from breakhis.artifact import read_artifact
+
+    if artifact is None:
+        artifact = read_artifact(model_uri)
+    elif not hasattr(artifact, "weights"):  # an ObjectRef: Ray resolves top-level ones only
+        import ray
+
+        artifact = ray.get(artifact)
+    return artifact.load(device), artifact.card, artifact.weights_id
+
+
 def actor_plan(device: str, num_actors: int, cpus_per_actor: int) -> tuple[int, float, str]:
     """(most actors, GPUs per actor, device) of a model actor pool on the current cluster.
 
@@ -389,9 +405,12 @@ def predictor_kwargs(
     device: str,
     options: PredictOptions,
     overlay_root: str | None = None,
+    artifact: Any = None,
 ) -> dict:
-    """TilePredictor's constructor arguments for ``options`` on ``device`` (actor_plan's)."""
+    """TilePredictor's constructor arguments for ``options`` on ``device`` (actor_plan's);
+    ``artifact``: the model itself (TilePredictor's docstring)."""
     return {
+        "artifact": artifact,
         "model_uri": model_uri,
         "method": options.method,
         "map_size": options.map_size,

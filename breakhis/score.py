@@ -38,7 +38,9 @@ another model or such an option is refused, naming the differences. One job at
 a time per output, enforced, even with the same options: the output is claimed atomically
 (breakhis.score_output) and any other live claim refuses the job. Before ``_SUCCESS`` the
 claim is checked again, the output must hold exactly the plan's units (no unit of another
-job) and every row's ``model_id`` is verified.
+job) and every row the ``model_id`` checked here; the actors load the artifact the driver
+checked, shipped through the object store (breakhis.score_run), and stamp rows with the
+hash of the weights they hold.
 
 **Readers wait for ``_SUCCESS``.** Until it is there, ``tiles/`` may hold part of the
 units, or units of an older listing that the job is about to delete; only an output with
@@ -274,6 +276,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
 
     Everything that can be checked on the driver is, before the output is claimed and
     before Ray starts: the model (card, weights hash and load), the input and the output.
+    The model actors then get the very artifact checked here (breakhis.score_run).
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
     missing model or input, ValueError for a damaged model, an input without tiles or
     a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
@@ -281,11 +284,12 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     options), and RuntimeError when a unit comes back incomplete or the output holds rows
     of another model or units outside the plan (never silently written).
     """
-    from breakhis.artifact import load_artifact
+    from breakhis.artifact import read_artifact
 
     started = time.perf_counter()
-    # Loaded once here so that a damaged artifact fails in one line, not in every actor.
-    _, card = load_artifact(config.model)
+    artifact = read_artifact(config.model)
+    artifact.load()  # so that a damaged artifact fails here in one line, not in every actor
+    card = artifact.card
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
     listing = list_inputs(config.input)
@@ -302,12 +306,12 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     claim_output(config.output, record, token)
     try:
         with keeping_claim(config.output, record, token):
-            return _run_claimed(config, card, listing, record, token, started)
+            return _run_claimed(config, artifact, listing, record, token, started)
     finally:
         release_claim(config.output, token)
 
 
-def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
+def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing, check, summarise."""
     tiles_uri = storage.join(config.output, "tiles")
     sweep_dead_jobs(config.output, token)
@@ -327,7 +331,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
             storage.delete(storage.join(config.output, "_SUCCESS"))
         if plan.pending.num_rows:
             storage.make_dirs(tiles_uri)
-            score_pending(config, card, plan, token, plan_folder)
+            score_pending(config, artifact, plan, token, plan_folder)
     finally:
         _delete_plan(config.output, plan_folder)
     for name in stale:
@@ -335,10 +339,10 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = check_output(config, card.model_id, plan)
+    counts, patients = check_output(config, artifact.card.model_id, plan)
     summary = ScoreSummary(
         output=config.output,
-        model_id=card.model_id,
+        model_id=artifact.card.model_id,
         attribution=config.predict.method,
         tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
         scored=counts["scored"],

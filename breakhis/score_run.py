@@ -1,5 +1,14 @@
 """The scoring job's pipeline, seen from the driver: the pending units of the plan through
-breakhis.score_units.units_dataset, progress logged.
+breakhis.score_units.units_dataset, the model shipped once, progress logged.
+
+The model actors get the artifact the driver read and checked (card and weights' bytes,
+breakhis.artifact.Artifact) through Ray's object store, not its URI: an artifact replaced
+while the job runs (a retrain, a sweep rewriting ``best/``) cannot reach an actor started
+late (autoscaling, a restart), so one job scores with one model. Shipping rather than
+reloading and comparing hashes: a refusal would fail a long job half-way for a change the
+job can ignore, and one copy in the object store costs less than a read per actor. Each
+actor still checks the hash of what it holds and stamps rows with it
+(breakhis.score_units.UnitTilePredictor).
 """
 
 from __future__ import annotations
@@ -15,21 +24,23 @@ from breakhis.raysession import ensure_ray
 from breakhis.score_units import Plan, UnitFormat, units_dataset
 
 if TYPE_CHECKING:
-    from breakhis.artifact import ModelCard
+    from breakhis.artifact import Artifact
     from breakhis.score import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 
 def score_pending(
-    config: ScoreConfig, card: ModelCard, plan: Plan, token: str, plan_folder: str
+    config: ScoreConfig, artifact: Artifact, plan: Plan, token: str, plan_folder: str
 ) -> None:
     """Run the pipeline over the plan's pending units; the workers write the unit files
     and send back one summary row per unit (breakhis.score_units). Raises RuntimeError when
     a unit came back unwritten, and what the pipeline raised (a unit that failed after its
     retries: the job fails, to be rerun)."""
+    import ray
+
     ensure_ray()
-    predict = config.predict
+    card, predict = artifact.card, config.predict
     max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
     largest = max(plan.pending["unit_rows"].to_pylist())
     unit_bytes = largest * card.image_size * card.image_size * 3
@@ -52,6 +63,7 @@ def score_pending(
         plan.pending,
         fmt=fmt,
         model_uri=config.model,
+        artifact=ray.put(artifact),
         options=predict,
         overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
         object_store_limit=buffer,

@@ -33,7 +33,7 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -263,7 +263,14 @@ class UnitTilePredictor:
         from breakhis.predict import TilePredictor
 
         self.predictor = TilePredictor(**predictor)
-        self.format = unit_format
+        if self.predictor.model_id != unit_format.model_id:
+            raise RuntimeError(
+                f"{unit_format.model}: this actor loaded weights {self.predictor.model_id}, "
+                f"the job checked {unit_format.model_id}; refusing to score with them"
+            )
+        # Rows carry the id of the weights this actor holds, so the check before _SUCCESS
+        # (every row of the job's model) tests what was loaded, not a constant.
+        self.format = replace(unit_format, model_id=self.predictor.model_id)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -364,13 +371,15 @@ def units_dataset(
     *,
     fmt: UnitFormat,
     model_uri: str,
+    artifact,
     options,
     overlay_root: str | None,
     object_store_limit: int,
     plan_folder: str,
 ):
     """The lazy Ray Data pipeline over the ``pending`` units (module docstring): each output
-    row is one written unit's summary (unit, name, rows, errors). ``options`` is the
+    row is one written unit's summary (unit, name, rows, errors). ``artifact`` is the model
+    the actors load (a Ray ObjectRef of a breakhis.artifact.Artifact), ``options`` the
     job's breakhis.predict.PredictOptions with the threshold applied, ``plan_folder`` the
     job's plan (where decode attempts are counted: breakhis.score_isolate)."""
     import ray
@@ -400,7 +409,7 @@ def units_dataset(
         max_retries=RETRIES,  # the last attempt decodes tile by tile (ISOLATE_AFTER)
         retry_exceptions=[storage.TransientStorageError],
     )
-    kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root)
+    kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root, artifact)
     return ds.map_batches(
         UnitTilePredictor,
         fn_constructor_kwargs={"unit_format": fmt, "batch_size": options.batch_size, **kwargs},

@@ -1,5 +1,6 @@
 """The scoring job (and prepare) under faults: transient storage errors are retried and never
-stored as results, one poison tile neither blocks nor hangs a job. Faults are injected at the storage layer and in the workers by
+stored as results, one poison tile neither blocks nor hangs a job, an artifact replaced
+mid-job does not mix models. Faults are injected at the storage layer and in the workers by
 breakhis.faults (test-only hooks, set through the environment of the process or Ray job)."""
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import textwrap
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from test_score import _make_tiles, _save_model
+import torch
+from test_score import _make_tiles, _plain_probabilities, _save_model
 
 from breakhis import faults, storage
+from breakhis.artifact import ModelCard, read_card, save_artifact
 from breakhis.inputs import discover_inputs
+from breakhis.model import build_model
 from breakhis.predict import PredictOptions
 from breakhis.tile_decode import decode_tiles
 
@@ -124,6 +128,27 @@ def test_prepare_fails_its_task_on_transient_errors_instead_of_rejecting(
     _inject(monkeypatch, {victim: "denied"})  # permanent: a reject, as before
     result = write_shard(plan, str(tmp_path / "b" / "shards"), 16)
     assert [(r.uri, r.stage) for r in result.rejects if r.uri == victim] == [(victim, "read")]
+
+
+def test_actors_score_with_the_artifact_they_are_given_and_refuse_another(tmp_path) -> None:
+    from breakhis.artifact import read_artifact
+    from breakhis.predict import predictor_kwargs
+    from breakhis.score_units import UnitFormat, UnitTilePredictor
+
+    checked = _save_model(str(tmp_path / "a"))
+    torch.manual_seed(1)
+    card = ModelCard(architecture="smallcnn", image_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3)
+    other = save_artifact(str(tmp_path / "b"), build_model("smallcnn").eval(), card)
+    kwargs = predictor_kwargs(
+        str(tmp_path / "b"), 0.5, "cpu", PredictOptions(attribution="none", torch_threads=1)
+    )
+    pinned = {**kwargs, "artifact": read_artifact(str(tmp_path / "a"))}
+    fmt = UnitFormat(str(tmp_path / "t"), "t", "m", checked.model_id, 1, None, 4, 0.5, False, 32)
+    actor = UnitTilePredictor(unit_format=fmt, batch_size=4, **pinned)
+    assert actor.predictor.model_id == actor.format.model_id == checked.model_id
+    # Weights other than the ones the job checked: the actor refuses to score.
+    with pytest.raises(RuntimeError, match=f"loaded weights {other.model_id}, the job checked"):
+        UnitTilePredictor(unit_format=fmt, batch_size=4, **kwargs)
 
 
 # --------------------------------------------------------------------------- on Ray
@@ -239,3 +264,47 @@ def test_a_tile_that_kills_its_model_actor_fails_the_job_instead_of_hanging(
     done = _run_driver(_options(model, str(tiles), output), env, timeout=400)
     assert done.returncode != 0, done.stdout[-2000:]
     assert not (tmp_path / "scores" / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_model_replaced_mid_job_does_not_reach_the_actors(
+    tmp_path, ray_local, monkeypatch
+) -> None:
+    """The artifact is rewritten (another model, same URI) after the driver checked it and
+    before any actor loads it, as a retrain or a sweep's `best/` rewrite would."""
+    import breakhis.score as score
+
+    tiles, model, output = str(tmp_path / "in"), str(tmp_path / "model"), str(tmp_path / "out")
+    _make_tiles(tiles)
+    checked = _save_model(model)
+    shutil.copytree(model, tmp_path / "original")
+    torch.manual_seed(1)
+    other = build_model("smallcnn").eval()
+    list_inputs = score.list_inputs
+
+    def replace_model_then_list(uri: str):
+        card = ModelCard(architecture="smallcnn", image_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3)
+        replaced = save_artifact(model, other, card)
+        assert replaced.model_id != checked.model_id
+        return list_inputs(uri)
+
+    monkeypatch.setattr(score, "list_inputs", replace_model_then_list)
+    summary = score.run_scoring(
+        score.ScoreConfig(
+            model=model,
+            input=tiles,
+            output=output,
+            unit_size=8,
+            predict=PredictOptions(attribution="none", batch_size=8, num_actors=1),
+        )
+    )
+    assert summary.model_id == checked.model_id
+    assert read_card(model).model_id != checked.model_id  # replaced indeed
+    rows = {u: r for u, r in _rows(output).items() if r["error"] is None}
+    assert {r["model_id"] for r in rows.values()} == {checked.model_id}
+    # The probabilities are those of the model the driver checked, not of the new one.
+    uris = sorted(rows)
+    expected = _plain_probabilities(str(tmp_path / "original"), uris)
+    got = np.array([rows[u]["prob_malignant"] for u in uris])
+    assert np.allclose(got, expected, atol=1e-5)
