@@ -241,7 +241,7 @@ def save_artifact(uri: str, model: nn.Module, card: ModelCard) -> ModelCard:
     data = _state_bytes(model)
     card = replace(
         card,
-        model_id=hashlib.sha256(data).hexdigest()[:12],
+        model_id=weights_id(data),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         metrics={k: _json_number(v) for k, v in card.metrics.items()},
     )
@@ -280,12 +280,55 @@ def read_card(uri: str) -> ModelCard:
     return card
 
 
-def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Load the artifact at ``uri``: the model in eval mode on ``device``, and its card.
+@dataclass(frozen=True)
+class Artifact:
+    """A model artifact read into memory: its card and its weights' bytes, checked against
+    each other. What the scoring job ships to its model actors (through Ray's object store),
+    so that every actor holds the weights the driver checked, whatever happens at the URI."""
 
-    Raises FileNotFoundError when the artifact or its weights are missing, and
-    ValueError when the card does not parse, the weights do not match the
-    card's ``model_id`` (a partial copy or an edited file) or do not load.
+    uri: str
+    card: ModelCard
+    weights: bytes
+
+    @property
+    def weights_id(self) -> str:
+        """``model_id`` of these bytes: the first 12 hex digits of their SHA-256."""
+        return weights_id(self.weights)
+
+    def load(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The model in eval mode on ``device``. Raises ValueError when the weights are not
+        a state dict of the card's architecture."""
+        weights_uri = storage.join(self.uri, WEIGHTS_FILE)
+        try:
+            state = torch.load(io.BytesIO(self.weights), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"{weights_uri}: not a PyTorch state dict ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); the artifact is damaged"
+            ) from err
+        if not isinstance(state, dict):
+            raise ValueError(f"{weights_uri}: not a PyTorch state dict ({type(state).__name__})")
+        model = build_model(self.card.architecture, weights="none", dropout=self.card.dropout)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{weights_uri}: weights do not fit {self.card.architecture}: {err}"
+            ) from err
+        return model.to(device).eval()
+
+
+def weights_id(data: bytes) -> str:
+    """The ``model_id`` of weights ``data``: the first 12 hex digits of their SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def read_artifact(uri: str) -> Artifact:
+    """The card and weights of the artifact at ``uri``, read once.
+
+    Raises FileNotFoundError when the artifact or its weights are missing, and ValueError
+    when the card does not parse or the weights do not match the card's ``model_id`` (a
+    partial copy or an edited file).
     """
     card = read_card(uri)
     weights_uri = storage.join(uri, WEIGHTS_FILE)
@@ -293,24 +336,21 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
         data = storage.read_bytes(weights_uri)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{weights_uri}: the artifact's weights are missing") from err
-    digest = hashlib.sha256(data).hexdigest()[:12]
+    digest = weights_id(data)
     if digest != card.model_id:
         raise ValueError(
             f"{weights_uri}: weights hash {digest} does not match model_id {card.model_id} "
             f"in {CARD_FILE}; the artifact is incomplete or was modified"
         )
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"{weights_uri}: not a PyTorch state dict ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); the artifact is damaged"
-        ) from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{weights_uri}: not a PyTorch state dict ({type(state).__name__})")
-    model = build_model(card.architecture, weights="none", dropout=card.dropout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{weights_uri}: weights do not fit {card.architecture}: {err}") from err
-    return model.to(device).eval(), card
+    return Artifact(uri, card, data)
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Load the artifact at ``uri``: the model in eval mode on ``device``, and its card.
+
+    Raises FileNotFoundError when the artifact or its weights are missing, and
+    ValueError when the card does not parse, the weights do not match the
+    card's ``model_id`` (a partial copy or an edited file) or do not load.
+    """
+    artifact = read_artifact(uri)
+    return artifact.load(device), artifact.card

@@ -2,13 +2,15 @@
 ``breakhis score`` and ``breakhis evaluate``.
 
 Pipeline (streaming): the caller's source blocks (rows of breakhis.inputs.INPUT_SCHEMA
-plus a ``unit`` column) -> ``decode_tiles`` reads and decodes tiles in CPU tasks (half a
+plus a ``unit`` column) -> ``decode_tiles`` (breakhis.tile_decode) reads and decodes
+tiles in CPU tasks (half a
 CPU each: reads from S3 wait on the network, and a resource request different from the
 actors' keeps Ray from fusing decoding into the model actors) -> ``TilePredictor`` holds
 the model in an actor pool (``ActorPoolStrategy``, one GPU per actor when the cluster has
 GPUs), loads it once per actor, predicts (optionally with test-time augmentation) and
 computes the attribution maps in the same actor. A bad tile becomes a row with an
-``error``, never an exception.
+``error``, never an exception; a transient storage error fails its task, which Ray retries
+(RETRIES times, as it restarts an actor: never forever).
 
 The decode (breakhis.imaging.decode_rgb: the whole tile, bilinear, to a square) and the
 normalisation (breakhis.transforms.normalize with the card's mean and std) are the ones
@@ -18,17 +20,16 @@ training validates with, so a model sees a tile the same way in every job.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from breakhis import storage
+from breakhis import faults, storage
 from breakhis.attribution import canonical_method
 from breakhis.geometry import TileGeometry
+from breakhis.tile_decode import decode_tiles  # noqa: F401 (re-exported: evaluate uses it)
 
 if TYPE_CHECKING:
     import ray.data
@@ -48,6 +49,10 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 """Accepted values of --device."""
 DECODE_CPUS = 0.5
 """CPUs Ray reserves per decode task (reads from S3 wait on the network)."""
+RETRIES = 2
+"""Retries of a decode task (its worker died, or a transient storage error outlasted the
+read's own retries) and restarts of a model actor, each task of it retried as often:
+bounded, so that a tile that kills its worker fails the job, never retries forever."""
 _TTA_VIEWS = 8  # the dihedral group: 4 rotations by 90 degrees, each also flipped
 
 
@@ -89,6 +94,9 @@ class PredictOptions:
     """LIME perturbations per tile."""
     lime_grid: int = 8
     """LIME superpixel grid (grid x grid squares)."""
+    max_tile_mb: int = 64
+    """Largest tile file read, in MiB: a larger one becomes an error row naming its size,
+    without being read (a poison object must not exhaust a worker's memory)."""
 
     def __post_init__(self) -> None:
         if self.attribution not in ATTRIBUTION_CHOICES:
@@ -103,6 +111,7 @@ class PredictOptions:
             "--decode-batch-size": self.decode_batch_size,
             "--cpus-per-actor": self.cpus_per_actor,
             "--lime-grid": self.lime_grid,
+            "--max-tile-mb": self.max_tile_mb,
         }
         for option, value in positive.items():
             if not (isinstance(value, int) and value >= 1):
@@ -127,91 +136,10 @@ class PredictOptions:
         """The canonical attribution method, or None for ``none``."""
         return None if self.attribution == "none" else canonical_method(self.attribution)
 
-
-# --------------------------------------------------------------------------- decoding (CPU tasks)
-
-
-def decode_tiles(batch: dict[str, np.ndarray], *, geometry: TileGeometry) -> dict[str, np.ndarray]:
-    """Read and decode one batch of tiles (a Ray Data map_batches function) into the
-    model's evaluation input of ``geometry`` (the card's ``tile_geometry``).
-
-    ``batch`` columns: uri, tile_id, unit, shard (null: read ``uri``). A tile of a
-    prepared shard with pixels stored at the geometry's size (``breakhis prepare
-    --pixels``) is read from them, not decoded: the same pixels. Returns uri, tile_id,
-    unit, ``image`` (N, H, W, 3 uint8; zeros for a bad tile) and ``error`` ("" when decoded,
-    else ``read: ...``/``decode: ...``). Never raises for a bad tile.
-    """
-    from breakhis.imaging import decode_rgb
-
-    uris = [str(u) for u in batch["uri"]]
-    stored_size = geometry.size if geometry.geometry == "aspect" else None
-    data = _read_tile_bytes(uris, list(batch["shard"]), stored_size)
-    images = np.zeros((len(uris), *geometry.eval_hw, 3), dtype=np.uint8)
-    errors = []
-    for i, uri in enumerate(uris):
-        value = data[uri]
-        if isinstance(value, str):
-            errors.append(value)
-            continue
-        if isinstance(value, np.ndarray):  # stored canonical pixels, CHW
-            images[i] = geometry.view_of(value).transpose(1, 2, 0)
-            errors.append("")
-            continue
-        try:
-            images[i] = geometry.eval_pixels(decode_rgb(value))
-        except ValueError as err:
-            errors.append(f"decode: {err}")
-            continue
-        errors.append("")
-    return {
-        "uri": np.asarray(uris, dtype=object),
-        "tile_id": batch["tile_id"],
-        "unit": batch["unit"],
-        "image": images,
-        "error": np.asarray(errors, dtype=object),
-    }
-
-
-def _read_tile_bytes(
-    uris: list[str], shards: list, image_size: int | None = None
-) -> dict[str, bytes | str | np.ndarray]:
-    """uri -> bytes, or -> the read error's text, or -> the tile's stored pixels at
-    ``image_size`` (uint8 CHW) when its shard has them."""
-    from breakhis.pixels import read_stored
-
-    out: dict[str, bytes | str | np.ndarray] = {}
-    by_shard: dict[str, list[str]] = defaultdict(list)
-    for uri, shard in zip(uris, shards, strict=True):
-        if shard:
-            by_shard[str(shard)].append(uri)
-            continue
-        try:
-            out[uri] = storage.read_bytes(uri)
-        except OSError as err:  # FileNotFoundError, permissions, network
-            out[uri] = f"read: {err}"
-    for shard, members in by_shard.items():
-        stored = read_stored(shard, members, image_size) if image_size else None
-        if stored:
-            out.update(stored)
-            members = [u for u in members if u not in stored]
-            if not members:
-                continue
-        fs, path = storage.resolve(shard)
-        try:
-            # Row-group statistics on the sorted uri column let the reader skip most of the shard.
-            table = pq.read_table(
-                path, filesystem=fs, columns=["uri", "png"], filters=[("uri", "in", members)]
-            )
-            found = dict(
-                zip(table.column("uri").to_pylist(), table.column("png").to_pylist(), strict=True)
-            )
-        except (OSError, pa.ArrowInvalid) as err:
-            found, problem = {}, f"read: {shard}: {err}"
-        else:
-            problem = f"read: not in shard {shard}"
-        for uri in members:
-            out[uri] = found.get(uri, problem)
-    return out
+    @property
+    def max_tile_bytes(self) -> int:
+        """``max_tile_mb`` in bytes."""
+        return self.max_tile_mb * 2**20
 
 
 # --------------------------------------------------------------------------- the model (actors)
@@ -220,7 +148,9 @@ def _read_tile_bytes(
 class TilePredictor:
     """Ray Data callable class: the model, loaded once per actor, over batches of tiles.
 
-    Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
+    The model is ``artifact`` when given (a breakhis.artifact.Artifact or a Ray ObjectRef
+    of one: the weights the driver checked), else read from ``model_uri``; ``model_id`` is
+    the hash of the weights loaded. Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
     of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
     float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
@@ -243,10 +173,10 @@ class TilePredictor:
         occlusion_window: int,
         lime_samples: int,
         lime_grid: int,
+        artifact: Any = None,
     ) -> None:
         import torch
 
-        from breakhis.artifact import load_artifact
         from breakhis.model import last_conv_layer
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -256,7 +186,7 @@ class TilePredictor:
         if device == "cpu":
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
-        self.model, card = load_artifact(model_uri, device=self.device)
+        self.model, card, self.model_id = _load_model(model_uri, artifact, self.device)
         for param in self.model.parameters():
             param.requires_grad_(False)  # attributions need input gradients only
         # On a GPU, as in training: bf16 autocast on tensor cores, channels_last for cuDNN,
@@ -321,6 +251,7 @@ class TilePredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from breakhis.attribution import attribute
 
+        faults.before("score", batch["tile_id"])
         errors = np.asarray(batch["error"], dtype=object)
         ok = np.flatnonzero(errors == "")
         count = len(errors)
@@ -381,6 +312,20 @@ class TilePredictor:
         return uris
 
 
+def _load_model(model_uri: str, artifact, device):
+    """(model, card, hash of the weights loaded) from ``artifact`` (an Artifact or an
+    ObjectRef of one) when given, else from ``model_uri``."""
+    from breakhis.artifact import read_artifact
+
+    if artifact is None:
+        artifact = read_artifact(model_uri)
+    elif not hasattr(artifact, "weights"):  # an ObjectRef: Ray resolves top-level ones only
+        import ray
+
+        artifact = ray.get(artifact)
+    return artifact.load(device), artifact.card, artifact.weights_id
+
+
 def actor_plan(device: str, num_actors: int, cpus_per_actor: int) -> tuple[int, float, str]:
     """(most actors, GPUs per actor, device) of a model actor pool on the current cluster.
 
@@ -433,10 +378,12 @@ def predict_dataset(
         )
     ds = ds.map_batches(
         decode_tiles,
-        fn_kwargs={"geometry": geometry},
+        fn_kwargs={"geometry": geometry, "max_tile_bytes": options.max_tile_bytes},
         batch_size=options.decode_batch_size,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,
+        max_retries=RETRIES,
+        retry_exceptions=[storage.TransientStorageError],  # a new list: Ray Data appends to it
     )
     return ds.map_batches(
         TilePredictor,
@@ -448,6 +395,8 @@ def predict_dataset(
         num_gpus=gpus_per_actor,
         batch_size=options.batch_size,
         batch_format="numpy",
+        max_restarts=RETRIES,  # Ray Data's default: forever
+        max_task_retries=RETRIES,
     )
 
 
@@ -457,9 +406,12 @@ def predictor_kwargs(
     device: str,
     options: PredictOptions,
     overlay_root: str | None = None,
+    artifact: Any = None,
 ) -> dict:
-    """TilePredictor's constructor arguments for ``options`` on ``device`` (actor_plan's)."""
+    """TilePredictor's constructor arguments for ``options`` on ``device`` (actor_plan's);
+    ``artifact``: the model itself (TilePredictor's docstring)."""
     return {
+        "artifact": artifact,
         "model_uri": model_uri,
         "method": options.method,
         "map_size": options.map_size,

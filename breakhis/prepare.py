@@ -290,7 +290,10 @@ def write_shard(
     skip what is already complete (an existing shard's PNGs are decoded only for a size
     it lacks). Each tile is decoded once, whatever the number of sizes.
 
-    Files that cannot be read or decoded become rejects; they never raise.
+    Files that cannot be read (missing, refused) or decoded become rejects; they never
+    raise. A transient storage error still there after retries (throttling, 5xx, no answer)
+    raises breakhis.storage.TransientStorageError: the task fails, so that Ray retries it or
+    the job fails and is rerun, instead of the image being rejected for good.
     """
     uri = storage.join(shards_uri, plan.name)
     missing = [s for s in sizes if not is_complete(pixel_file_uri(uri, s), s)]
@@ -311,7 +314,9 @@ def write_shard(
     images = {s: [] for s in sizes}
     for row in plan.rows:
         try:
-            data = storage.read_bytes(row["uri"])
+            data = storage.read_retrying(row["uri"])
+        except storage.TransientStorageError:
+            raise  # the task fails, to be retried: a reject would drop the image for good
         except OSError as err:
             rejects.append(Reject(row["uri"], "read", str(err)))
             continue
@@ -515,7 +520,9 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         f", pixels at {', '.join(map(str, sizes))}" if sizes else "",
     )
 
-    remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    remote = ray.remote(
+        num_cpus=1, max_retries=3, retry_exceptions=[storage.TransientStorageError]
+    )(write_shard)
     refs = [remote.remote(plan, shards_uri, config.row_group_rows, sizes) for plan in plans]
     results: list[ShardResult] = ray.get(refs)
 

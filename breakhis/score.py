@@ -35,8 +35,22 @@ tile. (A tile rewritten in place under the same URI is not rescored: units are
 named by URIs, not contents; score into a new output for that.) ``_job.json``
 records the model and every option that changes the output; a rerun with
 another model or such an option is refused, naming the differences. One job at
-a time per output, enforced: the output is claimed atomically (breakhis.score_output),
-the claim is checked again and every row's ``model_id`` verified before ``_SUCCESS``.
+a time per output, enforced, even with the same options: the output is claimed atomically
+(breakhis.score_output) and any other live claim refuses the job. Before ``_SUCCESS`` the
+claim is checked again, the output must hold exactly the plan's units (no unit of another
+job) and every row the ``model_id`` checked here; the actors load the artifact the driver
+checked, shipped through the object store (breakhis.score_run), and stamp rows with the
+hash of the weights they hold.
+
+**Readers wait for ``_SUCCESS``.** Until it is there, ``tiles/`` may hold part of the
+units, or units of an older listing that the job is about to delete; only an output with
+``_SUCCESS`` has exactly one row per input tile (a rerun deletes ``_SUCCESS`` first).
+
+Faults (breakhis.score_units): a transient storage error (throttling, 5xx, no answer) is
+retried, then fails its task, never becomes an error row; decode tasks and model actors
+are retried a bounded number of times; a unit whose decoding failed twice is decoded tile
+by tile, so a tile that kills its worker becomes an error row (breakhis.score_isolate); a
+tile file over ``--max-tile-mb`` is an error row, not read.
 
 Output (``OUTPUT/``, local or ``s3://``):
 
@@ -67,7 +81,8 @@ first, divided by its largest absolute value so it lies in [-1, 1]; never null:
 all zeros for a tile without a map, whose ``attribution_method`` is null),
 ``attribution_scale`` (float32, that largest absolute value: raw map = map x
 scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
-``read: ...`` or ``decode: ...`` and every prediction column null).
+``read: ...`` (missing, refused, over ``--max-tile-mb``) or ``decode: ...`` (including a
+tile whose decoding killed its worker) and every prediction column null).
 
 Why that layout: it is the one every common reader takes as it is, error rows included
 (tests/test_score_readers.py): pandas (a numpy array of S*S values per row), pyarrow
@@ -89,39 +104,35 @@ import json
 import logging
 import math
 import os
-import threading
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from breakhis import storage
 from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import Listing, list_inputs
-from breakhis.predict import PredictOptions, actor_plan
-from breakhis.raysession import ensure_ray
+from breakhis.predict import PredictOptions
+from breakhis.score_check import check_output
 from breakhis.score_output import (  # noqa: F401 (re-exported: errors, patients.parquet)
-    CLAIM_REFRESH_S,
     PATIENT_SCHEMA,
     JobMismatchError,
-    PatientTotals,
     claim_output,
+    keeping_claim,
     new_token,
     patient_table,
-    refresh_claim,
     release_claim,
     sweep_dead_jobs,
     unit_files,
     verify_claim,
 )
+from breakhis.score_run import score_pending
 from breakhis.score_units import (  # noqa: F401 (re-exported: the output's schema, units)
     Plan,
     Unit,
-    UnitFormat,
     parquet_bytes,
     plan_units,
     tile_schema,
-    units_dataset,
     write_plan,
 )
 
@@ -272,17 +283,20 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
 
     Everything that can be checked on the driver is, before the output is claimed and
     before Ray starts: the model (card, weights hash and load), the input and the output.
+    The model actors then get the very artifact checked here (breakhis.score_run).
     Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
     missing model or input, ValueError for a damaged model, an input without tiles or
     a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
-    claimed by a job with another model or options, and RuntimeError when a unit comes
-    back incomplete or the output holds rows of another model (never silently written).
+    claimed by another job (any other running job: even one with the same model and
+    options), and RuntimeError when a unit comes back incomplete or the output holds rows
+    of another model or units outside the plan (never silently written).
     """
-    from breakhis.artifact import load_artifact
+    from breakhis.artifact import read_artifact
 
     started = time.perf_counter()
-    # Loaded once here so that a damaged artifact fails in one line, not in every actor.
-    _, card = load_artifact(config.model)
+    artifact = read_artifact(config.model)
+    artifact.load()  # so that a damaged artifact fails here in one line, not in every actor
+    card = artifact.card
     if "malignant" not in card.class_names:
         raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
     listing = list_inputs(config.input)
@@ -298,22 +312,23 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     token = new_token()
     claim_output(config.output, record, token)
     try:
-        return _run_claimed(config, card, listing, record, token, started)
+        with keeping_claim(config.output, record, token):
+            return _run_claimed(config, artifact, listing, record, token, started)
     finally:
         release_claim(config.output, token)
 
 
-def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
+def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing, check, summarise."""
     tiles_uri = storage.join(config.output, "tiles")
-    sweep_dead_jobs(config.output)
+    sweep_dead_jobs(config.output, token)
     existing = unit_files(tiles_uri)
     plan_folder = storage.join(config.output, "_plan", token)
     try:
         plan = write_plan(listing, config.unit_size, existing, plan_folder)
         log.info(
             "%d tiles in %d units: %d already complete, %d to score",
-            listing.num_tiles,
+            sum(plan.rows),
             len(plan.names),
             len(plan.names) - plan.pending.num_rows,
             plan.pending.num_rows,
@@ -323,14 +338,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
             storage.delete(storage.join(config.output, "_SUCCESS"))
         if plan.pending.num_rows:
             storage.make_dirs(tiles_uri)
-            _score_units(
-                config,
-                card,
-                plan,
-                tiles_uri,
-                lambda: refresh_claim(config.output, record, token),
-                token,
-            )
+            score_pending(config, artifact, plan, token, plan_folder)
     finally:
         _delete_plan(config.output, plan_folder)
     for name in stale:
@@ -338,12 +346,12 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = _summarise(config, card, tiles_uri, plan)
+    counts, patients = check_output(config, artifact.card.model_id, plan)
     summary = ScoreSummary(
         output=config.output,
-        model_id=card.model_id,
+        model_id=artifact.card.model_id,
         attribution=config.predict.method,
-        tiles=listing.num_tiles,
+        tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
         scored=counts["scored"],
         errors=counts["errors"],
         units=len(plan.names),
@@ -363,152 +371,11 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
 
 def _delete_plan(output: str, folder: str) -> None:
     """Delete this job's plan files (and locally its folders once empty)."""
+    if not storage.is_s3(folder):
+        shutil.rmtree(storage.resolve(folder)[1], ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: another job's plan is there
+            os.rmdir(storage.resolve(storage.join(output, "_plan"))[1])
+        return
     if storage.exists(folder):
         for entry in storage.walk(folder):
             storage.delete(entry.uri)
-    if not storage.is_s3(folder):
-        for path in (folder, storage.join(output, "_plan")):
-            with contextlib.suppress(OSError):  # not empty: another job's plan is there
-                os.rmdir(storage.resolve(path)[1])
-
-
-def _score_units(
-    config: ScoreConfig, card, plan: Plan, tiles_uri: str, alive: Callable[[], None], token: str
-) -> None:
-    """Run the pipeline over the plan's pending units; the workers write the unit files
-    and send back one summary row per unit (breakhis.score_units)."""
-    ensure_ray()
-    predict = config.predict
-    max_actors = actor_plan(predict.device, predict.num_actors, predict.cpus_per_actor)[0]
-    largest = max(plan.pending["unit_rows"].to_pylist())
-    unit_bytes = largest * math.prod(card.tile_geometry.eval_hw) * 3
-    # Decoded units waiting for an actor: two per actor, at least 256 MB.
-    buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
-    fmt = UnitFormat(
-        tiles_uri=tiles_uri,
-        token=token,
-        model=config.model,
-        model_id=card.model_id,
-        model_version=card.version,
-        method=predict.method,
-        map_size=predict.map_size,
-        threshold=predict.threshold,
-        tta=predict.tta,
-        image_size=card.image_size,
-        geometry=card.tile_geometry,
-    )
-    ds = units_dataset(
-        plan.pending,
-        fmt=fmt,
-        model_uri=config.model,
-        options=predict,
-        overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
-        object_store_limit=buffer,
-    )
-    expected = set(plan.pending["name"].to_pylist())
-    written: set[str] = set()
-    with Progress(plan.pending_tiles, config.progress_interval_s, alive) as progress:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for name, rows, errors in zip(
-                batch["name"], batch["rows"], batch["errors"], strict=True
-            ):
-                written.add(str(name))
-                progress.add(int(rows), int(errors))
-    missing = sorted(expected - written)
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} unit(s) were not written (e.g. {missing[:3]}); rerun to score them"
-        )
-
-
-class Progress:
-    """Logs tiles done / total, tiles/s and an ETA every ``interval_s`` seconds (from a
-    thread, so the log keeps its pace whatever the pipeline does) and once at the end;
-    calls ``alive`` every CLAIM_REFRESH_S from the same thread (the claim's refresh)."""
-
-    def __init__(self, total: int, interval_s: float, alive: Callable[[], None]) -> None:
-        self.total, self.interval_s, self.alive = total, interval_s, alive
-        self.done = self.errors = self.units = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="score-progress", daemon=True)
-        self._started = time.perf_counter()
-
-    def __enter__(self) -> Progress:
-        self._started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.log()
-
-    def add(self, rows: int, errors: int) -> None:
-        with self._lock:
-            self.done += rows
-            self.errors += errors
-            self.units += 1
-
-    def _run(self) -> None:
-        refreshed = time.perf_counter()
-        while not self._stop.wait(min(self.interval_s, CLAIM_REFRESH_S)):
-            if time.perf_counter() - refreshed >= CLAIM_REFRESH_S:
-                try:
-                    self.alive()
-                    refreshed = time.perf_counter()
-                except OSError as err:  # e.g. S3 away for a while: try again next time
-                    log.warning("could not refresh the output's claim: %s", err)
-            self.log()
-
-    def line(self) -> str:
-        with self._lock:
-            done, errors, units = self.done, self.errors, self.units
-        elapsed = time.perf_counter() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
-        return (
-            f"scored {done}/{self.total} tiles ({100 * done / max(1, self.total):.1f}%, "
-            f"{units} units, {errors} errors), {rate:.1f} tiles/s, ETA {eta}"
-        )
-
-    def log(self) -> None:
-        log.info("%s", self.line())
-
-
-def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[dict[str, int], int]:
-    """Check the output against the plan (every unit there, one row per tile, every row of
-    this job's model), write ``patients.parquet``; return counts. Streams the unit files
-    in batches: memory holds one batch and the per-patient totals."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(tiles_uri)
-    files = [f"{path}/{name}" for name in plan.names]
-    columns = ["patient_id", "label", "prob_malignant", "predicted_label", "error", "model_id"]
-    totals = PatientTotals()
-    rows = scored = others = 0
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=columns, batch_size=65_536):
-        rows += batch.num_rows
-        scored += batch.column("error").null_count  # null exactly when the tile scored
-        others += batch.num_rows - pc.sum(pc.equal(batch["model_id"], card.model_id)).as_py()
-        totals.add(batch)
-    if rows != sum(plan.rows):
-        raise RuntimeError(
-            f"{tiles_uri}: {rows} rows for {sum(plan.rows)} input tiles; "
-            "the output is inconsistent (was it written by two jobs at once?)"
-        )
-    if others:
-        raise RuntimeError(
-            f"{tiles_uri}: {others} row(s) scored by another model than {card.model_id}; "
-            "_SUCCESS not written (was the output written by two jobs at once?)"
-        )
-    counts = {"scored": scored, "errors": rows - scored}
-    patients_uri = storage.join(config.output, "patients.parquet")
-    if not totals.by_patient:
-        storage.delete(patients_uri)
-        return counts, 0
-    patients = totals.table(config.predict.threshold, config.patient_rule)
-    storage.write_bytes(patients_uri, parquet_bytes(patients))
-    return counts, patients.num_rows

@@ -8,9 +8,11 @@
    (``If-None-Match: *``, honoured by AWS S3 and SeaweedFS: a second PUT gets 412). When
    ``_job.json`` is already there, its record must equal this job's (a rerun), else the
    job is refused (JobMismatchError, naming the differences);
-3. it lists ``_claims/``: any other claim with another record means another job is
-   claiming the output right now; the job withdraws its claim, waits a random moment and
-   claims again, and is refused when the rival is still there after a few tries.
+3. it lists ``_claims/``: any other live claim, whatever its record, means another job is
+   running on the output (or claiming it right now); the job withdraws its claim, waits a
+   random moment and claims again, and is refused when the rival is still there after a few
+   tries. Two jobs with the same options are rivals too: each plans from its own listing of
+   the input, so while the input grows they would write different units into one output.
 
 Step 3 is what keeps a store without exclusive creates safe (an S3 server that answers
 501 to the condition; ``conditional=False`` does the same): there it comes before step 2,
@@ -19,11 +21,14 @@ the one that lists last sees the other's claim (S3 lists are strongly consistent
 most one proceeds (both may be refused in a race; neither leaves a claim behind). Before
 ``_SUCCESS`` the job checks the claim again (``verify_claim``: ``_job.json`` still holds
 its record and its claim is there) and the scoring job checks that every row
-carries its ``model_id``. A claim is removed when its job ends (``release_claim``); a
-killed job's claim stays, harmless to reruns with the same record; one with another
-record is named in the refusal, to be deleted by hand. A running job rewrites its claim
-every CLAIM_REFRESH_S; a claim older than STALE_TEMP_S is a dead job's, and the next job
-deletes it with that job's plan files (``sweep_dead_jobs``).
+carries its ``model_id``. A claim is removed when its job ends (``release_claim``). A
+running job rewrites its claim every CLAIM_REFRESH_S (``keeping_claim``, a thread, from the
+claim to its release); a claim not rewritten for CLAIM_DEAD_S is a dead job's (a killed
+driver's): no rival any more, and the next job deletes it with that job's plan
+(``sweep_dead_jobs``). Ages are measured on the store's clock (against the claimer's own
+claim, just written), never the local one. A job whose claim was deleted (it looked dead to
+another job, e.g. through a long outage of the store) does not write it again, and fails
+before ``_SUCCESS``.
 
 **Unit files.** ``write_unit`` writes a whole file in one piece: locally a temp file
 ``.<name>.<token>.tmp`` beside it, then a rename; on S3 one PUT. ``unit_files`` lists the
@@ -38,8 +43,11 @@ import json
 import logging
 import os
 import random
+import shutil
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -51,9 +59,11 @@ from breakhis.names import CLASS_NAMES
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 600.0
-"""Age (s since last modified) past which a temp unit file belongs to no live writer, and
-a claim to no live job (a running job refreshes its claim every CLAIM_REFRESH_S)."""
-CLAIM_REFRESH_S = 60.0
+"""Age (s since last modified) past which a temp unit file belongs to no live writer."""
+CLAIM_REFRESH_S = 15.0
+"""Seconds between two rewrites of a running job's claim."""
+CLAIM_DEAD_S = 120.0
+"""Age (s since last rewritten, on the store's clock) past which a claim is a dead job's."""
 CLAIMS = "_claims"
 
 
@@ -111,26 +121,66 @@ def refresh_claim(output: str, record: dict, token: str) -> None:
     storage.write_bytes(claim, json.dumps({"token": token, "record": record}).encode())
 
 
-def sweep_dead_jobs(output: str, plans: str = "_plan") -> None:
-    """Delete the claims older than STALE_TEMP_S (their jobs were killed) and the plan
-    folders ``<output>/<plans>/<token>`` of tokens without a live claim."""
-    fs, _ = storage.resolve(output)
-    now, live = time.time(), set()
-    for folder in (CLAIMS, plans):
-        if not storage.exists(storage.join(output, folder)):
-            continue
-        path = storage.resolve(storage.join(output, folder))[1]
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=folder == plans)):
-            if folder == CLAIMS and info.base_name.endswith(".json"):
-                modified = info.mtime.timestamp() if info.mtime else 0.0
-                if now - modified > STALE_TEMP_S:
-                    storage.delete(storage.to_uri(fs, info.path))
-                else:
-                    live.add(info.base_name[: -len(".json")])
-            elif folder == plans and info.type == pafs.FileType.File:
-                token = info.path[len(path) + 1 :].split("/", 1)[0]
-                if token not in live:
-                    storage.delete(storage.to_uri(fs, info.path))
+def sweep_dead_jobs(output: str, token: str, plans: str = "_plan") -> None:
+    """Delete the claims not rewritten for CLAIM_DEAD_S (their jobs were killed) and the plan
+    folders ``<output>/<plans>/<token>`` of tokens without a live claim; ``token`` is this
+    job's (its claim's age is the store's now)."""
+    claims = claim_ages(output, token)
+    live = {other for other, age in claims.items() if age <= CLAIM_DEAD_S}
+    for other in sorted(set(claims) - live):
+        storage.delete(storage.join(output, CLAIMS, f"{other}.json"))
+    fs, path = storage.resolve(storage.join(output, plans))
+    if not storage.is_s3(output):
+        for entry in os.scandir(path) if os.path.isdir(path) else ():
+            if entry.name not in live:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        owner = info.path[len(path) + 1 :].split("/", 1)[0]
+        if info.type == pafs.FileType.File and owner not in live:
+            storage.delete(storage.to_uri(fs, info.path))
+
+
+def claim_ages(output: str, token: str) -> dict[str, float]:
+    """token -> seconds since its claim was last written, on the store's clock (against
+    this job's own claim; the local clock when it is not there)."""
+    fs, path = storage.resolve(storage.join(output, CLAIMS))
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    modified = {
+        info.base_name[: -len(".json")]: info.mtime.timestamp() if info.mtime else 0.0
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.base_name.endswith(".json")
+    }
+    now = modified.get(token, time.time())
+    return {other: now - when for other, when in modified.items()}
+
+
+@contextlib.contextmanager
+def keeping_claim(output: str, record: dict, token: str) -> Iterator[None]:
+    """Rewrite this job's claim every CLAIM_REFRESH_S from a thread while the block runs, so
+    that its age says the job is alive. A claim found deleted is not written again (another
+    job judged this one dead; ``verify_claim`` then fails)."""
+    stop = threading.Event()
+    claim = storage.join(output, CLAIMS, f"{token}.json")
+
+    def beat() -> None:
+        while not stop.wait(CLAIM_REFRESH_S):
+            try:
+                if not storage.exists(claim):
+                    log.error("%s was deleted: another job took this output over", claim)
+                    return
+                refresh_claim(output, record, token)
+            except OSError as err:  # e.g. S3 away for a while: try again next time
+                log.warning("could not refresh the output's claim: %s", err)
+
+    thread = threading.Thread(target=beat, name="score-claim", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def release_claim(output: str, token: str) -> None:
@@ -200,8 +250,8 @@ def _check_same(output: str, job_uri: str, record: dict) -> None:
 
 def _check_no_rival(output: str, record: dict, token: str, tries: int = 6) -> None:
     """Return once a look at ``_claims/`` after this job's claim was written shows no rival
-    (another claim with another record). After a look that shows one, withdraw the claim,
-    wait a random 0.05-0.5 s and claim again (two claimers that keep seeing each other
+    (another live claim, whatever its record). After a look that shows one, withdraw the
+    claim, wait a random 0.05-0.5 s and claim again (two claimers that keep seeing each other
     fall out of step); raise JobMismatchError after ``tries`` looks."""
     claim = storage.join(output, CLAIMS, f"{token}.json")
     for attempt in range(tries):
@@ -211,33 +261,32 @@ def _check_no_rival(output: str, record: dict, token: str, tries: int = 6) -> No
         if rival is None:
             return
         if attempt == tries - 1:
-            uri, differences = rival
+            uri, differences, age = rival
             raise JobMismatchError(
-                f"{output} is being claimed by another scoring job ({uri}: "
-                + "; ".join(differences)
-                + "); one job at a time per output. If no such job runs (it was killed), "
-                f"delete {uri} and rerun"
+                f"{output} is being claimed by another scoring job ({uri}, written {age:.0f} s "
+                "ago: " + "; ".join(differences) + "); one job at a time per output, even "
+                f"with the same options. If no such job runs (it was killed), delete {uri} or "
+                f"rerun once it is {CLAIM_DEAD_S:.0f} s old"
             )
         storage.delete(claim)
         time.sleep(random.uniform(0.05, 0.5))
 
 
-def _rival(output: str, record: dict, token: str) -> tuple[str, list[str]] | None:
-    """(URI, differences) of another claim with another record, or None."""
-    for entry in storage.walk(storage.join(output, CLAIMS), (".json",)):
-        if entry.uri.rsplit("/", 1)[-1] == f"{token}.json":
+def _rival(output: str, record: dict, token: str) -> tuple[str, list[str], float] | None:
+    """(URI, differences, age in s) of another live claim (module docstring), or None."""
+    for other, age in sorted(claim_ages(output, token).items()):
+        if other == token or age > CLAIM_DEAD_S:
             continue
+        uri = storage.join(output, CLAIMS, f"{other}.json")
         try:
-            other = json.loads(storage.read_bytes(entry.uri))["record"]
+            rival = json.loads(storage.read_bytes(uri))["record"]
         except OSError:  # FileNotFoundError, or on S3 a read cut short by the delete
-            if not storage.exists(entry.uri):
+            if not storage.exists(uri):
                 continue  # released meanwhile
             raise
-        except (json.JSONDecodeError, KeyError):
-            other = {}
-        differences = _differences(other, record)
-        if differences:
-            return entry.uri, differences
+        except (json.JSONDecodeError, KeyError, TypeError):
+            rival = {}
+        return uri, _differences(rival, record) or ["the same model and options"], age
     return None
 
 

@@ -19,6 +19,12 @@ one summary row per unit (index, name, rows, errors) to the driver: never the ma
 
 A unit file is written by whichever attempt of its task finishes (a retried task after
 a lost node writes the same rows again, under the same name), so each unit exists once.
+
+Faults are bounded: a decode task is retried at most breakhis.predict.RETRIES times (its
+worker died, or a transient storage error outlasted the read's own retries: never an error
+row), its last attempt decoding tile by tile (breakhis.score_isolate), so one poison tile
+becomes an error row; a model actor is restarted, and each of its tasks retried, at most as
+often. Past that the pipeline fails, and so does the job: a rerun scores what is missing.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +43,7 @@ from breakhis import storage
 from breakhis.geometry import TileGeometry
 from breakhis.inputs import INPUT_SCHEMA, Listing
 from breakhis.names import CLASS_NAMES
+from breakhis.score_isolate import ISOLATE_AFTER, decode_alone, register_attempt
 from breakhis.score_output import write_unit
 
 log = logging.getLogger(__name__)
@@ -197,29 +204,40 @@ def read_members(part: str, group: int) -> pa.Table:
 # --------------------------------------------------------------------------- workers
 
 
-def decode_tiles_of_units(batch: dict[str, np.ndarray], *, geometry: TileGeometry) -> dict:
+def decode_tiles_of_units(
+    batch: dict[str, np.ndarray], *, geometry: TileGeometry, max_tile_bytes: int, plan_folder: str
+) -> dict:
     """Ray Data map_batches function: read and decode every tile of the batch's units
-    (PENDING_SCHEMA rows). Returns predict.decode_tiles' columns for all their tiles plus
-    ``name``, ``part``, ``group`` and ``unit_rows`` of each tile's unit."""
-    from breakhis.predict import decode_tiles
+    (PENDING_SCHEMA rows); a unit whose decoding failed ISOLATE_AFTER times before is
+    decoded tile by tile (breakhis.score_isolate). Returns tile_decode.decode_tiles' columns for
+    all their tiles plus ``name``, ``part``, ``group`` and ``unit_rows`` of each tile's unit."""
+    from breakhis.tile_decode import decode_tiles
 
     outs = []
     for i in range(len(batch["unit"])):
         members = read_members(str(batch["part"][i]), int(batch["group"][i]))
-        count = members.num_rows
-        decoded = decode_tiles(
-            {
-                "uri": np.asarray(members.column("uri").to_pylist(), dtype=object),
-                "tile_id": np.asarray(members.column("tile_id").to_pylist(), dtype=object),
-                "shard": np.asarray(members.column("shard").to_pylist(), dtype=object),
-                "unit": np.full(count, batch["unit"][i], dtype=np.int32),
-            },
-            geometry=geometry,
-        )
+        count, name = members.num_rows, str(batch["name"][i])
+        members = members.append_column("unit", pa.array(np.full(count, batch["unit"][i])))
+        if register_attempt(plan_folder, name) >= ISOLATE_AFTER:
+            decoded = decode_alone(
+                members, geometry=geometry, max_tile_bytes=max_tile_bytes, unit=name
+            )
+        else:
+            decoded = decode_tiles(
+                {c: _column(members, c) for c in ("uri", "tile_id", "shard", "unit")},
+                geometry=geometry,
+                max_tile_bytes=max_tile_bytes,
+            )
         for column in ("name", "part", "group", "unit_rows"):
             decoded[column] = np.repeat(batch[column][i : i + 1], count)
         outs.append(decoded)
     return {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    if name == "unit":
+        return np.asarray(table.column(name), dtype=np.int32)
+    return np.asarray(table.column(name).to_pylist(), dtype=object)
 
 
 @dataclass(frozen=True)
@@ -253,7 +271,14 @@ class UnitTilePredictor:
         from breakhis.predict import TilePredictor
 
         self.predictor = TilePredictor(**predictor)
-        self.format = unit_format
+        if self.predictor.model_id != unit_format.model_id:
+            raise RuntimeError(
+                f"{unit_format.model}: this actor loaded weights {self.predictor.model_id}, "
+                f"the job checked {unit_format.model_id}; refusing to score with them"
+            )
+        # Rows carry the id of the weights this actor holds, so the check before _SUCCESS
+        # (every row of the job's model) tests what was loaded, not a constant.
+        self.format = replace(unit_format, model_id=self.predictor.model_id)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -354,16 +379,20 @@ def units_dataset(
     *,
     fmt: UnitFormat,
     model_uri: str,
+    artifact,
     options,
     overlay_root: str | None,
     object_store_limit: int,
+    plan_folder: str,
 ):
     """The lazy Ray Data pipeline over the ``pending`` units (module docstring): each output
-    row is one written unit's summary (unit, name, rows, errors). ``options`` is the
-    job's breakhis.predict.PredictOptions, with the threshold applied."""
+    row is one written unit's summary (unit, name, rows, errors). ``artifact`` is the model
+    the actors load (a Ray ObjectRef of a breakhis.artifact.Artifact), ``options`` the
+    job's breakhis.predict.PredictOptions with the threshold applied, ``plan_folder`` the
+    job's plan (where decode attempts are counted: breakhis.score_isolate)."""
     import ray
 
-    from breakhis.predict import DECODE_CPUS, actor_plan, predictor_kwargs
+    from breakhis.predict import DECODE_CPUS, RETRIES, actor_plan, predictor_kwargs
 
     max_actors, gpus_per_actor, device = actor_plan(
         options.device, options.num_actors, options.cpus_per_actor
@@ -377,12 +406,18 @@ def units_dataset(
     )
     ds = ds.map_batches(
         decode_tiles_of_units,
-        fn_kwargs={"geometry": fmt.input_geometry},
+        fn_kwargs={
+            "geometry": fmt.input_geometry,
+            "max_tile_bytes": options.max_tile_bytes,
+            "plan_folder": plan_folder,
+        },
         batch_size=None,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,
+        max_retries=RETRIES,  # the last attempt decodes tile by tile (ISOLATE_AFTER)
+        retry_exceptions=[storage.TransientStorageError],
     )
-    kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root)
+    kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root, artifact)
     return ds.map_batches(
         UnitTilePredictor,
         fn_constructor_kwargs={"unit_format": fmt, "batch_size": options.batch_size, **kwargs},
@@ -391,4 +426,6 @@ def units_dataset(
         num_gpus=gpus_per_actor,
         batch_size=None,
         batch_format="numpy",
+        max_restarts=RETRIES,  # Ray Data's default: forever
+        max_task_retries=RETRIES,
     )

@@ -16,20 +16,36 @@ an endpoint that still cannot be reached raises S3UnreachableError, one line nam
 endpoint. ``check_reachable`` asks once, with one retry and a 5 s read timeout, for
 commands to fail in seconds before starting any work (also on an endpoint that accepts
 connections and never answers).
+
+Transient and permanent errors (``is_transient``): no answer, a timeout, throttling
+(SlowDown) or a 5xx may pass, and ``read_retrying`` tries again with backoff, then raises
+TransientStorageError: the caller's task fails (Ray retries it, or the job fails and is
+rerun); such an error is never recorded as a result. A missing object (NoSuchKey), a refusal
+(403) or an object over a size cap (ObjectTooLargeError) is permanent: raised at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import random
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from breakhis import faults
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
@@ -40,10 +56,45 @@ an endpoint that accepts the connection and never answers fails the check in ~2 
 # What the AWS SDK says when no answer came (refused, reset, DNS, timeout), as opposed to
 # an answer such as AccessDenied or NoSuchBucket.
 _NETWORK_ERRORS = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "timed out")
+# And what it says for answers that ask to try again: throttling, timeouts, 5xx.
+_TRANSIENT_ANSWERS = (
+    "SLOW_DOWN",
+    "SlowDown",
+    "reduce your request rate",
+    "THROTTLING",
+    "Throttl",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "REQUEST_TIMEOUT",
+    "RequestTimeout",
+    "(HTTP status 5",
+)
+_TRANSIENT_ERRNOS = (errno.ETIMEDOUT, errno.EAGAIN, errno.ECONNRESET, errno.ESTALE)
+READ_ATTEMPTS = 4
+"""Attempts of ``read_retrying`` (each one the SDK's own RETRY_ATTEMPTS requests)."""
+READ_BACKOFF_S = 0.5
+"""First wait between two attempts of ``read_retrying``; doubled each time, with jitter."""
 
 
 class S3UnreachableError(ConnectionError):
     """The S3 endpoint gave no answer (refused, reset, unknown host or timed out)."""
+
+
+class TransientStorageError(OSError):
+    """A storage error that may pass (no answer, timeout, throttling, 5xx), still there after
+    the retries: the task fails, to be retried or rerun; never a result."""
+
+
+class ObjectTooLargeError(ValueError):
+    """An object larger than the cap a reader set (permanent: the object is not read)."""
+
+    def __init__(self, uri: str, size: int, cap: int) -> None:
+        super().__init__(f"{uri}: {_mib(size)}, over the cap of {_mib(cap)}")
+        self.size, self.cap = size, cap
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -265,14 +316,66 @@ def is_file(uri: str) -> bool:
         return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of one file. Raises FileNotFoundError naming the URI."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole content of one file. Raises FileNotFoundError naming the URI, and
+    ObjectTooLargeError, before reading it, for a file over ``max_bytes``."""
+    faults.before_read(uri)
     fs, path = resolve(uri)
     try:
-        with _naming_the_endpoint(uri), fs.open_input_stream(path) as stream:
-            return stream.read()
+        # An input file knows its size before any byte is read (on S3 from the HEAD request
+        # that opening it makes anyway; then one ranged GET).
+        with _naming_the_endpoint(uri), fs.open_input_file(path) as stream:
+            size = stream.size()
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLargeError(uri, size, max_bytes)
+            return stream.read(size)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{uri}: no such file") from err
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for an error that may pass if the same request is made again: no answer, a
+    timeout, throttling (SlowDown), a 5xx; False for a missing object, a refusal (403), a
+    local file problem or anything else."""
+    if isinstance(err, TransientStorageError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(err)
+    return any(marker in text for marker in _NETWORK_ERRORS + _TRANSIENT_ANSWERS)
+
+
+def retrying(call: Callable[[], T], uri: str, attempts: int | None = None) -> T:
+    """``call()``, made again after a transient error (``is_transient``) with exponential
+    backoff (READ_BACKOFF_S, doubled, with jitter), ``attempts`` times in all (None:
+    READ_ATTEMPTS). Raises TransientStorageError naming ``uri`` when every attempt failed
+    so; any other error at once."""
+    attempts, attempt = attempts or READ_ATTEMPTS, 1
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if attempt == attempts:
+                raise TransientStorageError(
+                    f"{uri}: {err} (still failing after {attempts} attempts)"
+                ) from err
+            wait = READ_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.warning("%s: %s; trying again in %.1f s", uri, err, wait)
+            time.sleep(wait)
+            attempt += 1
+
+
+def read_retrying(uri: str, max_bytes: int | None = None) -> bytes:
+    """``read_bytes`` made through ``retrying``: the bytes, or TransientStorageError after
+    READ_ATTEMPTS transient failures; FileNotFoundError, ObjectTooLargeError or any other
+    permanent error at once."""
+    return retrying(lambda: read_bytes(uri, max_bytes), uri)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

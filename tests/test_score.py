@@ -33,7 +33,7 @@ from breakhis.score import (
     plan_units,
     run_scoring,
 )
-from breakhis.score_output import STALE_TEMP_S
+from breakhis.score_output import CLAIM_DEAD_S, STALE_TEMP_S
 from breakhis.synth import corrupt_files, synthesize
 
 SIZE = 32  # the model's input side
@@ -426,7 +426,14 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     assert pq.read_table(tiles_dir).num_rows == 2 * len(before)  # readers skip temp files
 
     predict = PredictOptions(**options.pop("predict"))
-    summary = run_scoring(ScoreConfig(**options, predict=predict))
+    config = ScoreConfig(**options, predict=predict)
+    # The killed job's claim is fresh: as far as a rerun can tell, that job still runs.
+    with pytest.raises(JobMismatchError, match="is being claimed by another scoring job"):
+        run_scoring(config)
+    (killed,) = (output / "_claims").iterdir()
+    past = time.time() - CLAIM_DEAD_S - 5  # as if the rerun came CLAIM_DEAD_S later
+    os.utime(killed, (past, past))
+    summary = run_scoring(config)
     assert (summary.units, summary.units_skipped) == (16, len(before))
     assert summary.units_written == 16 - len(before)
     for name, stat in before.items():  # finished units are kept, not rewritten
@@ -435,8 +442,8 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     names = sorted(p.name for p in tiles_dir.iterdir())
     assert len([n for n in names if n.startswith("unit-")]) == 16
     assert not stale.exists() and fresh.exists()
-    # The rerun's own plan is gone; the killed job's stays until its claim is stale.
-    assert len(list((output / "_plan").iterdir())) == len(list((output / "_claims").iterdir())) == 1
+    # The rerun's plan and claim are gone, and so are the killed job's (its claim was dead).
+    assert not (output / "_plan").exists() and not (output / "_claims").exists()
 
     table = pq.read_table(tiles_dir).sort_by("uri")
     manifest = read_manifest(dest).sort_by("uri")

@@ -12,7 +12,7 @@ from test_score import SIZE, _save_model
 
 from breakhis import storage
 from breakhis.inputs import discover_inputs, list_inputs
-from breakhis.score import Progress
+from breakhis.score_run import Progress
 from breakhis.score_units import (
     UnitFormat,
     UnitTilePredictor,
@@ -101,8 +101,8 @@ def test_a_batch_with_part_of_a_unit_is_refused(tmp_path) -> None:
 
 def test_progress_logs_done_total_rate_and_eta(caplog) -> None:
     with (
-        caplog.at_level(logging.INFO, logger="breakhis.score"),
-        Progress(1000, 0.05, lambda: None) as p,
+        caplog.at_level(logging.INFO, logger="breakhis.score_run"),
+        Progress(1000, 0.05) as p,
     ):
         p.add(250, 3)
         import time

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,12 +14,15 @@ import pytest
 
 from breakhis import storage
 from breakhis.score_output import (
+    CLAIM_DEAD_S,
     CLAIMS,
     STALE_TEMP_S,
     JobMismatchError,
     claim_output,
     new_token,
+    refresh_claim,
     release_claim,
+    sweep_dead_jobs,
     unit_files,
     verify_claim,
 )
@@ -26,9 +30,11 @@ from breakhis.score_output import (
 TRIES = 20
 
 
-def _race(output: str, conditional: bool = True) -> list[str]:
-    """Two claimers with different models on ``output`` at once; the models that won."""
-    records = {"a": {"format": 2, "model_id": "aaaa"}, "b": {"format": 2, "model_id": "bbbb"}}
+DIFFERENT = {"a": {"format": 2, "model_id": "aaaa"}, "b": {"format": 2, "model_id": "bbbb"}}
+
+
+def _race(output: str, conditional: bool = True, records: dict = DIFFERENT) -> list[str]:
+    """Two claimers (by default with different models) on ``output`` at once; who won."""
     start = threading.Barrier(2)
     winners: list[str] = []
     errors: list[str] = []
@@ -79,6 +85,15 @@ def test_s3_claim_race_is_safe_without_conditional_writes(s3_prefix) -> None:
     _check_races([f"{s3_prefix}/plain{i}" for i in range(TRIES)], conditional=False)
 
 
+def test_s3_claim_race_with_the_same_options_has_one_winner(s3_prefix) -> None:
+    # Two jobs with identical options, each planning from its own listing of a growing
+    # input, would write different units into one output: they are rivals too.
+    same = {"format": 2, "model_id": "aaaa"}
+    results = [_race(f"{s3_prefix}/same{i}", records={"a": same, "b": same}) for i in range(3)]
+    assert all(len(w) <= 1 for w in results), f"two winners: {results}"
+    assert sum(len(w) for w in results) >= 1, "no claimer ever won"
+
+
 def test_s3_server_honours_the_exclusive_create(s3_prefix) -> None:
     from breakhis.score_output import _put_if_absent
 
@@ -88,11 +103,22 @@ def test_s3_server_honours_the_exclusive_create(s3_prefix) -> None:
     assert storage.read_bytes(uri) == b"first"
 
 
-def test_rerun_claims_again_and_a_stolen_output_fails_verification(tmp_path) -> None:
+def _age(path, seconds: float) -> None:
+    """Set the modification time of ``path`` ``seconds`` in the past (a claim left by a
+    job killed that long ago)."""
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_rerun_waits_for_a_dead_claim_and_a_stolen_output_fails_verification(tmp_path) -> None:
     output, record = str(tmp_path / "out"), {"format": 2, "model_id": "aaaa"}
     first = new_token()
     claim_output(output, record, first)
-    # A second run with the same record (a killed job's claim still there) may resume.
+    # A second job with the same record while the first one runs: refused all the same.
+    with pytest.raises(JobMismatchError, match=r"written \d+ s ago: the same model and options"):
+        claim_output(output, record, new_token())
+    # The first job was killed: once its claim is CLAIM_DEAD_S old, a rerun may resume.
+    _age(tmp_path / "out" / CLAIMS / f"{first}.json", CLAIM_DEAD_S + 5)
     second = new_token()
     claim_output(output, record, second)
     verify_claim(output, record, second)
@@ -100,13 +126,26 @@ def test_rerun_claims_again_and_a_stolen_output_fails_verification(tmp_path) -> 
         claim_output(output, {"format": 2, "model_id": "bbbb"}, new_token())
     assert sorted(os.listdir(tmp_path / "out" / CLAIMS)) == sorted(
         [f"{first}.json", f"{second}.json"]
-    )  # the refused claimer left nothing behind
+    )  # the refused claimers left nothing behind
     (tmp_path / "out" / "_job.json").write_text(json.dumps({"model_id": "bbbb"}))
     with pytest.raises(JobMismatchError, match="holds the output of another scoring job"):
         verify_claim(output, record, second)
     release_claim(output, first)
     release_claim(output, second)
     assert sorted(os.listdir(tmp_path / "out")) == ["_job.json"]
+
+
+def test_sweep_deletes_dead_claims_and_their_plans_only(tmp_path) -> None:
+    output, record = str(tmp_path / "out"), {"format": 2, "model_id": "aaaa"}
+    dead, live, mine = new_token(), new_token(), new_token()
+    for token in (dead, live, mine):
+        refresh_claim(output, record, token)
+        storage.write_bytes(f"{output}/_plan/{token}/attempts/unit-1/x", b"")
+    _age(tmp_path / "out" / CLAIMS / f"{dead}.json", CLAIM_DEAD_S + 5)
+    _age(tmp_path / "out" / CLAIMS / f"{live}.json", CLAIM_DEAD_S - 30)
+    sweep_dead_jobs(output, mine)
+    assert sorted(os.listdir(tmp_path / "out" / CLAIMS)) == sorted([f"{live}.json", f"{mine}.json"])
+    assert sorted(os.listdir(tmp_path / "out" / "_plan")) == sorted([live, mine])
 
 
 def test_a_rival_claim_in_flight_refuses_the_job(tmp_path) -> None:
@@ -129,6 +168,23 @@ def test_only_stale_temp_files_are_deleted(tmp_path) -> None:
     os.utime(old, (past, past))
     assert unit_files(str(tmp_path)) == {"unit-00000-abc.parquet"}
     assert fresh.exists() and not old.exists()  # a live writer's temp file is never deleted
+
+
+def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> None:
+    from breakhis.score_check import check_units
+    from breakhis.score_units import PENDING_SCHEMA, Plan
+
+    plan = Plan(["unit-00000-aaa.parquet"], [4], PENDING_SCHEMA.empty_table(), [])
+    (tmp_path / "unit-00000-aaa.parquet").write_bytes(b"PAR1")
+    check_units(str(tmp_path), plan)
+    # Another job's unit (it planned from another listing of the input) landed meanwhile.
+    (tmp_path / "unit-00000-bbb.parquet").write_bytes(b"PAR1")
+    with pytest.raises(RuntimeError, match=r"1 unit file\(s\) outside this job's plan"):
+        check_units(str(tmp_path), plan)
+    (tmp_path / "unit-00000-bbb.parquet").unlink()
+    (tmp_path / "unit-00000-aaa.parquet").unlink()
+    with pytest.raises(RuntimeError, match=r"1 unit file\(s\) of the plan missing"):
+        check_units(str(tmp_path), plan)
 
 
 @pytest.mark.ray
@@ -178,3 +234,48 @@ def test_second_score_command_with_another_model_is_refused(tmp_path) -> None:
     table = pq.read_table(out / "tiles")
     assert table.num_rows == 36 and set(table["model_id"].to_pylist()) == {first.model_id}
     assert (out / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_second_job_with_the_same_options_on_a_growing_input_is_refused(tmp_path) -> None:
+    """Two `breakhis score` commands with identical options on one output while the input
+    grows in between: the second is refused, the first finishes with one row per tile of
+    its own listing (before: both ran, and rows of two listings could end under `_SUCCESS`)."""
+    import pyarrow.parquet as pq
+    from test_score import _make_tiles, _save_model
+
+    tiles = tmp_path / "tiles"
+    _make_tiles(str(tiles))
+    _save_model(str(tmp_path / "model"))
+    out = tmp_path / "scores"
+    command = [
+        sys.executable, "-m", "breakhis.cli", "score", "--model", str(tmp_path / "model"),
+        "--input", str(tiles), "--output", str(out), "--attribution", "none",
+        "--unit-size", "4", "--batch-size", "4", "--num-actors", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "_job.json").exists() and time.monotonic() < deadline:
+            assert running.poll() is None, running.communicate()[1].decode()[-2000:]
+            time.sleep(0.05)
+        # A tile arrives, sorting first: every unit of a new listing differs from the first's.
+        first = sorted(tiles.rglob("*.png"))[0]
+        shutil.copy(first, tiles / "0-new-tile.png")
+        second = subprocess.run(command, env=env, capture_output=True, timeout=300)
+        assert running.poll() is None, "the first job ended before the second was refused"
+        stdout, stderr = running.communicate(timeout=300)
+    finally:
+        running.kill()
+    errors = [line for line in second.stderr.decode().splitlines() if "error:" in line]
+    assert second.returncode == 2 and len(errors) == 1, second.stderr.decode()[-2000:]
+    assert "is being claimed by another scoring job" in errors[0]
+    assert "the same model and options" in errors[0]
+    assert running.returncode == 0, stderr.decode()[-3000:]
+    # One row per tile of the first job's listing (the new tile in it or not, as its
+    # paged listing went), no tile twice.
+    done = json.loads((out / "_SUCCESS").read_text())["summary"]
+    uris = pq.read_table(out / "tiles")["uri"].to_pylist()
+    assert len(uris) == len(set(uris)) == done["tiles"] in (36, 37)
