@@ -105,7 +105,9 @@ def test_a_tile_over_the_size_cap_is_an_error_row_and_not_read(tmp_path, monkeyp
     source = sorted((tmp_path / "tiles").rglob("SOB_*-001.png"))[0]
     shutil.copy(source, small)
     big.write_bytes(b"\0" * (3 * 2**20 // 2))  # 1.5 MiB
-    out = decode_tiles(_batch([str(small), str(big)]), image_size=SIZE, max_tile_bytes=2**20)
+    out = decode_tiles(
+        _batch([str(small), str(big)]), geometry=TileGeometry(size=SIZE), max_tile_bytes=2**20
+    )
     assert out["error"][0] == ""
     assert out["error"][1] == (f"read: {big}: 1.5 MiB, over the cap of 1.0 MiB (--max-tile-mb)")
     with pytest.raises(ValueError, match="--max-tile-mb must be an integer >= 1"):
