@@ -88,8 +88,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-augment": {"augment_strength": 0.0},
     "val-carve": {"val_fraction": 0.2},
     "fitted": {"val_fraction": 0.2, "threshold_rule": "balanced_accuracy"},
-    "no-precise-bn": {"bn_recalibration_batches": 0},
-    "no-dropout": {"dropout": 0.0},
+    # Were "no-precise-bn" and "no-dropout" against the defaults before 2026-12-07, which
+    # had them on; the screen in docs/training.md turned both defaults off.
+    "precise-bn": {"bn_recalibration_batches": 16},
+    "dropout": {"dropout": 0.2},
+    "old-job": {"bn_recalibration_batches": 16, "dropout": 0.2},
     "tta": {},  # the job's model, evaluated with dihedral test-time averaging (EVALUATION)
     "best": {"val_fraction": 0.2, "model_epoch": "best"},
     "refit": {"val_fraction": 0.2, "refit": True},

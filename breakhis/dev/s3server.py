@@ -243,7 +243,9 @@ def start_s3_server(
             _wait_ready(server, timeout_s)
             server.create_buckets(buckets)
         except S3ServerError as err:
-            port_clash = "address already in use" in _log_tail(server).lower()
+            tail = _log_tail(server).lower()
+            # weed says either, depending on whether it or the OS noticed the clash first.
+            port_clash = "address already in use" in tail or "port allocation failed" in tail
             server.stop()
             if not port_clash:
                 raise
