@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def small_train_config(data: str, storage: str, **overrides):
     """A TrainConfig of a smallcnn run small enough for a 2-core machine (32 px, one epoch,
     batches of 16, no augmentation, one worker, no retries, a fifth of the training patients
-    held out for validation); ``overrides`` change any field."""
+    held out for validation, and PreciseBN over 16 batches: these runs are a handful of steps,
+    the short runs it is for, where BatchNorm's running averages are still mostly their
+    initial values); ``overrides`` change any field."""
     from breakhis.train_config import TrainConfig
 
     values = dict(
@@ -45,6 +47,7 @@ def small_train_config(data: str, storage: str, **overrides):
         num_workers=1,
         max_failures=0,
         val_fraction=0.2,
+        bn_recalibration_batches=16,
     )
     return TrainConfig(**{**values, **overrides})
 
