@@ -296,10 +296,17 @@ def _is_prepared(uri: str) -> bool:
 
 
 def _prepared_rows(dest: str) -> pa.Table:
+    from breakhis.prepare import manifest_shards
+
+    listed = manifest_shards(dest)
+    # The shards the manifest lists: a prepare that died before deleting an older plan's
+    # shards leaves them behind, and their tiles are not the DEST's (issue 24). A manifest
+    # written before manifests listed shards: every shard.
     shard_uris = [
         e.uri
         for e in storage.walk(storage.join(dest, "shards"), (".parquet",))
         if not e.uri.rsplit("/", 1)[-1].startswith((".", "_"))
+        and (listed is None or e.uri.rsplit("/", 1)[-1] in listed)
     ]
     tables = []
     for shard in shard_uris:

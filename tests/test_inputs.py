@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from breakhis import storage
 from breakhis.catalog import scan_catalog
 from breakhis.inputs import INPUT_SCHEMA, discover_inputs, parse_tile_name
-from breakhis.prepare import plan_shards, write_shard
+from breakhis.prepare import SHARDS_KEY, plan_shards, write_shard
 
 
 def _image(fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -154,6 +155,20 @@ def test_prepared_dest_lists_shard_rows(tmp_path: Path) -> None:
     assert all(s.startswith(shards) for s in table.column("shard").to_pylist())
     assert set(table.column("patient_id").to_pylist()) == {"14-3411F"}
     assert table.column("uri").to_pylist() == sorted(table.column("uri").to_pylist())
+
+    # A manifest that lists its shards: a stale shard of an older plan left beside them
+    # (a prepare that died before deleting it) is not read; before, its tiles were scored
+    # twice (or refused as duplicates).
+    names = sorted(p.name for p in (dest / "shards").glob("*.parquet"))
+    stale = (dest / "shards" / names[0]).read_bytes()
+    (dest / "shards" / "stale-old-plan.parquet").write_bytes(stale)
+    with pytest.raises(ValueError, match="more than one shard"):
+        discover_inputs(str(dest))  # an old manifest that lists no shards reads every one
+    listed = catalog.replace_schema_metadata({SHARDS_KEY: json.dumps(names)})
+    pq.write_table(listed, dest / "manifest.parquet")
+    again = discover_inputs(str(dest)).table
+    assert again.num_rows == 5
+    assert "stale-old-plan" not in "".join(again.column("shard").to_pylist())
 
 
 def test_missing_and_empty_inputs_are_named(tmp_path: Path) -> None:
