@@ -308,15 +308,15 @@ def write_unit(uri: str, data: bytes, token: str) -> None:
         storage.write_bytes(uri, data)  # one PUT: atomic by itself
         return
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{token}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
+    storage.replace_durably(os.path.join(folder, f".{name}.{token}.tmp"), path, data)
 
 
 def unit_files(folder: str) -> set[str]:
     """Names of the complete unit files in ``folder``; temp files older than STALE_TEMP_S
-    (left by a killed writer) are deleted, younger ones (maybe a live job's) kept."""
+    (left by a killed writer) are deleted, younger ones (maybe a live job's) kept. A local
+    unit file without a Parquet footer (a crash of a machine whose writes had not reached the
+    disk before write_unit fsynced them) is deleted, so its unit is scored again instead of
+    blocking the output."""
     if not storage.exists(folder):
         return set()
     names, kept = set(), 0
@@ -331,10 +331,25 @@ def unit_files(folder: str) -> set[str]:
             else:
                 kept += 1
         elif name.startswith("unit-") and name.endswith(".parquet"):
+            if isinstance(fs, pafs.LocalFileSystem) and not _has_footer(info.path, info.size):
+                log.warning(
+                    "%s: unit file %s is torn (no Parquet footer); rescoring it", folder, name
+                )
+                storage.delete(storage.to_uri(fs, info.path))
+                continue
             names.add(name)
     if kept:
         log.info("%s: %d recent temp file(s) kept (maybe another job's write)", folder, kept)
     return names
+
+
+def _has_footer(path: str, size: int | None) -> bool:
+    """Whether a local file ends as a Parquet file does (its footer's magic ``PAR1``)."""
+    if not size or size < 12:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return f.read(4) == b"PAR1"
 
 
 # --------------------------------------------------------------------------- patients.parquet

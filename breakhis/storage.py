@@ -381,8 +381,8 @@ def read_retrying(uri: str, max_bytes: int | None = None) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file so that a reader never sees it half-written.
 
-    Locally: write a hidden temp file beside it, then rename. On S3 a single
-    PUT is atomic by itself.
+    Locally: write a hidden temp file beside it, then rename (replace_durably). On S3 a
+    single PUT is atomic by itself.
     """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.S3FileSystem):
@@ -391,10 +391,23 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    replace_durably(os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp"), path, data)
+
+
+def replace_durably(tmp: str, path: str, data: bytes) -> None:
+    """Write ``data`` to the local file ``tmp``, fsync it, rename it to ``path`` and fsync
+    the folder: after a crash (power, kernel) ``path`` is the old file or the whole new
+    one, never an empty or torn one (a rename can reach the disk before the data does)."""
     with open(tmp, "wb") as out:
         out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def delete(uri: str) -> None:

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
@@ -25,6 +27,7 @@ from breakhis.score_output import (
     sweep_dead_jobs,
     unit_files,
     verify_claim,
+    write_unit,
 )
 
 TRIES = 20
@@ -159,7 +162,7 @@ def test_a_rival_claim_in_flight_refuses_the_job(tmp_path) -> None:
 
 
 def test_only_stale_temp_files_are_deleted(tmp_path) -> None:
-    (tmp_path / "unit-00000-abc.parquet").write_bytes(b"x")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-abc.parquet")
     fresh = tmp_path / ".unit-00001-def.parquet.1234.tmp"
     old = tmp_path / ".unit-00002-ghi.parquet.5678.tmp"
     fresh.write_bytes(b"half")
@@ -168,6 +171,21 @@ def test_only_stale_temp_files_are_deleted(tmp_path) -> None:
     os.utime(old, (past, past))
     assert unit_files(str(tmp_path)) == {"unit-00000-abc.parquet"}
     assert fresh.exists() and not old.exists()  # a live writer's temp file is never deleted
+
+
+def test_a_torn_unit_file_is_rescored_not_taken_as_done(tmp_path) -> None:
+    """A crash before the data reached the disk left an empty or cut unit file (issue 24):
+    it is not a unit done, so the rerun scores it again instead of failing on it forever."""
+    good = tmp_path / "unit-00000-abc.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), good)
+    (tmp_path / "unit-00001-def.parquet").write_bytes(b"")
+    (tmp_path / "unit-00002-ghi.parquet").write_bytes(good.read_bytes()[:-6])
+    assert unit_files(str(tmp_path)) == {"unit-00000-abc.parquet"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unit-00000-abc.parquet"]
+    # write_unit lands whole files: the temp file is renamed over, nothing else is left.
+    write_unit(str(tmp_path / "unit-00003-jkl.parquet"), good.read_bytes(), "t0k3n")
+    assert unit_files(str(tmp_path)) == {"unit-00000-abc.parquet", "unit-00003-jkl.parquet"}
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> None:
