@@ -186,7 +186,7 @@ def plan_data(
 
 def _ingest_config(config: TrainConfig) -> Any:
     """The run's options for breakhis.ingest (an IngestConfig)."""
-    from breakhis.ingest import IngestConfig
+    from breakhis.ingest_config import IngestConfig
 
     return IngestConfig(
         image_size=config.image_size,
