@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from breakhis.calibration import PATIENT_RULES
-from breakhis.predict import PredictOptions
-from breakhis.splits import SplitSpec
+from breakhis.predict_config import PredictOptions
+from breakhis.split_spec import SplitSpec
 
 
 @dataclass(frozen=True)

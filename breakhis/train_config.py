@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from breakhis import storage, tracking
+from breakhis.architectures import check_arch
 from breakhis.calibration import THRESHOLD_RULES
 from breakhis.geometry import check_geometry
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES
-from breakhis.model import check_arch
-from breakhis.splits import SplitSpec
+from breakhis.split_spec import SplitSpec
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 DECISION_RULES: tuple[str, ...] = ("argmax", *THRESHOLD_RULES)

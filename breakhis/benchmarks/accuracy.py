@@ -59,6 +59,7 @@ from functools import partial
 from typing import Any
 
 from breakhis import storage
+from breakhis.architectures import check_arch
 from breakhis.benchmarks.accuracy_data import (
     PreparedData,
     check_repetitions,
@@ -72,9 +73,8 @@ from breakhis.benchmarks.accuracy_result import (
     SideResult,
 )
 from breakhis.benchmarks.harness import device_name, save_result, start_local_ray
-from breakhis.benchmarks.reference_loop import RECIPES, ReferenceOptions, check_recipe
+from breakhis.benchmarks.reference_recipes import RECIPES, ReferenceOptions, check_recipe
 from breakhis.benchmarks.run_store import RunKey, RunStore
-from breakhis.model import check_arch
 
 log = logging.getLogger(__name__)
 
