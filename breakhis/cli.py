@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -80,12 +81,12 @@ def _synth(p: argparse.ArgumentParser) -> Command:
 
 @command("demo", "run the whole pipeline end to end on generated (or given) data")
 def _demo(p: argparse.ArgumentParser) -> Command:
-    from breakhis.demo import DemoConfig, run_demo
+    from breakhis.demo import DemoConfig
 
     bindings = add_config_options(p, DemoConfig)
 
     def run(args: argparse.Namespace) -> int:
-        run_demo(build_config(DemoConfig, args, bindings))
+        _deferred("breakhis.demo:run_demo")(build_config(DemoConfig, args, bindings))
         return 0
 
     return run
@@ -116,6 +117,17 @@ def _split_from_aliases(args: argparse.Namespace, dest: str = "split") -> None:
         setattr(args, dest, f"fold:{args.fold}")
     elif args.rep is not None:
         setattr(args, dest, f"rep:{args.rep}")
+
+
+def _deferred(target: str) -> Callable[[Any], Any]:
+    """The function ``module:name``, imported only when called: the jobs' modules import
+    torch and Ray, which ``--help`` must not wait for."""
+    module, _, name = target.partition(":")
+
+    def call(config: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(config)
+
+    return call
 
 
 def _job_command(
@@ -216,10 +228,15 @@ def _sweep_inputs_exist(config) -> None:
 
 @command("prepare", "catalog SRC, check every image decodes, write shards + manifest to DEST")
 def _prepare(p: argparse.ArgumentParser) -> Command:
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.prepare_config import PrepareConfig
 
     return _job_command(
-        p, PrepareConfig, prepare, positional=("src", "dest"), check=_source_exists, starts_ray=True
+        p,
+        PrepareConfig,
+        _deferred("breakhis.prepare:prepare"),
+        positional=("src", "dest"),
+        check=_source_exists,
+        starts_ray=True,
     )
 
 
@@ -227,116 +244,90 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
 def _train(p: argparse.ArgumentParser) -> Command:
     from breakhis.train_config import TrainConfig
 
-    def run_training(config: TrainConfig) -> Any:
-        from breakhis.train import run_training  # torch and Ray Train: after --help
-
-        return run_training(config)
-
     # run_training reads the manifest and checks the split before it starts Ray.
-    return _job_command(p, TrainConfig, run_training, split_dest="split", starts_ray=True)
+    runner = _deferred("breakhis.train:run_training")
+    return _job_command(p, TrainConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")
 def _tune(p: argparse.ArgumentParser) -> Command:
     from breakhis.sweep_config import SweepConfig
 
-    def run_sweep(config: SweepConfig) -> Any:
-        from breakhis.tune import run_sweep  # Ray Tune: after --help
-
-        return run_sweep(config)
-
-    return _job_command(p, SweepConfig, run_sweep, split_dest="split", check=_sweep_inputs_exist)
+    runner = _deferred("breakhis.tune:run_sweep")
+    return _job_command(p, SweepConfig, runner, split_dest="split", check=_sweep_inputs_exist)
 
 
 @command("score", "batch-score tiles: predictions and attribution maps as Parquet, exactly once")
 def _score(p: argparse.ArgumentParser) -> Command:
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score_config import ScoreConfig
 
-    return _job_command(p, ScoreConfig, run_scoring, starts_ray=True)
+    return _job_command(p, ScoreConfig, _deferred("breakhis.score:run_scoring"), starts_ray=True)
 
 
 @command("evaluate", "evaluate a model on its held-out patients and write the report")
 def _evaluate(p: argparse.ArgumentParser) -> Command:
-    from breakhis.evaluate import run_evaluation
     from breakhis.evaluate_config import EvaluateConfig
 
-    return _job_command(p, EvaluateConfig, run_evaluation, split_dest="split", starts_ray=True)
+    runner = _deferred("breakhis.evaluate:run_evaluation")
+    return _job_command(p, EvaluateConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("protocol", "the paper's protocol: train and evaluate one model per split, mean +- std")
 def _protocol(p: argparse.ArgumentParser) -> Command:
-    from breakhis.protocol import ProtocolConfig, run_protocol
+    from breakhis.protocol_config import ProtocolConfig
 
-    return _job_command(p, ProtocolConfig, run_protocol, starts_ray=True)
-
-
-def _ingest_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.ingest import IngestBenchmarkConfig, run_ingest_benchmark
-
-    return IngestBenchmarkConfig, run_ingest_benchmark
+    runner = _deferred("breakhis.protocol:run_protocol")
+    return _job_command(p, ProtocolConfig, runner, starts_ray=True)
 
 
-def _train_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.train import TrainBenchmarkConfig, run_train_benchmark
-
-    return TrainBenchmarkConfig, run_train_benchmark
-
-
-def _tune_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.tune import TuneBenchmarkConfig, run_tune_benchmark
-
-    return TuneBenchmarkConfig, run_tune_benchmark
-
-
-def _score_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.score import ScoreBenchmarkConfig, run_score_benchmark
-
-    return ScoreBenchmarkConfig, run_score_benchmark
-
-
-def _gpu_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.gpu import GpuBenchmarkConfig, run_gpu_benchmark
-
-    return GpuBenchmarkConfig, run_gpu_benchmark
-
-
-def _accuracy_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.accuracy import AccuracyBenchmarkConfig, run_accuracy_benchmark
-
-    return AccuracyBenchmarkConfig, run_accuracy_benchmark
-
-
-_BENCHMARKS: dict[str, tuple[Callable[[], tuple[type, Callable[[Any], Any]]], str]] = {
+_BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": (
-        _ingest_benchmark,
+        "breakhis.benchmarks.ingest:IngestBenchmarkConfig",
         "Ray Data ingest vs a torch DataLoader (images/s, first and later epoch)",
     ),
-    "train": (_train_benchmark, "Ray Train epoch time vs a plain PyTorch loop"),
-    "tune": (_tune_benchmark, "an N-trial sweep vs the same N runs one after another"),
+    "train": (
+        "breakhis.benchmarks.train:TrainBenchmarkConfig",
+        "Ray Train epoch time vs a plain PyTorch loop",
+    ),
+    "tune": (
+        "breakhis.benchmarks.tune:TuneBenchmarkConfig",
+        "an N-trial sweep vs the same N runs one after another",
+    ),
     "score": (
-        _score_benchmark,
+        "breakhis.benchmarks.score:ScoreBenchmarkConfig",
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
     ),
     "gpu": (
-        _gpu_benchmark,
+        "breakhis.benchmarks.gpu:GpuBenchmarkConfig",
         "every GPU figure on one GPU: predictor, decode ceiling, train and score benchmarks",
     ),
     "accuracy": (
-        _accuracy_benchmark,
+        "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig",
         "train + evaluate vs a plain PyTorch loop: the paper's rates on the same splits",
     ),
 }
-"""Benchmark name -> (a function importing its config class and runner, help line)."""
+"""Benchmark name -> (its config class as module:name, help line). Each module's runner is
+``run_<name>_benchmark``, imported when the benchmark runs."""
+
+
+def benchmark_config(name: str) -> type:
+    """The config class of benchmark ``name`` (imports its module)."""
+    module, _, cls = _BENCHMARKS[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 @command("benchmark", "benchmarks, each against a baseline in the same run (speed, accuracy)")
-def _benchmark(p: argparse.ArgumentParser) -> Command:
+def _benchmark(p: argparse.ArgumentParser, chosen: str | None = None) -> Command:
+    """Every benchmark is listed; only the ``chosen`` one's options are built (its module
+    is imported)."""
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (load, help_text) in _BENCHMARKS.items():
+    for name, (target, help_text) in _BENCHMARKS.items():
         bp = sub.add_parser(name, help=help_text, description=help_text)
-        cls, runner = load()
-        bindings = add_config_options(bp, cls)
-        bp.set_defaults(_bench=(cls, runner, bindings))
+        if name == chosen:
+            cls = benchmark_config(name)
+            bindings = add_config_options(bp, cls)
+            runner = _deferred(f"{target.partition(':')[0]}:run_{name}_benchmark")
+            bp.set_defaults(_bench=(cls, runner, bindings))
 
     def run(args: argparse.Namespace) -> int:
         cls, runner, bindings = args._bench
@@ -351,14 +342,16 @@ def _benchmark(p: argparse.ArgumentParser) -> Command:
     "export", "export a model artifact as TorchScript or ONNX, with its preprocessing contract"
 )
 def _export(p: argparse.ArgumentParser) -> Command:
-    from breakhis.export import ExportConfig, export_model
+    from breakhis.export_config import ExportConfig
 
-    return _job_command(p, ExportConfig, export_model, needs_ray=False)
+    return _job_command(p, ExportConfig, _deferred("breakhis.export:export_model"), needs_ray=False)
 
 
-def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser. Only the ``chosen`` subcommand's options are built
-    (they import its config module, which may import torch and Ray); the
+def build_parser(
+    chosen: str | None = None, benchmark: str | None = None
+) -> argparse.ArgumentParser:
+    """The argument parser. Only the ``chosen`` subcommand's options (and of ``benchmark``
+    ``chosen``, only that benchmark's) are built: they import its config module. The
     others are listed with their help line."""
     parser = argparse.ArgumentParser(
         prog="breakhis",
@@ -375,16 +368,24 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     for name, (setup, help_text) in _COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            sub_parser.set_defaults(_run=setup(sub_parser))
+            run = setup(sub_parser, benchmark) if name == "benchmark" else setup(sub_parser)
+            sub_parser.set_defaults(_run=run)
     return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line (without the program name) as ``main`` does, running nothing.
+    Exits through argparse (status 2) for arguments the command does not take."""
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = words[0] if words and words[0] in _COMMANDS else None
+    benchmark = words[1] if chosen == "benchmark" and len(words) > 1 else None
+    return build_parser(chosen, benchmark if benchmark in _BENCHMARKS else None).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Returns the exit status: 0 on success, 2 for bad
     input (with a one-line message naming what was wrong), 1 otherwise."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in _COMMANDS else None).parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

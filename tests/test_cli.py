@@ -5,6 +5,7 @@ import importlib
 import logging
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -17,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "train": "breakhis.train_config:TrainConfig",
-    "score": "breakhis.score:ScoreConfig",
+    "score": "breakhis.score_config:ScoreConfig",
     "evaluate": "breakhis.evaluate_config:EvaluateConfig",
-    "protocol": "breakhis.protocol:ProtocolConfig",
+    "protocol": "breakhis.protocol_config:ProtocolConfig",
     "tune": "breakhis.sweep_config:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
-    "export": "breakhis.export:ExportConfig",
+    "export": "breakhis.export_config:ExportConfig",
 }
 
 
@@ -66,6 +67,69 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
+HEAVY = (
+    "torch",
+    "torchvision",
+    "ray",
+    "mlflow",
+    "sklearn",
+    "scipy",
+    "pandas",
+    "matplotlib",
+    "captum",
+    "boto3",
+    "pyarrow.parquet",
+    "pyarrow.compute",
+    "pyarrow.dataset",
+)
+"""What ``--help`` must not import: each takes from 0.2 s (pyarrow.parquet) to several
+seconds (torch). pyarrow's core (breakhis.storage's pyarrow.fs) and numpy are allowed."""
+HELP_SECONDS = 3.0
+"""A generous bound: a help takes about 0.4 s on a loaded 2-core machine (README.md)."""
+_HELP_SCRIPT = """
+import io, contextlib, sys, time
+start = time.perf_counter()
+from breakhis import cli
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        cli.main(sys.argv[1:])
+    except SystemExit as done:
+        assert done.code == 0, done.code
+assert "usage: breakhis" in out.getvalue()
+heavy = sorted(m for m in sys.modules if m in {heavy} or m.split(".")[0] in {heavy})
+print(f"{{time.perf_counter() - start:.3f}}", *heavy)
+"""
+
+
+def _every_help() -> list[list[str]]:
+    return [
+        ["--help"],
+        *([name, "--help"] for name in cli._COMMANDS),
+        *(["benchmark", name, "--help"] for name in cli._BENCHMARKS),
+    ]
+
+
+@pytest.mark.parametrize("argv", _every_help(), ids=" ".join)
+def test_help_is_fast_and_imports_no_heavy_library(argv):
+    """Each ``--help`` in a fresh interpreter: under HELP_SECONDS from start to exit, and
+    none of HEAVY imported (torch alone takes seconds and ~1 GB)."""
+    script = _HELP_SCRIPT.format(heavy=repr(set(HEAVY)))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    seconds, *heavy = done.stdout.split()
+    assert heavy == [], f"breakhis {' '.join(argv)} imports {heavy}"
+    assert wall < HELP_SECONDS, f"breakhis {' '.join(argv)} took {wall:.2f} s ({seconds} s inside)"
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_config_field_is_an_option_with_help(capsys, name):
     out = _help(capsys, name)
@@ -90,7 +154,7 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
 def test_benchmark_help_lists_every_option_of_its_config(capsys, bench, config):
     out = _help(capsys, "benchmark", bench)
     cls = _load(config)
-    assert cli._BENCHMARKS[bench][0]()[0] is cls
+    assert cli.benchmark_config(bench) is cls
     assert _flags(cls) and all(flag in out for flag in _flags(cls)), (bench, out)
     assert all(field_docs(cls).values())
 
