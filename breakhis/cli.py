@@ -4,7 +4,7 @@
     breakhis prepare SRC DEST [--strict] [--folds K] [--split-file NAME=PATH] ...
     breakhis train --data DEST --storage URI --name NAME [--fold K | --split column:NAME] ...
     breakhis tune --data DEST --storage URI --name NAME --search-space YAML ...
-    breakhis score --model URI --input URI --output URI [--attribution gradcam]
+    breakhis score --model URI --input URI --out URI [--attribution gradcam]
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
     breakhis benchmark {ingest,train,tune,score,gpu,accuracy}
@@ -140,15 +140,17 @@ def _job_command(
     starts_ray: bool = False,
     positional: tuple[str, ...] = (),
     check: Callable[[Any], None] | None = None,
+    refuse: dict[str, str] | None = None,
 ) -> Command:
     """Add the fields of the config dataclass ``cls`` to ``p`` as options (``positional``
     fields as positional arguments) and return the command that builds the config and
     prints the ``format_table()`` of what ``runner`` returns for it. ``check`` looks at
     the config before Ray starts (raising ValueError or FileNotFoundError for bad input).
+    ``refuse``: fields of ``cls`` the command cannot honour, with the reason (options.py).
     ``starts_ray``: the runner checks its input and then connects to Ray itself
     (``--ray-address`` reaches it as RAY_ADDRESS), so the command does not start Ray
     before it."""
-    bindings = add_config_options(p, cls, positional=positional)
+    bindings = add_config_options(p, cls, positional=positional, refuse=refuse)
     if split_dest:
         _split_aliases(p)
     if needs_ray:
@@ -254,7 +256,14 @@ def _tune(p: argparse.ArgumentParser) -> Command:
     from breakhis.sweep_config import SweepConfig
 
     runner = _deferred("breakhis.tune:run_sweep")
-    return _job_command(p, SweepConfig, runner, split_dest="split", check=_sweep_inputs_exist)
+    refuse = {
+        "num_workers": "each trial's Train workers are --workers-per-trial (default: one per "
+        "whole GPU of --gpus-per-trial, at least one)",
+        "use_gpu": "trials train on GPUs when --gpus-per-trial is above 0",
+    }
+    return _job_command(
+        p, SweepConfig, runner, split_dest="split", check=_sweep_inputs_exist, refuse=refuse
+    )
 
 
 @command("score", "batch-score tiles: predictions and attribution maps as Parquet, exactly once")
@@ -277,7 +286,13 @@ def _protocol(p: argparse.ArgumentParser) -> Command:
     from breakhis.protocol_config import ProtocolConfig
 
     runner = _deferred("breakhis.protocol:run_protocol")
-    return _job_command(p, ProtocolConfig, runner, starts_ray=True)
+    refuse = {
+        "split": "the protocol sets each run's split; use --scheme rep|fold with --splits "
+        "K,... or --scheme column with --columns NAME,...",
+        "magnification": "the protocol sets each run's magnification; use --magnifications "
+        "(e.g. all,40,100,200,400)",
+    }
+    return _job_command(p, ProtocolConfig, runner, starts_ray=True, refuse=refuse)
 
 
 _BENCHMARKS: dict[str, tuple[str, str]] = {

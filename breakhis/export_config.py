@@ -3,7 +3,7 @@ here: the command's ``--help`` reads it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 """Accepted values of --format."""
@@ -15,7 +15,7 @@ class ExportConfig:
 
     model: str
     """Model artifact directory (local or s3://) written by training (breakhis.artifact)."""
-    format: str = "onnx"
+    format: str = field(default="onnx", metadata={"choices": FORMATS})
     """``torchscript`` or ``onnx``."""
     out: str | None = None
     """Folder (local or s3://) for the exported model and its contract; default: the

@@ -4,7 +4,7 @@ commands' ``--help`` reads it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ATTRIBUTION_CHOICES: tuple[str, ...] = (
     "gradcam",
@@ -23,7 +23,7 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 class PredictOptions:
     """How a model runs over tiles (nested in ScoreConfig and EvaluateOptions)."""
 
-    attribution: str = "gradcam"
+    attribution: str = field(default="gradcam", metadata={"choices": ATTRIBUTION_CHOICES})
     """Attribution map per tile: gradcam, integrated_gradients (ig), occlusion, lime, or
     none."""
     map_size: int = 64
@@ -44,7 +44,7 @@ class PredictOptions:
     torch_threads: int = 0
     """torch threads per actor on CPUs; 0: cpus_per_actor. More oversubscribes on purpose
     (e.g. one actor using every core while decode tasks share them)."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"choices": DEVICES})
     """auto (a GPU per actor when the cluster has GPUs), cpu, or cuda."""
     amp: bool = True
     """On CUDA: bf16 autocast and channels_last (as training); probabilities and maps are

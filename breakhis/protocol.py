@@ -2,7 +2,7 @@
 held-out patients, reported as mean +- std over the splits.
 
     breakhis protocol --data s3://bucket/prepared --storage s3://bucket/runs --name rn50-paper
-    breakhis protocol --data ... --storage ... --name rn50-per-mag --per-magnification
+    breakhis protocol --data ... --storage ... --name rn50-per-mag --magnifications all,40,100,200,400
     breakhis protocol --data ... --storage ... --name rn50-site --scheme column --columns site_a
     ray job submit --working-dir . -- python jobs/protocol.py --data ... (same options)
 
@@ -14,8 +14,8 @@ cross-validation by patient instead; ``scheme="column"`` runs the user-defined
 splits (``--columns``, by default every one ``breakhis prepare --split-file``
 added), one split per manifest column. The protocol sets each run's split
 itself, so ``--split`` is refused here. Each split trains the
-magnification-independent model (``None`` in ``magnifications``) and, with
-``--per-magnification``, one model per magnification as well; every model is
+magnification-independent model (``None`` in ``magnifications``, ``all`` on the command
+line) and, with ``--magnifications all,40,100,200,400``, one model per magnification as well; every model is
 evaluated on its split's test patients at all four magnifications, which gives
 both the paper's per-magnification table and the cross-magnification matrix
 (trained at one magnification, evaluated at each other).

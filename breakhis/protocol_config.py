@@ -12,8 +12,8 @@ from breakhis.split_spec import SCHEMES, check_column_name
 from breakhis.train_config import TrainConfig
 
 PER_MAGNIFICATION: tuple[int | None, ...] = (None, *MAGNIFICATIONS)
-"""``magnifications`` for ``--per-magnification``: the magnification-independent model
-and one per magnification."""
+"""Every accepted ``magnifications`` value (``--magnifications all,40,100,200,400``): the
+magnification-independent model and one per magnification."""
 REPORT_DIR = "report"
 _DEFAULT_SPLIT = next(f.default for f in fields(TrainConfig) if f.name == "split")
 
@@ -26,7 +26,7 @@ class ProtocolConfig:
     """Training options of every run. Its ``data``, ``storage`` and ``name`` are the
     protocol's: runs live at STORAGE/NAME/<split>-<magnification>. Its ``split`` and
     ``magnification`` are set per run (leave them at their defaults)."""
-    scheme: str = "rep"
+    scheme: str = field(default="rep", metadata={"choices": SCHEMES})
     """``rep``: the paper's random 70/30 patient splits; ``fold``: k-fold by patient;
     ``column``: user-defined splits, manifest columns of train/val/test (see ``columns``)."""
     splits: tuple[int, ...] = ()
@@ -35,9 +35,12 @@ class ProtocolConfig:
     columns: tuple[str, ...] = ()
     """With ``--scheme column``: the manifest's split columns to run, each as the split
     ``column:NAME``; empty: every column ``breakhis prepare --split-file`` added."""
-    magnifications: tuple[int | None, ...] = (None,)
-    """Models per split: None is the magnification-independent model, 40..400 a model
-    trained at that magnification only (PER_MAGNIFICATION for all five)."""
+    magnifications: tuple[int | None, ...] = field(
+        default=(None,), metadata={"choices": PER_MAGNIFICATION}
+    )
+    """Models per split, comma-separated: ``all`` (None) is the magnification-independent
+    model, 40..400 a model trained at that magnification only (``all,40,100,200,400``: all
+    five)."""
     evaluation: EvaluateOptions = field(default_factory=EvaluateOptions)
     """How each run is evaluated."""
     max_concurrent: int = 0
@@ -65,19 +68,22 @@ class ProtocolConfig:
                 f"--split {self.train.split}: the protocol sets each run's split; use --scheme "
                 "rep|fold with --splits K,..., or --scheme column with --columns NAME,..."
             )
+        given = ",".join("all" if m is None else str(m) for m in self.magnifications)
         if not self.magnifications:
-            raise ValueError("magnifications: give at least one (None: all magnifications)")
+            raise ValueError("--magnifications: give at least one (all: every magnification)")
         for mag in self.magnifications:
             if mag is not None and mag not in MAGNIFICATIONS:
                 raise ValueError(
-                    f"magnification {mag}: accepted {', '.join(map(str, MAGNIFICATIONS))} or None"
+                    f"--magnifications {given}: {mag} not accepted; accepted: all, "
+                    f"{', '.join(map(str, MAGNIFICATIONS))}"
                 )
         if len(set(self.magnifications)) != len(self.magnifications):
-            raise ValueError(f"magnifications {self.magnifications} repeat a value")
+            raise ValueError(f"--magnifications {given} repeats a value")
         if self.train.magnification is not None:
             raise ValueError(
                 "the protocol sets each run's magnification: leave --magnification unset and "
-                "use --per-magnification (or magnifications=...)"
+                "use --magnifications (e.g. all,40,100,200,400: one model per magnification "
+                "and one for all)"
             )
         if self.max_concurrent < 0:
             raise ValueError(f"--max-concurrent must be >= 0, got {self.max_concurrent}")

@@ -2,8 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/score.py \\
         --model s3://bucket/runs/rn50/best --input s3://archive/tiles/ \\
-        --output s3://bucket/scores/2026-11 --attribution gradcam
-    breakhis score --model ./runs/smallcnn/best --input ./synthetic --output ./scores
+        --out s3://bucket/scores/2026-11 --attribution gradcam
+    breakhis score --model ./runs/smallcnn/best --input ./synthetic --out ./scores
 
 Input (breakhis.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
 prepared DEST's shards, or a manifest listing URIs.
@@ -168,7 +168,7 @@ class ScoreSummary:
 
 
 def run_scoring(config: ScoreConfig) -> ScoreSummary:
-    """Score every input tile into ``config.output`` on the current Ray cluster
+    """Score every input tile into ``config.out`` on the current Ray cluster
     (started locally if none); a rerun scores only the units still missing.
 
     Everything that can be checked on the driver is, before the output is claimed and
@@ -197,19 +197,19 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     # The threshold as applied from here on (the model's own unless one was given).
     config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
     token = new_token()
-    claim_output(config.output, record, token)
+    claim_output(config.out, record, token)
     try:
         return _run_claimed(config, card, listing, record, token, started)
     finally:
-        release_claim(config.output, token)
+        release_claim(config.out, token)
 
 
 def _run_claimed(config, card, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing, check, summarise."""
-    tiles_uri = storage.join(config.output, "tiles")
-    sweep_dead_jobs(config.output)
+    tiles_uri = storage.join(config.out, "tiles")
+    sweep_dead_jobs(config.out)
     existing = unit_files(tiles_uri)
-    plan_folder = storage.join(config.output, "_plan", token)
+    plan_folder = storage.join(config.out, "_plan", token)
     try:
         plan = write_plan(listing, config.unit_size, existing, plan_folder)
         log.info(
@@ -221,7 +221,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
         )
         stale = sorted(existing - set(plan.names))
         if plan.pending.num_rows or stale:
-            storage.delete(storage.join(config.output, "_SUCCESS"))
+            storage.delete(storage.join(config.out, "_SUCCESS"))
         if plan.pending.num_rows:
             storage.make_dirs(tiles_uri)
             _score_units(
@@ -229,11 +229,11 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
                 card,
                 plan,
                 tiles_uri,
-                lambda: refresh_claim(config.output, record, token),
+                lambda: refresh_claim(config.out, record, token),
                 token,
             )
     finally:
-        _delete_plan(config.output, plan_folder)
+        _delete_plan(config.out, plan_folder)
     for name in stale:
         storage.delete(storage.join(tiles_uri, name))
     if stale:
@@ -241,7 +241,7 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
 
     counts, patients = _summarise(config, card, tiles_uri, plan)
     summary = ScoreSummary(
-        output=config.output,
+        output=config.out,
         model_id=card.model_id,
         attribution=config.predict.method,
         tiles=listing.num_tiles,
@@ -254,11 +254,9 @@ def _run_claimed(config, card, listing: Listing, record: dict, token: str, start
         patients=patients,
         seconds=time.perf_counter() - started,
     )
-    verify_claim(config.output, record, token)
+    verify_claim(config.out, record, token)
     done = {"job": record, "summary": asdict(summary)}
-    storage.write_bytes(
-        storage.join(config.output, "_SUCCESS"), json.dumps(done, indent=2).encode()
-    )
+    storage.write_bytes(storage.join(config.out, "_SUCCESS"), json.dumps(done, indent=2).encode())
     return summary
 
 
@@ -303,7 +301,7 @@ def _score_units(
         fmt=fmt,
         model_uri=config.model,
         options=predict,
-        overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
+        overlay_root=storage.join(config.out, "overlays") if config.overlays else None,
         object_store_limit=buffer,
     )
     expected = set(plan.pending["name"].to_pylist())
@@ -406,7 +404,7 @@ def _summarise(config: ScoreConfig, card, tiles_uri: str, plan: Plan) -> tuple[d
             "_SUCCESS not written (was the output written by two jobs at once?)"
         )
     counts = {"scored": scored, "errors": rows - scored}
-    patients_uri = storage.join(config.output, "patients.parquet")
+    patients_uri = storage.join(config.out, "patients.parquet")
     if not totals.by_patient:
         storage.delete(patients_uri)
         return counts, 0

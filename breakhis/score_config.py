@@ -24,15 +24,15 @@ class ScoreConfig:
     """Model artifact directory (local or s3://) written by breakhis.artifact.save_artifact."""
     input: str
     """Tiles: a prefix (any nesting), a prepared DEST, or a manifest (.parquet/.csv/.txt)."""
-    output: str
+    out: str = field(metadata={"aliases": ("output",)})
     """Output root (local or s3://); a rerun into it scores only what is missing."""
     predict: PredictOptions = field(default_factory=PredictOptions)
     """How the model runs over the tiles (breakhis.predict)."""
-    patient_rule: str = "mean"
+    patient_rule: str = field(default="mean", metadata={"choices": PATIENT_RULES})
     """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
     ``majority`` (at least half of the tiles called malignant)."""
     overlays: bool = False
-    """Also write OUTPUT/overlays/<tile id as a safe file name>.png: the tile with its map
+    """Also write OUT/overlays/<tile id as a safe file name>.png: the tile with its map
     (needs attribution)."""
     unit_size: int = 256
     """Tiles per work unit (per output file); the unit of resumption."""
@@ -58,10 +58,10 @@ class ScoreConfig:
             )
         if self.overlays and self.predict.method is None:
             raise ValueError("--overlays needs an attribution method (not --attribution none)")
-        out, src = _normalised(self.output), _normalised(self.input)
+        out, src = _normalised(self.out), _normalised(self.input)
         if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
             raise ValueError(
-                f"--output {self.output} and --input {self.input} overlap; "
+                f"--out {self.out} and --input {self.input} overlap; "
                 "write scores outside the input (its overlays would become input tiles)"
             )
 
