@@ -118,6 +118,8 @@ def test_every_file_in_cluster_loads_and_holds_no_credentials() -> None:
             assert docs and all(isinstance(d, dict) for d in docs), f"{path}: not YAML mappings"
         elif path.name == "Dockerfile":
             _dockerfile_from_and_workdir()
+        elif path.suffix == ".json":
+            assert isinstance(json.loads(text), dict), f"{path}: not a JSON object"
         else:
             pytest.fail(f"{path}: no check knows this kind of file; add one to this test")
         for pattern in CREDENTIAL_PATTERNS:
@@ -441,3 +443,61 @@ def test_readme_cluster_commands_bring_the_token() -> None:
     # Every `ray job submit` of the section runs where RAY_AUTH_MODE=token is exported.
     before_submit = cluster.split("ray job submit", 1)[0]
     assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", before_submit, re.M)
+
+
+# --- AWS: the IAM policies aws.yaml names, the bucket's lifecycle rule ---------------------
+
+IAM_ACTION = re.compile(r"^[a-z0-9-]+:[A-Za-z*]+$")
+
+
+def _policy(name: str) -> dict:
+    document = json.loads((CLUSTER / "iam" / name).read_text())
+    assert document["Version"] == "2012-10-17", f"cluster/iam/{name}: IAM's policy language"
+    statements = document["Statement"]
+    assert isinstance(statements, list) and statements, f"cluster/iam/{name}: no Statement"
+    for statement in statements:
+        assert statement["Effect"] in ("Allow", "Deny"), f"cluster/iam/{name}: {statement}"
+        actions = statement["Action"]
+        for action in [actions] if isinstance(actions, str) else actions:
+            assert IAM_ACTION.match(action), f"cluster/iam/{name}: {action!r} is no IAM action"
+    return document
+
+
+def test_the_iam_policies_aws_yaml_points_at_exist_and_parse() -> None:
+    aws = (CLUSTER / "aws.yaml").read_text()
+    assert "cluster/iam/*.json" in aws, "aws.yaml should say where its policies are"
+    config = yaml.safe_load(aws)
+    profiles = {
+        node["node_config"]["IamInstanceProfile"]["Name"]
+        for node in config["available_node_types"].values()
+    }
+    assert profiles == {"breakhis-ray-head", "breakhis-ray-worker"}
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["node_config"]["IamInstanceProfile"]["Name"] == "breakhis-ray-head"
+
+    trust = _policy("ec2-trust.json")["Statement"]
+    assert [s["Principal"] for s in trust] == [{"Service": "ec2.amazonaws.com"}]
+    assert [s["Action"] for s in trust] == ["sts:AssumeRole"]
+
+    # S3: the bucket the cluster's examples use, and nothing beyond it.
+    buckets = set(re.findall(r"s3://([a-z0-9.-]+)/", aws))
+    resources = {r for s in _policy("s3-data.json")["Statement"] for r in [s["Resource"]]}
+    assert {r.removeprefix("arn:aws:s3:::").split("/")[0] for r in resources} == buckets
+
+    # The head may start and stop instances and hand them the worker role, no other role.
+    autoscaler = _policy("head-autoscaler.json")["Statement"]
+    actions = {
+        a
+        for s in autoscaler
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= actions
+    passes = [s for s in autoscaler if s["Action"] == "iam:PassRole"]
+    assert [s["Resource"] for s in passes] == ["arn:aws:iam::*:role/breakhis-ray-worker"]
+
+
+def test_the_bucket_lifecycle_rule_aborts_unfinished_multipart_uploads() -> None:
+    rules = json.loads((CLUSTER / "s3-lifecycle.json").read_text())["Rules"]
+    aborts = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
+    assert aborts and all(r["Status"] == "Enabled" for r in aborts)
+    assert all(r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1 for r in aborts)
