@@ -434,10 +434,11 @@ def test_aws_launcher_turns_on_token_auth_on_every_node() -> None:
     )
 
 
-def test_readme_cluster_commands_bring_the_token() -> None:
-    readme = (REPO / "README.md").read_text()
-    cluster = readme.split("## Cluster", 1)[1].split("\n## ", 1)[0]
+def test_cluster_docs_commands_bring_the_token() -> None:
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    cluster = page.split("## Cluster", 1)[1].split("\n## ", 1)[0]
     assert "ray get-auth-token --generate" in cluster
+    assert "chmod 600 ~/.ray/auth_token" in cluster
     assert f"kubectl create secret generic {AUTH_SECRET}" in cluster
     assert "cluster/kuberay/networkpolicy.yaml" in cluster
     # Every `ray job submit` of the section runs where RAY_AUTH_MODE=token is exported.
@@ -495,9 +496,18 @@ def test_the_iam_policies_aws_yaml_points_at_exist_and_parse() -> None:
     passes = [s for s in autoscaler if s["Action"] == "iam:PassRole"]
     assert [s["Resource"] for s in passes] == ["arn:aws:iam::*:role/breakhis-ray-worker"]
 
+    # The docs create exactly these roles with exactly these files.
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    for name in ("ec2-trust.json", "s3-data.json", "head-autoscaler.json"):
+        assert f"file://cluster/iam/{name}" in page, f"docs/cluster-and-security.md: {name}"
+    for profile in profiles:
+        assert profile in page
+
 
 def test_the_bucket_lifecycle_rule_aborts_unfinished_multipart_uploads() -> None:
     rules = json.loads((CLUSTER / "s3-lifecycle.json").read_text())["Rules"]
     aborts = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
     assert aborts and all(r["Status"] == "Enabled" for r in aborts)
     assert all(r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1 for r in aborts)
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    assert "file://cluster/s3-lifecycle.json" in page
