@@ -388,13 +388,19 @@ def build_parser(
     return parser
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse a command line (without the program name) as ``main`` does, running nothing.
-    Exits through argparse (status 2) for arguments the command does not take."""
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser ``main`` uses for a command line (without the program name): the options
+    of the command (and benchmark) it names, built."""
     words = [a for a in argv if not a.startswith("-")]
     chosen = words[0] if words and words[0] in _COMMANDS else None
     benchmark = words[1] if chosen == "benchmark" and len(words) > 1 else None
-    return build_parser(chosen, benchmark if benchmark in _BENCHMARKS else None).parse_args(argv)
+    return build_parser(chosen, benchmark if benchmark in _BENCHMARKS else None)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line (without the program name) as ``main`` does, running nothing.
+    Exits through argparse (status 2) for arguments the command does not take."""
+    return parser_for(argv).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
