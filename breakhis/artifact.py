@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from breakhis import storage
+from breakhis.architectures import check_arch
 from breakhis.geometry import TileGeometry
-from breakhis.model import build_model, check_arch
+from breakhis.model import build_model
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 
 FORMAT_VERSION = 1

@@ -4,7 +4,7 @@
     breakhis prepare SRC DEST [--strict] [--folds K] [--split-file NAME=PATH] ...
     breakhis train --data DEST --storage URI --name NAME [--fold K | --split column:NAME] ...
     breakhis tune --data DEST --storage URI --name NAME --search-space YAML ...
-    breakhis score --model URI --input URI --output URI [--attribution gradcam]
+    breakhis score --model URI --input URI --out URI [--attribution gradcam]
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
     breakhis benchmark {ingest,train,tune,score,gpu,accuracy}
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -80,12 +81,12 @@ def _synth(p: argparse.ArgumentParser) -> Command:
 
 @command("demo", "run the whole pipeline end to end on generated (or given) data")
 def _demo(p: argparse.ArgumentParser) -> Command:
-    from breakhis.demo import DemoConfig, run_demo
+    from breakhis.demo import DemoConfig
 
     bindings = add_config_options(p, DemoConfig)
 
     def run(args: argparse.Namespace) -> int:
-        run_demo(build_config(DemoConfig, args, bindings))
+        _deferred("breakhis.demo:run_demo")(build_config(DemoConfig, args, bindings))
         return 0
 
     return run
@@ -118,6 +119,17 @@ def _split_from_aliases(args: argparse.Namespace, dest: str = "split") -> None:
         setattr(args, dest, f"rep:{args.rep}")
 
 
+def _deferred(target: str) -> Callable[[Any], Any]:
+    """The function ``module:name``, imported only when called: the jobs' modules import
+    torch and Ray, which ``--help`` must not wait for."""
+    module, _, name = target.partition(":")
+
+    def call(config: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(config)
+
+    return call
+
+
 def _job_command(
     p: argparse.ArgumentParser,
     cls: type,
@@ -128,15 +140,17 @@ def _job_command(
     starts_ray: bool = False,
     positional: tuple[str, ...] = (),
     check: Callable[[Any], None] | None = None,
+    refuse: dict[str, str] | None = None,
 ) -> Command:
     """Add the fields of the config dataclass ``cls`` to ``p`` as options (``positional``
     fields as positional arguments) and return the command that builds the config and
     prints the ``format_table()`` of what ``runner`` returns for it. ``check`` looks at
     the config before Ray starts (raising ValueError or FileNotFoundError for bad input).
+    ``refuse``: fields of ``cls`` the command cannot honour, with the reason (options.py).
     ``starts_ray``: the runner checks its input and then connects to Ray itself
     (``--ray-address`` reaches it as RAY_ADDRESS), so the command does not start Ray
     before it."""
-    bindings = add_config_options(p, cls, positional=positional)
+    bindings = add_config_options(p, cls, positional=positional, refuse=refuse)
     if split_dest:
         _split_aliases(p)
     if needs_ray:
@@ -216,10 +230,15 @@ def _sweep_inputs_exist(config) -> None:
 
 @command("prepare", "catalog SRC, check every image decodes, write shards + manifest to DEST")
 def _prepare(p: argparse.ArgumentParser) -> Command:
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.prepare_config import PrepareConfig
 
     return _job_command(
-        p, PrepareConfig, prepare, positional=("src", "dest"), check=_source_exists, starts_ray=True
+        p,
+        PrepareConfig,
+        _deferred("breakhis.prepare:prepare"),
+        positional=("src", "dest"),
+        check=_source_exists,
+        starts_ray=True,
     )
 
 
@@ -227,116 +246,103 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
 def _train(p: argparse.ArgumentParser) -> Command:
     from breakhis.train_config import TrainConfig
 
-    def run_training(config: TrainConfig) -> Any:
-        from breakhis.train import run_training  # torch and Ray Train: after --help
-
-        return run_training(config)
-
     # run_training reads the manifest and checks the split before it starts Ray.
-    return _job_command(p, TrainConfig, run_training, split_dest="split", starts_ray=True)
+    runner = _deferred("breakhis.train:run_training")
+    return _job_command(p, TrainConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")
 def _tune(p: argparse.ArgumentParser) -> Command:
     from breakhis.sweep_config import SweepConfig
 
-    def run_sweep(config: SweepConfig) -> Any:
-        from breakhis.tune import run_sweep  # Ray Tune: after --help
-
-        return run_sweep(config)
-
-    return _job_command(p, SweepConfig, run_sweep, split_dest="split", check=_sweep_inputs_exist)
+    runner = _deferred("breakhis.tune:run_sweep")
+    refuse = {
+        "num_workers": "each trial's Train workers are --workers-per-trial (default: one per "
+        "whole GPU of --gpus-per-trial, at least one)",
+        "use_gpu": "trials train on GPUs when --gpus-per-trial is above 0",
+    }
+    return _job_command(
+        p, SweepConfig, runner, split_dest="split", check=_sweep_inputs_exist, refuse=refuse
+    )
 
 
 @command("score", "batch-score tiles: predictions and attribution maps as Parquet, exactly once")
 def _score(p: argparse.ArgumentParser) -> Command:
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score_config import ScoreConfig
 
-    return _job_command(p, ScoreConfig, run_scoring, starts_ray=True)
+    return _job_command(p, ScoreConfig, _deferred("breakhis.score:run_scoring"), starts_ray=True)
 
 
 @command("evaluate", "evaluate a model on its held-out patients and write the report")
 def _evaluate(p: argparse.ArgumentParser) -> Command:
-    from breakhis.evaluate import run_evaluation
     from breakhis.evaluate_config import EvaluateConfig
 
-    return _job_command(p, EvaluateConfig, run_evaluation, split_dest="split", starts_ray=True)
+    runner = _deferred("breakhis.evaluate:run_evaluation")
+    return _job_command(p, EvaluateConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("protocol", "the paper's protocol: train and evaluate one model per split, mean +- std")
 def _protocol(p: argparse.ArgumentParser) -> Command:
-    from breakhis.protocol import ProtocolConfig, run_protocol
+    from breakhis.protocol_config import ProtocolConfig
 
-    return _job_command(p, ProtocolConfig, run_protocol, starts_ray=True)
-
-
-def _ingest_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.ingest import IngestBenchmarkConfig, run_ingest_benchmark
-
-    return IngestBenchmarkConfig, run_ingest_benchmark
-
-
-def _train_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.train import TrainBenchmarkConfig, run_train_benchmark
-
-    return TrainBenchmarkConfig, run_train_benchmark
+    runner = _deferred("breakhis.protocol:run_protocol")
+    refuse = {
+        "split": "the protocol sets each run's split; use --scheme rep|fold with --splits "
+        "K,... or --scheme column with --columns NAME,...",
+        "magnification": "the protocol sets each run's magnification; use --magnifications "
+        "(e.g. all,40,100,200,400)",
+    }
+    return _job_command(p, ProtocolConfig, runner, starts_ray=True, refuse=refuse)
 
 
-def _tune_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.tune import TuneBenchmarkConfig, run_tune_benchmark
-
-    return TuneBenchmarkConfig, run_tune_benchmark
-
-
-def _score_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.score import ScoreBenchmarkConfig, run_score_benchmark
-
-    return ScoreBenchmarkConfig, run_score_benchmark
-
-
-def _gpu_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.gpu import GpuBenchmarkConfig, run_gpu_benchmark
-
-    return GpuBenchmarkConfig, run_gpu_benchmark
-
-
-def _accuracy_benchmark() -> tuple[type, Callable[[Any], Any]]:
-    from breakhis.benchmarks.accuracy import AccuracyBenchmarkConfig, run_accuracy_benchmark
-
-    return AccuracyBenchmarkConfig, run_accuracy_benchmark
-
-
-_BENCHMARKS: dict[str, tuple[Callable[[], tuple[type, Callable[[Any], Any]]], str]] = {
+_BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": (
-        _ingest_benchmark,
+        "breakhis.benchmarks.ingest:IngestBenchmarkConfig",
         "Ray Data ingest vs a torch DataLoader (images/s, first and later epoch)",
     ),
-    "train": (_train_benchmark, "Ray Train epoch time vs a plain PyTorch loop"),
-    "tune": (_tune_benchmark, "an N-trial sweep vs the same N runs one after another"),
+    "train": (
+        "breakhis.benchmarks.train:TrainBenchmarkConfig",
+        "Ray Train epoch time vs a plain PyTorch loop",
+    ),
+    "tune": (
+        "breakhis.benchmarks.tune:TuneBenchmarkConfig",
+        "an N-trial sweep vs the same N runs one after another",
+    ),
     "score": (
-        _score_benchmark,
+        "breakhis.benchmarks.score:ScoreBenchmarkConfig",
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
     ),
     "gpu": (
-        _gpu_benchmark,
+        "breakhis.benchmarks.gpu:GpuBenchmarkConfig",
         "every GPU figure on one GPU: predictor, decode ceiling, train and score benchmarks",
     ),
     "accuracy": (
-        _accuracy_benchmark,
+        "breakhis.benchmarks.accuracy:AccuracyBenchmarkConfig",
         "train + evaluate vs a plain PyTorch loop: the paper's rates on the same splits",
     ),
 }
-"""Benchmark name -> (a function importing its config class and runner, help line)."""
+"""Benchmark name -> (its config class as module:name, help line). Each module's runner is
+``run_<name>_benchmark``, imported when the benchmark runs."""
+
+
+def benchmark_config(name: str) -> type:
+    """The config class of benchmark ``name`` (imports its module)."""
+    module, _, cls = _BENCHMARKS[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 @command("benchmark", "benchmarks, each against a baseline in the same run (speed, accuracy)")
-def _benchmark(p: argparse.ArgumentParser) -> Command:
+def _benchmark(p: argparse.ArgumentParser, chosen: str | None = None) -> Command:
+    """Every benchmark is listed; only the ``chosen`` one's options are built (its module
+    is imported)."""
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (load, help_text) in _BENCHMARKS.items():
+    for name, (target, help_text) in _BENCHMARKS.items():
         bp = sub.add_parser(name, help=help_text, description=help_text)
-        cls, runner = load()
-        bindings = add_config_options(bp, cls)
-        bp.set_defaults(_bench=(cls, runner, bindings))
+        if name == chosen:
+            cls = benchmark_config(name)
+            bindings = add_config_options(bp, cls)
+            runner = _deferred(f"{target.partition(':')[0]}:run_{name}_benchmark")
+            bp.set_defaults(_bench=(cls, runner, bindings))
 
     def run(args: argparse.Namespace) -> int:
         cls, runner, bindings = args._bench
@@ -351,14 +357,16 @@ def _benchmark(p: argparse.ArgumentParser) -> Command:
     "export", "export a model artifact as TorchScript or ONNX, with its preprocessing contract"
 )
 def _export(p: argparse.ArgumentParser) -> Command:
-    from breakhis.export import ExportConfig, export_model
+    from breakhis.export_config import ExportConfig
 
-    return _job_command(p, ExportConfig, export_model, needs_ray=False)
+    return _job_command(p, ExportConfig, _deferred("breakhis.export:export_model"), needs_ray=False)
 
 
-def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser. Only the ``chosen`` subcommand's options are built
-    (they import its config module, which may import torch and Ray); the
+def build_parser(
+    chosen: str | None = None, benchmark: str | None = None
+) -> argparse.ArgumentParser:
+    """The argument parser. Only the ``chosen`` subcommand's options (and of ``benchmark``
+    ``chosen``, only that benchmark's) are built: they import its config module. The
     others are listed with their help line."""
     parser = argparse.ArgumentParser(
         prog="breakhis",
@@ -375,16 +383,30 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     for name, (setup, help_text) in _COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            sub_parser.set_defaults(_run=setup(sub_parser))
+            run = setup(sub_parser, benchmark) if name == "benchmark" else setup(sub_parser)
+            sub_parser.set_defaults(_run=run)
     return parser
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser ``main`` uses for a command line (without the program name): the options
+    of the command (and benchmark) it names, built."""
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = words[0] if words and words[0] in _COMMANDS else None
+    benchmark = words[1] if chosen == "benchmark" and len(words) > 1 else None
+    return build_parser(chosen, benchmark if benchmark in _BENCHMARKS else None)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line (without the program name) as ``main`` does, running nothing.
+    Exits through argparse (status 2) for arguments the command does not take."""
+    return parser_for(argv).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Returns the exit status: 0 on success, 2 for bad
     input (with a one-line message naming what was wrong), 1 otherwise."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in _COMMANDS else None).parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

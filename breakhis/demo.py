@@ -219,7 +219,7 @@ def _show_outputs(steps: Steps, workdir: str, shown: str) -> None:
     for name, how in (
         ("report", f"{shown}/report/report.html (open it in a browser)"),
         ("scores", f"python -c \"import pandas as pd; print(pd.read_parquet('{scores}'))\""),
-        ("model", f"{shown}/model (breakhis score --model {shown}/model --input DIR --output OUT)"),
+        ("model", f"{shown}/model (breakhis score --model {shown}/model --input DIR --out OUT)"),
         ("sweep", f"{shown}/sweep/leaderboard.csv"),
         ("prepared", f"{shown}/prepared/manifest.parquet and rejects.parquet"),
         ("runs", f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db"),
@@ -390,7 +390,7 @@ def _step_score(config: DemoConfig, steps: Steps, model: str, src: str) -> None:
     scored = steps.run(
         5,
         f"score every raw tile with Grad-CAM -> {scores}",
-        lambda: run_scoring(ScoreConfig(model=model, input=src, output=scores)),
+        lambda: run_scoring(ScoreConfig(model=model, input=src, out=scores)),
     )
     keep(scores, os.path.join(config.workdir, "scores"))
     steps.say(scored.format_table())

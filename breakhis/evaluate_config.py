@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from breakhis.calibration import PATIENT_RULES
-from breakhis.predict import PredictOptions
-from breakhis.splits import SplitSpec
+from breakhis.predict_config import PredictOptions
+from breakhis.split_spec import SplitSpec
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class EvaluateOptions:
     predict: PredictOptions = field(default_factory=PredictOptions)
     """How the model runs over the test tiles (breakhis.predict); its attribution is the map
     shown over the wrong predictions."""
-    patient_rule: str = "mean"
+    patient_rule: str = field(default="mean", metadata={"choices": PATIENT_RULES})
     """How a patient's tiles become one call (patient_accuracy): ``mean`` (mean probability
     >= threshold) or ``majority`` (at least half of the tiles called malignant). The
     paper's patient recognition rate is reported whatever the rule."""

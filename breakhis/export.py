@@ -43,42 +43,17 @@ from torch import nn
 
 from breakhis import storage
 from breakhis.artifact import ModelCard, load_artifact
+from breakhis.export_config import ExportConfig
 from breakhis.transforms import normalize
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("torchscript", "onnx")
-"""Accepted values of --format."""
 FILE_NAMES: dict[str, str] = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 """The exported model's file name per format (the contract is the same name, ``.json``)."""
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("probabilities", "logits")
 CONTRACT_VERSION = 1
 ONNX_OPSET = 18
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Options of the export job."""
-
-    model: str
-    """Model artifact directory (local or s3://) written by training (breakhis.artifact)."""
-    format: str = "onnx"
-    """``torchscript`` or ``onnx``."""
-    out: str | None = None
-    """Folder (local or s3://) for the exported model and its contract; default: the
-    artifact's own folder."""
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("--model is required: the model artifact folder")
-        if self.format not in FORMATS:
-            raise ValueError(f"--format {self.format!r} unknown; accepted: {', '.join(FORMATS)}")
-
-    @property
-    def out_uri(self) -> str:
-        """Where the files go: ``out``, else the artifact's folder."""
-        return self.out or self.model
 
 
 class ProbabilityModel(nn.Module):

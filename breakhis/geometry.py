@@ -34,6 +34,8 @@ EVAL_VIEWS: tuple[str, ...] = ("whole", "centre")
 """Accepted values of --eval-view."""
 TILE_WIDTH, TILE_HEIGHT = 700, 460
 """A BreakHis tile's size: the aspect ratio the canonical tile keeps."""
+MIN_SIZE, MAX_SIZE = 8, 2048
+"""Sides accepted for stored pixels (``prepare --pixels``)."""
 
 
 def check_geometry(geometry: str, view: str = "whole") -> None:
@@ -42,6 +44,16 @@ def check_geometry(geometry: str, view: str = "whole") -> None:
         raise ValueError(f"--geometry {geometry!r} unknown; accepted: {', '.join(GEOMETRIES)}")
     if view not in EVAL_VIEWS:
         raise ValueError(f"--eval-view {view!r} unknown; accepted: {', '.join(EVAL_VIEWS)}")
+
+
+def check_sizes(sizes: tuple[int, ...], option: str = "--pixels") -> None:
+    """Raise ValueError naming ``option`` unless every size is an integer in 8..2048."""
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
+            raise ValueError(
+                f"{option}: size {size!r} not accepted; accepted: integers {MIN_SIZE}..{MAX_SIZE} "
+                "(comma-separated, e.g. 224,128)"
+            )
 
 
 def canonical_width(size: int) -> int:

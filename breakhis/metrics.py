@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 from breakhis.calibration import patient_calls
 
@@ -174,6 +173,10 @@ def classification_metrics(
     Raises ValueError for empty or inconsistent inputs, labels other than 0/1,
     or probabilities outside [0, 1].
     """
+    # sklearn (and scipy under it) takes a second to import: here, not at the top, so the
+    # configs that name METRIC_NAMES keep `breakhis train --help` fast.
+    from sklearn import metrics as skm
+
     y, p, pids = as_arrays(labels, probs, patient_ids)
     yhat = (p >= threshold).astype(np.int64)
     eps = 1e-7

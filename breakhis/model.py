@@ -32,12 +32,11 @@ import torchvision
 from torch import nn
 
 from breakhis import storage
+from breakhis.architectures import ARCHITECTURES, check_arch  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
-ARCHITECTURES: tuple[str, ...] = ("resnet50", "resnet18", "vgg16", "efficientnet_b0", "smallcnn")
-"""Accepted ``arch`` values; resnet50 is the default."""
 
 _DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -121,12 +120,6 @@ _IMAGENET: dict[str, Callable[[], torchvision.models.WeightsEnum]] = {
     "vgg16": lambda: torchvision.models.VGG16_Weights.DEFAULT,
     "efficientnet_b0": lambda: torchvision.models.EfficientNet_B0_Weights.DEFAULT,
 }
-
-
-def check_arch(arch: str) -> None:
-    """Raise ValueError naming the accepted architectures when ``arch`` is not one."""
-    if arch not in _BUILDERS:
-        raise ValueError(f"unknown model {arch!r}; accepted: {', '.join(ARCHITECTURES)}")
 
 
 def build_model(arch: str = "resnet50", weights: str = "none", dropout: float = 0.2) -> nn.Module:

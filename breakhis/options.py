@@ -12,6 +12,12 @@ Types: str, int, float, bool (``--flag`` / ``--no-flag``), ``X | None``
 (``none`` or ``all`` gives None), ``tuple[X, ...]`` (comma-separated; or, for a
 field declared with ``metadata={"repeatable": True}``, one item per use of the
 option, e.g. ``--split-file a=x.txt --split-file b=y.txt``).
+
+A field's metadata may also say ``choices`` (the values accepted, shown in ``--help``, None
+typed ``all``; the config's own validation refuses the others, in one line) and ``aliases``
+(older option names that still work, with a deprecation warning). A command refuses the
+options it cannot honour (``refuse``): such an option is hidden from ``--help`` and, when
+given, build_config raises ValueError saying why.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import logging
 import textwrap
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _NONE_WORDS = ("none", "all")
 
@@ -37,6 +46,8 @@ class Binding:
 
     dest: str  # argparse destination
     path: tuple[str, ...]  # field names from the outer config down
+    refused: str | None = None
+    """Why the command refuses this option (None: it takes it)."""
 
 
 @cache
@@ -94,6 +105,33 @@ def _parser_for(kind: Any, optional: bool) -> Callable[[str], Any]:
     return parse
 
 
+def _choice_names(choices: tuple) -> list[str]:
+    """How each choice is typed: None (a field's "every one" or automatic) as ``all``."""
+    return ["all" if c is None else str(c) for c in choices]
+
+
+def _choice_metavar(choices: tuple, many: bool) -> str:
+    """``{a,b,c}`` (``{a,b,c}[,...]`` for a comma-separated tuple)."""
+    return "{" + ",".join(_choice_names(choices)) + "}" + (",..." if many else "")
+
+
+class _Store(argparse.Action):
+    """Store the value; warn when it came through a deprecated alias of the option."""
+
+    def __init__(self, *args: Any, deprecated: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deprecated = deprecated
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string in self.deprecated:
+            log.warning(
+                "%s is deprecated and will be removed; use %s",
+                option_string,
+                self.option_strings[0],
+            )
+        setattr(namespace, self.dest, values)
+
+
 class _Repeated(argparse.Action):
     """Each use of the option adds one item to the tuple (a repeatable option)."""
 
@@ -112,14 +150,18 @@ def add_config_options(
     skip: tuple[str, ...] = (),
     required: tuple[str, ...] = (),
     positional: tuple[str, ...] = (),
+    refuse: Mapping[str, str] | None = None,
 ) -> list[Binding]:
     """Add one option per field of ``cls`` (nested configs flattened).
 
     ``skip`` names fields (at any depth) the caller sets itself; ``required``
     marks fields that must be given; ``positional`` fields (top level) are
-    positional arguments, in the order of the fields, instead of options. Returns the bindings
-    for build_config.
+    positional arguments, in the order of the fields, instead of options. ``refuse`` maps
+    fields (at any depth) the command cannot honour to the reason: their options are
+    hidden, and build_config raises ValueError with the reason when one is given. Returns
+    the bindings for build_config.
     """
+    refuse = refuse or {}
     bindings: list[Binding] = []
     taken: set[str] = {a.dest for a in parser._actions}
 
@@ -142,6 +184,15 @@ def add_config_options(
             is_required = item.name in required or (
                 item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
             )
+            many = typing.get_origin(kind) is tuple
+            choices = item.metadata.get("choices")
+            if item.name in refuse:
+                action = argparse.BooleanOptionalAction if kind is bool else "store"
+                parser.add_argument(
+                    flag, dest=dest, default=None, action=action, help=argparse.SUPPRESS
+                )
+                bindings.append(Binding(dest, (*path, item.name), refused=refuse[item.name]))
+                continue
             if not path and item.name in positional:
                 parser.add_argument(dest, type=_parser_for(kind, optional), help=help_text)
             elif item.metadata.get("repeatable"):
@@ -156,6 +207,8 @@ def add_config_options(
                     metavar=item.metadata.get("metavar", dest.upper()),
                 )
             elif kind is bool:  # an optional one: None (neither flag) is the automatic choice
+                if default is not None:
+                    help_text = f"{help_text} (default: {flag if default else '--no-' + flag[2:]})"
                 parser.add_argument(
                     flag,
                     dest=dest,
@@ -166,14 +219,25 @@ def add_config_options(
             else:
                 if default is not None and not is_required:
                     help_text = f"{help_text} (default: {_show(default)})"
+                aliases = tuple(
+                    "--" + a.replace("_", "-") for a in item.metadata.get("aliases", ())
+                )
+                if aliases:
+                    help_text = f"{help_text} ({', '.join(aliases)}: deprecated spelling)"
+                metavar = dest.upper()
+                if choices is not None:
+                    metavar = _choice_metavar(choices, many)
                 parser.add_argument(
                     flag,
+                    *aliases,
                     dest=dest,
+                    action=_Store,
+                    deprecated=aliases,
                     type=_parser_for(kind, optional),
                     default=default,
                     required=is_required,
                     help=help_text,
-                    metavar=dest.upper(),
+                    metavar=metavar,
                 )
             bindings.append(Binding(dest, (*path, item.name)))
         for item, kind in nested:
@@ -198,7 +262,11 @@ def build_config(cls: type, args: argparse.Namespace, bindings: list[Binding], *
     ``nested__field`` for a nested one). Raises what the configs' validation
     raises (ValueError naming the option).
     """
-    values: dict[tuple[str, ...], Any] = {b.path: getattr(args, b.dest) for b in bindings}
+    for binding in bindings:
+        if binding.refused and getattr(args, binding.dest) is not None:
+            flag = "--" + binding.dest.replace("_", "-")
+            raise ValueError(f"{flag}: {binding.refused}")
+    values = {b.path: getattr(args, b.dest) for b in bindings if not b.refused}
     for key, value in fixed.items():
         values[tuple(key.split("__"))] = value
 

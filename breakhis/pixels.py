@@ -38,18 +38,7 @@ GEOMETRY_KEY = "breakhis.pixels_geometry"
 """Manifest metadata key: the geometry of the stored pixels (``aspect``)."""
 PIXEL_COLUMNS = ("tile_id", "uri", "patient_id", "label", "magnification")
 """The shard columns stored beside the pixels (what ingest filters and returns)."""
-MIN_SIZE, MAX_SIZE = 8, 2048
 _COMPRESSION, _LEVEL = "zstd", 1
-
-
-def check_sizes(sizes: tuple[int, ...], option: str = "--pixels") -> None:
-    """Raise ValueError naming ``option`` unless every size is an integer in 8..2048."""
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-            raise ValueError(
-                f"{option}: size {size!r} not accepted; accepted: integers {MIN_SIZE}..{MAX_SIZE} "
-                "(comma-separated, e.g. 224,128)"
-            )
 
 
 def pixels_uri(dest: str, size: int) -> str:

@@ -2,7 +2,7 @@
 held-out patients, reported as mean +- std over the splits.
 
     breakhis protocol --data s3://bucket/prepared --storage s3://bucket/runs --name rn50-paper
-    breakhis protocol --data ... --storage ... --name rn50-per-mag --per-magnification
+    breakhis protocol --data ... --storage ... --name rn50-per-mag --magnifications all,40,100,200,400
     breakhis protocol --data ... --storage ... --name rn50-site --scheme column --columns site_a
     ray job submit --working-dir . -- python jobs/protocol.py --data ... (same options)
 
@@ -14,8 +14,8 @@ cross-validation by patient instead; ``scheme="column"`` runs the user-defined
 splits (``--columns``, by default every one ``breakhis prepare --split-file``
 added), one split per manifest column. The protocol sets each run's split
 itself, so ``--split`` is refused here. Each split trains the
-magnification-independent model (``None`` in ``magnifications``) and, with
-``--per-magnification``, one model per magnification as well; every model is
+magnification-independent model (``None`` in ``magnifications``, ``all`` on the command
+line) and, with ``--magnifications all,40,100,200,400``, one model per magnification as well; every model is
 evaluated on its split's test patients at all four magnifications, which gives
 both the paper's per-magnification table and the cross-magnification matrix
 (trained at one magnification, evaluated at each other).
@@ -49,100 +49,21 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from breakhis import storage
 from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
-from breakhis.names import MAGNIFICATIONS
+from breakhis.protocol_config import PER_MAGNIFICATION, ProtocolConfig  # noqa: F401 (re-exported)
 from breakhis.protocol_result import ProtocolResult, ProtocolRun, aggregate
 from breakhis.raysession import ensure_ray
-from breakhis.splits import SCHEMES, SplitSpec, check_column_name
+from breakhis.splits import SplitSpec
 from breakhis.train import DATA_CPUS
 from breakhis.train_config import ARTIFACT_DIR, TrainConfig
 
 log = logging.getLogger(__name__)
 
-PER_MAGNIFICATION: tuple[int | None, ...] = (None, *MAGNIFICATIONS)
-"""``magnifications`` for ``--per-magnification``: the magnification-independent model
-and one per magnification."""
-REPORT_DIR = "report"
 EVALUATION_DIR = "evaluation"
-_DEFAULT_SPLIT = next(f.default for f in fields(TrainConfig) if f.name == "split")
-
-
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Options of ``breakhis protocol``."""
-
-    train: TrainConfig
-    """Training options of every run. Its ``data``, ``storage`` and ``name`` are the
-    protocol's: runs live at STORAGE/NAME/<split>-<magnification>. Its ``split`` and
-    ``magnification`` are set per run (leave them at their defaults)."""
-    scheme: str = "rep"
-    """``rep``: the paper's random 70/30 patient splits; ``fold``: k-fold by patient;
-    ``column``: user-defined splits, manifest columns of train/val/test (see ``columns``)."""
-    splits: tuple[int, ...] = ()
-    """Split indices to run (``rep`` and ``fold``); empty: every split of the scheme in the
-    manifest."""
-    columns: tuple[str, ...] = ()
-    """With ``--scheme column``: the manifest's split columns to run, each as the split
-    ``column:NAME``; empty: every column ``breakhis prepare --split-file`` added."""
-    magnifications: tuple[int | None, ...] = (None,)
-    """Models per split: None is the magnification-independent model, 40..400 a model
-    trained at that magnification only (PER_MAGNIFICATION for all five)."""
-    evaluation: EvaluateOptions = field(default_factory=EvaluateOptions)
-    """How each run is evaluated."""
-    max_concurrent: int = 0
-    """Runs at a time; 0: as many as the cluster's CPUs/GPUs hold (see the module doc)."""
-    out: str | None = None
-    """Protocol report folder; None: STORAGE/NAME/report."""
-
-    def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"--scheme {self.scheme!r}; accepted: {', '.join(SCHEMES)}")
-        if any(i < 0 for i in self.splits) or len(set(self.splits)) != len(self.splits):
-            raise ValueError(f"--splits {list(self.splits)}: expected distinct indices >= 0")
-        if self.scheme == "column" and self.splits:
-            raise ValueError(
-                "--splits picks rep or fold splits; with --scheme column use --columns"
-            )
-        if self.scheme != "column" and self.columns:
-            raise ValueError(f"--columns {','.join(self.columns)} needs --scheme column")
-        for name in self.columns:
-            check_column_name(name, what="--columns")
-        if len(set(self.columns)) != len(self.columns):
-            raise ValueError(f"--columns {','.join(self.columns)} repeat a column")
-        if self.train.split != _DEFAULT_SPLIT:
-            raise ValueError(
-                f"--split {self.train.split}: the protocol sets each run's split; use --scheme "
-                "rep|fold with --splits K,..., or --scheme column with --columns NAME,..."
-            )
-        if not self.magnifications:
-            raise ValueError("magnifications: give at least one (None: all magnifications)")
-        for mag in self.magnifications:
-            if mag is not None and mag not in MAGNIFICATIONS:
-                raise ValueError(
-                    f"magnification {mag}: accepted {', '.join(map(str, MAGNIFICATIONS))} or None"
-                )
-        if len(set(self.magnifications)) != len(self.magnifications):
-            raise ValueError(f"magnifications {self.magnifications} repeat a value")
-        if self.train.magnification is not None:
-            raise ValueError(
-                "the protocol sets each run's magnification: leave --magnification unset and "
-                "use --per-magnification (or magnifications=...)"
-            )
-        if self.max_concurrent < 0:
-            raise ValueError(f"--max-concurrent must be >= 0, got {self.max_concurrent}")
-
-    @property
-    def root(self) -> str:
-        """STORAGE/NAME: where the runs and the report live."""
-        return self.train.run_uri
-
-    @property
-    def report_dir(self) -> str:
-        return self.out or storage.join(self.root, REPORT_DIR)
 
 
 @dataclass(frozen=True)

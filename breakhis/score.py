@@ -2,8 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/score.py \\
         --model s3://bucket/runs/rn50/best --input s3://archive/tiles/ \\
-        --output s3://bucket/scores/2026-11 --attribution gradcam
-    breakhis score --model ./runs/smallcnn/best --input ./synthetic --output ./scores
+        --out s3://bucket/scores/2026-11 --attribution gradcam
+    breakhis score --model ./runs/smallcnn/best --input ./synthetic --out ./scores
 
 Input (breakhis.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
 prepared DEST's shards, or a manifest listing URIs.
@@ -106,14 +106,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, replace
 
 from breakhis import storage
-from breakhis.calibration import PATIENT_RULES
 from breakhis.inputs import Listing, list_inputs
-from breakhis.predict import PredictOptions
 from breakhis.score_check import check_output
+from breakhis.score_config import ScoreConfig
 from breakhis.score_output import (  # noqa: F401 (re-exported: errors, patients.parquet)
     PATIENT_SCHEMA,
     JobMismatchError,
@@ -136,105 +134,7 @@ from breakhis.score_units import (  # noqa: F401 (re-exported: the output's sche
     write_plan,
 )
 
-if TYPE_CHECKING:
-    from breakhis.artifact import ModelCard
-
 log = logging.getLogger(__name__)
-
-JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Options of the scoring job."""
-
-    model: str
-    """Model artifact directory (local or s3://) written by breakhis.artifact.save_artifact."""
-    input: str
-    """Tiles: a prefix (any nesting), a prepared DEST, or a manifest (.parquet/.csv/.txt)."""
-    output: str
-    """Output root (local or s3://); a rerun into it scores only what is missing."""
-    predict: PredictOptions = field(default_factory=PredictOptions)
-    """How the model runs over the tiles (breakhis.predict)."""
-    patient_rule: str = "mean"
-    """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
-    ``majority`` (at least half of the tiles called malignant)."""
-    overlays: bool = False
-    """Also write OUTPUT/overlays/<tile id as a safe file name>.png: the tile with its map
-    (needs attribution)."""
-    unit_size: int = 256
-    """Tiles per work unit (per output file); the unit of resumption."""
-    max_buffer_mb: int = 0
-    """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
-    a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
-    per actor, at least 256 MB."""
-    progress_interval_s: float = 10.0
-    """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
-            raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
-        if not self.progress_interval_s > 0:
-            raise ValueError(f"--progress-interval-s must be > 0, got {self.progress_interval_s}")
-        if self.max_buffer_mb < 0:
-            raise ValueError(
-                f"--max-buffer-mb must be >= 0 (0: automatic), got {self.max_buffer_mb}"
-            )
-        if self.patient_rule not in PATIENT_RULES:
-            raise ValueError(
-                f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
-            )
-        if self.overlays and self.predict.method is None:
-            raise ValueError("--overlays needs an attribution method (not --attribution none)")
-        # Compared as places, symlinks resolved, as prepare compares SRC and DEST.
-        out, src = storage.location(self.output), storage.location(self.input)
-        if out[: len(src)] == src or src[: len(out)] == out:
-            raise ValueError(
-                f"--output {self.output} and --input {self.input} overlap; "
-                "write scores outside the input (its overlays would become input tiles)"
-            )
-        blocker = storage.file_in_the_way(self.output)
-        if blocker is not None:
-            raise ValueError(
-                f"--output {self.output}: {blocker} is a file; give a folder (or an s3:// "
-                "prefix) for the scores"
-            )
-
-    def threshold_for(self, card: ModelCard) -> float:
-        """The threshold applied: ``predict.threshold`` when given, else the model's own."""
-        threshold = self.predict.threshold
-        return card.threshold if threshold is None else threshold
-
-    def job_record(self, card: ModelCard) -> dict:
-        """What ``_job.json`` holds: everything that changes the output rows (the
-        threshold as applied: the model's own when ``threshold`` is None)."""
-        method, predict = self.predict.method, self.predict
-        return {
-            "format": JOB_FORMAT,
-            "model": _normalised(self.model),
-            "model_id": card.model_id,
-            "input": _normalised(self.input),
-            "image_size": card.image_size,
-            "temperature": card.temperature,
-            "attribution": method,
-            "map_size": predict.map_size,
-            "tta": predict.tta,
-            "amp": predict.amp,  # bf16 on GPUs changes probabilities in the 3rd digit
-            "threshold": self.threshold_for(card),
-            "patient_rule": self.patient_rule,
-            "overlays": self.overlays,
-            "unit_size": self.unit_size,
-            "ig_steps": predict.ig_steps if method == "integrated_gradients" else None,
-            "occlusion_window": predict.occlusion_window if method == "occlusion" else None,
-            "lime_samples": predict.lime_samples if method == "lime" else None,
-            "lime_grid": predict.lime_grid if method == "lime" else None,
-        }
-
-
-def _normalised(uri: str) -> str:
-    """A URI spelled one way: local paths absolute, no trailing slash."""
-    uri = uri.rstrip("/")
-    return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
 
 
 @dataclass(frozen=True)
@@ -278,7 +178,7 @@ class ScoreSummary:
 
 
 def run_scoring(config: ScoreConfig) -> ScoreSummary:
-    """Score every input tile into ``config.output`` on the current Ray cluster
+    """Score every input tile into ``config.out`` on the current Ray cluster
     (started locally if none); a rerun scores only the units still missing.
 
     Everything that can be checked on the driver is, before the output is claimed and
@@ -310,20 +210,20 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     # The threshold as applied from here on (the model's own unless one was given).
     config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
     token = new_token()
-    claim_output(config.output, record, token)
+    claim_output(config.out, record, token)
     try:
-        with keeping_claim(config.output, record, token):
+        with keeping_claim(config.out, record, token):
             return _run_claimed(config, artifact, listing, record, token, started)
     finally:
-        release_claim(config.output, token)
+        release_claim(config.out, token)
 
 
 def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing, check, summarise."""
-    tiles_uri = storage.join(config.output, "tiles")
-    sweep_dead_jobs(config.output, token)
+    tiles_uri = storage.join(config.out, "tiles")
+    sweep_dead_jobs(config.out, token)
     existing = unit_files(tiles_uri)
-    plan_folder = storage.join(config.output, "_plan", token)
+    plan_folder = storage.join(config.out, "_plan", token)
     try:
         plan = write_plan(listing, config.unit_size, existing, plan_folder)
         log.info(
@@ -335,12 +235,12 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
         )
         stale = sorted(existing - set(plan.names))
         if plan.pending.num_rows or stale:
-            storage.delete(storage.join(config.output, "_SUCCESS"))
+            storage.delete(storage.join(config.out, "_SUCCESS"))
         if plan.pending.num_rows:
             storage.make_dirs(tiles_uri)
             score_pending(config, artifact, plan, token, plan_folder)
     finally:
-        _delete_plan(config.output, plan_folder)
+        _delete_plan(config.out, plan_folder)
     for name in stale:
         storage.delete(storage.join(tiles_uri, name))
     if stale:
@@ -348,7 +248,7 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
 
     counts, patients = check_output(config, artifact.card.model_id, plan)
     summary = ScoreSummary(
-        output=config.output,
+        output=config.out,
         model_id=artifact.card.model_id,
         attribution=config.predict.method,
         tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
@@ -361,11 +261,9 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
         patients=patients,
         seconds=time.perf_counter() - started,
     )
-    verify_claim(config.output, record, token)
+    verify_claim(config.out, record, token)
     done = {"job": record, "summary": asdict(summary)}
-    storage.write_bytes(
-        storage.join(config.output, "_SUCCESS"), json.dumps(done, indent=2).encode()
-    )
+    storage.write_bytes(storage.join(config.out, "_SUCCESS"), json.dumps(done, indent=2).encode())
     return summary
 
 

@@ -47,7 +47,7 @@ def check_output(config: ScoreConfig, model_id: str, plan: Plan) -> tuple[dict[s
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    tiles_uri = storage.join(config.output, "tiles")
+    tiles_uri = storage.join(config.out, "tiles")
     check_units(tiles_uri, plan)
     fs, path = storage.resolve(tiles_uri)
     files = [f"{path}/{name}" for name in plan.names]
@@ -70,7 +70,7 @@ def check_output(config: ScoreConfig, model_id: str, plan: Plan) -> tuple[dict[s
             "_SUCCESS not written (was the output written by two jobs at once?)"
         )
     counts = {"scored": scored, "errors": rows - scored}
-    patients_uri = storage.join(config.output, "patients.parquet")
+    patients_uri = storage.join(config.out, "patients.parquet")
     if not totals.by_patient:
         storage.delete(patients_uri)
         return counts, 0

@@ -236,7 +236,7 @@ def _check_same(output: str, job_uri: str, record: dict) -> None:
         previous = json.loads(storage.read_bytes(job_uri))
     except json.JSONDecodeError as err:
         raise JobMismatchError(
-            f"{job_uri}: not valid JSON ({err}); delete it or pick another --output"
+            f"{job_uri}: not valid JSON ({err}); delete it or pick another --out"
         ) from err
     differences = _differences(previous, record)
     if differences:
@@ -244,7 +244,7 @@ def _check_same(output: str, job_uri: str, record: dict) -> None:
             f"{output} holds the output of another scoring job ("
             + "; ".join(differences)
             + "). Rerun with the same model and options to finish it, or pick another "
-            "--output (or delete that output first)"
+            "--out (or delete that output first)"
         )
 
 

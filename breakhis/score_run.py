@@ -47,7 +47,7 @@ def score_pending(
     unit_bytes = largest * math.prod(card.tile_geometry.eval_hw) * 3
     # Decoded units waiting for an actor: two per actor, at least 256 MB.
     buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
-    tiles_uri = storage.join(config.output, "tiles")
+    tiles_uri = storage.join(config.out, "tiles")
     fmt = UnitFormat(
         tiles_uri=tiles_uri,
         token=token,
@@ -67,7 +67,7 @@ def score_pending(
         model_uri=config.model,
         artifact=ray.put(artifact),
         options=predict,
-        overlay_root=storage.join(config.output, "overlays") if config.overlays else None,
+        overlay_root=storage.join(config.out, "overlays") if config.overlays else None,
         object_store_limit=buffer,
         plan_folder=plan_folder,
     )

@@ -42,7 +42,7 @@ class SweepConfig:
     """Train workers per trial; None: one per whole GPU (at least one)."""
     max_concurrent_trials: int | None = None
     """Trials at once; None: derived from the cluster's resources and one trial's needs."""
-    scheduler: str = "asha"
+    scheduler: str = dataclasses.field(default="asha", metadata={"choices": SCHEDULERS})
     """``asha`` (early stopping at rungs) or ``fifo`` (every trial runs all its epochs)."""
     grace_period: int = 1
     """ASHA: epochs before the first rung (no trial stops earlier)."""

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,12 +19,10 @@ from ray.data.expressions import col
 
 from breakhis import storage
 from breakhis.geometry import TileGeometry
+from breakhis.ingest_config import IngestConfig
 from breakhis.pixels import PIXEL_COLUMNS, images_of, pixel_file_uri, pixels_uri
 from breakhis.prepare import manifest_shards, stored_pixel_sizes
 from breakhis.transforms import EvalTransform
-
-if TYPE_CHECKING:
-    from breakhis.ingest import IngestConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,12 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from breakhis import storage
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from breakhis.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +274,21 @@ def _log_files(client: MlflowClient, run_id: str, uris: Sequence[str], path: str
             client.log_artifact(run_id, str(local), path)
 
 
-def finish_training(run: TrackedRun, result: TrainResult) -> None:
+class FinishedTraining(Protocol):
+    """What finish_training reads of a finished run: the fields of
+    breakhis.train_result.TrainResult (this module sits below the training modules, which
+    log through it, so it names the fields instead of importing the class)."""
+
+    run_uri: str
+    artifact_uri: str
+    curves_uri: str
+    model_id: str
+    best_epoch: int
+    history: Sequence[Mapping[str, Any]]
+    refit_epochs: int
+
+
+def finish_training(run: TrackedRun, result: FinishedTraining) -> None:
     """Close the run of a finished training: the epochs it lacks, the curves (and the
     refit's), the model card, tags ``artifact_uri``, ``model_id``, ``model_epoch``;
     status FINISHED. Logs a warning instead of raising (the model is written already)."""

@@ -38,7 +38,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -50,7 +49,7 @@ import torch
 from breakhis import storage, tracking
 from breakhis.model import build_model
 from breakhis.raysession import ensure_ray
-from breakhis.splits import SplitPatients, SplitSpec
+from breakhis.splits import SplitSpec
 from breakhis.train_config import (
     CHECKPOINT_CONFIG_FILE,
     REFIT_DIR,
@@ -58,40 +57,13 @@ from breakhis.train_config import (
     TrainConfig,
 )
 from breakhis.train_loop import train_loop_per_worker
+from breakhis.train_plan import DataPlan, RunPlan
 from breakhis.train_result import TrainResult, finish_refit, finish_run
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- driver
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """The split a run trains on, read and checked once on the driver, before Ray starts."""
-
-    spec: SplitSpec
-    manifest: Any = field(repr=False)
-    """DEST's manifest (a pyarrow Table), handed to ingest so it is not read again."""
-    patients: SplitPatients
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything run_training checked and built before starting workers."""
-
-    config: TrainConfig
-    datasets: dict[str, ray.data.Dataset]
-    loop_config: dict[str, Any]
-    manifest_hash: str
-    resumed_from_epoch: int
-    data: DataPlan | None = field(default=None, repr=False)
-    """The split it was planned on (the refit reuses its manifest)."""
-
-    @property
-    def validate(self) -> bool:
-        """False for a refit: no validation patients, every epoch kept as trained."""
-        return bool(self.loop_config.get("validate", True))
 
 
 def _latest_checkpoint_config(config: TrainConfig) -> dict[str, Any] | None:
@@ -186,7 +158,7 @@ def plan_data(
 
 def _ingest_config(config: TrainConfig) -> Any:
     """The run's options for breakhis.ingest (an IngestConfig)."""
-    from breakhis.ingest import IngestConfig
+    from breakhis.ingest_config import IngestConfig
 
     return IngestConfig(
         image_size=config.image_size,

@@ -7,15 +7,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from breakhis import storage, tracking
+from breakhis.architectures import ARCHITECTURES, check_arch
 from breakhis.calibration import THRESHOLD_RULES
-from breakhis.geometry import check_geometry
+from breakhis.geometry import EVAL_VIEWS, GEOMETRIES, check_geometry
 from breakhis.metrics import HIGHER_IS_BETTER, METRIC_NAMES
-from breakhis.model import check_arch
-from breakhis.splits import SplitSpec
+from breakhis.names import MAGNIFICATIONS
+from breakhis.split_spec import SplitSpec
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 DECISION_RULES: tuple[str, ...] = ("argmax", *THRESHOLD_RULES)
@@ -71,15 +72,15 @@ class TrainConfig:
     (the default) trains on every training patient and validates nothing: the model is the
     last epoch's and the decision argmax. Needed by --patience, --model-epoch best,
     --refit and a fitted --threshold-rule."""
-    magnification: int | None = None
+    magnification: int | None = field(default=None, metadata={"choices": (*MAGNIFICATIONS, None)})
     """Train on one magnification (40, 100, 200, 400) or all (None)."""
     image_size: int = 224
     """Side S of the model input in pixels: the height of the aspect-kept tile and the
     side of the training crops (see breakhis.geometry)."""
-    geometry: str = "aspect"
+    geometry: str = field(default="aspect", metadata={"choices": GEOMETRIES})
     """``aspect``: resize keeping the tile's aspect ratio to height S, train on random S x S
     crops; ``square``: squash the whole tile to S x S (the old recipe)."""
-    eval_view: str = "whole"
+    eval_view: str = field(default="whole", metadata={"choices": EVAL_VIEWS})
     """What validation, evaluation and scoring feed the model (aspect geometry): ``whole``
     (the whole S x W tile) or ``centre`` (its centre S x S crop)."""
     augment_strength: float = 1.0
@@ -93,8 +94,8 @@ class TrainConfig:
     """Cache decoded tiles in the Ray object store between epochs (--no-cache: stream from the
     shards every epoch, with bounded memory); default: cache when they fit in the object
     store."""
-    arch: str = "resnet50"
-    """Model architecture, one of breakhis.model.ARCHITECTURES."""
+    arch: str = field(default="resnet50", metadata={"choices": ARCHITECTURES})
+    """Model architecture."""
     weights: str = "imagenet"
     """Initial weights: ``imagenet``, ``none``, or a local path / s3:// URI of a state dict."""
     dropout: float = 0.0
@@ -103,7 +104,7 @@ class TrainConfig:
     """Total epochs of the run (a resumed run continues up to this number)."""
     batch_size: int = 64
     """Images per step on each worker."""
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
     """``adamw`` or ``sgd`` (with Nesterov momentum)."""
     lr: float = 1e-3
     """Peak learning rate of the head (and of the backbone times ``backbone_lr_scale``)."""
@@ -125,10 +126,10 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss, 0 to <1."""
     class_weighted: bool = True
     """Weigh the loss by inverse class frequency of the training images."""
-    metric: str = "val_loss"
+    metric: str = field(default="val_loss", metadata={"choices": VAL_METRICS})
     """Validation metric that chooses the model epoch with ``--model-epoch best`` and drives
     early stopping (see VAL_METRICS)."""
-    model_epoch: str | None = None
+    model_epoch: str | None = field(default=None, metadata={"choices": MODEL_EPOCH_RULES})
     """Which epoch becomes the model: ``last`` (the end of the learning-rate schedule, as
     torchvision's reference recipes keep) or ``best`` by ``--metric`` on the validation
     patients; default ``best`` with early stopping (``--patience`` > 0), else ``last``."""
@@ -158,7 +159,7 @@ class TrainConfig:
     """Training batches (each epoch's last) over which BatchNorm statistics are recomputed
     with the epoch's final weights before validating and checkpointing (PreciseBN); 0 (the
     default, by the ablation in docs/training.md) keeps BatchNorm's running averages."""
-    threshold_rule: str = "argmax"
+    threshold_rule: str = field(default="argmax", metadata={"choices": DECISION_RULES})
     """The decision stored in the model: ``argmax`` (threshold 0.5, temperature 1), or the
     temperature and threshold fitted on the validation patients by ``balanced_accuracy``
     or ``accuracy`` (breakhis.calibration) when they hold at least 5 patients of each
@@ -194,9 +195,10 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         SplitSpec.parse(self.split, val_fraction=self.val_fraction, seed=self.seed)
         check_geometry(self.geometry, self.eval_view)
-        if self.magnification not in (None, 40, 100, 200, 400):
+        if self.magnification is not None and self.magnification not in MAGNIFICATIONS:
             raise ValueError(
-                f"--magnification {self.magnification}: accepted 40, 100, 200, 400 (or all)"
+                f"--magnification {self.magnification}: accepted "
+                f"{', '.join(map(str, MAGNIFICATIONS))} (or all)"
             )
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be in 16..1024, got {self.image_size}")

@@ -28,7 +28,7 @@ from breakhis.train_config import (
 )
 
 if TYPE_CHECKING:
-    from breakhis.train import RunPlan
+    from breakhis.train_plan import RunPlan
 
 log = logging.getLogger(__name__)
 

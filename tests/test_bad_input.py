@@ -152,32 +152,32 @@ class Case:
 CASES: dict[str, Case] = {
     "score-missing-model": Case(
         lambda p: ["score", "--model", str(p / "no-model"), "--input", str(p / "tiles"),
-                   "--output", str(p / "out-a")],
+                   "--out", str(p / "out-a")],
         "no-model/model.json: no model artifact here", ("out-a",),
     ),
     "score-model-is-a-file": Case(
         lambda p: ["score", "--model", str(p / "model" / "model.pt"), "--input",
-                   str(p / "tiles"), "--output", str(p / "out-b")],
+                   str(p / "tiles"), "--out", str(p / "out-b")],
         "model.pt: a file, not a model artifact folder", ("out-b",),
     ),
     "score-invalid-model-json": Case(
         lambda p: ["score", "--model", str(p / "bad-card"), "--input", str(p / "tiles"),
-                   "--output", str(p / "out-c")],
+                   "--out", str(p / "out-c")],
         "bad-card/model.json: field 'image_size': expected an integer", ("out-c",),
     ),
     "score-corrupt-weights": Case(
         lambda p: ["score", "--model", str(p / "corrupt"), "--input", str(p / "tiles"),
-                   "--output", str(p / "out-d")],
+                   "--out", str(p / "out-d")],
         "corrupt/model.pt: weights hash", ("out-d",),
     ),
     "score-empty-input": Case(
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "empty"),
-                   "--output", str(p / "out-e")],
+                   "--out", str(p / "out-e")],
         "empty: no tiles found; accepted:", ("out-e",),
     ),
     "score-output-owned-by-another-job": Case(
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
-                   "--output", str(p / "owned")],
+                   "--out", str(p / "owned")],
         "holds the output of another scoring job", ("owned",),
     ),
     "score-output-is-a-file": Case(

@@ -1,10 +1,14 @@
 """The console command and the job entry points: help for every option, clear errors."""
 
+import argparse
+import ast
 import dataclasses
 import importlib
 import logging
+import re
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -17,12 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "train": "breakhis.train_config:TrainConfig",
-    "score": "breakhis.score:ScoreConfig",
+    "score": "breakhis.score_config:ScoreConfig",
     "evaluate": "breakhis.evaluate_config:EvaluateConfig",
-    "protocol": "breakhis.protocol:ProtocolConfig",
+    "protocol": "breakhis.protocol_config:ProtocolConfig",
     "tune": "breakhis.sweep_config:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
-    "export": "breakhis.export:ExportConfig",
+    "export": "breakhis.export_config:ExportConfig",
 }
 
 
@@ -66,11 +70,76 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
+REFUSED = {"tune": {"--num-workers", "--use-gpu"}, "protocol": {"--split", "--magnification"}}
+"""Options of a command's config that the command refuses (it sets them itself)."""
+HEAVY = (
+    "torch",
+    "torchvision",
+    "ray",
+    "mlflow",
+    "sklearn",
+    "scipy",
+    "pandas",
+    "matplotlib",
+    "captum",
+    "boto3",
+    "pyarrow.parquet",
+    "pyarrow.compute",
+    "pyarrow.dataset",
+)
+"""What ``--help`` must not import: each takes from 0.2 s (pyarrow.parquet) to several
+seconds (torch). pyarrow's core (breakhis.storage's pyarrow.fs) and numpy are allowed."""
+HELP_SECONDS = 3.0
+"""A generous bound: a help takes about 0.4 s on a loaded 2-core machine (README.md)."""
+_HELP_SCRIPT = """
+import io, contextlib, sys, time
+start = time.perf_counter()
+from breakhis import cli
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        cli.main(sys.argv[1:])
+    except SystemExit as done:
+        assert done.code == 0, done.code
+assert "usage: breakhis" in out.getvalue()
+heavy = sorted(m for m in sys.modules if m in {heavy} or m.split(".")[0] in {heavy})
+print(f"{{time.perf_counter() - start:.3f}}", *heavy)
+"""
+
+
+def _every_help() -> list[list[str]]:
+    return [
+        ["--help"],
+        *([name, "--help"] for name in cli._COMMANDS),
+        *(["benchmark", name, "--help"] for name in cli._BENCHMARKS),
+    ]
+
+
+@pytest.mark.parametrize("argv", _every_help(), ids=" ".join)
+def test_help_is_fast_and_imports_no_heavy_library(argv):
+    """Each ``--help`` in a fresh interpreter: under HELP_SECONDS from start to exit, and
+    none of HEAVY imported (torch alone takes seconds and ~1 GB)."""
+    script = _HELP_SCRIPT.format(heavy=repr(set(HEAVY)))
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    seconds, *heavy = done.stdout.split()
+    assert heavy == [], f"breakhis {' '.join(argv)} imports {heavy}"
+    assert wall < HELP_SECONDS, f"breakhis {' '.join(argv)} took {wall:.2f} s ({seconds} s inside)"
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_config_field_is_an_option_with_help(capsys, name):
     out = _help(capsys, name)
     cls = _load(CONFIGS[name])
-    for flag in _flags(cls):
+    for flag in _flags(cls) - REFUSED.get(name, set()):
         assert flag in out or flag.replace("--", "--train-") in out, (name, flag)
     docs = field_docs(cls)
     assert docs and all(docs.values())
@@ -90,7 +159,7 @@ def test_every_config_field_is_an_option_with_help(capsys, name):
 def test_benchmark_help_lists_every_option_of_its_config(capsys, bench, config):
     out = _help(capsys, "benchmark", bench)
     cls = _load(config)
-    assert cli._BENCHMARKS[bench][0]()[0] is cls
+    assert cli.benchmark_config(bench) is cls
     assert _flags(cls) and all(flag in out for flag in _flags(cls)), (bench, out)
     assert all(field_docs(cls).values())
 
@@ -212,3 +281,125 @@ def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsy
     assert len(lines) == 3 and "Traceback" not in "".join(lines)
     assert "column name ''" in lines[0] and "column name 'a b'" in lines[1]
     assert "the protocol sets each run's split" in lines[2]
+
+
+# --- what --help shows, what a command refuses ------------------------------------------
+
+BASE_ARGS = {
+    "train": ["--data", "d", "--storage", "s", "--name", "n"],
+    "tune": ["--data", "d", "--storage", "s", "--name", "n", "--val-fraction", "0.2"],
+    "protocol": ["--data", "d", "--storage", "s", "--name", "n"],
+    "score": ["--model", "m", "--input", "i", "--out", "o"],
+    "evaluate": ["--model", "m", "--data", "d", "--out", "o"],
+    "export": ["--model", "m"],
+}
+"""The required options of the commands whose choices are checked below."""
+
+
+def _choice_options(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """(flag, choices) of every option whose metavar lists its choices ({a,b,c})."""
+    parser = cli.build_parser(argv[0], argv[1] if argv[0] == "benchmark" else None)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[argv[0]]
+    if argv[0] == "benchmark":
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[argv[1]]
+    return [
+        (a.option_strings[0], a.metavar[1:].split("}")[0].split(","))
+        for a in parser._actions
+        if isinstance(a.metavar, str) and a.metavar.startswith("{")
+    ]
+
+
+def test_help_shows_choices_and_boolean_defaults(capsys):
+    out = " ".join(_help(capsys, "train").split())
+    assert "--arch {resnet50,resnet18,vgg16,efficientnet_b0,smallcnn}" in out
+    assert "--geometry {aspect,square}" in out
+    assert "--magnification {40,100,200,400,all}" in out
+    assert "(default: --amp)" in out and "(default: --no-refit)" in out
+    out = _help(capsys, "score")
+    assert "--attribution {gradcam,integrated_gradients,ig,occlusion,lime,none}" in out
+    assert "--device {auto,cpu,cuda}" in out
+    assert "--magnifications {all,40,100,200,400},..." in _help(capsys, "protocol")
+
+
+@pytest.mark.parametrize("command", sorted(BASE_ARGS))
+def test_a_value_outside_the_choices_is_refused_in_one_line(capsys, command):
+    """Every option with choices: a value outside them ends the command with status 2 and
+    one line naming the option and the values it takes."""
+    options = _choice_options([command])
+    assert options, command
+    for flag, choices in options:
+        numeric = all(c.isdigit() or c == "all" for c in choices)
+        bad = "7" if numeric else "bogus"
+        code = cli.main([command, *BASE_ARGS[command], flag, bad])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (command, flag)
+        assert len(err.splitlines()) == 1, (command, flag, err)
+        assert bad in err and choices[0] in err, (command, flag, err)
+
+
+@pytest.mark.parametrize(
+    ("command", "given", "names"),
+    [
+        ("tune", ["--num-workers", "4"], "--workers-per-trial"),
+        ("tune", ["--use-gpu"], "--gpus-per-trial"),
+        ("tune", ["--no-use-gpu"], "--gpus-per-trial"),
+        ("protocol", ["--split", "fold:0"], "--splits"),
+        ("protocol", ["--magnification", "40"], "--magnifications"),
+    ],
+)
+def test_options_a_command_cannot_honour_are_refused(capsys, command, given, names):
+    code = cli.main([command, *BASE_ARGS[command], *given])
+    err = capsys.readouterr().err.strip()
+    flag = given[0].replace("--no-", "--")
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"breakhis {command}: error: {flag}:")
+    assert names in err
+    shown = re.compile(rf"(?<![\w-]){flag}(?![\w-])")
+    assert not shown.search(_help(capsys, command)), f"{flag} is refused: not in --help"
+
+
+def test_score_takes_out_and_still_the_deprecated_output(caplog, capsys):
+    args = cli.parse_args(["score", "--model", "m", "--input", "i", "--out", "o"])
+    assert args.out == "o" and not caplog.records
+    args = cli.parse_args(["score", "--model", "m", "--input", "i", "--output", "o"])
+    assert args.out == "o"
+    assert any("--output is deprecated" in r.getMessage() for r in caplog.records)
+    assert "--out OUT, --output OUT" in _help(capsys, "score")
+
+
+def _every_option() -> set[str]:
+    flags: set[str] = set()
+
+    def collect(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+
+    for name in cli._COMMANDS:
+        for bench in cli._BENCHMARKS if name == "benchmark" else [None]:
+            collect(cli.build_parser(name, bench))
+    return flags
+
+
+def test_errors_name_only_options_that_exist():
+    """Every ``--flag`` in the text of a ``raise`` in the package is an option of some
+    command (the protocol once told users to pass a --per-magnification nobody took)."""
+    flags = _every_option()
+    named = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+    unknown, seen = [], 0
+    for path in sorted((REPO / "breakhis").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Raise) and node.exc is not None):
+                continue
+            for part in ast.walk(node.exc):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    for flag in named.findall(part.value):
+                        seen += 1
+                        if flag not in flags:
+                            unknown.append(f"{path.relative_to(REPO)}:{node.lineno} {flag}")
+    assert seen > 50, "the scan should find the options the errors name"
+    assert unknown == []

@@ -118,6 +118,8 @@ def test_every_file_in_cluster_loads_and_holds_no_credentials() -> None:
             assert docs and all(isinstance(d, dict) for d in docs), f"{path}: not YAML mappings"
         elif path.name == "Dockerfile":
             _dockerfile_from_and_workdir()
+        elif path.suffix == ".json":
+            assert isinstance(json.loads(text), dict), f"{path}: not a JSON object"
         else:
             pytest.fail(f"{path}: no check knows this kind of file; add one to this test")
         for pattern in CREDENTIAL_PATTERNS:
@@ -470,26 +472,94 @@ def test_aws_launcher_turns_on_token_auth_on_every_node() -> None:
     )
 
 
-def test_readme_cluster_commands_bring_the_token() -> None:
-    readme = (REPO / "README.md").read_text()
-    cluster = readme.split("## Cluster", 1)[1].split("\n## ", 1)[0]
+def test_cluster_docs_commands_bring_the_token() -> None:
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    cluster = page.split("## Cluster", 1)[1].split("\n## ", 1)[0]
     assert "ray get-auth-token --generate" in cluster
+    assert "chmod 600 ~/.ray/auth_token" in cluster
     assert f"kubectl create secret generic {AUTH_SECRET}" in cluster
     assert "cluster/kuberay/networkpolicy.yaml" in cluster
     # Every `ray job submit` of the section runs where RAY_AUTH_MODE=token is exported.
     before_submit = cluster.split("ray job submit", 1)[0]
     assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", before_submit, re.M)
-    assert "KubeRay (1.6 or later)" in cluster and "authOptions" in cluster
-    generate = cluster.index("ray get-auth-token --generate")
-    assert "chmod 600 ~/.ray/auth_token" in cluster[generate : generate + 200], (
-        "tell users to make the token file private right after generating it"
-    )
+    assert "KubeRay" in cluster and "1.6" in cluster and "authOptions" in cluster
+
+
+# --- AWS: the IAM policies aws.yaml names, the bucket's lifecycle rule ---------------------
+
+IAM_ACTION = re.compile(r"^[a-z0-9-]+:[A-Za-z*]+$")
+
+
+def _policy(name: str) -> dict:
+    document = json.loads((CLUSTER / "iam" / name).read_text())
+    assert document["Version"] == "2012-10-17", f"cluster/iam/{name}: IAM's policy language"
+    statements = document["Statement"]
+    assert isinstance(statements, list) and statements, f"cluster/iam/{name}: no Statement"
+    for statement in statements:
+        assert statement["Effect"] in ("Allow", "Deny"), f"cluster/iam/{name}: {statement}"
+        actions = statement["Action"]
+        for action in [actions] if isinstance(actions, str) else actions:
+            assert IAM_ACTION.match(action), f"cluster/iam/{name}: {action!r} is no IAM action"
+    return document
+
+
+def test_the_iam_policies_aws_yaml_points_at_exist_and_parse() -> None:
+    aws = (CLUSTER / "aws.yaml").read_text()
+    assert "cluster/iam/*.json" in aws, "aws.yaml should say where its policies are"
+    config = yaml.safe_load(aws)
+    profiles = {
+        node["node_config"]["IamInstanceProfile"]["Name"]
+        for node in config["available_node_types"].values()
+    }
+    assert profiles == {"breakhis-ray-head", "breakhis-ray-worker"}
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["node_config"]["IamInstanceProfile"]["Name"] == "breakhis-ray-head"
+
+    trust = _policy("ec2-trust.json")["Statement"]
+    assert [s["Principal"] for s in trust] == [{"Service": "ec2.amazonaws.com"}]
+    assert [s["Action"] for s in trust] == ["sts:AssumeRole"]
+
+    # S3: the bucket the cluster's examples use, and nothing beyond it.
+    buckets = set(re.findall(r"s3://([a-z0-9.-]+)/", aws))
+    resources = {r for s in _policy("s3-data.json")["Statement"] for r in [s["Resource"]]}
+    assert {r.removeprefix("arn:aws:s3:::").split("/")[0] for r in resources} == buckets
+
+    # The head may start and stop instances and hand them the worker role, no other role.
+    autoscaler = _policy("head-autoscaler.json")["Statement"]
+    actions = {
+        a
+        for s in autoscaler
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= actions
+    passes = [s for s in autoscaler if s["Action"] == "iam:PassRole"]
+    assert [s["Resource"] for s in passes] == ["arn:aws:iam::*:role/breakhis-ray-worker"]
+
+    # The docs create exactly these roles with exactly these files.
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    for name in ("ec2-trust.json", "s3-data.json", "head-autoscaler.json"):
+        assert f"file://cluster/iam/{name}" in page, f"docs/cluster-and-security.md: {name}"
+    for profile in profiles:
+        assert profile in page
+
+
+def test_the_bucket_lifecycle_rule_aborts_unfinished_multipart_uploads() -> None:
+    rules = json.loads((CLUSTER / "s3-lifecycle.json").read_text())["Rules"]
+    aborts = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
+    assert aborts and all(r["Status"] == "Enabled" for r in aborts)
+    assert all(r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1 for r in aborts)
+    page = (REPO / "docs" / "cluster-and-security.md").read_text()
+    assert "file://cluster/s3-lifecycle.json" in page
 
 
 def _readme_shell_blocks() -> list[str]:
-    """The README's ```bash blocks, continuation lines joined."""
-    readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"^```bash\n(.*?)^```", readme, re.M | re.S)
+    """The ```bash blocks of README.md and docs/*.md, continuation lines joined."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [
+        block
+        for page in pages
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.M | re.S)
+    ]
     return [re.sub(r"\\\n\s*", " ", block) for block in blocks]
 
 
@@ -510,7 +580,7 @@ def test_readme_job_submissions_are_ones_ray_accepts_without_secrets(monkeypatch
         if not lines:
             continue
         assert re.search(r"^export [^\n]*\bRAY_AUTH_MODE=token\b", block, re.M), (
-            f"README: `ray job submit` without RAY_AUTH_MODE=token in the client's environment "
+            f"docs: `ray job submit` without RAY_AUTH_MODE=token in the client's environment "
             f"(the client then sends no token):\n{block}"
         )
         for line in lines:
@@ -525,14 +595,3 @@ def test_readme_job_submissions_are_ones_ray_accepts_without_secrets(monkeypatch
             assert not leaked, f"README: {leaked} in a runtime env: {line}"
             seen += 1
     assert seen >= 8
-
-
-def test_readme_documents_a_lifecycle_rule_for_incomplete_multipart_uploads() -> None:
-    rules = [
-        block for block in _readme_shell_blocks() if "put-bucket-lifecycle-configuration" in block
-    ]
-    assert rules, "README: no S3 lifecycle rule for incomplete multipart uploads"
-    config = json.loads(shlex.split(rules[0].split("--lifecycle-configuration", 1)[1])[0])
-    (rule,) = config["Rules"]
-    assert rule["Status"] == "Enabled" and rule["Filter"] == {}
-    assert rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1

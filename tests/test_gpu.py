@@ -141,7 +141,7 @@ def test_scoring_job_with_gpu_actors(ray_with_gpu, tiles, tmp_path) -> None:
         ScoreConfig(
             model=uri,
             input=tiles,
-            output=str(tmp_path / "scores"),
+            out=str(tmp_path / "scores"),
             predict=PredictOptions(device="cuda", attribution="gradcam", batch_size=64),
         )
     )

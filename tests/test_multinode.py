@@ -346,7 +346,7 @@ def test_a_job_with_bad_arguments_fails_fast_with_a_clear_message(cluster, args,
 def _score_command(model: str, src: str, out: str) -> str:
     # Units of 5 of the 45 tiles, so that the job is part-way when the fault comes.
     return (
-        f"python jobs/score.py --model {model} --input {src} --output {out} "
+        f"python jobs/score.py --model {model} --input {src} --out {out} "
         "--attribution gradcam --unit-size 5 --batch-size 5 --num-actors 2"
     )
 

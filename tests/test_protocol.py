@@ -143,7 +143,7 @@ def test_available_splits() -> None:
     ("overrides", "message"),
     [
         ({"scheme": "kfold"}, "--scheme 'kfold'; accepted: fold, rep"),
-        ({"magnifications": (50,)}, "magnification 50: accepted 40, 100, 200, 400"),
+        ({"magnifications": (50,)}, "--magnifications 50: 50 not accepted; accepted: all, 40"),
         ({"magnifications": ()}, "at least one"),
         ({"magnifications": (40, 40)}, "repeat"),
         ({"splits": (0, 0)}, "distinct indices"),

@@ -87,11 +87,11 @@ def _maps(table: pa.Table) -> np.ndarray:
 
 
 def test_config_refuses_bad_options() -> None:
-    base = {"model": "m", "input": "s3://archive/tiles", "output": "s3://bucket/scores"}
+    base = {"model": "m", "input": "s3://archive/tiles", "out": "s3://bucket/scores"}
     with pytest.raises(ValueError, match="accepted: gradcam, integrated_gradients, ig"):
         ScoreConfig(**base, predict=PredictOptions(attribution="shap"))
     with pytest.raises(ValueError, match="overlap"):
-        ScoreConfig(**{**base, "output": "s3://archive/tiles/scores"})
+        ScoreConfig(**{**base, "out": "s3://archive/tiles/scores"})
     with pytest.raises(ValueError, match="--overlays needs"):
         ScoreConfig(**base, predict=PredictOptions(attribution="none"), overlays=True)
     with pytest.raises(ValueError, match="--unit-size must be an integer >= 1"):
@@ -169,7 +169,7 @@ def test_predictor_applies_the_model_temperature(local_job, tmp_path) -> None:
     margin = np.log(plain["prob"] / (1 - plain["prob"]))
     assert np.allclose(scaled["prob"], 1 / (1 + np.exp(-margin / 4.0)), atol=1e-5)
     # Scoring takes the model's threshold unless one is given.
-    config = ScoreConfig(model=hot, input=local_job["tiles"], output=str(tmp_path / "out"))
+    config = ScoreConfig(model=hot, input=local_job["tiles"], out=str(tmp_path / "out"))
     assert config.job_record(read_card(hot))["threshold"] == 0.3
     seven = replace(config, predict=PredictOptions(threshold=0.7))
     assert seven.job_record(read_card(hot))["threshold"] == 0.7
@@ -246,7 +246,7 @@ def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
 
 
 def test_rerun_with_other_options_is_refused_before_any_work(local_job, tmp_path) -> None:
-    config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], output=str(tmp_path))
+    config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], out=str(tmp_path))
     lime = replace(config, predict=PredictOptions(attribution="lime"))
     other = lime.job_record(read_card(local_job["model"]))
     (tmp_path / "_job.json").write_text(json.dumps(other))
@@ -274,7 +274,7 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     config = ScoreConfig(
         model=model,
         input=tiles,
-        output=output,
+        out=output,
         unit_size=8,
         predict=PredictOptions(map_size=MAP, batch_size=8, num_actors=1),
         overlays=True,
@@ -388,7 +388,7 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     options = dict(
         model=local_job["model"],
         input=dest,
-        output=str(output),
+        out=str(output),
         unit_size=2,
         predict=dict(
             batch_size=2, num_actors=1, map_size=8, attribution="lime", lime_samples=16, lime_grid=4

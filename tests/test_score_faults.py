@@ -194,7 +194,7 @@ def _options(model: str, tiles: str, output: str, **predict) -> dict:
     return {
         "model": model,
         "input": tiles,
-        "output": output,
+        "out": output,
         "unit_size": 8,
         "predict": {"attribution": "none", "batch_size": 8, "num_actors": 1, **predict},
     }
@@ -297,7 +297,7 @@ def test_a_model_replaced_mid_job_does_not_reach_the_actors(
         score.ScoreConfig(
             model=model,
             input=tiles,
-            output=output,
+            out=output,
             unit_size=8,
             predict=PredictOptions(attribution="none", batch_size=8, num_actors=1),
         )

@@ -221,7 +221,7 @@ def test_second_score_command_with_another_model_is_refused(tmp_path) -> None:
     def command(model: str) -> list[str]:
         return [
             sys.executable, "-m", "breakhis.cli", "score", "--model", model,
-            "--input", str(tmp_path / "tiles"), "--output", str(out), "--attribution", "none",
+            "--input", str(tmp_path / "tiles"), "--out", str(out), "--attribution", "none",
             "--unit-size", "4", "--batch-size", "4", "--num-actors", "1",
         ]  # fmt: skip
 

@@ -24,7 +24,7 @@ def scored(tmp_path_factory, ray_local) -> dict:
     config = ScoreConfig(
         model=str(root / "model"),
         input=str(root / "tiles"),
-        output=str(root / "scores"),
+        out=str(root / "scores"),
         unit_size=8,
         predict=PredictOptions(map_size=MAP, batch_size=8, num_actors=1),
     )

@@ -254,3 +254,15 @@ def test_split_file_lists_and_the_column_they_make():
         user_split_column(["a"], set(), known={"a", "c"}, source="f.txt")
     with pytest.raises(ValueError, match="lists every patient as test"):
         user_split_column(["a"], {"a", "c"}, known={"a", "c"}, source="f.txt")
+
+
+def test_split_files_cannot_take_a_column_prepare_writes():
+    from breakhis.prepare import SHARD_SCHEMA
+    from breakhis.prepare_config import BUILT_IN_COLUMNS, parse_split_files
+
+    # prepare_config names the columns without pyarrow (for a fast --help): the same ones.
+    assert set(BUILT_IN_COLUMNS) == {*SHARD_SCHEMA.names, "fold"}
+    for name in (*BUILT_IN_COLUMNS, "rep3"):
+        with pytest.raises(ValueError, match="a column prepare writes itself"):
+            parse_split_files((f"{name}=patients.txt",))
+    assert parse_split_files(("heldout=patients.txt",)) == {"heldout": "patients.txt"}

@@ -54,11 +54,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 from breakhis import storage
+from breakhis.architectures import ARCHITECTURES, check_arch
 from breakhis.benchmarks.accuracy_data import (
     PreparedData,
     check_repetitions,
@@ -72,9 +73,8 @@ from breakhis.benchmarks.accuracy_result import (
     SideResult,
 )
 from breakhis.benchmarks.harness import device_name, save_result, start_local_ray
-from breakhis.benchmarks.reference_loop import RECIPES, ReferenceOptions, check_recipe
+from breakhis.benchmarks.reference_recipes import RECIPES, ReferenceOptions, check_recipe
 from breakhis.benchmarks.run_store import RunKey, RunStore
-from breakhis.model import check_arch
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,12 @@ class AccuracyBenchmarkConfig:
     """The paper's repetitions to run (rep:K of the manifest), comma-separated."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds, comma-separated: every (split, seed) pair runs both sides with that seed."""
-    variants: tuple[str, ...] = ("job",)
-    """Variants of the job to compare with the reference, comma-separated (see VARIANTS:
-    job, best, refit, refit-best)."""
-    reference: str = "strong"
+    variants: tuple[str, ...] = field(default=("job",), metadata={"choices": tuple(VARIANTS)})
+    """Variants of the job to compare with the reference, comma-separated (see VARIANTS)."""
+    reference: str = field(default="strong", metadata={"choices": tuple(RECIPES)})
     """The reference loop: strong (aspect kept, crops, quarter turns, class weights,
     OneCycleLR) or notebook (squashed, flips, constant lr)."""
-    arch: str = "resnet18"
+    arch: str = field(default="resnet18", metadata={"choices": ARCHITECTURES})
     """Model architecture of both sides (random initial weights)."""
     image_size: int = 128
     """Side of the square model input in pixels."""

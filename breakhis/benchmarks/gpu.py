@@ -50,7 +50,7 @@ class GpuBenchmarkConfig:
 
     workdir: str = "bench-gpu"
     """Local folder for generated data, models and results (reused)."""
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = field(default=PARTS, metadata={"choices": PARTS})
     """Parts to run (module docstring), in this order."""
     arch: str = "resnet50"
     """Model of every part."""

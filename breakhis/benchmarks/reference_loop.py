@@ -2,7 +2,8 @@
 that imports nothing of the job's training code (torchvision builds the model; only the
 architectures torchvision lacks, such as ``smallcnn``, come from ``breakhis.model``).
 
-Two recipes (RECIPES), selected by ``breakhis benchmark accuracy --reference NAME``:
+Two recipes (breakhis.benchmarks.reference_recipes.RECIPES), selected by
+``breakhis benchmark accuracy --reference NAME``:
 
 - ``strong`` (the default): each PNG decoded once (Pillow) and resized keeping its aspect
   ratio to height S (a 700x460 tile becomes round(S * 700 / 460) x S; a portrait tile gets
@@ -28,7 +29,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,64 +37,12 @@ import torch
 from torch import nn
 
 from breakhis.benchmarks.accuracy_result import SideResult
+from breakhis.benchmarks.reference_recipes import Recipe, ReferenceOptions, check_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 THRESHOLD = 0.5
 """Softmax probability of malignancy at which the reference calls a tile malignant."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a reference loop trains (module docstring)."""
-
-    keep_aspect: bool
-    """Resize to height S keeping the aspect ratio, then crop S x S (random for training,
-    the centre for the test); otherwise squash the tile to S x S."""
-    quarter_turns: bool
-    """Turn each training crop by a random multiple of 90 degrees."""
-    class_weighted: bool
-    """Weight the cross-entropy by inverse class frequency, n / (2 n_c)."""
-    weight_decay: float
-    """AdamW's weight decay."""
-    one_cycle: bool
-    """OneCycleLR over all steps (peak: the lr); otherwise a constant lr."""
-
-
-RECIPES: dict[str, Recipe] = {
-    "strong": Recipe(
-        keep_aspect=True, quarter_turns=True, class_weighted=True, weight_decay=1e-4, one_cycle=True
-    ),
-    "notebook": Recipe(
-        keep_aspect=False,
-        quarter_turns=False,
-        class_weighted=False,
-        weight_decay=0.01,  # torch's default
-        one_cycle=False,
-    ),
-}
-"""Reference recipes by name; ``strong`` is the benchmark's default."""
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    """What the reference shares with the job it is compared with."""
-
-    arch: str
-    image_size: int
-    epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-
-
-def check_recipe(name: str) -> Recipe:
-    """The recipe called ``name``. Raises ValueError naming the accepted ones."""
-    if name not in RECIPES:
-        raise ValueError(
-            f"--reference {name}: unknown reference loop; accepted: {', '.join(RECIPES)}"
-        )
-    return RECIPES[name]
 
 
 # --- geometry ------------------------------------------------------------------------------

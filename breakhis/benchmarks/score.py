@@ -295,7 +295,7 @@ def _timed_job(config, output: str) -> tuple[int, float]:
 
     shutil.rmtree(output, ignore_errors=True)  # a fresh output: every unit is scored
     started = time.perf_counter()
-    summary = run_scoring(replace(config, output=output))
+    summary = run_scoring(replace(config, out=output))
     return summary.tiles, time.perf_counter() - started
 
 
@@ -365,7 +365,7 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
     job = ScoreConfig(
         model=model_uri,
         input=_manifest(config, "throughput", uris),
-        output="",  # set per run
+        out="",  # set per run
         unit_size=config.unit_size,
         predict=PredictOptions(
             attribution="none",
@@ -415,7 +415,7 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
         listing = _manifest(config, f"memory-{scale}x", _linked_copies(config, base, scale))
         output = f"{out}/memory-{scale}x"
         shutil.rmtree(output, ignore_errors=True)
-        options = asdict(replace(job, input=listing, output=output))
+        options = asdict(replace(job, input=listing, out=output))
         memory[scale] = peak_memory_of_job(options, cpus)
         log.info("peak memory at %dx: %.0f MB", scale, memory[scale])
 

@@ -199,7 +199,7 @@ def run_scale_benchmark(config, model_uri: str, cpus: int) -> ScaleResult:
         job = ScoreConfig(
             model=model_uri,
             input=folder,
-            output=output,
+            out=output,
             unit_size=config.unit_size,
             predict=PredictOptions(
                 attribution="none",
