@@ -17,7 +17,7 @@ from breakhis.score_output import PatientTotals, unit_files
 from breakhis.score_units import Plan, parquet_bytes
 
 if TYPE_CHECKING:
-    from breakhis.score import ScoreConfig
+    from breakhis.score_config import ScoreConfig
 
 COLUMNS = ("patient_id", "label", "prob_malignant", "predicted_label", "error", "model_id")
 

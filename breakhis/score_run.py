@@ -26,7 +26,7 @@ from breakhis.score_units import Plan, UnitFormat, units_dataset
 
 if TYPE_CHECKING:
     from breakhis.artifact import Artifact
-    from breakhis.score import ScoreConfig
+    from breakhis.score_config import ScoreConfig
 
 log = logging.getLogger(__name__)
 

@@ -182,7 +182,7 @@ CASES: dict[str, Case] = {
     ),
     "score-output-is-a-file": Case(
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
-                   "--output", str(p / "a-file")],
+                   "--out", str(p / "a-file")],
         "a-file is a file; give a folder", ("a-file",),
     ),
     "score-output-below-a-file": Case(
@@ -192,7 +192,7 @@ CASES: dict[str, Case] = {
     ),
     "score-output-inside-input-through-a-symlink": Case(
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
-                   "--output", str(p / "tiles-link" / "scores")],
+                   "--out", str(p / "tiles-link" / "scores")],
         "overlap", ("tiles",),
     ),
     "train-manifest-without-patient-id": Case(

@@ -193,10 +193,10 @@ def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> Non
     from breakhis.score_units import PENDING_SCHEMA, Plan
 
     plan = Plan(["unit-00000-aaa.parquet"], [4], PENDING_SCHEMA.empty_table(), [])
-    (tmp_path / "unit-00000-aaa.parquet").write_bytes(b"PAR1")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-aaa.parquet")
     check_units(str(tmp_path), plan)
     # Another job's unit (it planned from another listing of the input) landed meanwhile.
-    (tmp_path / "unit-00000-bbb.parquet").write_bytes(b"PAR1")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-bbb.parquet")
     with pytest.raises(RuntimeError, match=r"1 unit file\(s\) outside this job's plan"):
         check_units(str(tmp_path), plan)
     (tmp_path / "unit-00000-bbb.parquet").unlink()
