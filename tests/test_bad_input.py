@@ -187,7 +187,7 @@ CASES: dict[str, Case] = {
     ),
     "score-output-below-a-file": Case(
         lambda p: ["score", "--model", str(p / "model"), "--input", str(p / "tiles"),
-                   "--output", str(p / "a-file" / "scores")],
+                   "--out", str(p / "a-file" / "scores")],
         "a-file is a file; give a folder", ("a-file",),
     ),
     "score-output-inside-input-through-a-symlink": Case(
