@@ -427,5 +427,8 @@ def units_dataset(
         batch_size=None,
         batch_format="numpy",
         max_restarts=RETRIES,  # Ray Data's default: forever
-        max_task_retries=RETRIES,
+        # Unbounded task retries: a call waits for its actor to come back (a lost node), and
+        # the bounded restarts end a job whose tile keeps killing it (the actor then dies
+        # for good and every call fails at once).
+        max_task_retries=-1,
     )
