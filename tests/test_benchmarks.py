@@ -98,14 +98,18 @@ def test_accuracy_benchmark(tmp_path: Path) -> None:
         "--arch", "smallcnn", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
         "--splits", "2",
     )  # fmt: skip
-    figures = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0", "--variants", "job,refit")
+    figures = _benchmark(
+        "accuracy", tmp_path, *tiny, "--seeds", "0", "--variants", "val-carve,refit"
+    )
     assert figures["data"]["kind"] == "generated" and figures["device"]
     assert figures["config"]["reference"] == "strong" and figures["data"]["manifest"]
     assert [(p["split"], p["seed"]) for p in figures["pairs"]] == [("rep:2", 0)]
     assert (figures["runs"]["computed"], figures["runs"]["resumed"]) == (3, 0)
     sides = figures["pairs"][0]["sides"]
-    assert sorted(sides) == ["job", "reference", "refit"]
-    reference, job, refit = sides["reference"], sides["job"], sides["refit"]
+    # val-carve: the job holding a fifth of its training patients out for validation (the
+    # default trains on all of them since 2026-12-07); refit trains again on all of them.
+    assert sorted(sides) == ["reference", "refit", "val-carve"]
+    reference, job, refit = sides["reference"], sides["val-carve"], sides["refit"]
     for side in (job, refit):  # the same test patients and tiles on every side
         assert side["test_images"] == reference["test_images"] > 0
         assert side["test_patients"] == reference["test_patients"] > 0
@@ -120,7 +124,7 @@ def test_accuracy_benchmark(tmp_path: Path) -> None:
     for side in sides.values():
         assert 0.0 <= side["image_rate"] <= 1.0 and 0.0 <= side["patient_rate"] <= 1.0
         assert _positive(side["seconds"])
-    for variant in ("job", "refit"):
+    for variant in ("val-carve", "refit"):
         differences = figures["differences"][variant]
         for metric in ("image_rate", "patient_rate", "balanced_accuracy", "roc_auc"):
             expected = sides[variant][metric] - reference[metric]
@@ -130,12 +134,12 @@ def test_accuracy_benchmark(tmp_path: Path) -> None:
         assert figures["target"][variant] in ("met", "missed")
 
     # A rerun with one more seed loads the runs of seed 0 and runs only those of seed 1.
-    again = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0,1", "--variants", "job")
+    again = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0,1", "--variants", "val-carve")
     assert (again["runs"]["computed"], again["runs"]["resumed"]) == (2, 2)
     assert len(list((tmp_path / "results").glob("*.json"))) == 5
-    assert again["pairs"][0]["sides"]["job"] == job
+    assert again["pairs"][0]["sides"]["val-carve"] == job
     assert again["pairs"][0]["sides"]["reference"] == reference
-    pair = again["differences"]["job"]["image_rate"]
+    pair = again["differences"]["val-carve"]["image_rate"]
     assert pair["n"] == 2 and pair["low"] <= pair["mean"] <= pair["high"]
 
 
