@@ -67,7 +67,7 @@ def _synth(p: argparse.ArgumentParser) -> Command:
 
     def run(args: argparse.Namespace) -> int:
         from breakhis import storage
-        from breakhis.synth import synthesize
+        from breakhis.synth.dataset import synthesize
 
         storage.check_reachable(args.out)
         summary = synthesize(
@@ -214,15 +214,15 @@ def _source_exists(config) -> None:
 def _split_exists(config) -> None:
     """The training split of a sweep's TrainConfig is in its data's manifest and leaks no
     patient (each trial plans its own run; ``train`` checks in run_training)."""
-    from breakhis.prepare import read_manifest
-    from breakhis.splits import SplitSpec, select_split
+    from breakhis.data.prepare import read_manifest
+    from breakhis.data.splits import SplitSpec, select_split
 
     spec = SplitSpec.parse(config.split, val_fraction=config.val_fraction, seed=config.seed)
     select_split(read_manifest(config.data), spec)  # LeakageError for a leaking manifest
 
 
 def _sweep_inputs_exist(config) -> None:
-    from breakhis.tune import resolve_space
+    from breakhis.tune.job import resolve_space
 
     resolve_space(config)  # a missing or bad search-space file
     _split_exists(config.train)
@@ -230,12 +230,12 @@ def _sweep_inputs_exist(config) -> None:
 
 @command("prepare", "catalog SRC, check every image decodes, write shards + manifest to DEST")
 def _prepare(p: argparse.ArgumentParser) -> Command:
-    from breakhis.prepare_config import PrepareConfig
+    from breakhis.data.prepare_config import PrepareConfig
 
     return _job_command(
         p,
         PrepareConfig,
-        _deferred("breakhis.prepare:prepare"),
+        _deferred("breakhis.data.prepare:prepare"),
         positional=("src", "dest"),
         check=_source_exists,
         starts_ray=True,
@@ -244,18 +244,18 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
 
 @command("train", "fine-tune a classifier with Ray Train (DDP) on one split of a prepared DEST")
 def _train(p: argparse.ArgumentParser) -> Command:
-    from breakhis.train_config import TrainConfig
+    from breakhis.train.config import TrainConfig
 
     # run_training reads the manifest and checks the split before it starts Ray.
-    runner = _deferred("breakhis.train:run_training")
+    runner = _deferred("breakhis.train.job:run_training")
     return _job_command(p, TrainConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")
 def _tune(p: argparse.ArgumentParser) -> Command:
-    from breakhis.sweep_config import SweepConfig
+    from breakhis.tune.config import SweepConfig
 
-    runner = _deferred("breakhis.tune:run_sweep")
+    runner = _deferred("breakhis.tune.job:run_sweep")
     refuse = {
         "num_workers": "each trial's Train workers are --workers-per-trial (default: one per "
         "whole GPU of --gpus-per-trial, at least one)",
@@ -268,24 +268,26 @@ def _tune(p: argparse.ArgumentParser) -> Command:
 
 @command("score", "batch-score tiles: predictions and attribution maps as Parquet, exactly once")
 def _score(p: argparse.ArgumentParser) -> Command:
-    from breakhis.score_config import ScoreConfig
+    from breakhis.score.config import ScoreConfig
 
-    return _job_command(p, ScoreConfig, _deferred("breakhis.score:run_scoring"), starts_ray=True)
+    return _job_command(
+        p, ScoreConfig, _deferred("breakhis.score.job:run_scoring"), starts_ray=True
+    )
 
 
 @command("evaluate", "evaluate a model on its held-out patients and write the report")
 def _evaluate(p: argparse.ArgumentParser) -> Command:
-    from breakhis.evaluate_config import EvaluateConfig
+    from breakhis.evaluate.config import EvaluateConfig
 
-    runner = _deferred("breakhis.evaluate:run_evaluation")
+    runner = _deferred("breakhis.evaluate.job:run_evaluation")
     return _job_command(p, EvaluateConfig, runner, split_dest="split", starts_ray=True)
 
 
 @command("protocol", "the paper's protocol: train and evaluate one model per split, mean +- std")
 def _protocol(p: argparse.ArgumentParser) -> Command:
-    from breakhis.protocol_config import ProtocolConfig
+    from breakhis.protocol.config import ProtocolConfig
 
-    runner = _deferred("breakhis.protocol:run_protocol")
+    runner = _deferred("breakhis.protocol.job:run_protocol")
     refuse = {
         "split": "the protocol sets each run's split; use --scheme rep|fold with --splits "
         "K,... or --scheme column with --columns NAME,...",
@@ -357,9 +359,11 @@ def _benchmark(p: argparse.ArgumentParser, chosen: str | None = None) -> Command
     "export", "export a model artifact as TorchScript or ONNX, with its preprocessing contract"
 )
 def _export(p: argparse.ArgumentParser) -> Command:
-    from breakhis.export_config import ExportConfig
+    from breakhis.model.export_config import ExportConfig
 
-    return _job_command(p, ExportConfig, _deferred("breakhis.export:export_model"), needs_ray=False)
+    return _job_command(
+        p, ExportConfig, _deferred("breakhis.model.export:export_model"), needs_ray=False
+    )
 
 
 def build_parser(
@@ -428,10 +432,10 @@ def _is_bad_input(err: Exception) -> bool:
     """True for what the user can fix: a bad value or file, a manifest that puts a patient
     on two sides of a split (LeakageError), an S3 endpoint that does not answer (the
     user's AWS_ENDPOINT_URL or network). Whoever raised the last two has imported
-    breakhis.splits or breakhis.storage."""
+    breakhis.data.splits or breakhis.storage."""
     if isinstance(err, ValueError | FileNotFoundError | PermissionError):
         return True
-    splits, storage = sys.modules.get("breakhis.splits"), sys.modules.get("breakhis.storage")
+    splits, storage = sys.modules.get("breakhis.data.splits"), sys.modules.get("breakhis.storage")
     if splits is not None and isinstance(err, splits.LeakageError):
         return True
     return storage is not None and isinstance(err, storage.S3UnreachableError)

@@ -272,7 +272,7 @@ def _start_ray(steps: Steps) -> None:
 
 def _step_data(config: DemoConfig, steps: Steps, shown: str | None) -> str:
     """Step 1: the user's data, or generated data with a few bad files. Returns its root."""
-    from breakhis.synth import corrupt_files, synthesize
+    from breakhis.synth.dataset import corrupt_files, synthesize
 
     if config.data:
         src = config.data
@@ -295,7 +295,7 @@ def _step_data(config: DemoConfig, steps: Steps, shown: str | None) -> str:
 
 def _step_prepare(config: DemoConfig, steps: Steps, src: str) -> str:
     """Step 2: prepare; keeps the manifest and rejects. Returns DEST."""
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.data.prepare import PrepareConfig, prepare
 
     dest = f"s3://{BUCKET}/prepared"
     prepared = steps.run(
@@ -312,8 +312,8 @@ def _step_prepare(config: DemoConfig, steps: Steps, src: str) -> str:
 def _step_train(config: DemoConfig, steps: Steps, dest: str) -> tuple[Any, Any]:
     """Step 3: train on fold 0; keeps the model and curves. Returns (TrainConfig,
     TrainResult)."""
-    from breakhis.train import run_training
-    from breakhis.train_config import TrainConfig
+    from breakhis.train.config import TrainConfig
+    from breakhis.train.job import run_training
 
     workdir = config.workdir
     train = TrainConfig(
@@ -349,9 +349,9 @@ def _step_train(config: DemoConfig, steps: Steps, dest: str) -> tuple[Any, Any]:
 
 def _step_sweep(config: DemoConfig, steps: Steps, train: Any) -> None:
     """Step 4: sweep the learning rate; keeps the leaderboard."""
-    from breakhis.search_space import parse_search_space
-    from breakhis.sweep_config import SweepConfig
-    from breakhis.tune import run_sweep
+    from breakhis.tune.config import SweepConfig
+    from breakhis.tune.job import run_sweep
+    from breakhis.tune.search_space import parse_search_space
 
     sweeps = f"s3://{BUCKET}/sweeps"
     # Highest rate first: the trials run one at a time here, and ASHA stops a
@@ -384,7 +384,7 @@ def _step_sweep(config: DemoConfig, steps: Steps, train: Any) -> None:
 
 def _step_score(config: DemoConfig, steps: Steps, model: str, src: str) -> None:
     """Step 5: score every raw tile with Grad-CAM; keeps the scores."""
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score.job import ScoreConfig, run_scoring
 
     scores = f"s3://{BUCKET}/scores"
     scored = steps.run(
@@ -398,8 +398,8 @@ def _step_score(config: DemoConfig, steps: Steps, model: str, src: str) -> None:
 
 def _step_evaluate(config: DemoConfig, steps: Steps, model: str, dest: str) -> None:
     """Step 6: evaluate on the held-out patients of fold 0, writing the report."""
-    from breakhis.evaluate import run_evaluation
-    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.job import run_evaluation
 
     report = os.path.join(config.workdir, "report")
     evaluation = steps.run(

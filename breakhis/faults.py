@@ -12,7 +12,7 @@ they exercise. Reading them costs one dictionary lookup per call.
   OSError the S3 SDK raises for ``kind``: ``slowdown`` (HTTP 503), ``unreachable`` (no
   answer) or ``denied`` (HTTP 403).
 - ``BREAKHIS_TEST_KILL_ON``: ``decode:<tile id>`` or ``score:<tile id>``: the process that
-  is about to decode (breakhis.tile_decode.decode_tiles) or score (TilePredictor) that tile
+  is about to decode (breakhis.data.tile_decode.decode_tiles) or score (TilePredictor) that tile
   exits at once (``os._exit``), as a segfaulting decoder or an OOM kill would.
 """
 

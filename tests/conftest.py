@@ -30,7 +30,7 @@ def small_train_config(data: str, storage: str, **overrides):
     held out for validation, and PreciseBN over 16 batches: these runs are a handful of steps,
     the short runs it is for, where BatchNorm's running averages are still mostly their
     initial values); ``overrides`` change any field."""
-    from breakhis.train_config import TrainConfig
+    from breakhis.train.config import TrainConfig
 
     values = dict(
         data=data,
@@ -119,8 +119,8 @@ def make_prepared(ray_local, tmp_path_factory: pytest.TempPathFactory):
 
     make_prepared(scale=, width=, height=, folds=5, repetitions=5, s3=False) -> DEST
     """
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
+    from breakhis.data.prepare import PrepareConfig, prepare
+    from breakhis.synth.dataset import synthesize
 
     made: dict[tuple, str] = {}
 

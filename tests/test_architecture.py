@@ -5,7 +5,7 @@ any ``import``/``from ... import`` in module A that names module B, at module le
 function or class body alike: an import deferred into a function still ties A to B (A cannot be
 understood or moved without B), it only hides the circle until that function runs.
 ``from breakhis import storage`` is an edge to ``breakhis.storage`` (a submodule),
-``from breakhis.train import X`` an edge to ``breakhis.train``.
+``from breakhis.train.job import X`` an edge to ``breakhis.train.job``.
 
 Imports under ``if TYPE_CHECKING:`` are never executed, so the runtime graph leaves them out;
 a second test counts them too, because a type named in a signature is a dependency a reader
@@ -128,3 +128,60 @@ def test_the_package_has_no_import_circle(type_checking):
     assert len(graph) > 40 and graph["breakhis.cli"], "the graph should see the whole package"
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+# The stages as floors (docs/architecture.md): an import between two folders of the package
+# points down a floor; the shared leaves (top-level modules below) may be imported by any floor.
+FLOORS = {
+    "data": 0,
+    "synth": 0,
+    "stats": 0,
+    "dev": 0,
+    "model": 1,
+    "score": 2,
+    "train": 2,
+    "evaluate": 3,
+    "tune": 3,
+    "protocol": 4,
+    "cli": 6,
+    "demo": 5,
+    "benchmarks": 5,
+}
+LEAVES = {"names", "storage", "faults", "options", "raysession", "ray_internals"}
+
+
+def _stage(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def floor_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import between two folders that does not point down a floor, as 'a -> b'."""
+    bad = []
+    for source, targets in sorted(graph.items()):
+        here = _stage(source)
+        for target in sorted(targets):
+            there = _stage(target)
+            if there in ("", here) or there in LEAVES:
+                continue
+            if here in LEAVES or FLOORS[there] >= FLOORS[here]:
+                bad.append(f"{source} -> {target}")
+    return bad
+
+
+def test_every_stage_has_a_floor_and_the_leaves_are_modules():
+    stages = {_stage(m) for m in import_graph()} - {""}
+    assert stages == set(FLOORS) | LEAVES, "a new folder or top-level module needs a floor"
+    for leaf in LEAVES:
+        assert (PACKAGE / f"{leaf}.py").is_file()
+
+
+def test_floor_check_names_an_import_that_points_up():
+    graph = {"breakhis.model.networks": {"breakhis.train.config"}, "breakhis.train.job": set()}
+    assert floor_violations(graph) == ["breakhis.model.networks -> breakhis.train.config"]
+    graph = {"breakhis.storage": {"breakhis.data.catalog"}, "breakhis.data.catalog": set()}
+    assert floor_violations(graph) == ["breakhis.storage -> breakhis.data.catalog"]
+
+
+@pytest.mark.parametrize("type_checking", [False, True], ids=["runtime", "with-annotations"])
+def test_imports_between_stages_point_down_a_floor(type_checking):
+    assert floor_violations(import_graph(type_checking=type_checking)) == []

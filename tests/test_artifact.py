@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from breakhis import storage
-from breakhis.artifact import ModelCard, load_artifact, read_card, save_artifact
-from breakhis.model import build_model
+from breakhis.model.artifact import ModelCard, load_artifact, read_card, save_artifact
+from breakhis.model.networks import build_model
 
 
 def _card(**overrides) -> ModelCard:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from breakhis.attribution import (
+from breakhis.model.networks import build_model, last_conv_layer
+from breakhis.score.attribution import (
     METHODS,
     attribute,
     canonical_method,
@@ -18,7 +19,6 @@ from breakhis.attribution import (
     image_seed,
     overlay_png,
 )
-from breakhis.model import build_model, last_conv_layer
 
 SIDE = 32
 FAST = {"ig_steps": 8, "lime_samples": 24, "lime_grid": 4, "occlusion_window": 8, "map_size": 16}

@@ -29,10 +29,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from breakhis.artifact import ModelCard, save_artifact
-from breakhis.model import build_model
-from breakhis.prepare import manifest_hash
-from breakhis.splits import add_split_columns
+from breakhis.data.prepare import manifest_hash
+from breakhis.data.splits import add_split_columns
+from breakhis.model.artifact import ModelCard, save_artifact
+from breakhis.model.networks import build_model
 
 # Python with torch imported takes seconds on a busy 2-core machine; a local Ray start
 # takes 15-50 s there, and these commands must not get that far.

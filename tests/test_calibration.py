@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from breakhis.calibration import (
+from breakhis.stats.calibration import (
     TEMPERATURE_RANGE,
     brier_score,
     choose_threshold,

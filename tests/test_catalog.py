@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from breakhis.catalog import CATALOG_SCHEMA, CatalogError, scan_catalog
+from breakhis.data.catalog import CATALOG_SCHEMA, CatalogError, scan_catalog
 
 
 def test_real_sample_flat_folder(realdata_dir: Path):

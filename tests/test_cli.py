@@ -20,13 +20,13 @@ from breakhis.options import field_docs
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
-    "train": "breakhis.train_config:TrainConfig",
-    "score": "breakhis.score_config:ScoreConfig",
-    "evaluate": "breakhis.evaluate_config:EvaluateConfig",
-    "protocol": "breakhis.protocol_config:ProtocolConfig",
-    "tune": "breakhis.sweep_config:SweepConfig",
+    "train": "breakhis.train.config:TrainConfig",
+    "score": "breakhis.score.config:ScoreConfig",
+    "evaluate": "breakhis.evaluate.config:EvaluateConfig",
+    "protocol": "breakhis.protocol.config:ProtocolConfig",
+    "tune": "breakhis.tune.config:SweepConfig",
     "demo": "breakhis.demo:DemoConfig",
-    "export": "breakhis.export_config:ExportConfig",
+    "export": "breakhis.model.export_config:ExportConfig",
 }
 
 
@@ -217,7 +217,7 @@ def test_verbose_is_debug_for_breakhis_only(tmp_path):
         "import boto3\n"
         "from breakhis import cli\n"
         f"code = cli.main(['-v', 'prepare', {str(tmp_path / 'nope')!r}, {str(tmp_path / 'out')!r}])\n"
-        "logging.getLogger('breakhis.prepare').debug('breakhis-debug-line')\n"
+        "logging.getLogger('breakhis.data.prepare').debug('breakhis-debug-line')\n"
         "boto3.client('s3', endpoint_url='http://127.0.0.1:9', region_name='us-east-1',\n"
         "             aws_access_key_id='k', aws_secret_access_key='s')\n"
         "print(code, *(logging.getLogger(n).getEffectiveLevel() for n in\n"
@@ -236,10 +236,10 @@ def test_verbose_is_debug_for_breakhis_only(tmp_path):
 
 
 def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsys):
-    import breakhis.evaluate
-    import breakhis.prepare
-    import breakhis.protocol
-    import breakhis.train
+    import breakhis.data.prepare
+    import breakhis.evaluate.job
+    import breakhis.protocol.job
+    import breakhis.train.job
 
     built = {}
 
@@ -254,10 +254,10 @@ def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsy
 
         return run
 
-    monkeypatch.setattr(breakhis.train, "run_training", capture("train"))
-    monkeypatch.setattr(breakhis.evaluate, "run_evaluation", capture("evaluate"))
-    monkeypatch.setattr(breakhis.protocol, "run_protocol", capture("protocol"))
-    monkeypatch.setattr(breakhis.prepare, "prepare", capture("prepare"))
+    monkeypatch.setattr(breakhis.train.job, "run_training", capture("train"))
+    monkeypatch.setattr(breakhis.evaluate.job, "run_evaluation", capture("evaluate"))
+    monkeypatch.setattr(breakhis.protocol.job, "run_protocol", capture("protocol"))
+    monkeypatch.setattr(breakhis.data.prepare, "prepare", capture("prepare"))
     run = ["--data", str(tmp_path / "prepared"), "--storage", str(tmp_path), "--name", "n"]
 
     assert cli.main(["train", *run, "--split", "column:site_a"]) == 0

@@ -15,25 +15,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
-from breakhis.bootstrap import (
-    BOOTSTRAP_METRICS,
-    draw_patients,
-    patient_bootstrap,
-    patient_table,
-    weighted_metrics,
-)
-from breakhis.evaluate import (
+from breakhis.data.splits import LeakageError, SplitSpec, add_split_columns, select_split
+from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+from breakhis.evaluate.data import data_distribution, model_patients
+from breakhis.evaluate.job import (
     choose_examples,
     classification_report,
     per_magnification_metrics,
     run_evaluation,
     score_predictions,
 )
-from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
-from breakhis.evaluate_data import data_distribution, model_patients
-from breakhis.metrics import classification_metrics
-from breakhis.predict import PredictOptions
-from breakhis.splits import LeakageError, SplitSpec, add_split_columns, select_split
+from breakhis.score.predict import PredictOptions
+from breakhis.stats.bootstrap import (
+    BOOTSTRAP_METRICS,
+    draw_patients,
+    patient_bootstrap,
+    patient_table,
+    weighted_metrics,
+)
+from breakhis.stats.metrics import classification_metrics
 
 # A small fixed example: three patients, two magnifications, ten images.
 #   P1 benign:     40X 0.2 (right) 0.6 (wrong); 100X 0.1 (right)        -> score 2/3
@@ -276,8 +276,8 @@ def _write_manifest(dest: Path, table: pa.Table) -> str:
 
 
 def _artifact(uri: str, *, split: str, manifest_hash: str, data: str, **card) -> str:
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.model import build_model
+    from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.model.networks import build_model
 
     save_artifact(
         uri,
@@ -297,8 +297,8 @@ def _artifact(uri: str, *, split: str, manifest_hash: str, data: str, **card) ->
 
 
 def test_evaluating_on_the_models_training_patients_is_refused(tmp_path: Path) -> None:
-    from breakhis.artifact import read_card
-    from breakhis.prepare import manifest_hash
+    from breakhis.data.prepare import manifest_hash
+    from breakhis.model.artifact import read_card
 
     table = _manifest()
     data = _write_manifest(tmp_path / "prepared", table)
@@ -323,7 +323,7 @@ def test_evaluating_on_the_models_training_patients_is_refused(tmp_path: Path) -
 def test_a_model_from_another_manifest_is_checked_against_its_own_patients(
     tmp_path: Path,
 ) -> None:
-    from breakhis.prepare import manifest_hash
+    from breakhis.data.prepare import manifest_hash
 
     first = _manifest(seed=0)
     second = _manifest(seed=5)  # the same patients, split differently
@@ -352,8 +352,8 @@ def test_a_model_from_another_manifest_is_checked_against_its_own_patients(
 
 
 def test_column_splits_are_checked_against_the_patients_the_model_saw(tmp_path: Path) -> None:
-    from breakhis.artifact import read_card
-    from breakhis.prepare import manifest_hash
+    from breakhis.data.prepare import manifest_hash
+    from breakhis.model.artifact import read_card
 
     table = _manifest()
     fold0 = select_split(table, SplitSpec("fold", 0))
@@ -446,10 +446,10 @@ def prepared(make_prepared) -> str:
 def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -> None:
     import torch
 
-    from breakhis.artifact import load_artifact
-    from breakhis.imaging import decode_rgb
-    from breakhis.prepare import manifest_hash, read_manifest
-    from breakhis.train_result import write_curves
+    from breakhis.data.imaging import decode_rgb
+    from breakhis.data.prepare import manifest_hash, read_manifest
+    from breakhis.model.artifact import load_artifact
+    from breakhis.train.result import write_curves
 
     manifest = read_manifest(prepared)
     torch.manual_seed(0)
@@ -499,7 +499,7 @@ def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -
         direct = torch.softmax(model(x), dim=1)[:, 1].numpy()
     assert some["prob_malignant"].to_numpy() == pytest.approx(direct, abs=1e-5)
 
-    # Metrics: breakhis.metrics on the headline rows; cross-magnification row over 4 mags.
+    # Metrics: breakhis.stats.metrics on the headline rows; cross-magnification row over 4 mags.
     headline = frame[frame["headline"]]
     want = classification_metrics(
         headline["label"], headline["prob_malignant"], headline["patient_id"]

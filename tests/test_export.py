@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from breakhis.artifact import ModelCard, save_artifact
-from breakhis.export import ExportConfig, export_model
-from breakhis.model import build_model
+from breakhis.model.artifact import ModelCard, save_artifact
+from breakhis.model.export import ExportConfig, export_model
+from breakhis.model.networks import build_model
 
 SIZE = 64
 TILES = 6
@@ -40,13 +40,13 @@ def _artifact(root: Path) -> str:
 
 def _job_probabilities(model_uri: str, tiles: list[Path]) -> np.ndarray:
     """What the jobs compute for these tiles, from the package's own pieces: the decode
-    (breakhis.imaging), the normalisation (breakhis.transforms) and the calibrated
-    probability of the margin (breakhis.calibration, shared by training, scoring and
+    (breakhis.data.imaging), the normalisation (breakhis.data.transforms) and the calibrated
+    probability of the margin (breakhis.stats.calibration, shared by training, scoring and
     evaluation)."""
-    from breakhis.artifact import load_artifact
-    from breakhis.calibration import probabilities
-    from breakhis.imaging import decode_rgb
-    from breakhis.transforms import normalize, to_chw
+    from breakhis.data.imaging import decode_rgb
+    from breakhis.data.transforms import normalize, to_chw
+    from breakhis.model.artifact import load_artifact
+    from breakhis.stats.calibration import probabilities
 
     net, card = load_artifact(model_uri)
     images = np.stack([to_chw(decode_rgb(t.read_bytes(), card.image_size)) for t in tiles])
@@ -161,9 +161,9 @@ def test_an_aspect_kept_model_exports_with_its_whole_tile_input(
     import onnxruntime as ort
     from PIL import Image
 
-    from breakhis.artifact import load_artifact
-    from breakhis.imaging import decode_rgb
-    from breakhis.transforms import normalize, to_chw
+    from breakhis.data.imaging import decode_rgb
+    from breakhis.data.transforms import normalize, to_chw
+    from breakhis.model.artifact import load_artifact
 
     torch.manual_seed(0)
     net = build_model("smallcnn", weights="none", dropout=0.0).eval()

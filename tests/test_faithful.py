@@ -1,5 +1,5 @@
 """The job trains what it says it trains: a hand-written PyTorch loop that imports nothing of
-the job's training code (no breakhis.transforms, ingest, epoch, train_loop or model) replays
+the job's training code (no breakhis.data.transforms, ingest, epoch, train_loop or model) replays
 a one-worker job from the same initial weights, on the same tiles in the same order with the
 same augmentation draws, and must agree with it step by step (issue 23). Any change to the
 job's labels, order, geometry, augmentation, normalisation, class weights, optimizer or
@@ -99,7 +99,7 @@ def row_key(tile_id: str, copy: int) -> int:
 def _job(dest: str, storage: str, name: str, trace: Path):
     from conftest import small_train_config
 
-    from breakhis.train import run_training
+    from breakhis.train.job import run_training
 
     config = small_train_config(
         dest,
@@ -220,10 +220,10 @@ def test_the_job_is_faithful_to_a_hand_written_loop(
     assert sum(seen_params[1][t] != seen_params[2][t] for t in both) > len(both) // 2
 
     # Evaluate's probabilities: a plain softmax over the same decoded test tiles.
-    from breakhis.artifact import load_artifact
-    from breakhis.evaluate import run_evaluation
-    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
-    from breakhis.predict import PredictOptions
+    from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.job import run_evaluation
+    from breakhis.model.artifact import load_artifact
+    from breakhis.score.predict import PredictOptions
 
     _, card = load_artifact(result.artifact_uri)
     assert (card.threshold, card.temperature, card.threshold_rule) == (0.5, 1.0, "")

@@ -31,7 +31,7 @@ def ray_with_gpu():
 
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> str:
-    from breakhis.synth import synthesize
+    from breakhis.synth.dataset import synthesize
 
     root = str(tmp_path_factory.mktemp("gpu") / "tiles")
     synthesize(root, scale=0.02, seed=0, width=96, height=64)
@@ -39,8 +39,8 @@ def tiles(tmp_path_factory) -> str:
 
 
 def _artifact(path: str, arch: str = "resnet18") -> str:
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.model import build_model
+    from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.model.networks import build_model
 
     torch.manual_seed(0)
     save_artifact(
@@ -57,7 +57,7 @@ def _artifact(path: str, arch: str = "resnet18") -> str:
 
 
 def _predictor(uri: str, device: str, amp: bool, method: str | None):
-    from breakhis.predict import TilePredictor
+    from breakhis.score.predict import TilePredictor
 
     return TilePredictor(
         model_uri=uri,
@@ -100,10 +100,10 @@ def test_bf16_channels_last_predictor_agrees_with_float32_on_the_cpu(tmp_path) -
 
 
 def test_training_run_on_a_gpu(ray_with_gpu, tiles, tmp_path) -> None:
-    from breakhis.artifact import load_artifact
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.train import run_training
-    from breakhis.train_config import TrainConfig
+    from breakhis.data.prepare import PrepareConfig, prepare
+    from breakhis.model.artifact import load_artifact
+    from breakhis.train.config import TrainConfig
+    from breakhis.train.job import run_training
 
     dest = str(tmp_path / "prepared")
     prepare(PrepareConfig(src=tiles, dest=dest))
@@ -133,8 +133,8 @@ def test_training_run_on_a_gpu(ray_with_gpu, tiles, tmp_path) -> None:
 def test_scoring_job_with_gpu_actors(ray_with_gpu, tiles, tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score.job import ScoreConfig, run_scoring
+    from breakhis.score.predict import PredictOptions
 
     uri = _artifact(str(tmp_path / "model"))
     summary = run_scoring(

@@ -1,4 +1,4 @@
-"""The one decoder (breakhis.imaging): libspng for 8-bit RGB PNGs, Pillow for the rest,
+"""The one decoder (breakhis.data.imaging): libspng for 8-bit RGB PNGs, Pillow for the rest,
 and the same pixels as Pillow alone either way."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis import imaging
-from breakhis.imaging import decode_check, decode_rgb, png_layout
+from breakhis.data import imaging
+from breakhis.data.imaging import decode_check, decode_rgb, png_layout
 from breakhis.names import parse_name
-from breakhis.synth import render_tile
+from breakhis.synth.dataset import render_tile
 
 
 def _pillow_rgb(data: bytes, size: int | None = None) -> np.ndarray:

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from breakhis import storage
-from breakhis.geometry import TileGeometry, canonical_width
-from breakhis.ingest import IngestConfig, IngestData, TileCollate, build_datasets
-from breakhis.splits import SplitSpec, select_split
-from breakhis.transforms import normalize
+from breakhis.data.geometry import TileGeometry, canonical_width
+from breakhis.data.ingest import IngestConfig, IngestData, TileCollate, build_datasets
+from breakhis.data.splits import SplitSpec, select_split
+from breakhis.data.transforms import normalize
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -46,8 +46,8 @@ def ray_session(s3_server) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def dest(ray_session, s3_server) -> str:
     """78 generated tiles of 14 patients, prepared into S3 in several small shards."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
+    from breakhis.data.prepare import PrepareConfig, prepare
+    from breakhis.synth.dataset import synthesize
 
     root = f"s3://test/{uuid.uuid4().hex}"
     synthesize(f"{root}/raw", scale=0.01, seed=0, width=64, height=42, workers=1)
@@ -61,7 +61,7 @@ def dest(ray_session, s3_server) -> str:
 
 @pytest.fixture(scope="module")
 def manifest(dest: str) -> pa.Table:
-    from breakhis.prepare import read_manifest
+    from breakhis.data.prepare import read_manifest
 
     return read_manifest(dest)
 
@@ -100,7 +100,7 @@ def test_batches_have_the_contract_shapes_dtypes_ranges_and_manifest_labels(
     )
     for side in ("val", "test"):
         epoch = _epoch(cached.datasets[side])
-        # Evaluation sides: the whole aspect-kept tile (breakhis.geometry).
+        # Evaluation sides: the whole aspect-kept tile (breakhis.data.geometry).
         whole = (3, SIZE, canonical_width(SIZE))
         assert epoch["image"].dtype == np.uint8 and epoch["image"].shape[1:] == whole
         assert len(epoch["tile_id"]) == cached.num_rows[side]
@@ -219,7 +219,7 @@ def test_a_training_run_never_decodes_the_test_patients(dest: str, manifest: pa.
 
 
 def test_the_decode_runs_inside_the_read_one_task_per_shard(dest: str, manifest: pa.Table) -> None:
-    from breakhis.ingest import new_ledger, read_tiles, shard_paths
+    from breakhis.data.ingest import new_ledger, read_tiles, shard_paths
 
     _, shards = shard_paths(dest)
     assert len(shards) > 2
@@ -318,7 +318,7 @@ def test_missing_data_and_unknown_split_fail_with_the_place(dest: str, tmp_path)
 @pytest.fixture(scope="module")
 def stored_dest(dest: str) -> str:
     """The same generated tiles prepared again, with pixels stored at SIZE."""
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.data.prepare import PrepareConfig, prepare
 
     root = dest.rsplit("/", 1)[0]
     prepare(
@@ -340,7 +340,7 @@ def test_stored_pixels_are_the_decoded_pixels_and_are_never_decoded_again(
     import logging
 
     config = IngestConfig(image_size=SIZE, oversample=True, seed=5)
-    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+    with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
         stored = build_datasets(stored_dest, SPLIT, config)
     assert f"ingest reads stored {SIZE}x{SIZE} pixels" in caplog.text
     decoded = build_datasets(dest, SPLIT, config)
@@ -367,7 +367,7 @@ def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
     import logging
 
     other = SIZE - 8
-    with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+    with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
         data = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=other), sides=("train",))
     assert f"ingest decodes PNGs to {other}x{other} (stored pixel sizes: {SIZE};" in caplog.text
     assert data.decode_stats().decoded == data.num_rows["train"]
@@ -377,7 +377,7 @@ def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
     storage.delete(victim)
     try:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="breakhis.ingest"):
+        with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
             data = build_datasets(
                 stored_dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
             )
@@ -393,7 +393,8 @@ def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
 ) -> None:
     """predict.decode_tiles (score, evaluate) on tiles of prepared shards: stored pixels
     at the model's size, the very pixels a decode gives; PNGs at any other size."""
-    from breakhis import imaging, predict
+    from breakhis.data import imaging
+    from breakhis.score import predict
 
     decodes: list[int] = []
     original = imaging.decode_rgb
@@ -446,7 +447,7 @@ def test_scoring_reads_a_prepared_dests_stored_pixels_instead_of_decoding(
 def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
     dest: str,
 ) -> None:
-    from breakhis.ingest import CACHE_FRACTION, choose_cache, shuffle_buffer_rows
+    from breakhis.data.ingest import CACHE_FRACTION, choose_cache, shuffle_buffer_rows
 
     assert choose_cache(40, 100) and not choose_cache(int(CACHE_FRACTION * 100) + 1, 100)
     auto = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",))
@@ -484,10 +485,10 @@ _STREAM_CHILD = """
 import json, sys
 import numpy as np, ray
 from ray.data import DataContext
-from breakhis.ingest import IngestConfig, build_datasets
-from breakhis.prepare import PrepareConfig, prepare
-from breakhis.splits import SplitSpec
-from breakhis.synth import synthesize
+from breakhis.data.ingest import IngestConfig, build_datasets
+from breakhis.data.prepare import PrepareConfig, prepare
+from breakhis.data.splits import SplitSpec
+from breakhis.synth.dataset import synthesize
 
 root, size = sys.argv[1], int(sys.argv[2])
 ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024**2,

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from breakhis import storage
-from breakhis.catalog import scan_catalog
-from breakhis.inputs import INPUT_SCHEMA, discover_inputs, parse_tile_name
-from breakhis.prepare import SHARDS_KEY, plan_shards, write_shard
+from breakhis.data.catalog import scan_catalog
+from breakhis.data.inputs import INPUT_SCHEMA, discover_inputs, parse_tile_name
+from breakhis.data.prepare import SHARDS_KEY, plan_shards, write_shard
 
 
 def _image(fmt: str = "PNG", seed: int = 0) -> bytes:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from breakhis.metrics import (
+from breakhis.stats.metrics import (
     METRIC_NAMES,
     classification_metrics,
     image_recognition_rate,

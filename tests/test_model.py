@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from breakhis.model import (
+from breakhis.data.transforms import normalize
+from breakhis.model.networks import (
     ARCHITECTURES,
     WeightsError,
     build_model,
@@ -21,7 +22,6 @@ from breakhis.model import (
     split_parameters,
     training_batchnorms,
 )
-from breakhis.transforms import normalize
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -36,10 +36,10 @@ import pytest
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from breakhis import storage
+from breakhis.data.prepare import read_manifest
 from breakhis.dev.localcluster import LocalCluster, LocalClusterConfig
 from breakhis.dev.s3server import S3Server
-from breakhis.prepare import read_manifest
-from breakhis.synth import synthesize
+from breakhis.synth.dataset import synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
 
@@ -165,8 +165,8 @@ def model(s3_server: S3Server) -> str:
     """A tiny untrained model artifact in S3 (scoring needs a model, not a good one)."""
     import torch
 
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.model import build_model
+    from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.model.networks import build_model
 
     uri = f"s3://test/{uuid.uuid4().hex}/model"
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
-from breakhis.catalog import scan_catalog
-from breakhis.pixels import images_of
-from breakhis.prepare import (
+from breakhis.data.catalog import scan_catalog
+from breakhis.data.pixels import images_of
+from breakhis.data.prepare import (
     PrepareConfig,
     manifest_hash,
     prepare,
@@ -20,7 +20,7 @@ from breakhis.prepare import (
     stored_pixel_sizes,
     user_split_columns,
 )
-from breakhis.splits import SplitSpec, select_split
+from breakhis.data.splits import SplitSpec, select_split
 
 pytestmark = [pytest.mark.ray]
 
@@ -121,7 +121,7 @@ def test_rerun_is_idempotent_and_resumes(realdata_dir, tmp_path, ray_local):
 
 
 def test_prepare_generated_data_in_s3(s3_prefix, ray_local):
-    from breakhis.synth import corrupt_files, synthesize
+    from breakhis.synth.dataset import corrupt_files, synthesize
 
     raw, dest = f"{s3_prefix}/raw", f"{s3_prefix}/prepared"
     made = synthesize(raw, scale=0.02, seed=3, width=64, height=42)
@@ -154,8 +154,8 @@ def _pixel_files(dest: str, size: int) -> dict[str, tuple[int, bytes]]:
 def test_pixels_are_the_eval_transform_of_each_accepted_tile_and_sizes_add_up(
     realdata_dir, tmp_path, ray_local
 ):
-    from breakhis.geometry import TileGeometry
-    from breakhis.transforms import EvalTransform
+    from breakhis.data.geometry import TileGeometry
+    from breakhis.data.transforms import EvalTransform
 
     src, dest = tmp_path / "src", str(tmp_path / "prepared")
     bad = _real_tree_with_bad_files(realdata_dir, src)
@@ -248,7 +248,7 @@ def test_src_and_dest_are_compared_as_places_not_strings(tmp_path, monkeypatch, 
 def test_a_rerun_that_dies_before_deleting_stale_shards_leaves_a_usable_manifest(
     realdata_dir, tmp_path, ray_local, monkeypatch
 ):
-    from breakhis.ingest import shard_paths
+    from breakhis.data.ingest import shard_paths
 
     src, dest = tmp_path / "src", str(tmp_path / "prepared")
     _real_tree_with_bad_files(realdata_dir, src)
@@ -289,7 +289,7 @@ def test_a_newline_in_a_file_name_cannot_forge_a_log_line(
     for png in sorted(realdata_dir.glob("*.png"))[:12]:
         shutil.copyfile(png, src / png.name)
     good = next(iter(sorted(realdata_dir.glob("*.png")))).read_bytes()
-    forged = "SOB_B_F-14-25197-40-901.png\n2026-01-01 00:00:00 INFO breakhis.prepare: ok"
+    forged = "SOB_B_F-14-25197-40-901.png\n2026-01-01 00:00:00 INFO breakhis.data.prepare: ok"
     (src / forged).write_bytes(good[:100])
     with caplog.at_level("INFO", logger="breakhis"):
         prepare(PrepareConfig(src=str(src), dest=str(tmp_path / "out"), folds=2, repetitions=1))
@@ -349,7 +349,7 @@ def test_split_files_add_columns_in_the_hash_and_reruns_keep_them(
 
 
 def test_split_file_ids_the_data_lacks_are_refused_before_ray(realdata_dir, tmp_path, monkeypatch):
-    import breakhis.prepare as prepare_module
+    import breakhis.data.prepare as prepare_module
 
     def no_ray() -> None:
         raise AssertionError("Ray started")

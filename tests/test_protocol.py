@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 from conftest import small_train_config
 
-from breakhis.evaluate_config import EvaluateOptions
-from breakhis.protocol import (
+from breakhis.data.splits import add_split_columns
+from breakhis.evaluate.config import EvaluateOptions
+from breakhis.protocol.job import (
     PER_MAGNIFICATION,
     ProtocolConfig,
     available_splits,
@@ -22,9 +23,8 @@ from breakhis.protocol import (
     run_name,
     run_protocol,
 )
-from breakhis.protocol_result import ProtocolRun, aggregate
-from breakhis.splits import add_split_columns
-from breakhis.train_config import TrainConfig
+from breakhis.protocol.result import ProtocolRun, aggregate
+from breakhis.train.config import TrainConfig
 
 
 def _train(tmp_path: Path, data: str = "data", **overrides) -> TrainConfig:
@@ -172,7 +172,7 @@ def test_the_protocol_sets_splits_itself(tmp_path: Path) -> None:
 
 
 def test_column_scheme_runs_the_user_defined_split_columns(tmp_path: Path) -> None:
-    from breakhis.protocol import _check_splits
+    from breakhis.protocol.job import _check_splits
 
     rows = [
         {"tile_id": f"t{p}-{i}", "patient_id": f"p{p}", "label": p % 2}
@@ -219,7 +219,7 @@ def prepared(make_prepared) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_protocol_trains_splits_concurrently_and_reports(prepared: str, tmp_path: Path) -> None:
-    from breakhis.protocol import _finished_artifact
+    from breakhis.protocol.job import _finished_artifact
 
     config = ProtocolConfig(
         train=_train(tmp_path, data=prepared),

@@ -15,15 +15,19 @@ import pandas as pd
 import pytest
 
 from breakhis import storage
-from breakhis.artifact import ModelCard
-from breakhis.attribution import overlay_png
-from breakhis.bootstrap import patient_bootstrap
-from breakhis.evaluate import classification_report, per_magnification_metrics, score_predictions
-from breakhis.evaluate_config import EvaluateOptions
-from breakhis.evaluation_result import EvaluationResult, Example, SplitInfo
-from breakhis.protocol_report import write_protocol_report
-from breakhis.report import write_report
-from breakhis.report_html import CHROMIUM, json_ready, render_check
+from breakhis.evaluate.config import EvaluateOptions
+from breakhis.evaluate.job import (
+    classification_report,
+    per_magnification_metrics,
+    score_predictions,
+)
+from breakhis.evaluate.report import write_report
+from breakhis.evaluate.report_html import CHROMIUM, json_ready, render_check
+from breakhis.evaluate.result import EvaluationResult, Example, SplitInfo
+from breakhis.model.artifact import ModelCard
+from breakhis.protocol.report import write_protocol_report
+from breakhis.score.attribution import overlay_png
+from breakhis.stats.bootstrap import patient_bootstrap
 
 needs_chromium = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -232,7 +236,7 @@ def test_report_written_to_s3(s3_prefix: str) -> None:
 
 
 def test_protocol_report(tmp_path: Path) -> None:
-    from breakhis.protocol_result import ProtocolResult, ProtocolRun, aggregate
+    from breakhis.protocol.result import ProtocolResult, ProtocolRun, aggregate
 
     runs = []
     for index, rate in enumerate((0.8, 0.9)):

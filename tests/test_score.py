@@ -22,19 +22,19 @@ import torch
 from PIL import Image
 
 from breakhis import storage
-from breakhis.artifact import ModelCard, load_artifact, read_card, save_artifact
-from breakhis.imaging import decode_rgb
-from breakhis.model import build_model
-from breakhis.predict import PredictOptions, TilePredictor
-from breakhis.score import (
+from breakhis.data.imaging import decode_rgb
+from breakhis.model.artifact import ModelCard, load_artifact, read_card, save_artifact
+from breakhis.model.networks import build_model
+from breakhis.score.job import (
     JobMismatchError,
     ScoreConfig,
     patient_table,
     plan_units,
     run_scoring,
 )
-from breakhis.score_output import CLAIM_DEAD_S, STALE_TEMP_S
-from breakhis.synth import corrupt_files, synthesize
+from breakhis.score.output import CLAIM_DEAD_S, STALE_TEMP_S
+from breakhis.score.predict import PredictOptions, TilePredictor
+from breakhis.synth.dataset import corrupt_files, synthesize
 
 SIZE = 32  # the model's input side
 MAP = 16
@@ -343,8 +343,8 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
 _KILLABLE_JOB = textwrap.dedent(
     """
     import sys, ray
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score.predict import PredictOptions
+    from breakhis.score.job import ScoreConfig, run_scoring
 
     ray.init(address=sys.argv[2], log_to_driver=False)
     options = eval(sys.argv[1])
@@ -371,7 +371,7 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     """A job on a prepared DEST (LIME maps) killed part-way, then run again to the end."""
     import ray
 
-    from breakhis.prepare import PrepareConfig, prepare, read_manifest
+    from breakhis.data.prepare import PrepareConfig, prepare, read_manifest
 
     dest = str(tmp_path / "prepared")
     prepare(

@@ -18,12 +18,12 @@ import torch
 from test_score import _make_tiles, _plain_probabilities, _save_model
 
 from breakhis import faults, storage
-from breakhis.artifact import ModelCard, read_card, save_artifact
-from breakhis.geometry import TileGeometry
-from breakhis.inputs import discover_inputs
-from breakhis.model import build_model
-from breakhis.predict import PredictOptions
-from breakhis.tile_decode import decode_tiles
+from breakhis.data.geometry import TileGeometry
+from breakhis.data.inputs import discover_inputs
+from breakhis.data.tile_decode import decode_tiles
+from breakhis.model.artifact import ModelCard, read_card, save_artifact
+from breakhis.model.networks import build_model
+from breakhis.score.predict import PredictOptions
 
 SIZE = 32
 
@@ -118,8 +118,8 @@ def test_a_tile_over_the_size_cap_is_an_error_row_and_not_read(tmp_path, monkeyp
 def test_prepare_fails_its_task_on_transient_errors_instead_of_rejecting(
     tmp_path, monkeypatch
 ) -> None:
-    from breakhis.catalog import scan_catalog
-    from breakhis.prepare import plan_shards, write_shard
+    from breakhis.data.catalog import scan_catalog
+    from breakhis.data.prepare import plan_shards, write_shard
 
     _make_tiles(str(tmp_path / "raw"))
     plan = plan_shards(scan_catalog(str(tmp_path / "raw")).table, shard_mb=1000)[0]
@@ -134,9 +134,9 @@ def test_prepare_fails_its_task_on_transient_errors_instead_of_rejecting(
 
 
 def test_actors_score_with_the_artifact_they_are_given_and_refuse_another(tmp_path) -> None:
-    from breakhis.artifact import read_artifact
-    from breakhis.predict import predictor_kwargs
-    from breakhis.score_units import UnitFormat, UnitTilePredictor
+    from breakhis.model.artifact import read_artifact
+    from breakhis.score.predict import predictor_kwargs
+    from breakhis.score.units import UnitFormat, UnitTilePredictor
 
     checked = _save_model(str(tmp_path / "a"))
     torch.manual_seed(1)
@@ -159,8 +159,8 @@ def test_actors_score_with_the_artifact_they_are_given_and_refuse_another(tmp_pa
 _DRIVER = textwrap.dedent(
     """
     import json, sys, ray
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score.predict import PredictOptions
+    from breakhis.score.job import ScoreConfig, run_scoring
 
     options, env = json.loads(sys.argv[1]), json.loads(sys.argv[3])
     ray.init(address=sys.argv[2], log_to_driver=False, runtime_env={"env_vars": env})
@@ -220,7 +220,7 @@ def test_transient_read_errors_fail_the_job_and_a_rerun_scores_the_tile(
     if storage.exists(f"{output}/tiles"):  # other units may be written; never the victim
         assert victim not in _rows(output)
     # The throttling is over: a rerun scores the tile, as any other.
-    from breakhis.score import ScoreConfig, run_scoring
+    from breakhis.score.job import ScoreConfig, run_scoring
 
     predict = PredictOptions(**options.pop("predict"))
     summary = run_scoring(ScoreConfig(**options, predict=predict))
@@ -276,7 +276,7 @@ def test_a_model_replaced_mid_job_does_not_reach_the_actors(
 ) -> None:
     """The artifact is rewritten (another model, same URI) after the driver checked it and
     before any actor loads it, as a retrain or a sweep's `best/` rewrite would."""
-    import breakhis.score as score
+    import breakhis.score.job as score
 
     tiles, model, output = str(tmp_path / "in"), str(tmp_path / "model"), str(tmp_path / "out")
     _make_tiles(tiles)

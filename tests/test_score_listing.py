@@ -11,9 +11,9 @@ import pytest
 from test_score import SIZE, _save_model
 
 from breakhis import storage
-from breakhis.inputs import discover_inputs, list_inputs
-from breakhis.score_run import Progress
-from breakhis.score_units import (
+from breakhis.data.inputs import discover_inputs, list_inputs
+from breakhis.score.pipeline import Progress
+from breakhis.score.units import (
     UnitFormat,
     UnitTilePredictor,
     plan_units,
@@ -101,7 +101,7 @@ def test_a_batch_with_part_of_a_unit_is_refused(tmp_path) -> None:
 
 def test_progress_logs_done_total_rate_and_eta(caplog) -> None:
     with (
-        caplog.at_level(logging.INFO, logger="breakhis.score_run"),
+        caplog.at_level(logging.INFO, logger="breakhis.score.pipeline"),
         Progress(1000, 0.05) as p,
     ):
         p.add(250, 3)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
-from breakhis.score_output import (
+from breakhis.score.output import (
     CLAIM_DEAD_S,
     CLAIMS,
     STALE_TEMP_S,
@@ -98,7 +98,7 @@ def test_s3_claim_race_with_the_same_options_has_one_winner(s3_prefix) -> None:
 
 
 def test_s3_server_honours_the_exclusive_create(s3_prefix) -> None:
-    from breakhis.score_output import _put_if_absent
+    from breakhis.score.output import _put_if_absent
 
     uri = f"{s3_prefix}/_job.json"
     assert _put_if_absent(uri, b"first") is True
@@ -189,8 +189,8 @@ def test_a_torn_unit_file_is_rescored_not_taken_as_done(tmp_path) -> None:
 
 
 def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> None:
-    from breakhis.score_check import check_units
-    from breakhis.score_units import PENDING_SCHEMA, Plan
+    from breakhis.score.check import check_units
+    from breakhis.score.units import PENDING_SCHEMA, Plan
 
     plan = Plan(["unit-00000-aaa.parquet"], [4], PENDING_SCHEMA.empty_table(), [])
     pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-aaa.parquet")

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_score import MAP, _make_tiles, _save_model
 
-from breakhis.predict import PredictOptions
-from breakhis.score import ScoreConfig, run_scoring
+from breakhis.score.job import ScoreConfig, run_scoring
+from breakhis.score.predict import PredictOptions
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

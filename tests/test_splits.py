@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from breakhis.splits import (
+from breakhis.data.splits import (
     LeakageError,
     SplitSpec,
     add_split_columns,
@@ -221,7 +221,7 @@ def test_column_split_bad_values_and_missing_columns_are_one_line():
 
 
 def test_column_split_leakage_check_runs_as_for_fold_and_rep(monkeypatch):
-    import breakhis.splits as splits
+    import breakhis.data.splits as splits
 
     manifest = _with_column(_table(), "site", {"14-00003": "test", "14-10001": "val"})
     checked: list[dict] = []
@@ -257,8 +257,8 @@ def test_split_file_lists_and_the_column_they_make():
 
 
 def test_split_files_cannot_take_a_column_prepare_writes():
-    from breakhis.prepare import SHARD_SCHEMA
-    from breakhis.prepare_config import BUILT_IN_COLUMNS, parse_split_files
+    from breakhis.data.prepare import SHARD_SCHEMA
+    from breakhis.data.prepare_config import BUILT_IN_COLUMNS, parse_split_files
 
     # prepare_config names the columns without pyarrow (for a fast --help): the same ones.
     assert set(BUILT_IN_COLUMNS) == {*SHARD_SCHEMA.names, "fold"}

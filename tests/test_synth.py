@@ -20,7 +20,7 @@ from breakhis.names import (
     official_relative_path,
     parse_name,
 )
-from breakhis.synth import (
+from breakhis.synth.dataset import (
     FULL_ROSTER_SCALE,
     SHARED_PATIENT,
     TABLE,

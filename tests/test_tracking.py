@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import small_train_config
 
-from breakhis import tracking
-from breakhis.train_config import TrainConfig
+from breakhis.train import tracking
+from breakhis.train.config import TrainConfig
 
 SIDE = 32
 
@@ -133,7 +133,7 @@ def prepared(make_prepared) -> str:
 def test_a_training_run_is_logged_and_a_rerun_continues_it(
     prepared: str, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from breakhis.train import run_training
+    from breakhis.train.job import run_training
 
     config = small_train_config(
         prepared, str(tmp_path / "runs"), name="tracked", image_size=SIDE, epochs=2
@@ -176,8 +176,8 @@ def test_a_training_run_is_logged_and_a_rerun_continues_it(
 def test_a_sweep_is_a_parent_run_with_a_child_per_trial(
     prepared: str, store: str, tmp_path: Path
 ) -> None:
-    from breakhis.search_space import parse_search_space
-    from breakhis.tune import SweepConfig, run_sweep
+    from breakhis.tune.job import SweepConfig, run_sweep
+    from breakhis.tune.search_space import parse_search_space
 
     train = small_train_config(
         prepared,

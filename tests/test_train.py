@@ -18,9 +18,13 @@ import pytest
 import torch
 from conftest import small_train_config
 
-import breakhis.train as train_module
-import breakhis.train_loop as loop_module
-from breakhis.epoch import (
+import breakhis.train.job as train_module
+import breakhis.train.loop as loop_module
+from breakhis.data.splits import LeakageError
+from breakhis.model.networks import WeightsError, build_model, split_parameters
+from breakhis.stats.metrics import classification_metrics, majority_rate
+from breakhis.train.config import TrainConfig
+from breakhis.train.epoch import (
     early_stopping,
     evaluate,
     kept_epoch,
@@ -30,13 +34,9 @@ from breakhis.epoch import (
     make_scheduler,
     train_one_epoch,
 )
-from breakhis.metrics import classification_metrics, majority_rate
-from breakhis.model import WeightsError, build_model, split_parameters
-from breakhis.splits import LeakageError
-from breakhis.train import run_training
-from breakhis.train_config import TrainConfig
-from breakhis.train_loop import load_checkpoint_state
-from breakhis.train_result import write_curves
+from breakhis.train.job import run_training
+from breakhis.train.loop import load_checkpoint_state
+from breakhis.train.result import write_curves
 
 SIDE = 64  # generated tiles are SIDE x SIDE, so the tests train without resizing
 
@@ -119,7 +119,7 @@ def test_fit_decision_calibrates_then_thresholds_the_validation_predictions() ->
 def test_no_decision_is_fitted_on_fewer_than_five_patients_of_a_class() -> None:
     """The paper-sized splits hold ~5 validation patients, 2 of them benign: a threshold
     fitted there ranged 0.23-0.92 over splits. Below 5 patients a class, argmax."""
-    from breakhis.epoch import MIN_DECISION_PATIENTS, patients_per_class
+    from breakhis.train.epoch import MIN_DECISION_PATIENTS, patients_per_class
 
     rng = np.random.default_rng(1)
 
@@ -267,10 +267,10 @@ def prepared(make_prepared) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path: Path) -> None:
-    from breakhis.artifact import load_artifact
-    from breakhis.ingest import IngestConfig, build_datasets
-    from breakhis.splits import SplitSpec
-    from breakhis.transforms import normalize
+    from breakhis.data.ingest import IngestConfig, build_datasets
+    from breakhis.data.splits import SplitSpec
+    from breakhis.data.transforms import normalize
+    from breakhis.model.artifact import load_artifact
 
     config = _config(
         tmp_path,
@@ -317,7 +317,7 @@ def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path:
 def test_refit_trains_again_on_every_training_patient_for_the_chosen_epochs(
     prepared: str, tmp_path: Path
 ) -> None:
-    from breakhis.artifact import read_card
+    from breakhis.model.artifact import read_card
 
     config = _config(tmp_path, prepared, name="refit", epochs=2, refit=True, num_workers=1)
     result = run_training(config)
@@ -404,7 +404,7 @@ def test_a_worker_that_fails_mid_epoch_is_restarted_from_the_checkpoint(
         # Runs on each worker: rank 1 raises after one step of epoch 2, once per test.
         import ray.train
 
-        import breakhis.train_loop as worker_module
+        import breakhis.train.loop as worker_module
 
         # The worker's own module is not monkeypatched: these are the real functions.
         real_loop, real_epoch = worker_module.train_loop_per_worker, worker_module.train_one_epoch
@@ -521,7 +521,7 @@ def test_the_cluster_must_hold_the_workers_and_a_cpu_for_data(
     train_module.check_cluster_fits(gpu, {"CPU": 8.0, "GPU": 1.0}, gpus_per_worker=0.5)
 
     waiting = dataclasses.replace(gpu, wait_for_resources=True)
-    with caplog.at_level(logging.WARNING, logger="breakhis.train"):
+    with caplog.at_level(logging.WARNING, logger="breakhis.train.job"):
         train_module.check_cluster_fits(waiting, {"CPU": 1.0})
     assert "waiting (--wait-for-resources)" in caplog.text
 

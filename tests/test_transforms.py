@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from breakhis.geometry import TileGeometry, canonical_width
-from breakhis.imaging import decode_rgb, resize_rgb
-from breakhis.ingest import IngestConfig, augment_tiles, class_weights, oversample_factor
-from breakhis.transforms import (
+from breakhis.data.geometry import TileGeometry, canonical_width
+from breakhis.data.imaging import decode_rgb, resize_rgb
+from breakhis.data.ingest import IngestConfig, augment_tiles, class_weights, oversample_factor
+from breakhis.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentParams,
@@ -186,7 +186,7 @@ def test_train_transform_validates() -> None:
 
 def test_tile_rng_does_not_depend_on_python_hash_seed() -> None:
     code = (
-        "from breakhis.transforms import tile_rng;"
+        "from breakhis.data.transforms import tile_rng;"
         "print(tile_rng(3, 2, 'SOB_M_DC-14-2523-400-010', 1).integers(0, 2**31, 4).tolist())"
     )
     outputs = set()

@@ -22,16 +22,16 @@ import yaml
 from conftest import small_train_config
 
 from breakhis.ray_internals import orphaned_placement_groups
-from breakhis.search_space import (
+from breakhis.train.config import TrainConfig
+from breakhis.tune.config import SweepConfig, derive_max_concurrent
+from breakhis.tune.job import resolve_space, run_sweep
+from breakhis.tune.search_space import (
     DEFAULT_SEARCH_SPACE,
     SearchSpaceError,
     check_search_space,
     load_search_space,
     parse_search_space,
 )
-from breakhis.sweep_config import SweepConfig, derive_max_concurrent
-from breakhis.train_config import TrainConfig
-from breakhis.tune import resolve_space, run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIDE = 32  # generated tiles are SIDE x SIDE, so trials train without resizing
@@ -247,7 +247,7 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
     import ray
 
     from breakhis import storage
-    from breakhis.artifact import load_artifact, read_card
+    from breakhis.model.artifact import load_artifact, read_card
 
     # One trial at a time (2.25 CPUs each on 4), so trials reach the rungs in grid order.
     # lr 0.5 and 1.0 leave a worse model after one epoch than lr 1e-2 (how much worse varies:
@@ -277,7 +277,7 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
         if completed:
             assert storage.exists(f"{row['artifact_uri']}/model.json")
         assert 1 <= row["best_epoch"] <= row["epochs_run"]
-    # Stopped trials' Train workers gave their CPUs back (breakhis.tune releases them).
+    # Stopped trials' Train workers gave their CPUs back (breakhis.tune.job releases them).
     assert orphaned_placement_groups() == []
     deadline = time.monotonic() + 60  # the last trial's actors take a moment to go
     while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
@@ -339,7 +339,7 @@ import sys
 import ray
 sys.path.insert(0, sys.argv[3])
 from test_tune import _interrupted_sweep
-from breakhis.tune import run_sweep
+from breakhis.tune.job import run_sweep
 ray.init(address=sys.argv[4], configure_logging=False, log_to_driver=False)
 run_sweep(_interrupted_sweep(sys.argv[1], sys.argv[2]))
 """

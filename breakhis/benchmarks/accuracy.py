@@ -7,10 +7,10 @@ PyTorch reference loop, on the same patient-disjoint splits, with the same seeds
     breakhis benchmark accuracy --arch smallcnn --image-size 32 --epochs 1 --splits 0,1
 
 ``--data`` is a folder of BreakHis PNGs (any nesting; prepared into the workdir first with
-``breakhis.prepare``) or a prepared DEST. By default it is the shared real data beside the
+``breakhis.data.prepare``) or a prepared DEST. By default it is the shared real data beside the
 repository: the ``../shared/realdata`` folder when it holds both ``breakhis-sample`` and
 ``breakhis-dev`` (257 images of 27 patients, prepared together), else the sample alone when
-present, else generated data (``breakhis.synth`` at ``--scale``, ``--width`` x ``--height``).
+present, else generated data (``breakhis.synth.dataset`` at ``--scale``, ``--width`` x ``--height``).
 
 For each of the paper's repetitions ``rep:K`` in ``--splits`` (70/30 random splits of the
 patients, written into the manifest by prepare) and each seed in ``--seeds``, both sides train
@@ -25,16 +25,16 @@ patients:
    the weaker loop a notebook would write (squashed to S x S, flips only, plain
    cross-entropy, constant lr). Both train on every training patient, keep the last epoch
    and take the argmax;
-2. **each variant of the job** (``--variants``): ``breakhis.train.run_training`` with the
+2. **each variant of the job** (``--variants``): ``breakhis.train.job.run_training`` with the
    options above, one worker (one process and one batch per step, the reference's optimizer
    budget), no early stopping, and everything else at the job's defaults (the point is the
    job as a user gets it: validation patients carved from the training ones, class-weighted
    loss, cosine schedule, augmentation, PreciseBN, the decision threshold chosen on
-   validation), then ``breakhis.evaluate.run_evaluation`` of its artifact. A variant is a
+   validation), then ``breakhis.evaluate.job.run_evaluation`` of its artifact. A variant is a
    named set of TrainConfig overrides (VARIANTS).
 
 Figures per split, seed and side: the paper's image- and patient-level recognition rates
-(breakhis.metrics), balanced accuracy, ROC-AUC and seconds; their mean +- sample std over
+(breakhis.stats.metrics), balanced accuracy, ROC-AUC and seconds; their mean +- sample std over
 the (split, seed) pairs; the paired differences variant - reference of the four figures, with
 their mean, sample std and 95% t-interval over the pairs (pairs of one split share its test
 patients, so the interval is optimistic when seeds outnumber splits). The target: each
@@ -59,7 +59,6 @@ from functools import partial
 from typing import Any
 
 from breakhis import storage
-from breakhis.architectures import ARCHITECTURES, check_arch
 from breakhis.benchmarks.accuracy_data import (
     PreparedData,
     check_repetitions,
@@ -75,6 +74,7 @@ from breakhis.benchmarks.accuracy_result import (
 from breakhis.benchmarks.harness import device_name, save_result, start_local_ray
 from breakhis.benchmarks.reference_recipes import RECIPES, ReferenceOptions, check_recipe
 from breakhis.benchmarks.run_store import RunKey, RunStore
+from breakhis.model.architectures import ARCHITECTURES, check_arch
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def job_config(
 ) -> Any:
     """The TrainConfig of variant ``variant`` on rep:``k`` with ``seed`` (runs kept under
     ``runs``)."""
-    from breakhis.train_config import TrainConfig
+    from breakhis.train.config import TrainConfig
 
     return TrainConfig(
         data=dest,
@@ -226,11 +226,11 @@ def run_job(train_config: Any, predict: dict[str, Any] | None = None) -> SideRes
     split's test patients (with ``predict``'s PredictOptions overrides, e.g. TTA), and
     return its SideResult (with ``error`` set, figures NaN, when
     the job refuses to train)."""
-    from breakhis.evaluate import run_evaluation
-    from breakhis.evaluate_config import EvaluateConfig, EvaluateOptions
-    from breakhis.predict import PredictOptions
-    from breakhis.train import run_training
-    from breakhis.train_config import CURVES_JSON, REFIT_DIR
+    from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.job import run_evaluation
+    from breakhis.score.predict import PredictOptions
+    from breakhis.train.config import CURVES_JSON, REFIT_DIR
+    from breakhis.train.job import run_training
 
     started = time.perf_counter()
     try:
@@ -322,7 +322,7 @@ def _run_pair(
     ``store`` when done before, else run and saved. Raises RuntimeError when a variant scored
     other test tiles than the reference."""
     from breakhis.benchmarks.reference_loop import run_reference
-    from breakhis.splits import SplitSpec, select_split
+    from breakhis.data.splits import SplitSpec, select_split
 
     patients = select_split(data.manifest, SplitSpec.parse(f"rep:{k}"))
 

@@ -54,7 +54,7 @@ def check_source(data: str | None, splits: tuple[int, ...]) -> tuple[str, str]:
     if data == GENERATED:
         return GENERATED, GENERATED
     if is_prepared(data):
-        from breakhis.prepare import read_manifest
+        from breakhis.data.prepare import read_manifest
 
         check_repetitions(read_manifest(data), splits, data)
         return data, "prepared"
@@ -81,7 +81,7 @@ def prepared(workdir: str, source: str, kind: str, *, scale: float, width: int, 
     """The prepared DEST of the data: ``source`` itself when prepared, else a raw folder or
     generated data (``scale``, ``width`` x ``height``) prepared into ``workdir`` (needs Ray).
     Raises what synthesize and prepare raise."""
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.data.prepare import PrepareConfig, prepare
 
     workdir = os.path.abspath(workdir)
     if kind == "prepared":
@@ -90,7 +90,7 @@ def prepared(workdir: str, source: str, kind: str, *, scale: float, width: int, 
         root = os.path.join(workdir, f"data-{scale:g}-{width}x{height}-seed{GENERATED_SEED}")
         dest = os.path.join(root, "prepared")
         if not is_prepared(dest):  # generated once, then reused
-            from breakhis.synth import synthesize
+            from breakhis.synth.dataset import synthesize
 
             raw = os.path.join(root, "raw")
             synthesize(raw, scale=scale, seed=GENERATED_SEED, width=width, height=height)
@@ -109,7 +109,7 @@ def read_tiles(dest: str) -> pa.Table:
     """tile_id, patient_id, label and PNG bytes of every prepared tile of ``dest``."""
     import pyarrow.parquet as pq
 
-    from breakhis.ingest import shard_paths
+    from breakhis.data.ingest import shard_paths
 
     fs, paths = shard_paths(dest)
     columns = ["tile_id", "patient_id", "label", "png"]
@@ -122,7 +122,7 @@ class PreparedData:
 
     def __init__(self, dest: str) -> None:
         """Read the manifest of ``dest``; raises FileNotFoundError when it has none."""
-        from breakhis.prepare import manifest_hash, read_manifest
+        from breakhis.data.prepare import manifest_hash, read_manifest
 
         self.dest = dest
         self.manifest = read_manifest(dest)

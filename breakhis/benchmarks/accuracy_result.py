@@ -63,7 +63,7 @@ class SideResult:
 
     @classmethod
     def from_metrics(cls, m: dict[str, float], *, seconds: float, **sides: Any) -> SideResult:
-        """The rates and counts from breakhis.metrics.classification_metrics' ``m``; the
+        """The rates and counts from breakhis.stats.metrics.classification_metrics' ``m``; the
         side's own facts (patients, epochs, threshold) as keywords."""
         return cls(
             image_rate=m["accuracy"],
@@ -90,7 +90,7 @@ class DataInfo:
     images: int
     patients: int
     manifest: str = ""
-    """breakhis.prepare.manifest_hash of the prepared data (part of every run's key)."""
+    """breakhis.data.prepare.manifest_hash of the prepared data (part of every run's key)."""
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@
 Parts, each in the same process tree on the same machine, each also written to
 ``benchmark-gpu.json`` as soon as it ends (a later failure keeps the earlier ones):
 
-1. **predictor**: the scoring/evaluation model actor (breakhis.predict.TilePredictor)
+1. **predictor**: the scoring/evaluation model actor (breakhis.score.predict.TilePredictor)
    called in this process on batches of ``batch_size`` decoded 224 px tiles already in
    host memory: tiles/s of the GPU path alone (host-to-device copy, normalisation, the
    model, softmax, maps back to the host), predictions only and with Grad-CAM, bf16
    autocast + channels_last (the default) against float32; beside it the bare model
    (``model(x)`` in bf16 on tensors already on the GPU), the ceiling no pipeline reaches.
    The pixel values are random: a ResNet's speed does not depend on them.
-2. **decode**: what one CPU core decodes (breakhis.imaging.decode_rgb, 700x460 PNG tiles
+2. **decode**: what one CPU core decodes (breakhis.data.imaging.decode_rgb, 700x460 PNG tiles
    to 224 px), times the CPUs: the most tiles/s any job can score from PNGs on this machine.
 3. **train**: ``breakhis benchmark train --use-gpu`` (ResNet50 at 224 px, bf16,
    channels_last; the Ray Train job's images/s against a plain loop).
@@ -129,8 +129,8 @@ class GpuBenchmarkResult:
 def _model_artifact(config: GpuBenchmarkConfig) -> str:
     import torch
 
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.model import build_model
+    from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.model.networks import build_model
 
     uri = os.path.join(config.workdir, f"model-{config.arch}-{config.image_size}")
     torch.manual_seed(0)
@@ -201,7 +201,7 @@ def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
 
 def _gpu_predictor(uri: str, method: str | None, amp: bool):
     """The scoring jobs' model actor on the GPU, built as predict_dataset builds it."""
-    from breakhis.predict import PredictOptions, TilePredictor, predictor_kwargs
+    from breakhis.score.predict import PredictOptions, TilePredictor, predictor_kwargs
 
     options = PredictOptions(attribution=method or "none", amp=amp, torch_threads=1)
     return TilePredictor(**predictor_kwargs(uri, 0.5, "cuda", options))
@@ -209,8 +209,8 @@ def _gpu_predictor(uri: str, method: str | None, amp: bool):
 
 def measure_decode(config: GpuBenchmarkConfig, tiles: int = 64) -> dict[str, float]:
     """Part 2: ms per 700x460 PNG decoded and resized on one core, and the all-CPU ceiling."""
-    from breakhis.imaging import decode_rgb
-    from breakhis.synth import synthesize
+    from breakhis.data.imaging import decode_rgb
+    from breakhis.synth.dataset import synthesize
 
     root = os.path.join(config.workdir, "decode-tiles")
     if not os.path.isdir(root):

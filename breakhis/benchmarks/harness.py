@@ -128,8 +128,8 @@ def prepared_data(workdir: str, *, scale: float, side: int, seed: int) -> str:
     """Generated tiles of ``side`` x ``side`` px, prepared, in a folder of ``workdir`` named by
     the arguments (made once, then reused by later runs; needs Ray). Returns the prepared
     DEST, prepared_dest() of the same arguments."""
-    from breakhis.prepare import PrepareConfig, prepare
-    from breakhis.synth import synthesize
+    from breakhis.data.prepare import PrepareConfig, prepare
+    from breakhis.synth.dataset import synthesize
 
     dest = prepared_dest(workdir, scale=scale, side=side, seed=seed)
     root = os.path.dirname(dest)

@@ -8,7 +8,7 @@ device.
 
 - Baseline: ``torch.utils.data.DataLoader`` with ``num_workers`` = cores over the PNG
   files on local disk, decoded with Pillow every epoch, as a user would write it.
-- Ray, decode PNGs, cached: ``breakhis.ingest`` over Parquet shards in the embedded
+- Ray, decode PNGs, cached: ``breakhis.data.ingest`` over Parquet shards in the embedded
   SeaweedFS (S3): read -> decode (libspng) -> cache -> augment. The first epoch fills
   the cache; later ones only augment.
 - Ray, stored pixels, cached: the same after ``prepare --pixels S``: the first epoch
@@ -20,7 +20,7 @@ device.
 
 Prepare is timed twice: the PNG shards, then adding the pixels to that DEST (a rerun of
 prepare with ``--pixels S``); bytes on storage of each are reported. The data are
-generated (``breakhis.synth``) unless ``data`` names a local BreakHis folder. The
+generated (``breakhis.synth.dataset``) unless ``data`` names a local BreakHis folder. The
 benchmark starts its own S3 server and, after it, its own local Ray instances (so Ray's
 workers inherit the S3 settings): call it with no Ray running. Peak memory is the
 largest proportional set size (PSS, shared pages split between the processes that map
@@ -238,7 +238,7 @@ class PngTiles:
         strength: float,
         seed: int,
     ) -> None:
-        from breakhis.transforms import TrainTransform
+        from breakhis.data.transforms import TrainTransform
 
         self.paths, self.tile_ids, self.labels = paths, tile_ids, labels
         self.image_size = image_size
@@ -289,7 +289,7 @@ def time_dataloader(
     """The DataLoader baseline's epochs."""
     import torch
 
-    from breakhis.transforms import normalize
+    from breakhis.data.transforms import normalize
 
     sampler = EpochSampler(len(paths), config.seed)
     tiles = PngTiles(
@@ -338,7 +338,7 @@ def ray_epochs(
     exclude: frozenset[int],
     repeat: int = 1,
 ) -> tuple[PipelineRun, int]:
-    """Time ``epochs`` of the training pipeline of ``breakhis.ingest`` over ``patients``:
+    """Time ``epochs`` of the training pipeline of ``breakhis.data.ingest`` over ``patients``:
     stored pixels when DEST has them at the image size, else PNG decodes; cached (the first
     epoch fills the cache) or streaming with the local shuffle buffer. ``repeat`` reads the
     data that many times per epoch (the memory check). Returns the run and the images seen
@@ -346,7 +346,7 @@ def ray_epochs(
     import ray
     import torch
 
-    from breakhis.ingest import (
+    from breakhis.data.ingest import (
         IngestConfig,
         augmented_tiles,
         cache_tiles,
@@ -355,8 +355,8 @@ def ray_epochs(
         shuffle_buffer_rows,
         stored_pixel_files,
     )
-    from breakhis.prepare import read_manifest
-    from breakhis.transforms import normalize
+    from breakhis.data.prepare import read_manifest
+    from breakhis.data.transforms import normalize
 
     ingest = IngestConfig(
         image_size=config.image_size,
@@ -412,7 +412,7 @@ def _bytes_under(uri: str) -> int:
 
 
 def _timed_prepare(src: str, dest: str, pixels: tuple[int, ...] = ()) -> float:
-    from breakhis.prepare import PrepareConfig, prepare
+    from breakhis.data.prepare import PrepareConfig, prepare
 
     started = time.perf_counter()
     prepare(PrepareConfig(src=src, dest=dest, pixels=pixels))
@@ -434,10 +434,10 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
     """
     import ray
 
-    from breakhis.catalog import scan_catalog
+    from breakhis.data.catalog import scan_catalog
+    from breakhis.data.prepare import read_manifest
     from breakhis.dev.s3server import embedded_s3
-    from breakhis.prepare import read_manifest
-    from breakhis.synth import synthesize
+    from breakhis.synth.dataset import synthesize
 
     if ray.is_initialized():
         raise RuntimeError(

@@ -1,6 +1,6 @@
 """The accuracy benchmark's reference: a plain PyTorch training loop in this process, no Ray,
 that imports nothing of the job's training code (torchvision builds the model; only the
-architectures torchvision lacks, such as ``smallcnn``, come from ``breakhis.model``).
+architectures torchvision lacks, such as ``smallcnn``, come from ``breakhis.model.networks``).
 
 Two recipes (breakhis.benchmarks.reference_recipes.RECIPES), selected by
 ``breakhis benchmark accuracy --reference NAME``:
@@ -106,7 +106,7 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
 
 def reference_model(arch: str) -> nn.Module:
     """``arch`` from random weights with a two-class last layer: torchvision's model where
-    torchvision has it, ``breakhis.model.build_model`` otherwise (``smallcnn``)."""
+    torchvision has it, ``breakhis.model.networks.build_model`` otherwise (``smallcnn``)."""
     import torchvision
 
     if arch.startswith("resnet"):
@@ -121,7 +121,7 @@ def reference_model(arch: str) -> nn.Module:
         net = torchvision.models.efficientnet_b0(weights=None)
         net.classifier[1] = nn.Linear(net.classifier[1].in_features, 2)
         return net
-    from breakhis.model import build_model
+    from breakhis.model.networks import build_model
 
     return build_model(arch, weights="none")
 
@@ -252,7 +252,7 @@ def run_reference(
     """Train reference ``name`` on the tiles (tile_id, patient_id, label, png) of
     ``train_patients`` and score it on those of ``test_patients``. Returns its SideResult;
     raises what reference_probs raises."""
-    from breakhis.metrics import classification_metrics
+    from breakhis.stats.metrics import classification_metrics
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)

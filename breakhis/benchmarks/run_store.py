@@ -42,7 +42,7 @@ class RunKey:
     options: dict[str, Any] = field(default_factory=dict)
     """The options both sides share (architecture, image size, epochs, batch size, lr)."""
     manifest: str = ""
-    """breakhis.prepare.manifest_hash of the prepared data."""
+    """breakhis.data.prepare.manifest_hash of the prepared data."""
 
     def digest(self) -> str:
         """A hash of the whole key (hex, 16 characters)."""

@@ -179,8 +179,8 @@ class ScoreBenchmarkResult:
 
 _CHILD = (
     "import json, sys, ray\n"
-    "from breakhis.predict import PredictOptions\n"
-    "from breakhis.score import ScoreConfig, run_scoring\n"
+    "from breakhis.score.predict import PredictOptions\n"
+    "from breakhis.score.job import ScoreConfig, run_scoring\n"
     "options, cpus = json.loads(sys.argv[1]), int(sys.argv[2])\n"
     "options['predict'] = PredictOptions(**options['predict'])\n"
     "ray.init(address='local', num_cpus=cpus, include_dashboard=False, log_to_driver=False)\n"
@@ -220,7 +220,7 @@ def peak_memory_of_job(options: dict, cpus: int) -> float:
 
 def _tile_uris(config: ScoreBenchmarkConfig, count: int) -> list[str]:
     """``count`` generated tiles under the workdir (generated once, then reused)."""
-    from breakhis.synth import plan_tiles, synthesize
+    from breakhis.synth.dataset import plan_tiles, synthesize
 
     root = os.path.join(config.workdir, "tiles")
     wanted = max(count, config.memory_tiles)
@@ -261,8 +261,8 @@ def _linked_copies(config: ScoreBenchmarkConfig, uris: list[str], scale: int) ->
 def _plain_loop(model_uri: str, uris: list[str], batch_size: int, device: str) -> Throughput:
     import torch
 
-    from breakhis.artifact import load_artifact
     from breakhis.benchmarks.harness import pillow_decode
+    from breakhis.model.artifact import load_artifact
 
     started = time.perf_counter()
     model, card = load_artifact(model_uri, device=device)
@@ -291,7 +291,7 @@ def _timed_job(config, output: str) -> tuple[int, float]:
     """(tiles, seconds) of one scoring job into a fresh ``output``."""
     import shutil
 
-    from breakhis.score import run_scoring
+    from breakhis.score.job import run_scoring
 
     shutil.rmtree(output, ignore_errors=True)  # a fresh output: every unit is scored
     started = time.perf_counter()
@@ -313,8 +313,8 @@ def _save_model(config: ScoreBenchmarkConfig) -> str:
     """A model of random weights (speed does not depend on them) in the workdir."""
     import torch
 
-    from breakhis.artifact import ModelCard, save_artifact
-    from breakhis.model import build_model
+    from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.model.networks import build_model
 
     torch.manual_seed(config.seed)
     model_uri = os.path.join(config.workdir, "model")
@@ -345,8 +345,8 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
     import ray
     import torch
 
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig
+    from breakhis.score.job import ScoreConfig
+    from breakhis.score.predict import PredictOptions
 
     cpus = config.cpus or os.cpu_count() or 1
     load_at_start = os.getloadavg()[0]

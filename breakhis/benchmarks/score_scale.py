@@ -62,8 +62,8 @@ class ScaleRun:
 
 _CHILD = (
     "import json, logging, resource, sys, ray\n"
-    "from breakhis.predict import PredictOptions\n"
-    "from breakhis.score import ScoreConfig, run_scoring\n"
+    "from breakhis.score.predict import PredictOptions\n"
+    "from breakhis.score.job import ScoreConfig, run_scoring\n"
     "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')\n"
     "options, cpus = json.loads(sys.argv[1]), int(sys.argv[2])\n"
     "options['predict'] = PredictOptions(**options['predict'])\n"
@@ -102,8 +102,8 @@ def _loop(model_uri: str, root: str, batch_size: int) -> tuple[float, float, flo
     """(tiles/s, list s, decode s, model s) of the plain loop over the tiles below root."""
     import torch
 
-    from breakhis.artifact import load_artifact
     from breakhis.benchmarks.harness import pillow_decode
+    from breakhis.model.artifact import load_artifact
 
     started = time.perf_counter()
     model, card = load_artifact(model_uri)
@@ -152,7 +152,7 @@ def _input_folder(config, base: list[str], tiles: int) -> str:
 
 
 def _base_tiles(config, wanted: int) -> list[str]:
-    from breakhis.synth import plan_tiles, synthesize
+    from breakhis.synth.dataset import plan_tiles, synthesize
 
     root = os.path.join(config.workdir, "scale", "base")
     scale = 0.1
@@ -181,8 +181,8 @@ def run_scale_benchmark(config, model_uri: str, cpus: int) -> ScaleResult:
     ``benchmark-score-scale.json`` and ``.md`` into the workdir."""
     import torch
 
-    from breakhis.predict import PredictOptions
-    from breakhis.score import ScoreConfig
+    from breakhis.score.job import ScoreConfig
+    from breakhis.score.predict import PredictOptions
 
     load_at_start = os.getloadavg()[0]
     torch.set_num_threads(cpus)

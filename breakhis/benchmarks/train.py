@@ -7,7 +7,7 @@ Both sides train the same model (same seed, same optimizer, schedule, loss,
 batch size and ``train_one_epoch`` function) on the same generated tiles, in
 the same process tree, one after the other:
 
-1. **the job**: ``breakhis.train.run_training`` with ``num_workers`` Ray Train
+1. **the job**: ``breakhis.train.job.run_training`` with ``num_workers`` Ray Train
    worker(s) fed by Ray Data (decoded once, cached in the object store,
    augmentation off so both sides see the same pixels); the epoch time is the
    worker's training pass as the job reports it (``train_seconds``);
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from breakhis.benchmarks.harness import device_name, prepared_data, save_result, start_local_ray
-from breakhis.train_config import TrainConfig
+from breakhis.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def _plain_loop(
     """Train the same model in this process on in-memory tensors; seconds per epoch."""
     import torch
 
-    from breakhis.model import build_model, split_parameters
-    from breakhis.train_loop import make_loss, make_optimizer, make_scheduler, train_one_epoch
+    from breakhis.model.networks import build_model, split_parameters
+    from breakhis.train.loop import make_loss, make_optimizer, make_scheduler, train_one_epoch
 
     device = torch.device("cuda" if config["use_gpu"] else "cpu")
     on_gpu = device.type == "cuda"
@@ -279,9 +279,9 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     """
     import torch
 
-    from breakhis.ingest import IngestConfig, build_datasets
-    from breakhis.splits import SplitSpec
-    from breakhis.train import run_training
+    from breakhis.data.ingest import IngestConfig, build_datasets
+    from breakhis.data.splits import SplitSpec
+    from breakhis.train.job import run_training
 
     values = config.resolved()
     if config.use_gpu and not torch.cuda.is_available():

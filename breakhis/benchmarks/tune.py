@@ -7,8 +7,8 @@ Both sides train the same N configurations (a grid of N learning rates, every
 other option equal) on the same generated tiles, in the same local Ray
 instance, one side after the other:
 
-1. **the training job**: ``breakhis.train.run_training`` N times in a row;
-2. **the sweep**: ``breakhis.tune.run_sweep`` over the same N configurations,
+1. **the training job**: ``breakhis.train.job.run_training`` N times in a row;
+2. **the sweep**: ``breakhis.tune.job.run_sweep`` over the same N configurations,
    with the FIFO scheduler (no early stopping: both sides do the same work) and
    ``max_concurrent_trials`` trials at a time (default 1).
 
@@ -40,7 +40,7 @@ from breakhis.benchmarks.harness import (
     save_result,
     start_local_ray,
 )
-from breakhis.train_config import TrainConfig
+from breakhis.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,9 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     """
     import ray
 
-    from breakhis.search_space import parse_search_space
-    from breakhis.train import run_training
-    from breakhis.tune import SweepConfig, run_sweep
+    from breakhis.train.job import run_training
+    from breakhis.tune.job import SweepConfig, run_sweep
+    from breakhis.tune.search_space import parse_search_space
 
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)

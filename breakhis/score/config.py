@@ -1,0 +1,109 @@
+"""ScoreConfig: the options of ``breakhis score`` (breakhis.score.job runs it). No torch, Ray
+or Parquet here: the command's ``--help`` reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from breakhis import storage
+from breakhis.score.predict_config import PredictOptions
+from breakhis.stats.calibration import PATIENT_RULES
+
+if TYPE_CHECKING:
+    from breakhis.model.artifact import ModelCard
+
+JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Options of the scoring job."""
+
+    model: str
+    """Model artifact directory (local or s3://) written by breakhis.model.artifact.save_artifact."""
+    input: str
+    """Tiles: a prefix (any nesting), a prepared DEST, or a manifest (.parquet/.csv/.txt)."""
+    out: str = field(metadata={"aliases": ("output",)})
+    """Output root (local or s3://); a rerun into it scores only what is missing."""
+    predict: PredictOptions = field(default_factory=PredictOptions)
+    """How the model runs over the tiles (breakhis.score.predict)."""
+    patient_rule: str = field(default="mean", metadata={"choices": PATIENT_RULES})
+    """How a patient's tiles become one call: ``mean`` (mean prob_malignant >= threshold) or
+    ``majority`` (at least half of the tiles called malignant)."""
+    overlays: bool = False
+    """Also write OUT/overlays/<tile id as a safe file name>.png: the tile with its map
+    (needs attribution)."""
+    unit_size: int = 256
+    """Tiles per work unit (per output file); the unit of resumption."""
+    max_buffer_mb: int = 0
+    """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
+    a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
+    per actor, at least 256 MB."""
+    progress_interval_s: float = 10.0
+    """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
+            raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
+        if not self.progress_interval_s > 0:
+            raise ValueError(f"--progress-interval-s must be > 0, got {self.progress_interval_s}")
+        if self.max_buffer_mb < 0:
+            raise ValueError(
+                f"--max-buffer-mb must be >= 0 (0: automatic), got {self.max_buffer_mb}"
+            )
+        if self.patient_rule not in PATIENT_RULES:
+            raise ValueError(
+                f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
+            )
+        if self.overlays and self.predict.method is None:
+            raise ValueError("--overlays needs an attribution method (not --attribution none)")
+        # Compared as places, symlinks resolved, as prepare compares SRC and DEST.
+        out, src = storage.location(self.out), storage.location(self.input)
+        if out[: len(src)] == src or src[: len(out)] == out:
+            raise ValueError(
+                f"--out {self.out} and --input {self.input} overlap; "
+                "write scores outside the input (its overlays would become input tiles)"
+            )
+        blocker = storage.file_in_the_way(self.out)
+        if blocker is not None:
+            raise ValueError(
+                f"--out {self.out}: {blocker} is a file; give a folder (or an s3:// "
+                "prefix) for the scores"
+            )
+
+    def threshold_for(self, card: ModelCard) -> float:
+        """The threshold applied: ``predict.threshold`` when given, else the model's own."""
+        threshold = self.predict.threshold
+        return card.threshold if threshold is None else threshold
+
+    def job_record(self, card: ModelCard) -> dict:
+        """What ``_job.json`` holds: everything that changes the output rows (the
+        threshold as applied: the model's own when ``threshold`` is None)."""
+        method, predict = self.predict.method, self.predict
+        return {
+            "format": JOB_FORMAT,
+            "model": _normalised(self.model),
+            "model_id": card.model_id,
+            "input": _normalised(self.input),
+            "image_size": card.image_size,
+            "temperature": card.temperature,
+            "attribution": method,
+            "map_size": predict.map_size,
+            "tta": predict.tta,
+            "amp": predict.amp,  # bf16 on GPUs changes probabilities in the 3rd digit
+            "threshold": self.threshold_for(card),
+            "patient_rule": self.patient_rule,
+            "overlays": self.overlays,
+            "unit_size": self.unit_size,
+            "ig_steps": predict.ig_steps if method == "integrated_gradients" else None,
+            "occlusion_window": predict.occlusion_window if method == "occlusion" else None,
+            "lime_samples": predict.lime_samples if method == "lime" else None,
+            "lime_grid": predict.lime_grid if method == "lime" else None,
+        }
+
+
+def _normalised(uri: str) -> str:
+    """A URI spelled one way: local paths absolute, no trailing slash."""
+    uri = uri.rstrip("/")
+    return uri if storage.is_s3(uri) else storage.resolve(uri)[1]

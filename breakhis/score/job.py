@@ -1,0 +1,279 @@
+"""Batch scoring job: a model artifact over any number of tiles, exactly once.
+
+    ray job submit --working-dir . -- python jobs/score.py \\
+        --model s3://bucket/runs/rn50/best --input s3://archive/tiles/ \\
+        --out s3://bucket/scores/2026-11 --attribution gradcam
+    breakhis score --model ./runs/smallcnn/best --input ./synthetic --out ./scores
+
+Input (breakhis.data.inputs): a prefix of PNG/JPEG/TIFF tiles at any nesting, a
+prepared DEST's shards, or a manifest listing URIs.
+
+Pipeline (Ray Data, streaming; breakhis.score.units): the driver streams the sorted
+listing (a prefix page by page, breakhis.data.inputs.list_inputs) into work units and writes
+the members of the missing ones to a plan under the output; the pipeline's source is one
+small row per unit; decode tasks turn a unit into one block of decoded tiles; the model
+actors check that they hold whole units, score them (model calls of ``--batch-size``
+tiles), write each unit's file where it was scored and send the driver a summary row per
+unit (name, rows, errors), never the maps. Ray Data's backpressure, under an
+object-store limit of ``max_buffer_mb`` for this dataset, bounds what is in flight. The
+driver holds per unit its name and size, per tile nothing but (for a prefix) an 8-byte
+hash of its BreakHis name while listing; the summary and ``patients.parquet`` are
+computed by streaming the unit files. It logs tiles done / total, tiles/s and an ETA every
+``progress_interval_s`` (Ray Data's own progress stays in the dashboard).
+
+Exactly once, resumable. The listing is sorted, so the same input always gives
+the same units: ``unit_size`` consecutive tiles, named
+``unit-NNNNN-<sha256 of the member URIs, 12 hex>.parquet``. A unit's file is
+written in one piece only from all its tiles (temp file + rename locally, one PUT on
+S3; a batch holding part of a unit fails loudly), so a reader never sees half a file
+and a file that exists is complete; a task retried after a lost node writes the same
+file again. A rerun into the same output lists ``tiles/``, skips the units whose file
+exists and scores the rest; units of an older listing (the input changed) are deleted
+before the job declares success, and temp files only when stale (breakhis.score.output:
+never another live job's). The finished output therefore has exactly one row per input
+tile. (A tile rewritten in place under the same URI is not rescored: units are
+named by URIs, not contents; score into a new output for that.) ``_job.json``
+records the model and every option that changes the output; a rerun with
+another model or such an option is refused, naming the differences. One job at
+a time per output, enforced, even with the same options: the output is claimed atomically
+(breakhis.score.output) and any other live claim refuses the job. Before ``_SUCCESS`` the
+claim is checked again, the output must hold exactly the plan's units (no unit of another
+job) and every row the ``model_id`` checked here; the actors load the artifact the driver
+checked, shipped through the object store (breakhis.score.pipeline), and stamp rows with the
+hash of the weights they hold.
+
+**Readers wait for ``_SUCCESS``.** Until it is there, ``tiles/`` may hold part of the
+units, or units of an older listing that the job is about to delete; only an output with
+``_SUCCESS`` has exactly one row per input tile (a rerun deletes ``_SUCCESS`` first).
+
+Faults (breakhis.score.units): a transient storage error (throttling, 5xx, no answer) is
+retried, then fails its task, never becomes an error row; decode tasks and model actors
+are retried a bounded number of times; a unit whose decoding failed twice is decoded tile
+by tile, so a tile that kills its worker becomes an error row (breakhis.score.isolate); a
+tile file over ``--max-tile-mb`` is an error row, not read.
+
+Output (``OUTPUT/``, local or ``s3://``):
+
+- ``tiles/unit-*.parquet``: one row per input tile, ``tile_schema()`` (below), rows
+  sorted by uri within a file; read the folder with pandas, pyarrow, polars, DuckDB or Ray Data;
+- ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
+  ids are known (BreakHis names), PATIENT_SCHEMA;
+- ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it
+  (``image_size`` px square) with its attribution map over it; ``<name>`` is the
+  tile id when it is a plain file name, else a slug of it plus a hash
+  (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT. The
+  ``overlay_uri`` column gives each tile's file;
+- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last;
+- ``_claims/``, ``_plan/``: a running job's claim and plan (removed when it ends).
+
+Tile columns: ``uri``, ``tile_id`` (stable id, see breakhis.data.inputs),
+``file_name``, ``patient_id``, ``magnification``, ``subtype``, ``label`` (the
+true label from the name: 0 benign, 1 malignant; null when the name is not a
+BreakHis name), ``prob_malignant`` (float32 in [0, 1], the softmax of the
+malignant logit, averaged over the 8 flips/rotations with TTA),
+``predicted_label`` (int8, ``prob_malignant >= threshold``),
+``predicted_class`` ("benign"/"malignant"), ``model_id`` (the artifact's hash
+of its weights), ``model_version`` (the artifact format version),
+``attribution_method``, ``attribution_target`` (the class explained: the
+predicted one), ``attribution`` (Arrow ``fixed_size_list<float32>[S*S]``,
+S = ``map_size``, default 64: the map over the whole tile, row-major, top row
+first, divided by its largest absolute value so it lies in [-1, 1]; never null:
+all zeros for a tile without a map, whose ``attribution_method`` is null),
+``attribution_scale`` (float32, that largest absolute value: raw map = map x
+scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
+``read: ...`` (missing, refused, over ``--max-tile-mb``) or ``decode: ...`` (including a
+tile whose decoding killed its worker) and every prediction column null).
+
+Why that layout: it is the one every common reader takes as it is, error rows included
+(tests/test_score_readers.py): pandas (a numpy array of S*S values per row), pyarrow
+(``column.flatten().to_numpy().reshape(N, S, S)``), polars (an ``Array`` column),
+DuckDB (``FLOAT[]``, from the files and from an Arrow table) and Ray Data's numpy
+batches. Arrow's ``fixed_shape_tensor`` extension is not understood by polars, float16
+not by DuckDB from Arrow, and a null entry in a fixed-size list is what pyarrow cannot
+convert: hence float32 and zeros, not nulls. The cost: 4 bytes a cell instead of 2,
+16 KiB a row at S = 64 before compression instead of 8 KiB; in zstd Parquet (256 maps of
+64 x 64, 2026-12-04) 14.6 KB a row instead of 7.0 KB for smooth Grad-CAM-like maps, 17.2
+instead of 7.7 KB for noise: about 2.1x, some 15 GB of maps a million tiles (``--map-size
+32`` quarters it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+
+from breakhis import storage
+from breakhis.data.inputs import Listing, list_inputs
+from breakhis.score.check import check_output
+from breakhis.score.config import ScoreConfig
+from breakhis.score.output import (  # noqa: F401 (re-exported: errors, patients.parquet)
+    PATIENT_SCHEMA,
+    JobMismatchError,
+    claim_output,
+    keeping_claim,
+    new_token,
+    patient_table,
+    release_claim,
+    sweep_dead_jobs,
+    unit_files,
+    verify_claim,
+)
+from breakhis.score.pipeline import score_pending
+from breakhis.score.units import (  # noqa: F401 (re-exported: the output's schema, units)
+    Plan,
+    Unit,
+    parquet_bytes,
+    plan_units,
+    tile_schema,
+    write_plan,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a scoring run produced (the whole output, not only this run's part)."""
+
+    output: str
+    model_id: str
+    attribution: str | None
+    tiles: int
+    scored: int
+    errors: int
+    units: int
+    units_written: int
+    units_skipped: int
+    stale_deleted: int
+    patients: int
+    seconds: float
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Tiles scored by this run per second of its wall time."""
+        written = self.tiles if self.units == 0 else self.tiles * self.units_written / self.units
+        return written / self.seconds if self.seconds > 0 else math.nan
+
+    def format_table(self) -> str:
+        """A plain-text summary for the terminal."""
+        return "\n".join(
+            [
+                f"scored {self.tiles} tiles into {self.output} (model {self.model_id}, "
+                f"attribution {self.attribution or 'none'})",
+                f"  scored: {self.scored}   errors: {self.errors}   patients: {self.patients}",
+                f"  units: {self.units} ({self.units_written} written this run, "
+                f"{self.units_skipped} already complete, {self.stale_deleted} stale deleted)",
+                f"  time: {self.seconds:.1f} s",
+            ]
+        )
+
+
+# --------------------------------------------------------------------------- the job (driver)
+
+
+def run_scoring(config: ScoreConfig) -> ScoreSummary:
+    """Score every input tile into ``config.out`` on the current Ray cluster
+    (started locally if none); a rerun scores only the units still missing.
+
+    Everything that can be checked on the driver is, before the output is claimed and
+    before Ray starts: the model (card, weights hash and load), the input and the output.
+    The model actors then get the very artifact checked here (breakhis.score.pipeline).
+    Returns a ScoreSummary of the whole output. Raises FileNotFoundError for a
+    missing model or input, ValueError for a damaged model, an input without tiles or
+    a bad manifest, JobMismatchError (a ValueError) when the output holds or is being
+    claimed by another job (any other running job: even one with the same model and
+    options), and RuntimeError when a unit comes back incomplete or the output holds rows
+    of another model or units outside the plan (never silently written).
+    """
+    from breakhis.model.artifact import read_artifact
+
+    started = time.perf_counter()
+    artifact = read_artifact(config.model)
+    artifact.load()  # so that a damaged artifact fails here in one line, not in every actor
+    card = artifact.card
+    if "malignant" not in card.class_names:
+        raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
+    listing = list_inputs(config.input)
+    record = config.job_record(card)
+    log.info(
+        "threshold %.4f (%s), temperature %.4f",
+        config.threshold_for(card),
+        "--threshold" if config.predict.threshold is not None else "the model's",
+        card.temperature,
+    )
+    # The threshold as applied from here on (the model's own unless one was given).
+    config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
+    token = new_token()
+    claim_output(config.out, record, token)
+    try:
+        with keeping_claim(config.out, record, token):
+            return _run_claimed(config, artifact, listing, record, token, started)
+    finally:
+        release_claim(config.out, token)
+
+
+def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
+    """The job once the output is claimed: plan, score what is missing, check, summarise."""
+    tiles_uri = storage.join(config.out, "tiles")
+    sweep_dead_jobs(config.out, token)
+    existing = unit_files(tiles_uri)
+    plan_folder = storage.join(config.out, "_plan", token)
+    try:
+        plan = write_plan(listing, config.unit_size, existing, plan_folder)
+        log.info(
+            "%d tiles in %d units: %d already complete, %d to score",
+            sum(plan.rows),
+            len(plan.names),
+            len(plan.names) - plan.pending.num_rows,
+            plan.pending.num_rows,
+        )
+        stale = sorted(existing - set(plan.names))
+        if plan.pending.num_rows or stale:
+            storage.delete(storage.join(config.out, "_SUCCESS"))
+        if plan.pending.num_rows:
+            storage.make_dirs(tiles_uri)
+            score_pending(config, artifact, plan, token, plan_folder)
+    finally:
+        _delete_plan(config.out, plan_folder)
+    for name in stale:
+        storage.delete(storage.join(tiles_uri, name))
+    if stale:
+        log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
+
+    counts, patients = check_output(config, artifact.card.model_id, plan)
+    summary = ScoreSummary(
+        output=config.out,
+        model_id=artifact.card.model_id,
+        attribution=config.predict.method,
+        tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
+        scored=counts["scored"],
+        errors=counts["errors"],
+        units=len(plan.names),
+        units_written=plan.pending.num_rows,
+        units_skipped=len(plan.names) - plan.pending.num_rows,
+        stale_deleted=len(stale),
+        patients=patients,
+        seconds=time.perf_counter() - started,
+    )
+    verify_claim(config.out, record, token)
+    done = {"job": record, "summary": asdict(summary)}
+    storage.write_bytes(storage.join(config.out, "_SUCCESS"), json.dumps(done, indent=2).encode())
+    return summary
+
+
+def _delete_plan(output: str, folder: str) -> None:
+    """Delete this job's plan files (and locally its folders once empty)."""
+    if not storage.is_s3(folder):
+        shutil.rmtree(storage.resolve(folder)[1], ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: another job's plan is there
+            os.rmdir(storage.resolve(storage.join(output, "_plan"))[1])
+        return
+    if storage.exists(folder):
+        for entry in storage.walk(folder):
+            storage.delete(entry.uri)
