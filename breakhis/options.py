@@ -184,8 +184,6 @@ def add_config_options(
             is_required = item.name in required or (
                 item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
             )
-            many = typing.get_origin(kind) is tuple
-            choices = item.metadata.get("choices")
             if item.name in refuse:
                 action = argparse.BooleanOptionalAction if kind is bool else "store"
                 parser.add_argument(
@@ -195,50 +193,8 @@ def add_config_options(
                 continue
             if not path and item.name in positional:
                 parser.add_argument(dest, type=_parser_for(kind, optional), help=help_text)
-            elif item.metadata.get("repeatable"):
-                item_kind, item_optional = _unwrap_optional(typing.get_args(kind)[0])
-                parser.add_argument(
-                    flag,
-                    dest=dest,
-                    action=_Repeated,
-                    type=_parser_for(item_kind, item_optional),
-                    default=default,
-                    help=f"{help_text} (repeatable)",
-                    metavar=item.metadata.get("metavar", dest.upper()),
-                )
-            elif kind is bool:  # an optional one: None (neither flag) is the automatic choice
-                if default is not None:
-                    help_text = f"{help_text} (default: {flag if default else '--no-' + flag[2:]})"
-                parser.add_argument(
-                    flag,
-                    dest=dest,
-                    action=argparse.BooleanOptionalAction,
-                    default=default,
-                    help=help_text,
-                )
             else:
-                if default is not None and not is_required:
-                    help_text = f"{help_text} (default: {_show(default)})"
-                aliases = tuple(
-                    "--" + a.replace("_", "-") for a in item.metadata.get("aliases", ())
-                )
-                if aliases:
-                    help_text = f"{help_text} ({', '.join(aliases)}: deprecated spelling)"
-                metavar = dest.upper()
-                if choices is not None:
-                    metavar = _choice_metavar(choices, many)
-                parser.add_argument(
-                    flag,
-                    *aliases,
-                    dest=dest,
-                    action=_Store,
-                    deprecated=aliases,
-                    type=_parser_for(kind, optional),
-                    default=default,
-                    required=is_required,
-                    help=help_text,
-                    metavar=metavar,
-                )
+                _add_option(parser, item, kind, optional, dest, help_text, default, is_required)
             bindings.append(Binding(dest, (*path, item.name)))
         for item, kind in nested:
             # A config nested in a nested config groups options, it is no namespace of its
@@ -247,6 +203,59 @@ def add_config_options(
 
     visit(cls, (), "")
     return bindings
+
+
+def _add_option(
+    parser: argparse.ArgumentParser,
+    item: dataclasses.Field,
+    kind: Any,
+    optional: bool,
+    dest: str,
+    help_text: str,
+    default: Any,
+    is_required: bool,
+) -> None:
+    """Add the option of one config field: repeatable, a --flag/--no-flag pair for a bool,
+    or a valued option with its choices, default and deprecated spellings in the help."""
+    flag = "--" + dest.replace("_", "-")
+    if item.metadata.get("repeatable"):
+        item_kind, item_optional = _unwrap_optional(typing.get_args(kind)[0])
+        parser.add_argument(
+            flag,
+            dest=dest,
+            action=_Repeated,
+            type=_parser_for(item_kind, item_optional),
+            default=default,
+            help=f"{help_text} (repeatable)",
+            metavar=item.metadata.get("metavar", dest.upper()),
+        )
+        return
+    if kind is bool:  # an optional one: None (neither flag) is the automatic choice
+        if default is not None:
+            help_text = f"{help_text} (default: {flag if default else '--no-' + flag[2:]})"
+        parser.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text
+        )
+        return
+    if default is not None and not is_required:
+        help_text = f"{help_text} (default: {_show(default)})"
+    aliases = tuple("--" + a.replace("_", "-") for a in item.metadata.get("aliases", ()))
+    if aliases:
+        help_text = f"{help_text} ({', '.join(aliases)}: deprecated spelling)"
+    choices = item.metadata.get("choices")
+    many = typing.get_origin(kind) is tuple
+    parser.add_argument(
+        flag,
+        *aliases,
+        dest=dest,
+        action=_Store,
+        deprecated=aliases,
+        type=_parser_for(kind, optional),
+        default=default,
+        required=is_required,
+        help=help_text,
+        metavar=dest.upper() if choices is None else _choice_metavar(choices, many),
+    )
 
 
 def _show(value: Any) -> str:

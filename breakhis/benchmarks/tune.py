@@ -180,25 +180,7 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     os.makedirs(workdir, exist_ok=True)
     root = os.path.join(workdir, time.strftime("%Y%m%d-%H%M%S"))
     workers = config.num_workers
-    base = TrainConfig(
-        data=prepared_dest(workdir, scale=config.scale, side=config.image_size, seed=config.seed),
-        storage=os.path.join(root, "job"),
-        name="warmup",
-        arch=config.arch,
-        weights="none",
-        freeze_epochs=0,
-        image_size=config.image_size,
-        augment_strength=0.0,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        warmup_epochs=0.0,
-        patience=0,
-        val_fraction=0.2,
-        num_workers=workers,
-        use_gpu=config.gpus_per_trial > 0,
-        max_failures=0,
-        seed=config.seed,
-    )
+    base = _base_run(config, workdir, root)
     rates = config.learning_rates()
     sweep = SweepConfig(
         train=dataclasses.replace(base, storage=root, name="sweep"),
@@ -223,16 +205,7 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     warmup = run_training(dataclasses.replace(base, epochs=1), gpus_per_worker=gpus_per_worker)
     warmup_s = time.perf_counter() - started
 
-    job_run_s = []
-    job_started = time.perf_counter()
-    for i, lr in enumerate(rates):
-        started = time.perf_counter()
-        run_training(
-            dataclasses.replace(base, name=f"run-{i}", lr=lr), gpus_per_worker=gpus_per_worker
-        )
-        job_run_s.append(time.perf_counter() - started)
-        log.info("job run %d/%d (lr %g): %.1f s", i + 1, len(rates), lr, job_run_s[-1])
-    job_wall = time.perf_counter() - job_started
+    job_run_s, job_wall = _one_after_another(base, rates, gpus_per_worker)
 
     started = time.perf_counter()
     swept = run_sweep(sweep)
@@ -252,3 +225,46 @@ def run_tune_benchmark(config: TuneBenchmarkConfig) -> TuneBenchmarkResult:
     )
     save_result(workdir, "tune", result.to_dict(), result.format_table())
     return result
+
+
+def _base_run(config: TuneBenchmarkConfig, workdir: str, root: str) -> TrainConfig:
+    """The training run both sides repeat (one per learning rate): no pretrained weights, no
+    augmentation or early stop, a fifth of the patients for validation (the sweep needs it)."""
+    return TrainConfig(
+        data=prepared_dest(workdir, scale=config.scale, side=config.image_size, seed=config.seed),
+        storage=os.path.join(root, "job"),
+        name="warmup",
+        arch=config.arch,
+        weights="none",
+        freeze_epochs=0,
+        image_size=config.image_size,
+        augment_strength=0.0,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        warmup_epochs=0.0,
+        patience=0,
+        val_fraction=0.2,
+        num_workers=config.num_workers,
+        use_gpu=config.gpus_per_trial > 0,
+        max_failures=0,
+        seed=config.seed,
+    )
+
+
+def _one_after_another(
+    base: TrainConfig, rates: list[float], gpus_per_worker: float | None
+) -> tuple[list[float], float]:
+    """The job's side: one training run per learning rate, one after another; returns each
+    run's seconds and the wall time of them all."""
+    from breakhis.train.job import run_training
+
+    run_s = []
+    started_all = time.perf_counter()
+    for i, lr in enumerate(rates):
+        started = time.perf_counter()
+        run_training(
+            dataclasses.replace(base, name=f"run-{i}", lr=lr), gpus_per_worker=gpus_per_worker
+        )
+        run_s.append(time.perf_counter() - started)
+        log.info("job run %d/%d (lr %g): %.1f s", i + 1, len(rates), lr, run_s[-1])
+    return run_s, time.perf_counter() - started_all

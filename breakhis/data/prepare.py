@@ -440,63 +440,18 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
     rejects = list(catalog.rejects) + [rej for r in results for rej in r.rejects]
     if accepted.num_rows == 0:
         raise ValueError(f"{config.src}: no image decoded; see {config.dest}/rejects.parquet")
-    manifest = add_split_columns(
-        accepted,
-        folds=config.folds,
-        repetitions=config.repetitions,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-    )
     known = frozenset(catalog.table.column("patient_id").to_pylist())
-    manifest = _add_user_split_columns(manifest, user_splits, known)
-    split_options = {
-        "folds": config.folds,
-        "repetitions": config.repetitions,
-        "test_fraction": config.test_fraction,
-        "seed": config.seed,
-    }
-    if user_splits:
-        split_options["columns"] = {name: source for name, (source, _) in user_splits.items()}
-    manifest = manifest.replace_schema_metadata(
-        {
-            SPLIT_KEY: json.dumps(split_options),
-            "breakhis.manifest_hash": manifest_hash(manifest),
-            # Readers take exactly these shards, so stale ones left by a job that died
-            # before deleting them are never read twice.
-            SHARDS_KEY: json.dumps(sorted(wanted)),
-            PIXELS_KEY: json.dumps(list(sizes)),
-            GEOMETRY_KEY: "aspect",
-        }
-    )
+    manifest = _manifest(accepted, config, user_splits, known, shards=wanted, pixel_sizes=sizes)
     storage.write_bytes(storage.join(config.dest, "manifest.parquet"), _table_bytes(manifest))
     storage.write_bytes(
         storage.join(config.dest, "rejects.parquet"),
         _table_bytes(rejects_table(sorted(rejects, key=lambda r: r.uri))),
     )
-    # Shards of an older plan go only once the new manifest is in place: a job that dies
-    # here leaves extra files (which readers skip), never a manifest that points at deleted
-    # ones.
-    stale = [
-        e.uri
-        for e in storage.walk(shards_uri, (".parquet",))
-        if e.uri.rsplit("/", 1)[-1] not in wanted
-    ]
-    for uri in _stale_pixel_files(config.dest, wanted, sizes):
-        storage.delete(uri)
-    for uri in stale:
-        storage.delete(uri)
+    stale = _delete_stale_files(config.dest, shards_uri, wanted, sizes)
     for reject in rejects:
         # %r: a newline in a file name must not start a forged log line.
         log.info("rejected %r (%s): %r", reject.uri, reject.stage, reject.reason)
 
-    labels = manifest.column("label").to_pylist()
-    mags = manifest.column("magnification").to_pylist()
-    counts = Counter(f"{('benign', 'malignant')[c]}/{m}" for c, m in zip(labels, mags, strict=True))
-    split_counts = Counter(f"fold{f}" for f in manifest.column("fold").to_pylist())
-    for i in range(config.repetitions):
-        split_counts[f"rep{i}"] = pc.sum(pc.equal(manifest.column(f"rep{i}"), "test")).as_py()
-    for name in user_splits:
-        split_counts[name] = pc.sum(pc.equal(manifest.column(name), "test")).as_py()
     return PrepareSummary(
         dest=config.dest,
         images=manifest.num_rows,
@@ -507,6 +462,82 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         shards_deleted=len(stale),
         pixel_sizes=sizes,
         pixel_files_written=sum(r.pixel_files for r in results),
-        counts=dict(counts),
-        split_counts=dict(split_counts),
+        counts=_class_counts(manifest),
+        split_counts=_test_counts(manifest, config.repetitions, user_splits),
     )
+
+
+def _manifest(
+    accepted: pa.Table,
+    config: PrepareConfig,
+    user_splits: dict,
+    known: frozenset[str],
+    *,
+    shards: set[str],
+    pixel_sizes: tuple[int, ...],
+) -> pa.Table:
+    """The manifest: the accepted tiles with the split columns (the paper's folds and
+    repetitions, then the user's), and in its metadata the split options, the content hash,
+    the shard list readers take and the stored pixel sizes."""
+    manifest = add_split_columns(
+        accepted,
+        folds=config.folds,
+        repetitions=config.repetitions,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+    )
+    manifest = _add_user_split_columns(manifest, user_splits, known)
+    split_options = {
+        "folds": config.folds,
+        "repetitions": config.repetitions,
+        "test_fraction": config.test_fraction,
+        "seed": config.seed,
+    }
+    if user_splits:
+        split_options["columns"] = {name: source for name, (source, _) in user_splits.items()}
+    return manifest.replace_schema_metadata(
+        {
+            SPLIT_KEY: json.dumps(split_options),
+            "breakhis.manifest_hash": manifest_hash(manifest),
+            # Readers take exactly these shards, so stale ones left by a job that died
+            # before deleting them are never read twice.
+            SHARDS_KEY: json.dumps(sorted(shards)),
+            PIXELS_KEY: json.dumps(list(pixel_sizes)),
+            GEOMETRY_KEY: "aspect",
+        }
+    )
+
+
+def _delete_stale_files(
+    dest: str, shards_uri: str, wanted: set[str], sizes: tuple[int, ...]
+) -> list[str]:
+    """Delete the shards and pixel files of an older plan; returns the shards deleted.
+
+    Called only once the new manifest is in place: a job that dies here leaves extra files
+    (which readers skip), never a manifest that points at deleted ones."""
+    stale = [
+        e.uri
+        for e in storage.walk(shards_uri, (".parquet",))
+        if e.uri.rsplit("/", 1)[-1] not in wanted
+    ]
+    for uri in _stale_pixel_files(dest, wanted, sizes):
+        storage.delete(uri)
+    for uri in stale:
+        storage.delete(uri)
+    return stale
+
+
+def _class_counts(manifest: pa.Table) -> dict[str, int]:
+    """Images per class and magnification, e.g. ``{"benign/40": 625, ...}``."""
+    labels = manifest.column("label").to_pylist()
+    mags = manifest.column("magnification").to_pylist()
+    pairs = zip(labels, mags, strict=True)
+    return dict(Counter(f"{('benign', 'malignant')[c]}/{m}" for c, m in pairs))
+
+
+def _test_counts(manifest: pa.Table, repetitions: int, user_splits: dict) -> dict[str, int]:
+    """Images per fold, and test images of each repetition and user split column."""
+    counts = Counter(f"fold{f}" for f in manifest.column("fold").to_pylist())
+    for name in [f"rep{i}" for i in range(repetitions)] + list(user_splits):
+        counts[name] = pc.sum(pc.equal(manifest.column(name), "test")).as_py()
+    return dict(counts)

@@ -313,6 +313,18 @@ def _write_security(runtime_dir: Path) -> None:
     gRPC port but S3's). The JWT keys make the volume servers and the filer accept writes
     (and reads) only with a token signed by the master or the S3 gateway.
     """
+    files = _tls_material()
+    paths = (str(runtime_dir / name) for name in ("ca.crt", "node.crt", "node.key"))
+    files["security.toml"] = _security_toml(*paths).encode()
+    for name, data in files.items():
+        fd = os.open(runtime_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+
+
+def _tls_material() -> dict[str, bytes]:
+    """A new CA and one node certificate it signs, for 127.0.0.1 and localhost, usable as
+    server and as client; returns PEM bytes by file name (ca.crt, node.crt, node.key)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -350,20 +362,21 @@ def _write_security(runtime_dir: Path) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     node_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = f"breakhis embedded S3 CA {secrets.token_hex(4)}"
-    files = {
-        "ca.crt": certificate(ca_name, ca_key, ca_name, ca_key, ca=True).public_bytes(
-            serialization.Encoding.PEM
-        ),
+    pem = serialization.Encoding.PEM
+    return {
+        "ca.crt": certificate(ca_name, ca_key, ca_name, ca_key, ca=True).public_bytes(pem),
         "node.crt": certificate("breakhis-s3", node_key, ca_name, ca_key, ca=False).public_bytes(
-            serialization.Encoding.PEM
+            pem
         ),
         "node.key": node_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     }
-    ca, cert, key = (str(runtime_dir / name) for name in ("ca.crt", "node.crt", "node.key"))
+
+
+def _security_toml(ca: str, cert: str, key: str) -> str:
+    """weed's ``security.toml``: fresh JWT keys, gRPC and HTTPS with the node certificate
+    (``cert``, ``key``) checked against ``ca``, the admin UI off."""
     lines = []
     for section in (
         "jwt.signing",
@@ -385,11 +398,7 @@ def _write_security(runtime_dir: Path) -> None:
     for component in ("master", "volume", "filer", "admin"):
         lines += [f"[https.{component}]", f'cert = "{cert}"', f'key = "{key}"', f'ca = "{ca}"']
     lines += ["[access]", "ui = false"]
-    files["security.toml"] = ("\n".join(lines) + "\n").encode()
-    for name, data in files.items():
-        fd = os.open(runtime_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+    return "\n".join(lines) + "\n"
 
 
 def _free_ports(count: int) -> list[int]:
