@@ -214,11 +214,11 @@ def _source_exists(config) -> None:
 def _split_exists(config) -> None:
     """The training split of a sweep's TrainConfig is in its data's manifest and leaks no
     patient (each trial plans its own run; ``train`` checks in run_training)."""
-    from breakhis.data.prepare import read_manifest
-    from breakhis.data.splits import SplitSpec, select_split
+    from breakhis.data.dest import PreparedDest
+    from breakhis.data.splits import SplitSpec
 
     spec = SplitSpec.parse(config.split, val_fraction=config.val_fraction, seed=config.seed)
-    select_split(read_manifest(config.data), spec)  # LeakageError for a leaking manifest
+    PreparedDest.open(config.data).split(spec)  # LeakageError for a leaking manifest
 
 
 def _sweep_inputs_exist(config) -> None:

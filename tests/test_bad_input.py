@@ -29,7 +29,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from breakhis.data.prepare import manifest_hash
+from breakhis.data.dest import manifest_hash
 from breakhis.data.splits import add_split_columns
 from breakhis.model.artifact import ModelCard, save_artifact
 from breakhis.model.networks import build_model

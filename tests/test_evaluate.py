@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.splits import LeakageError, SplitSpec, add_split_columns, select_split
 from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
 from breakhis.evaluate.data import data_distribution, model_patients
@@ -297,7 +298,7 @@ def _artifact(uri: str, *, split: str, manifest_hash: str, data: str, **card) ->
 
 
 def test_evaluating_on_the_models_training_patients_is_refused(tmp_path: Path) -> None:
-    from breakhis.data.prepare import manifest_hash
+    from breakhis.data.dest import manifest_hash
     from breakhis.model.artifact import read_card
 
     table = _manifest()
@@ -314,7 +315,7 @@ def test_evaluating_on_the_models_training_patients_is_refused(tmp_path: Path) -
         assert patient in str(info.value)
     assert not out.exists()  # nothing computed, nothing written
     # The model's own split: its test patients are all unseen.
-    known = model_patients(read_card(model), table, data)
+    known = model_patients(read_card(model), PreparedDest(uri=data, manifest=table))
     own = select_split(table, SplitSpec("fold", 0))
     assert known.seen == own.train | own.val and not (known.seen & own.test)
     assert known.split is not None and len(known.split.val) > 0
@@ -323,7 +324,7 @@ def test_evaluating_on_the_models_training_patients_is_refused(tmp_path: Path) -
 def test_a_model_from_another_manifest_is_checked_against_its_own_patients(
     tmp_path: Path,
 ) -> None:
-    from breakhis.data.prepare import manifest_hash
+    from breakhis.data.dest import manifest_hash
 
     first = _manifest(seed=0)
     second = _manifest(seed=5)  # the same patients, split differently
@@ -352,7 +353,7 @@ def test_a_model_from_another_manifest_is_checked_against_its_own_patients(
 
 
 def test_column_splits_are_checked_against_the_patients_the_model_saw(tmp_path: Path) -> None:
-    from breakhis.data.prepare import manifest_hash
+    from breakhis.data.dest import manifest_hash
     from breakhis.model.artifact import read_card
 
     table = _manifest()
@@ -377,7 +378,7 @@ def test_column_splits_are_checked_against_the_patients_the_model_saw(tmp_path: 
         manifest_hash=manifest_hash(with_site),
         data=data,
     )
-    known = model_patients(read_card(own), with_site, data)
+    known = model_patients(read_card(own), PreparedDest(uri=data, manifest=with_site))
     assert known.split.test == frozenset(borrowed) and not known.seen & known.split.test
     assert known.seen == frozenset(table["patient_id"].to_pylist()) - frozenset(borrowed)
 
@@ -446,8 +447,8 @@ def prepared(make_prepared) -> str:
 def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -> None:
     import torch
 
+    from breakhis.data.dest import manifest_hash, read_manifest
     from breakhis.data.imaging import decode_rgb
-    from breakhis.data.prepare import manifest_hash, read_manifest
     from breakhis.model.artifact import load_artifact
     from breakhis.train.result import write_curves
 

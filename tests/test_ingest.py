@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.geometry import TileGeometry, canonical_width
 from breakhis.data.ingest import IngestConfig, IngestData, TileCollate, build_datasets
 from breakhis.data.splits import SplitSpec, select_split
@@ -61,14 +62,16 @@ def dest(ray_session, s3_server) -> str:
 
 @pytest.fixture(scope="module")
 def manifest(dest: str) -> pa.Table:
-    from breakhis.data.prepare import read_manifest
+    from breakhis.data.dest import read_manifest
 
     return read_manifest(dest)
 
 
 @pytest.fixture(scope="module")
 def cached(dest: str) -> IngestData:
-    return build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
+    return build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5)
+    )
 
 
 def _epoch(ds, columns=("image", "label", "tile_id", "patient_id", "magnification")) -> dict:
@@ -132,7 +135,9 @@ def test_each_side_holds_exactly_its_patients_tiles(
         epoch = _epoch(cached.datasets[side], columns=("tile_id", "patient_id"))
         assert set(epoch["patient_id"]) == set(members)
         assert set(epoch["tile_id"]) == {r["tile_id"] for r in rows if r["patient_id"] in members}
-    one_mag = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, magnification=100))
+    one_mag = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, magnification=100)
+    )
     epoch = _epoch(one_mag.datasets["test"], columns=("tile_id", "magnification", "patient_id"))
     assert set(epoch["magnification"]) == {100}
     assert set(epoch["patient_id"]) <= patients.test
@@ -166,11 +171,19 @@ def test_augmentation_changes_pixels_not_labels_differs_per_epoch_and_repeats_fo
 ) -> None:
     # Fresh datasets: the module's `cached` one has run epochs in other tests already, and
     # the epoch number is the dataset's own execution count.
-    plain = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, augment_strength=0.0))
+    plain = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, augment_strength=0.0)
+    )
     base = _by_tile(_epoch(plain.datasets["train"]))
-    run = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
-    again = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5))
-    other_seed = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=6))
+    run = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5)
+    )
+    again = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=5)
+    )
+    other_seed = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, oversample=True, seed=6)
+    )
 
     first = _epoch(run.datasets["train"])
     second = _epoch(run.datasets["train"])
@@ -189,7 +202,7 @@ def test_augmentation_changes_pixels_not_labels_differs_per_epoch_and_repeats_fo
 
 
 def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest: str) -> None:
-    data = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE))
+    data = build_datasets(PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE))
     decoded_at_build = data.decode_stats().decoded
     assert decoded_at_build == sum(data.num_rows.values())
     for _ in range(2):
@@ -197,7 +210,9 @@ def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest
         _epoch(data.datasets["val"], columns=("label",))
     assert data.decode_stats().decoded == decoded_at_build
 
-    streaming = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE, cache=False))
+    streaming = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, cache=False)
+    )
     assert streaming.decode_stats().decoded == 0
     for epoch in (1, 2):
         rows = len(_epoch(streaming.datasets["train"], columns=("label",))["label"])
@@ -206,25 +221,36 @@ def test_later_epochs_never_decode_when_cached_and_always_do_when_streaming(dest
 
 
 def test_a_training_run_never_decodes_the_test_patients(dest: str, manifest: pa.Table) -> None:
-    whole = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE))
+    whole = build_datasets(PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE))
+    # The plan's path: DEST opened and the split selected once, handed down.
+    prepared = PreparedDest.open(dest)
     data = build_datasets(
-        dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train", "val"), manifest=manifest
+        prepared,
+        SPLIT,
+        IngestConfig(image_size=SIZE),
+        sides=("train", "val"),
+        patients=prepared.split(SPLIT),
     )
     assert set(data.datasets) == {"train", "val"} and data.split == whole.split
     assert whole.decode_stats().decoded == sum(whole.num_rows.values())
     assert data.decode_stats().decoded == data.num_rows["train"] + data.num_rows["val"]
     assert data.decode_stats().decoded == whole.decode_stats().decoded - whole.num_rows["test"]
     with pytest.raises(ValueError, match="sides .*accepted: train"):
-        build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("val", "test"))
+        build_datasets(
+            PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE), sides=("val", "test")
+        )
 
 
 def test_the_decode_runs_inside_the_read_one_task_per_shard(dest: str, manifest: pa.Table) -> None:
-    from breakhis.data.ingest import new_ledger, read_tiles, shard_paths
+    from breakhis.data.ingest import new_ledger, read_tiles
 
-    _, shards = shard_paths(dest)
+    prepared = PreparedDest.open(dest)
+    shards = prepared.shard_uris
     assert len(shards) > 2
     patients = frozenset(manifest.column("patient_id").to_pylist())
-    tiles = read_tiles(dest, patients, IngestConfig(image_size=SIZE), new_ledger()).materialize()
+    tiles = read_tiles(
+        prepared, patients, IngestConfig(image_size=SIZE), new_ledger()
+    ).materialize()
     stats = tiles.stats()
     # A separate decode operator waits on the reads' CPUs (see read_tiles).
     assert f"ReadParquet->MapBatches(decode_tiles): {len(shards)} tasks executed" in stats, stats
@@ -295,7 +321,7 @@ def test_a_corrupt_tile_is_skipped_logged_and_counted(dest: str, manifest: pa.Ta
         )
     assert victim is not None
 
-    data = build_datasets(broken, SPLIT, IngestConfig(image_size=SIZE))
+    data = build_datasets(PreparedDest.open(broken), SPLIT, IngestConfig(image_size=SIZE))
     stats = data.decode_stats()
     assert stats.failed == 1
     assert stats.failures[0][0] == victim[1] and stats.failures[0][1]
@@ -307,9 +333,13 @@ def test_a_corrupt_tile_is_skipped_logged_and_counted(dest: str, manifest: pa.Ta
 
 def test_missing_data_and_unknown_split_fail_with_the_place(dest: str, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="manifest"):
-        build_datasets(str(tmp_path / "nothing"), SPLIT, IngestConfig(image_size=SIZE))
+        build_datasets(
+            PreparedDest.open(str(tmp_path / "nothing")), SPLIT, IngestConfig(image_size=SIZE)
+        )
     with pytest.raises(ValueError, match="fold:7"):
-        build_datasets(dest, SplitSpec.parse("fold:7"), IngestConfig(image_size=SIZE))
+        build_datasets(
+            PreparedDest.open(dest), SplitSpec.parse("fold:7"), IngestConfig(image_size=SIZE)
+        )
 
 
 # ------------------------------------------------------------------------- stored pixels
@@ -341,9 +371,9 @@ def test_stored_pixels_are_the_decoded_pixels_and_are_never_decoded_again(
 
     config = IngestConfig(image_size=SIZE, oversample=True, seed=5)
     with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
-        stored = build_datasets(stored_dest, SPLIT, config)
+        stored = build_datasets(PreparedDest.open(stored_dest), SPLIT, config)
     assert f"ingest reads stored {SIZE}x{SIZE} pixels" in caplog.text
-    decoded = build_datasets(dest, SPLIT, config)
+    decoded = build_datasets(PreparedDest.open(dest), SPLIT, config)
     assert stored.num_rows == decoded.num_rows and stored.class_counts == decoded.class_counts
     # Same tiles, same pixels, bit for bit: unaugmented (val, test) and augmented (train).
     for side in ("val", "test"):
@@ -354,7 +384,9 @@ def test_stored_pixels_are_the_decoded_pixels_and_are_never_decoded_again(
     )
     # Not one PNG decoded: at build (the cache), in later epochs, or streaming.
     _epoch(stored.datasets["train"], columns=("label",))
-    streaming = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=SIZE, cache=False))
+    streaming = build_datasets(
+        PreparedDest.open(stored_dest), SPLIT, IngestConfig(image_size=SIZE, cache=False)
+    )
     first = _epoch(streaming.datasets["val"])
     assert _by_tile(first) == _by_tile(_epoch(decoded.datasets["val"]))
     _epoch(streaming.datasets["train"], columns=("label",))
@@ -368,7 +400,9 @@ def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
 
     other = SIZE - 8
     with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
-        data = build_datasets(stored_dest, SPLIT, IngestConfig(image_size=other), sides=("train",))
+        data = build_datasets(
+            PreparedDest.open(stored_dest), SPLIT, IngestConfig(image_size=other), sides=("train",)
+        )
     assert f"ingest decodes PNGs to {other}x{other} (stored pixel sizes: {SIZE};" in caplog.text
     assert data.decode_stats().decoded == data.num_rows["train"]
 
@@ -379,7 +413,10 @@ def test_a_size_not_stored_or_a_lost_pixel_file_decodes_and_says_so(
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="breakhis.data.ingest"):
             data = build_datasets(
-                stored_dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
+                PreparedDest.open(stored_dest),
+                SPLIT,
+                IngestConfig(image_size=SIZE),
+                sides=("train",),
             )
         assert "stored pixel file(s) at 32 px missing" in caplog.text
         assert f"ingest decodes PNGs to {SIZE}x{SIZE}" in caplog.text
@@ -450,14 +487,16 @@ def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
     from breakhis.data.ingest import CACHE_FRACTION, choose_cache, shuffle_buffer_rows
 
     assert choose_cache(40, 100) and not choose_cache(int(CACHE_FRACTION * 100) + 1, 100)
-    auto = build_datasets(dest, SPLIT, IngestConfig(image_size=SIZE), sides=("train",))
+    auto = build_datasets(
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
+    )
     assert auto.config.cache is True  # 78 tiny tiles fit
     # The cached blocks are fixed: the buffer mixes them in every batch, anew each epoch.
     assert auto.shuffle_buffer == shuffle_buffer_rows(SIZE)
     assert auto.decode_stats().decoded == auto.num_rows["train"]
 
     streaming = build_datasets(
-        dest, SPLIT, IngestConfig(image_size=SIZE, cache=False), sides=("train",)
+        PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE, cache=False), sides=("train",)
     )
     assert streaming.config.cache is False and streaming.decode_stats().decoded == 0
     assert streaming.shuffle_buffer == shuffle_buffer_rows(SIZE) >= 4 * 64
@@ -485,6 +524,7 @@ _STREAM_CHILD = """
 import json, sys
 import numpy as np, ray
 from ray.data import DataContext
+from breakhis.data.dest import PreparedDest
 from breakhis.data.ingest import IngestConfig, build_datasets
 from breakhis.data.prepare import PrepareConfig, prepare
 from breakhis.data.splits import SplitSpec
@@ -498,7 +538,7 @@ synthesize(f"{root}/raw", scale=0.05, seed=0, width=64, height=42, workers=1)
 prepare(PrepareConfig(src=f"{root}/raw", dest=f"{root}/prepared", shard_mb=0.25,
                       row_group_rows=16, pixels=(size,)))
 split = SplitSpec.parse("fold:0", val_fraction=0.0)
-data = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size), sides=("train",))
+data = build_datasets(PreparedDest.open(f"{root}/prepared"), split, IngestConfig(image_size=size), sides=("train",))
 ds = data.datasets["train"].select_columns(["image", "patient_id"])
 rows, mixes = 0, []
 for batch in ds.iter_batches(batch_size=32, batch_format="numpy",
@@ -506,7 +546,7 @@ for batch in ds.iter_batches(batch_size=32, batch_format="numpy",
     rows += len(batch["image"])
     mixes.append(len(set(batch["patient_id"])))
 stats = ds.stats()
-cached = build_datasets(f"{root}/prepared", split, IngestConfig(image_size=size, cache=True),
+cached = build_datasets(PreparedDest.open(f"{root}/prepared"), split, IngestConfig(image_size=size, cache=True),
                         sides=("train",))
 print(json.dumps({"cache": data.config.cache, "rows": rows, "expected": data.num_rows["train"],
                   "decoded_gib": rows * 3 * size * size / 1024**3,

@@ -14,8 +14,9 @@ from PIL import Image
 
 from breakhis import storage
 from breakhis.data.catalog import scan_catalog
+from breakhis.data.dest import SHARDS_KEY
 from breakhis.data.inputs import INPUT_SCHEMA, discover_inputs, parse_tile_name
-from breakhis.data.prepare import SHARDS_KEY, plan_shards, write_shard
+from breakhis.data.prepare import plan_shards, write_shard
 
 
 def _image(fmt: str = "PNG", seed: int = 0) -> bytes:

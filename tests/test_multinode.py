@@ -36,7 +36,7 @@ import pytest
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from breakhis import storage
-from breakhis.data.prepare import read_manifest
+from breakhis.data.dest import read_manifest
 from breakhis.dev.localcluster import LocalCluster, LocalClusterConfig
 from breakhis.dev.s3server import S3Server
 from breakhis.synth.dataset import synthesize

@@ -11,15 +11,14 @@ import pytest
 
 from breakhis import storage
 from breakhis.data.catalog import scan_catalog
-from breakhis.data.pixels import images_of
-from breakhis.data.prepare import (
-    PrepareConfig,
+from breakhis.data.dest import (
     manifest_hash,
-    prepare,
     read_manifest,
     stored_pixel_sizes,
     user_split_columns,
 )
+from breakhis.data.pixels import images_of
+from breakhis.data.prepare import PrepareConfig, prepare
 from breakhis.data.splits import SplitSpec, select_split
 
 pytestmark = [pytest.mark.ray]
@@ -248,7 +247,7 @@ def test_src_and_dest_are_compared_as_places_not_strings(tmp_path, monkeypatch, 
 def test_a_rerun_that_dies_before_deleting_stale_shards_leaves_a_usable_manifest(
     realdata_dir, tmp_path, ray_local, monkeypatch
 ):
-    from breakhis.data.ingest import shard_paths
+    from breakhis.data.dest import PreparedDest
 
     src, dest = tmp_path / "src", str(tmp_path / "prepared")
     _real_tree_with_bad_files(realdata_dir, src)
@@ -272,13 +271,19 @@ def test_a_rerun_that_dies_before_deleting_stale_shards_leaves_a_usable_manifest
     assert set(_shard_names(dest)) - before, "the new plan's shards were written"
     assert before - set(_shard_names(dest)) == set(), "nothing was deleted yet"
     # Readers take only the manifest's shards: every tile once, none from the stale shard.
-    fs, paths = shard_paths(dest)
-    tiles = [t for p in paths for t in pq.read_table(p, filesystem=fs)["tile_id"].to_pylist()]
+    shards = PreparedDest.open(dest).shard_uris
+    tiles = [
+        t
+        for uri in shards
+        for t in pq.read_table(storage.resolve(uri)[1], filesystem=storage.resolve(uri)[0])[
+            "tile_id"
+        ].to_pylist()
+    ]
     assert sorted(tiles) == sorted(manifest["tile_id"].to_pylist())
 
     finished = prepare(config)
     assert finished.shards_deleted >= 1
-    assert sorted(_shard_names(dest)) == sorted(Path(p).name for p in paths)
+    assert sorted(_shard_names(dest)) == sorted(u.rsplit("/", 1)[-1] for u in shards)
 
 
 def test_a_newline_in_a_file_name_cannot_forge_a_log_line(

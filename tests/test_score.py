@@ -371,7 +371,8 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     """A job on a prepared DEST (LIME maps) killed part-way, then run again to the end."""
     import ray
 
-    from breakhis.data.prepare import PrepareConfig, prepare, read_manifest
+    from breakhis.data.dest import read_manifest
+    from breakhis.data.prepare import PrepareConfig, prepare
 
     dest = str(tmp_path / "prepared")
     prepare(

@@ -257,7 +257,7 @@ def test_split_file_lists_and_the_column_they_make():
 
 
 def test_split_files_cannot_take_a_column_prepare_writes():
-    from breakhis.data.prepare import SHARD_SCHEMA
+    from breakhis.data.dest import SHARD_SCHEMA
     from breakhis.data.prepare_config import BUILT_IN_COLUMNS, parse_split_files
 
     # prepare_config names the columns without pyarrow (for a fast --help): the same ones.

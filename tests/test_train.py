@@ -267,6 +267,7 @@ def prepared(make_prepared) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path: Path) -> None:
+    from breakhis.data.dest import PreparedDest
     from breakhis.data.ingest import IngestConfig, build_datasets
     from breakhis.data.splits import SplitSpec
     from breakhis.data.transforms import normalize
@@ -297,7 +298,9 @@ def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path:
         result.best_metrics["val_balanced_accuracy"]
     )
     data = build_datasets(
-        prepared, SplitSpec.parse("fold:0", val_fraction=0.2), IngestConfig(image_size=SIDE)
+        PreparedDest.open(prepared),
+        SplitSpec.parse("fold:0", val_fraction=0.2),
+        IngestConfig(image_size=SIDE),
     )
     rows = data.datasets["test"].take_all()
     images = torch.from_numpy(np.stack([r["image"] for r in rows]))

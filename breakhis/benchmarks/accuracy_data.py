@@ -54,7 +54,7 @@ def check_source(data: str | None, splits: tuple[int, ...]) -> tuple[str, str]:
     if data == GENERATED:
         return GENERATED, GENERATED
     if is_prepared(data):
-        from breakhis.data.prepare import read_manifest
+        from breakhis.data.dest import read_manifest
 
         check_repetitions(read_manifest(data), splits, data)
         return data, "prepared"
@@ -109,11 +109,14 @@ def read_tiles(dest: str) -> pa.Table:
     """tile_id, patient_id, label and PNG bytes of every prepared tile of ``dest``."""
     import pyarrow.parquet as pq
 
-    from breakhis.data.ingest import shard_paths
+    from breakhis.data.dest import PreparedDest
 
-    fs, paths = shard_paths(dest)
     columns = ["tile_id", "patient_id", "label", "png"]
-    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+    tables = []
+    for uri in PreparedDest.open(dest).shard_uris:
+        fs, path = storage.resolve(uri)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables)
 
 
 class PreparedData:
@@ -122,11 +125,12 @@ class PreparedData:
 
     def __init__(self, dest: str) -> None:
         """Read the manifest of ``dest``; raises FileNotFoundError when it has none."""
-        from breakhis.data.prepare import manifest_hash, read_manifest
+        from breakhis.data.dest import PreparedDest
 
+        opened = PreparedDest.open(dest)
         self.dest = dest
-        self.manifest = read_manifest(dest)
-        self.hash = manifest_hash(self.manifest)
+        self.manifest = opened.manifest
+        self.hash = opened.hash
         self._tiles: pa.Table | None = None
 
     @property

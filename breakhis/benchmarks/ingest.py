@@ -346,6 +346,7 @@ def ray_epochs(
     import ray
     import torch
 
+    from breakhis.data.dest import PreparedDest
     from breakhis.data.ingest import (
         IngestConfig,
         augmented_tiles,
@@ -353,9 +354,7 @@ def ray_epochs(
         new_ledger,
         read_tiles,
         shuffle_buffer_rows,
-        stored_pixel_files,
     )
-    from breakhis.data.prepare import read_manifest
     from breakhis.data.transforms import normalize
 
     ingest = IngestConfig(
@@ -364,7 +363,8 @@ def ray_epochs(
         seed=config.seed,
         cache=cache,
     )
-    pixels = stored_pixel_files(dest, read_manifest(dest), config.image_size)
+    prepared = PreparedDest.open(dest)
+    pixels = prepared.pixel_files(config.image_size)
     pixels = pixels * repeat if pixels else None
     buffer = None if cache else shuffle_buffer_rows(config.image_size, config.batch_size)
     ledger = new_ledger()
@@ -373,7 +373,7 @@ def ray_epochs(
     mixes: list[int] = []
     with peak_memory(exclude=exclude) as peak:
         started = time.perf_counter()
-        tiles = read_tiles(dest, patients, ingest, ledger, shuffle_files=not cache,
+        tiles = read_tiles(prepared, patients, ingest, ledger, shuffle_files=not cache,
                            pixel_files=pixels)  # fmt: skip
         if cache:
             tiles = cache_tiles(tiles, shuffle_seed=config.seed)
@@ -435,7 +435,7 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
     import ray
 
     from breakhis.data.catalog import scan_catalog
-    from breakhis.data.prepare import read_manifest
+    from breakhis.data.dest import PreparedDest
     from breakhis.dev.s3server import embedded_s3
     from breakhis.synth.dataset import synthesize
 
@@ -471,7 +471,7 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
                      configure_logging=False)  # fmt: skip
             try:
                 prepare_s = _timed_prepare(src, dest)
-                patients = frozenset(read_manifest(dest).column("patient_id").to_pylist())
+                patients = PreparedDest.open(dest).patients
                 epochs = config.epochs
                 png, images = ray_epochs("png-cached", dest, patients, config, cache=True,
                                          epochs=epochs, exclude=exclude)  # fmt: skip

@@ -279,6 +279,7 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     """
     import torch
 
+    from breakhis.data.dest import PreparedDest
     from breakhis.data.ingest import IngestConfig, build_datasets
     from breakhis.data.splits import SplitSpec
     from breakhis.train.job import run_training
@@ -304,7 +305,7 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
     history = list(job.history)
 
     ingest = build_datasets(
-        data,
+        PreparedDest.open(data),
         SplitSpec.parse(train.split, val_fraction=train.val_fraction, seed=train.seed),
         IngestConfig(image_size=train.image_size, augment_strength=0.0, seed=train.seed),
     )

@@ -83,17 +83,15 @@ from ray.data import DataContext, Dataset, RandomSeedConfig
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.dataset import MaterializedDataset
 
+from breakhis.data.dest import PreparedDest
 from breakhis.data.ingest_config import IngestConfig
 from breakhis.data.pixels import pixels_uri
-from breakhis.data.prepare import manifest_hash, read_manifest, stored_pixel_sizes
-from breakhis.data.splits import SplitPatients, SplitSpec, select_split
-from breakhis.data.tiles import (  # noqa: F401 - shard_paths, decode_tiles: importers use them here
+from breakhis.data.splits import SplitPatients, SplitSpec
+from breakhis.data.tiles import (  # noqa: F401 - decode_tiles: importers use it here
     DecodeStats,
     decode_tiles,
     new_ledger,
     read_tiles,
-    shard_paths,
-    stored_pixel_files,
 )
 from breakhis.data.transforms import TrainTransform
 
@@ -340,16 +338,16 @@ def _resolve_cache(config: IngestConfig, rows: int) -> bool:
     return cache
 
 
-def _announce_source(dest: str, manifest: pa.Table, size: int, stored: bool) -> None:
+def _announce_source(dest: PreparedDest, size: int, stored: bool) -> None:
     if stored:
         log.info(
             "ingest reads stored %dx%d pixels from %s: no PNG decode",
             size,
             size,
-            pixels_uri(dest, size),
+            pixels_uri(dest.uri, size),
         )
         return
-    sizes = ", ".join(map(str, stored_pixel_sizes(manifest))) or "none"
+    sizes = ", ".join(map(str, dest.pixel_sizes)) or "none"
     log.info(
         "ingest decodes PNGs to %dx%d (stored pixel sizes: %s; `breakhis prepare --pixels %d` "
         "stores this one)",
@@ -374,7 +372,7 @@ def _ordered() -> Iterator[None]:
 
 
 def _read_sides(
-    dest: str,
+    dest: PreparedDest,
     chosen: dict[str, frozenset[str]],
     rows: dict[str, pa.Table],
     config: IngestConfig,
@@ -406,12 +404,11 @@ def _read_sides(
 
 
 def build_datasets(
-    dest: str,
+    dest: PreparedDest,
     split: SplitSpec,
     config: IngestConfig,
     *,
     sides: tuple[str, ...] = SIDES,
-    manifest: pa.Table | None = None,
     patients: SplitPatients | None = None,
 ) -> IngestData:
     """Build the Ray Datasets of one split of a prepared DEST: those of ``sides`` (a
@@ -419,22 +416,17 @@ def build_datasets(
 
     With ``config.cache`` this decodes every tile of those sides now (on the current Ray
     cluster) and keeps them in the object store; otherwise it only plans the pipeline.
-    ``manifest`` is DEST's, when the caller has read it already, and ``patients`` the split
-    it selected from it (with the leakage check), so the training path plans once. Returns
-    IngestData.
-    Raises FileNotFoundError when DEST has no manifest or shards, ValueError for a split
+    ``patients`` is the split the caller selected from ``dest`` already (with the leakage
+    check), so the training path plans once. Returns IngestData.
+    Raises FileNotFoundError when DEST has no shards, ValueError for a split
     the manifest lacks, an unknown side or a training side without images (e.g. at this
     magnification), and LeakageError when a patient is on two sides.
     """
     if "train" not in sides or not set(sides) <= set(SIDES):
         raise ValueError(f"sides {sides}: accepted: train, and any of val and test")
-    if patients is not None and manifest is None:
-        raise ValueError("build_datasets: patients= needs the manifest they were selected from")
-    manifest = read_manifest(dest) if manifest is None else manifest
-    patients = select_split(manifest, split) if patients is None else patients
-    pixel_files = stored_pixel_files(dest, manifest, config.image_size, config.geometry)
-    meta = manifest.schema.metadata or {}
-    mhash = meta.get(b"breakhis.manifest_hash", b"").decode() or manifest_hash(manifest)
+    patients = dest.split(split) if patients is None else patients
+    pixel_files = dest.pixel_files(config.image_size, config.geometry)
+    manifest = dest.manifest
     if config.magnification is not None:
         manifest = manifest.filter(pc.equal(manifest.column("magnification"), config.magnification))
     members_of = {"train": patients.train, "val": patients.val, "test": patients.test}
@@ -448,9 +440,9 @@ def build_datasets(
     }
     where = f"split {split}" + (f" at {config.magnification}X" if config.magnification else "")
     if rows["train"].num_rows == 0:
-        raise ValueError(f"{dest}: {where} has no training image")
+        raise ValueError(f"{dest.uri}: {where} has no training image")
 
-    _announce_source(dest, manifest, config.image_size, stored=bool(pixel_files))
+    _announce_source(dest, config.image_size, stored=bool(pixel_files))
     cache = _resolve_cache(config, sum(r.num_rows for r in rows.values()))
     config = replace(config, cache=cache)
     ledger = new_ledger()
@@ -473,7 +465,7 @@ def build_datasets(
     log.info(
         "ingest %s from %s: train %d (benign %d x%d, malignant %d x%d), %s; cache %s",
         where,
-        dest,
+        dest.uri,
         num_rows["train"],
         counts[0],
         factor[0],
@@ -488,7 +480,7 @@ def build_datasets(
         class_counts=counts,
         class_weights=class_weights(seen),
         split=patients,
-        manifest_hash=mhash,
+        manifest_hash=dest.hash,
         num_rows=num_rows,
         oversample_factor=factor,
         config=config,

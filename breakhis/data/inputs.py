@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.names import BreakHisNameError, TileName, parse_name
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def discover_inputs(uri: str) -> InputSet:
     (saying what is accepted).
     """
     if _is_prepared(uri):
-        kind, table = "prepared", _prepared_rows(uri)
+        kind, table = "prepared", prepared_rows(PreparedDest.open(uri))
     elif uri.lower().endswith(MANIFEST_SUFFIXES):
         kind, table = "manifest", _manifest_rows(uri)
     else:
@@ -295,21 +296,13 @@ def _is_prepared(uri: str) -> bool:
     )
 
 
-def _prepared_rows(dest: str) -> pa.Table:
-    from breakhis.data.prepare import manifest_shards
-
-    listed = manifest_shards(dest)
-    # The shards the manifest lists: a prepare that died before deleting an older plan's
-    # shards leaves them behind, and their tiles are not the DEST's (issue 24). A manifest
-    # written before manifests listed shards: every shard.
-    shard_uris = [
-        e.uri
-        for e in storage.walk(storage.join(dest, "shards"), (".parquet",))
-        if not e.uri.rsplit("/", 1)[-1].startswith((".", "_"))
-        and (listed is None or e.uri.rsplit("/", 1)[-1] in listed)
-    ]
+def prepared_rows(dest: PreparedDest) -> pa.Table:
+    """The tiles of a prepared DEST as an input listing (INPUT_SCHEMA, sorted by URI), read
+    from the shards its manifest lists (PreparedDest.shard_uris: a prepare that died before
+    deleting an older plan's shards leaves them behind, and their tiles are not the DEST's).
+    Raises ValueError when a tile is in two shards."""
     tables = []
-    for shard in shard_uris:
+    for shard in dest.shard_uris:
         fs, path = storage.resolve(shard)
         columns = ["uri", "tile_id", "file_name", "patient_id", "magnification", "subtype", "label"]
         # Only the small columns: the png bytes stay in the shard until a decode task reads them.
@@ -325,8 +318,8 @@ def _prepared_rows(dest: str) -> pa.Table:
         # means a DEST written to by hand. Scoring both copies would give two rows per tile.
         dup = next(u for u, n in Counter(uris).items() if n > 1)
         raise ValueError(
-            f"{dest}/shards: tile {dup} is in more than one shard; re-run "
-            f"`breakhis prepare` into {dest} to rewrite a consistent set of shards"
+            f"{dest.uri}/shards: tile {dup} is in more than one shard; re-run "
+            f"`breakhis prepare` into {dest.uri} to rewrite a consistent set of shards"
         )
     return table
 

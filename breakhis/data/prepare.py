@@ -45,7 +45,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from breakhis import storage
-from breakhis.data.catalog import CATALOG_SCHEMA, Reject, rejects_table, scan_catalog
+from breakhis.data.catalog import Reject, rejects_table, scan_catalog
+from breakhis.data.dest import (
+    HASH_KEY,
+    SHARD_SCHEMA,
+    SHARDS_KEY,
+    SPLIT_KEY,
+    manifest_hash,
+    read_manifest,
+    stored_pixel_sizes,
+    user_split_columns,
+)
 from breakhis.data.geometry import TileGeometry, canonical_width
 from breakhis.data.imaging import decode_rgb
 from breakhis.data.pixels import (
@@ -68,17 +78,7 @@ from breakhis.raysession import ensure_ray
 
 log = logging.getLogger(__name__)
 
-SHARD_SCHEMA = (
-    CATALOG_SCHEMA.append(pa.field("width", pa.int32()))
-    .append(pa.field("height", pa.int32()))
-    .append(pa.field("png", pa.binary()))
-)
 _REJECTS_KEY = b"breakhis.rejects"
-SHARDS_KEY = "breakhis.shards"
-"""Manifest metadata key: JSON list of the shard file names of its plan."""
-SPLIT_KEY = "breakhis.split"
-"""Manifest metadata key: JSON of the split options; ``columns`` maps each user-defined
-split column to the file its test patients came from."""
 
 
 @dataclass(frozen=True)
@@ -260,61 +260,12 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def manifest_hash(manifest: pa.Table) -> str:
-    """A short content hash of a manifest: which tiles, labels and splits.
-
-    The splits are every column that is not a shard's own (``fold``, ``rep0``.. and the
-    user-defined split columns), so that a split column added or edited by hand changes it.
-    Model artifacts record it so that evaluation can tell which data a model saw.
-    """
-    digest = hashlib.sha256()
-    keep = [
-        c
-        for c in manifest.column_names
-        if c in ("tile_id", "patient_id", "label") or c not in SHARD_SCHEMA.names
-    ]
-    for row in manifest.select(keep).sort_by("tile_id").to_pylist():
-        digest.update(json.dumps(row, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def manifest_shards(dest: str) -> list[str] | None:
-    """The shard file names DEST's manifest lists, sorted; None for a manifest written before
-    manifests listed them. Raises FileNotFoundError when DEST has no manifest."""
-    uri = storage.join(dest, "manifest.parquet")
-    fs, path = storage.resolve(uri)
-    try:
-        metadata = pq.read_schema(fs.open_input_file(path)).metadata or {}
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first"
-        ) from err
-    listed = metadata.get(SHARDS_KEY.encode())
-    return sorted(json.loads(listed)) if listed is not None else None
-
-
-def stored_pixel_sizes(manifest: pa.Table | pa.Schema) -> tuple[int, ...]:
-    """The sizes whose pixels every shard of a manifest's plan has (sorted; () for none)."""
-    metadata = manifest.schema.metadata if isinstance(manifest, pa.Table) else manifest.metadata
-    listed = (metadata or {}).get(PIXELS_KEY.encode())
-    if (metadata or {}).get(GEOMETRY_KEY.encode()) != b"aspect":
-        return ()  # squashed pixels of an older prepare: decode the PNGs instead
-    return tuple(sorted(json.loads(listed))) if listed is not None else ()
-
-
 def _previous_pixel_sizes(dest: str) -> tuple[int, ...]:
     fs, path = storage.resolve(storage.join(dest, "manifest.parquet"))
     try:
         return stored_pixel_sizes(pq.read_schema(fs.open_input_file(path)))
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
         return ()
-
-
-def user_split_columns(manifest: pa.Table) -> dict[str, str]:
-    """The user-defined split columns of a manifest (``--split-file``), each with the file
-    its test patients came from, sorted by name ({} for none)."""
-    raw = (manifest.schema.metadata or {}).get(SPLIT_KEY.encode())
-    return dict(sorted(json.loads(raw).get("columns", {}).items())) if raw else {}
 
 
 def _test_patients(config: PrepareConfig, catalog: pa.Table) -> dict[str, tuple[str, frozenset]]:
@@ -360,35 +311,6 @@ def _add_user_split_columns(
         )
         manifest = manifest.append_column(name, column)
         select_split(manifest, SplitSpec("column", column=name))  # one side per patient
-    return manifest
-
-
-MANIFEST_REQUIRED = ("tile_id", "patient_id", "label")
-"""Columns every manifest row needs, never null: splits group tiles by patient and stratify
-by label, so a tile without either cannot be placed on one side of a split."""
-
-
-def read_manifest(dest: str) -> pa.Table:
-    """The manifest of a prepared DEST. Raises FileNotFoundError naming it, and ValueError
-    naming the column (and the first row) when a MANIFEST_REQUIRED column is missing or null."""
-    uri = storage.join(dest, "manifest.parquet")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: no manifest; run `breakhis prepare SRC {dest}` first")
-    fs, path = storage.resolve(uri)
-    manifest = pq.read_table(path, filesystem=fs)
-    for name in MANIFEST_REQUIRED:
-        if name not in manifest.column_names:
-            raise ValueError(
-                f"{uri}: no {name!r} column (columns: {', '.join(manifest.column_names)}); a "
-                f"manifest needs {', '.join(MANIFEST_REQUIRED)} (`breakhis prepare` writes them)"
-            )
-        nulls = manifest.column(name).null_count
-        if nulls:
-            row = pc.index(pc.is_null(manifest.column(name)), True).as_py()
-            raise ValueError(
-                f"{uri}: {nulls} row(s) with a null {name!r} (the first is row {row}); every "
-                f"tile needs {', '.join(MANIFEST_REQUIRED)} for patient-disjoint splits"
-            )
     return manifest
 
 
@@ -498,7 +420,7 @@ def _manifest(
     return manifest.replace_schema_metadata(
         {
             SPLIT_KEY: json.dumps(split_options),
-            "breakhis.manifest_hash": manifest_hash(manifest),
+            HASH_KEY: manifest_hash(manifest),
             # Readers take exactly these shards, so stale ones left by a job that died
             # before deleting them are never read twice.
             SHARDS_KEY: json.dumps(sorted(shards)),

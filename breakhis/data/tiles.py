@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 from ray.data import DataContext, Dataset, FileShuffleConfig
 from ray.data.expressions import col
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.geometry import TileGeometry
 from breakhis.data.ingest_config import IngestConfig
-from breakhis.data.pixels import PIXEL_COLUMNS, images_of, pixel_file_uri, pixels_uri
-from breakhis.data.prepare import manifest_shards, stored_pixel_sizes
+from breakhis.data.pixels import PIXEL_COLUMNS, images_of
 from breakhis.data.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -128,58 +127,6 @@ def _rows(rows: pa.Table, images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def shard_paths(dest: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem and paths of the shards of a prepared DEST: those its manifest lists
-    (a prepare that died before deleting an older plan's shards leaves them behind), or every
-    shard for a manifest that lists none.
-
-    Raises FileNotFoundError naming DEST/shards when there is none.
-    """
-    uris = _shard_uris(dest)
-    fs, _ = storage.resolve(uris[0])
-    return fs, [storage.resolve(u)[1] for u in uris]
-
-
-def _shard_uris(dest: str) -> list[str]:
-    shards_uri = storage.join(dest, "shards")
-    uris = [e.uri for e in storage.walk(shards_uri, (".parquet",))]
-    with suppress(FileNotFoundError):
-        listed = manifest_shards(dest)
-        if listed is not None:
-            uris = [u for u in uris if u.rsplit("/", 1)[-1] in set(listed)]
-    if not uris:
-        raise FileNotFoundError(f"{shards_uri}: no shards; run `breakhis prepare SRC {dest}`")
-    return uris
-
-
-def stored_pixel_files(
-    dest: str, manifest: pa.Table, image_size: int, geometry: str = "aspect"
-) -> list[str] | None:
-    """The pixel files of DEST at ``image_size`` (one per shard), or None when the manifest
-    lists no such size, a file is missing, or the run squashes tiles (``geometry``
-    square: stored pixels keep the aspect); then ingest decodes PNGs, saying why."""
-    if geometry != "aspect" or image_size not in stored_pixel_sizes(manifest):
-        return None
-    wanted = [pixel_file_uri(u, image_size) for u in _shard_uris(dest)]
-    try:
-        there = {e.uri for e in storage.walk(pixels_uri(dest, image_size), (".parquet",))}
-    except FileNotFoundError:
-        there = set()
-    missing = [u for u in wanted if u not in there]
-    if missing:
-        log.warning(
-            "%d stored pixel file(s) at %d px missing (e.g. %s): decoding PNGs instead; "
-            "`breakhis prepare SRC %s --pixels %d` rewrites them",
-            len(missing),
-            image_size,
-            missing[0],
-            dest,
-            image_size,
-        )
-        return None
-    return wanted
-
-
 @contextmanager
 def _parquet_reader_v1() -> Iterator[None]:
     """Plan ``read_parquet`` with Ray Data's first Parquet datasource.
@@ -200,7 +147,7 @@ def _parquet_reader_v1() -> Iterator[None]:
 
 
 def read_tiles(
-    dest: str,
+    dest: PreparedDest,
     patients: frozenset[str],
     config: IngestConfig,
     ledger: ray.actor.ActorHandle | None = None,
@@ -213,16 +160,14 @@ def read_tiles(
     evaluation view of ``config.geometry``, or with ``canonical`` the canonical tiles.
 
     ``shuffle_files`` reads the shards in a new seeded order each execution.
-    ``pixel_files`` (from ``stored_pixel_files``) reads stored pixels of the
+    ``pixel_files`` (from ``PreparedDest.pixel_files``) reads stored pixels of the
     configured size instead of decoding the PNG shards. Returns a Dataset with
     the row contract of the module docstring (not augmented). Raises
     FileNotFoundError when DEST has no shards.
     """
-    if pixel_files:
-        fs, _ = storage.resolve(pixel_files[0])
-        paths = [storage.resolve(u)[1] for u in pixel_files]
-    else:
-        fs, paths = shard_paths(dest)
+    uris = pixel_files or dest.shard_uris
+    fs, _ = storage.resolve(uris[0])
+    paths = [storage.resolve(u)[1] for u in uris]
     shuffle = (
         FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if shuffle_files else None
     )

@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from breakhis.data.splits import LeakageError, SplitPatients, SplitSpec, select_split
+from breakhis.data.dest import PreparedDest
+from breakhis.data.splits import LeakageError, SplitPatients, SplitSpec
 from breakhis.model.artifact import ModelCard
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
 
@@ -137,48 +138,46 @@ class ModelPatients:
     source: str  # the data root of that manifest
 
 
-def model_patients(card: ModelCard, manifest: pa.Table, data: str) -> ModelPatients:
+def model_patients(card: ModelCard, dest: PreparedDest) -> ModelPatients:
     """The patients whose images the model saw (its split's training and validation side).
 
-    Reads them from ``manifest`` (DEST's) when the card's manifest hash is
+    Reads them from ``dest``'s manifest when the card's manifest hash is
     its hash, else from the manifest at the card's training data URI. Raises
     LeakageError when the card records no split or manifest, or when neither
     manifest is the one the model was trained on (which patients it saw cannot
     be known, so no test set can be shown to be unseen).
     """
-    from breakhis.data.prepare import manifest_hash, read_manifest
-
     if not card.split or not card.manifest_hash:
         raise LeakageError(
             f"the model card records no training split/manifest hash (split {card.split!r}, "
             f"manifest_hash {card.manifest_hash!r}); evaluation cannot tell which patients the "
             "model saw. Evaluate only models written by `breakhis train`"
         )
-    source, source_manifest = data, manifest
-    if manifest_hash(manifest) != card.manifest_hash:
+    data = dest.uri
+    source = dest
+    if dest.hash != card.manifest_hash:
         trained_on = str(card.config.get("data") or "")
         candidate = None
         if trained_on and trained_on.rstrip("/") != data.rstrip("/"):
             try:
-                candidate = read_manifest(trained_on)
+                candidate = PreparedDest.open(trained_on)
             except (FileNotFoundError, OSError) as err:
                 log.warning("cannot read the model's training manifest: %s", err)
-        if candidate is None or manifest_hash(candidate) != card.manifest_hash:
+        if candidate is None or candidate.hash != card.manifest_hash:
             changed = candidate is not None or trained_on.rstrip("/") == data.rstrip("/")
             raise LeakageError(
                 f"the model was trained on manifest {card.manifest_hash} (data "
                 f"{trained_on or 'unknown'}), not on {data}'s manifest "
-                f"{manifest_hash(manifest)}, and that manifest "
+                f"{dest.hash}, and that manifest "
                 f"{'has changed since' if changed else 'cannot be read'}; evaluation cannot "
                 "prove the test patients are unseen. Evaluate on the data the model was "
                 "trained on, as prepared then"
             )
-        source, source_manifest = trained_on, candidate
+        source = candidate
     spec = SplitSpec.parse(
         card.split,
         val_fraction=float(card.config.get("val_fraction", 0.0) or 0.0),
         seed=int(card.config.get("seed", 0) or 0),
     )
-    sides = select_split(source_manifest, spec)
-    seen = frozenset(source_manifest.column("patient_id").to_pylist()) - sides.test
-    return ModelPatients(seen=seen, split=sides, source=source)
+    sides = source.split(spec)
+    return ModelPatients(seen=source.patients - sides.test, split=sides, source=source.uri)

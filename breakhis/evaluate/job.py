@@ -41,8 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.geometry import TileGeometry
-from breakhis.data.splits import LeakageError, SplitSpec, check_no_leakage, select_split
+from breakhis.data.splits import LeakageError, SplitSpec, check_no_leakage
 from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
 from breakhis.evaluate.data import (
     ModelPatients,
@@ -313,7 +314,7 @@ class _Plan:
     card: ModelCard
     options: EvaluateOptions
     """The options with the threshold applied (the model's unless one was given)."""
-    manifest: pa.Table
+    dest: PreparedDest
     known: ModelPatients
     test: frozenset[str]
     info: SplitInfo
@@ -324,7 +325,6 @@ class _Plan:
 def _plan(config: EvaluateConfig) -> _Plan:
     """Load the model, read the manifest, select the split and check it for leakage; the
     raises of run_evaluation but the decoding errors."""
-    from breakhis.data.prepare import read_manifest
     from breakhis.model.artifact import load_artifact
 
     if config.out and storage.is_file(config.out):
@@ -334,10 +334,10 @@ def _plan(config: EvaluateConfig) -> _Plan:
     options = config.options
     if options.predict.threshold is None:
         options = replace(options, predict=replace(options.predict, threshold=card.threshold))
-    manifest = read_manifest(config.data)
-    known = model_patients(card, manifest, config.data)
+    dest = PreparedDest.open(config.data)
+    known = model_patients(card, dest)
     spec = SplitSpec.parse(config.split or card.split)
-    patients = select_split(manifest, spec)  # raises LeakageError for a leaking manifest
+    patients = dest.split(spec)  # raises LeakageError for a leaking manifest
     try:
         check_no_leakage(model_training=known.seen, evaluation_test=patients.test)
     except LeakageError as err:
@@ -345,28 +345,26 @@ def _plan(config: EvaluateConfig) -> _Plan:
             f"refusing to evaluate {config.model} (trained on {card.split} of manifest "
             f"{card.manifest_hash}) on {spec} of {config.data}: {err}"
         ) from err
-    info = _split_info(manifest, spec, card, known, patients.test)
+    info = _split_info(dest, spec, card, known, patients.test)
     log.info("%s: %s", spec, info.leakage_check)
-    tiles = _test_tiles(config.data, spec, patients.test, card.magnification, options)
-    return _Plan(card, options, manifest, known, patients.test, info, tiles)
+    tiles = _test_tiles(dest, spec, patients.test, card.magnification, options)
+    return _Plan(card, options, dest, known, patients.test, info, tiles)
 
 
 def _split_info(
-    manifest: pa.Table,
+    dest: PreparedDest,
     spec: SplitSpec,
     card: ModelCard,
     known: ModelPatients,
     test: frozenset[str],
 ) -> SplitInfo:
-    from breakhis.data.prepare import manifest_hash
-
     return SplitInfo(
         split=str(spec),
-        description=describe_split(manifest, spec),
-        manifest_hash=manifest_hash(manifest),
+        description=describe_split(dest.manifest, spec),
+        manifest_hash=dest.hash,
         model_split=card.split,
         model_manifest_hash=card.manifest_hash,
-        patients=len(set(manifest.column("patient_id").to_pylist())),
+        patients=len(dest.patients),
         seen_patients=len(known.seen),
         train_patients=len(known.split.train),
         val_patients=len(known.split.val),
@@ -380,27 +378,25 @@ def _split_info(
 
 
 def _test_tiles(
-    data: str,
+    dest: PreparedDest,
     spec: SplitSpec,
     test: frozenset[str],
     trained_at: int | None,
     options: EvaluateOptions,
 ) -> pa.Table:
-    """The prepared tiles of the test patients; ValueError when DATA is not a prepared
-    DEST or the test patients have no image at the model's magnification."""
-    from breakhis.data.inputs import discover_inputs
+    """The prepared tiles of the test patients; FileNotFoundError when DEST has no shards,
+    ValueError when the test patients have no image at the model's magnification."""
+    from breakhis.data.inputs import prepared_rows
 
-    inputs = discover_inputs(data)
-    if inputs.kind != "prepared":
-        raise ValueError(f"--data {data}: not a prepared DEST (manifest.parquet + shards/)")
-    tiles = inputs.table.filter(
-        pc.is_in(inputs.table.column("patient_id"), pa.array(sorted(test), pa.string()))
+    listing = prepared_rows(dest)
+    tiles = listing.filter(
+        pc.is_in(listing.column("patient_id"), pa.array(sorted(test), pa.string()))
     )
     if trained_at and not options.cross_magnification:
         tiles = tiles.filter(pc.equal(tiles.column("magnification"), trained_at))
     if _at_magnification(tiles, trained_at).num_rows == 0:
         raise ValueError(
-            f"split {spec} of {data}: the test patients have no image"
+            f"split {spec} of {dest.uri}: the test patients have no image"
             + (f" at {trained_at}X" if trained_at else "")
         )
     return tiles
@@ -466,7 +462,7 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
             patient_rule=rule,
         ),
         distribution=data_distribution(
-            plan.manifest,
+            plan.dest.manifest,
             sides,
             magnification=card.magnification,
             oversample=bool(card.config.get("oversample")),

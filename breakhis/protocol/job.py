@@ -50,9 +50,9 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.splits import SplitSpec
 from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
 from breakhis.protocol.config import PER_MAGNIFICATION, ProtocolConfig  # noqa: F401 (re-exported)
@@ -209,16 +209,13 @@ def _mag_text(magnification: int | None) -> str:
     return "all magnifications" if magnification is None else f"{magnification}X"
 
 
-def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int | str]:
+def _check_splits(config: ProtocolConfig, dest: PreparedDest) -> list[int | str]:
     """The splits to run: indices (``config.splits``, else all the manifest has) or with
     ``column`` column names (``config.columns``, else every user-defined one); raises
     ValueError for splits it lacks or a malformed split column, and LeakageError for a
     leaking one, before any training starts."""
-    from breakhis.data.prepare import user_split_columns
-    from breakhis.data.splits import select_split
-
     if config.scheme == "column":
-        columns: list[int | str] = list(config.columns or user_split_columns(manifest))
+        columns: list[int | str] = list(config.columns or dest.user_split_columns)
         if not columns:
             raise ValueError(
                 f"{config.train.data}: the manifest has no user-defined split column; add one "
@@ -226,8 +223,9 @@ def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int | str]:
                 "with --columns"
             )
         for name in columns:
-            select_split(manifest, split_spec("column", name))
+            dest.split(split_spec("column", name))
         return columns
+    manifest = dest.manifest
     folds = (
         int(max(manifest.column("fold").to_pylist())) + 1 if "fold" in manifest.column_names else 0
     )
@@ -240,7 +238,7 @@ def _check_splits(config: ProtocolConfig, manifest: Any) -> list[int | str]:
             f"not {missing or indices}"
         )
     for index in indices:
-        select_split(manifest, SplitSpec(config.scheme, index))
+        dest.split(SplitSpec(config.scheme, index))
     return list(indices)
 
 
@@ -278,13 +276,12 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
     """
     import ray
 
-    from breakhis.data.prepare import read_manifest
     from breakhis.evaluate.data import describe_scheme
     from breakhis.protocol.report import write_protocol_report
 
     started = time.perf_counter()
-    manifest = read_manifest(config.train.data)
-    indices = _check_splits(config, manifest)
+    dest = PreparedDest.open(config.train.data)
+    indices = _check_splits(config, dest)
     plans = plan_runs(config, indices)
     ensure_ray()
     concurrency = concurrent_runs(
@@ -307,9 +304,9 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
         scheme=config.scheme,
         config_splits=tuple(str(split_spec(config.scheme, i)) for i in indices),
         magnifications=tuple(config.magnifications),
-        patients=len(set(manifest.column("patient_id").to_pylist())),
+        patients=len(dest.patients),
         protocol_description=describe_scheme(
-            manifest, config.scheme, tuple(str(i) for i in indices)
+            dest.manifest, config.scheme, tuple(str(i) for i in indices)
         ),
         train_config={
             k: v

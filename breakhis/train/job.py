@@ -47,6 +47,7 @@ import ray.train.torch
 import torch
 
 from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.splits import SplitSpec
 from breakhis.model.networks import build_model
 from breakhis.raysession import ensure_ray
@@ -128,9 +129,9 @@ def _check_batches(train_rows: int, config: TrainConfig) -> int:
 
 
 def plan_data(
-    config: TrainConfig, *, validate: bool | None = None, manifest: Any = None
+    config: TrainConfig, *, validate: bool | None = None, dest: PreparedDest | None = None
 ) -> DataPlan:
-    """Read the manifest (unless given), select the split and check it holds validation
+    """Open the prepared DEST (unless given), select the split and check it holds validation
     patients (``validate``; default: whether the config holds any out) and a batch of
     training images. Needs no Ray.
 
@@ -138,23 +139,20 @@ def plan_data(
     bad split or too little data for the batch size, and LeakageError for a split with
     a patient on two sides.
     """
-    from breakhis.data.prepare import read_manifest
-    from breakhis.data.splits import select_split
-
     validate = config.validates if validate is None else validate
     spec = SplitSpec.parse(
         config.split, val_fraction=config.val_fraction if validate else 0.0, seed=config.seed
     )
-    manifest = read_manifest(config.data) if manifest is None else manifest
-    patients = select_split(manifest, spec)  # raises LeakageError for a leaking split
+    dest = PreparedDest.open(config.data) if dest is None else dest
+    patients = dest.split(spec)  # raises LeakageError for a leaking split
     if validate and not patients.val:
         raise ValueError(
             f"split {spec} with --val-fraction {config.val_fraction} leaves no validation "
             "patient; raise --val-fraction"
         )
     # Counted from the manifest, so too small a data set fails before anything is decoded.
-    _check_batches(_count_images(manifest, patients.train, config.magnification), config)
-    return DataPlan(spec=spec, manifest=manifest, patients=patients)
+    _check_batches(_count_images(dest.manifest, patients.train, config.magnification), config)
+    return DataPlan(spec=spec, dest=dest, patients=patients)
 
 
 def _ingest_config(config: TrainConfig) -> Any:
@@ -205,12 +203,11 @@ def plan_run(
     del net
 
     ingest = build_datasets(
-        config.data,
+        data.dest,
         data.spec,
         _ingest_config(config),
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
-        manifest=data.manifest,
         patients=data.patients,
     )
     if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
@@ -437,8 +434,8 @@ def _fit(
         refit=False,
     )
     log.info("refit: %d epochs on training and validation patients", validated.best_epoch)
-    manifest = plan.data.manifest if plan.data is not None else None
-    refit_data = plan_data(refit, validate=False, manifest=manifest)
+    dest = plan.data.dest if plan.data is not None else None
+    refit_data = plan_data(refit, validate=False, dest=dest)
     refit_plan = plan_run(refit, gpus_per_worker=gpus_per_worker, validate=False, data=refit_data)
     started = time.perf_counter()
     refit_result = make_trainer(refit_plan, gpus_per_worker=gpus_per_worker).fit()

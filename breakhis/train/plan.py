@@ -13,14 +13,16 @@ from breakhis.train.config import TrainConfig
 if TYPE_CHECKING:
     import ray.data
 
+    from breakhis.data.dest import PreparedDest
+
 
 @dataclass(frozen=True)
 class DataPlan:
     """The split a run trains on, read and checked once on the driver, before Ray starts."""
 
     spec: SplitSpec
-    manifest: Any = field(repr=False)
-    """DEST's manifest (a pyarrow Table), handed to ingest so it is not read again."""
+    dest: PreparedDest = field(repr=False)
+    """The prepared DEST, opened once and handed to ingest."""
     patients: SplitPatients
 
 
@@ -34,7 +36,7 @@ class RunPlan:
     manifest_hash: str
     resumed_from_epoch: int
     data: DataPlan | None = field(default=None, repr=False)
-    """The split it was planned on (the refit reuses its manifest)."""
+    """The split it was planned on (the refit reuses its opened DEST)."""
 
     @property
     def validate(self) -> bool:

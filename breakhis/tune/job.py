@@ -287,7 +287,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     """
     import ray
 
-    from breakhis.data.prepare import manifest_hash, read_manifest
+    from breakhis.data.dest import PreparedDest
 
     tracking_uri = tracking.resolve_uri(config.train.tracking_uri)
     config = dataclasses.replace(
@@ -295,7 +295,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     )
     space = resolve_space(config)
     # Missing data fails here, not in every trial.
-    manifest = read_manifest(storage.absolute(config.train.data))
+    dest = PreparedDest.open(storage.absolute(config.train.data))
     record = _sweep_record(config, space)
     _check_same_sweep(config, record)
     if not ray.is_initialized():
@@ -310,7 +310,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         )
     parent = None
     if tracking_uri is not None:
-        parent = open_sweep_tracking(config, record, manifest_hash(manifest))
+        parent = open_sweep_tracking(config, record, dest.hash)
     tuner, resumed = _tuner(config, space, record, max_concurrent, parent)
     log.info(
         "sweep %s: %d trial(s), up to %d at once, each %s; %s on %s",
