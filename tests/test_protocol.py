@@ -172,6 +172,7 @@ def test_the_protocol_sets_splits_itself(tmp_path: Path) -> None:
 
 
 def test_column_scheme_runs_the_user_defined_split_columns(tmp_path: Path) -> None:
+    from breakhis.data.dest import PreparedDest
     from breakhis.protocol.job import _check_splits
 
     rows = [
@@ -186,11 +187,12 @@ def test_column_scheme_runs_the_user_defined_split_columns(tmp_path: Path) -> No
         manifest = manifest.append_column(name, pa.array(column, pa.string()))
     columns = {"columns": {"site_a": "a.txt", "site_b": "b.txt"}, "seed": 0}
     manifest = manifest.replace_schema_metadata({"breakhis.split": json.dumps(columns)})
+    dest = PreparedDest(uri=str(tmp_path / "prepared"), manifest=manifest)
 
     config = ProtocolConfig(train=_train(tmp_path), scheme="column")
-    assert _check_splits(config, manifest) == ["site_a", "site_b"]  # every one prepare added
+    assert _check_splits(config, dest) == ["site_a", "site_b"]  # every one prepare added
     picked = replace(config, columns=("site_b",))
-    assert _check_splits(picked, manifest) == ["site_b"]
+    assert _check_splits(picked, dest) == ["site_b"]
     plans = plan_runs(replace(config, magnifications=(None, 40)), ["site_a", "site_b"])
     assert [p.name for p in plans] == [
         "column-site_a-all",
@@ -200,8 +202,8 @@ def test_column_scheme_runs_the_user_defined_split_columns(tmp_path: Path) -> No
     ]
     assert [p.train.split for p in plans[:2]] == ["column:site_a", "column:site_b"]
     with pytest.raises(ValueError, match="no column 'site_c'; its columns: tile_id"):
-        _check_splits(replace(config, columns=("site_c",)), manifest)
-    plain = manifest.replace_schema_metadata({})
+        _check_splits(replace(config, columns=("site_c",)), dest)
+    plain = PreparedDest(uri=dest.uri, manifest=manifest.replace_schema_metadata({}))
     with pytest.raises(ValueError, match="no user-defined split column; add one"):
         _check_splits(config, plain)
 
