@@ -97,6 +97,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "best": {"val_fraction": 0.2, "model_epoch": "best"},
     "refit": {"val_fraction": 0.2, "refit": True},
     "refit-best": {"val_fraction": 0.2, "refit": True, "model_epoch": "best"},
+    # Issue 28: stain normalisation, fitted on the first training tile by tile id.
+    "stain-macenko": {"stain_norm": "macenko"},
+    "stain-reinhard": {"stain_norm": "reinhard"},
 }
 """Variants of the job: name -> TrainConfig overrides on top of the benchmark's options. A new
 variant is one more entry here (its overrides are part of its runs' keys)."""
@@ -300,10 +303,24 @@ def reference_key(config: AccuracyBenchmarkConfig, k: int, seed: int, manifest: 
     return RunKey(REFERENCE, k, seed, recipe=recipe, options=options, manifest=manifest)
 
 
+_ADDED_OFF: dict[str, Any] = {
+    "stain_norm": "none",
+    "stain_reference": None,
+    "freeze_backbone": False,
+}
+"""TrainConfig fields added after runs were stored (issue 28), and the value at which they
+change nothing: at that value a field is left out of the key, so the runs stored before it
+existed, which computed exactly that, are still found."""
+
+
 def job_key(train_config: Any, variant: str, k: int, seed: int, manifest: str) -> RunKey:
     """The RunKey of a variant's run: every TrainConfig field that changes the result (so a
     changed job default, or a changed variant, is a new run)."""
-    options = {f: v for f, v in asdict(train_config).items() if f not in _NOT_IN_KEY}
+    options = {
+        f: v
+        for f, v in asdict(train_config).items()
+        if f not in _NOT_IN_KEY and not (f in _ADDED_OFF and v == _ADDED_OFF[f])
+    }
     recipe = {"variant": variant, "overrides": VARIANTS[variant]}
     if variant in EVALUATION:
         recipe["evaluation"] = EVALUATION[variant]

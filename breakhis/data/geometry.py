@@ -18,6 +18,11 @@ geometry only; the network pools globally, so any size works):
 - ``centre``: its centre S x S crop (what the training crops look like).
 
 All resizes are Pillow's bilinear with ``reducing_gap=2.0`` (breakhis.data.imaging.resize_rgb).
+
+With a stain normaliser (``stain``, breakhis.data.stain) the canonical tile is stain-normalised as
+soon as it is made, before any view, crop or augmentation: every path that makes model pixels
+goes through ``canonical`` (PNG decodes) or ``normalise_stain`` (pixels ``prepare --pixels``
+stored, which are not normalised), so training, evaluation and scoring see the same colours.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from breakhis.data.imaging import resize_rgb
+from breakhis.data.stain import StainNormalizer
 
 GEOMETRIES: tuple[str, ...] = ("aspect", "square")
 """Accepted values of --geometry."""
@@ -68,6 +74,8 @@ class TileGeometry:
     size: int
     geometry: str = "aspect"
     view: str = "whole"
+    stain: StainNormalizer | None = None
+    """The run's fitted stain normaliser (None: colours as decoded)."""
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -89,17 +97,26 @@ class TileGeometry:
         return self.canonical_hw
 
     def canonical(self, pixels: np.ndarray) -> np.ndarray:
-        """A decoded RGB uint8 (H, W, 3) tile as the canonical (canonical_hw) tile, HWC."""
+        """A decoded RGB uint8 (H, W, 3) tile as the canonical (canonical_hw) tile, HWC,
+        stain-normalised when the geometry has a normaliser."""
         height, width = self.canonical_hw
         if self.geometry == "square":
-            return resize_rgb(pixels, (height, width))
+            return self._stained(resize_rgb(pixels, (height, width)))
         h, w = pixels.shape[:2]
         # Cover height x width keeping the aspect ratio, then centre-crop the excess.
         scale = max(height / h, width / w)
         cover = (max(height, int(round(h * scale))), max(width, int(round(w * scale))))
         resized = resize_rgb(pixels, cover)
         top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
-        return np.ascontiguousarray(resized[top : top + height, left : left + width])
+        return self._stained(np.ascontiguousarray(resized[top : top + height, left : left + width]))
+
+    def _stained(self, canonical_hwc: np.ndarray) -> np.ndarray:
+        return canonical_hwc if self.stain is None else self.stain.apply(canonical_hwc)
+
+    def normalise_stain(self, canonical_chw: np.ndarray) -> np.ndarray:
+        """Stored canonical tiles, uint8 (3, H, W) or (N, 3, H, W), stain-normalised like
+        ``canonical`` normalises a decoded one; the same array without a normaliser."""
+        return canonical_chw if self.stain is None else self.stain.apply_chw(canonical_chw)
 
     def view_of(self, canonical: np.ndarray) -> np.ndarray:
         """The evaluation view of canonical tiles: ``(..., H, W)`` CHW or NCHW arrays or

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from breakhis.data.geometry import TileGeometry
+from breakhis.data.stain import StainNormalizer
 from breakhis.names import MAGNIFICATIONS
 
 
@@ -34,6 +35,8 @@ class IngestConfig:
     shuffle: shuffle the training tiles (once globally when cached; block and
         file order change every epoch).
     seed: seed of the shuffles and of every augmentation (must be >= 0).
+    stain: the run's fitted stain normaliser (breakhis.data.stain), applied to every canonical
+        tile as it is decoded or read, or None.
     """
 
     image_size: int = 224
@@ -46,6 +49,7 @@ class IngestConfig:
     seed: int = 0
     geometry: str = "aspect"
     eval_view: str = "whole"
+    stain: StainNormalizer | None = None
 
     def __post_init__(self) -> None:
         self.tile_geometry  # noqa: B018 - validates size, geometry and view
@@ -62,4 +66,6 @@ class IngestConfig:
     @property
     def tile_geometry(self) -> TileGeometry:
         """The TileGeometry of these options."""
-        return TileGeometry(size=self.image_size, geometry=self.geometry, view=self.eval_view)
+        return TileGeometry(
+            size=self.image_size, geometry=self.geometry, view=self.eval_view, stain=self.stain
+        )

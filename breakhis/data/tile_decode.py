@@ -52,7 +52,7 @@ def decode_tiles(
             errors.append(value)
             continue
         if isinstance(value, np.ndarray):  # stored canonical pixels, CHW
-            images[i] = geometry.view_of(value).transpose(1, 2, 0)
+            images[i] = geometry.view_of(geometry.normalise_stain(value)).transpose(1, 2, 0)
             errors.append("")
             continue
         try:

@@ -112,8 +112,9 @@ def stored_tiles(
     batch: pa.Table, *, geometry: TileGeometry, canonical: bool = False
 ) -> dict[str, np.ndarray]:
     """Rows of stored pixel files (breakhis.data.pixels: canonical aspect-kept tiles) in the row
-    contract of ``decode_tiles``: the same pixels a decode gives, read, not decoded."""
-    images = images_of(batch.column("image"), geometry.size)
+        contract of ``decode_tiles``: the same pixels a decode gives (stain-normalised as a decode
+    normalises them), read, not decoded."""
+    images = geometry.normalise_stain(images_of(batch.column("image"), geometry.size))
     return _rows(batch, images if canonical else np.ascontiguousarray(geometry.view_of(images)))
 
 

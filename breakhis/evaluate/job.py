@@ -226,7 +226,8 @@ def _examples(
                 "unit": np.zeros(len(part), np.int32),
                 "shard": np.asarray([shard_of[u] for u in part["uri"]], dtype=object),
             },
-            geometry=replace(geometry, size=options.thumbnail_size),
+            # The tile as the pathologist knows it: its own colours, not the normalised ones.
+            geometry=replace(geometry, size=options.thumbnail_size, stain=None),
         )
         for (_, row), image, error in zip(
             part.iterrows(), decoded["image"], decoded["error"], strict=True

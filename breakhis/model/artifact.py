@@ -33,6 +33,7 @@ from torch import nn
 
 from breakhis import storage
 from breakhis.data.geometry import TileGeometry
+from breakhis.data.stain import StainNormalizer
 from breakhis.model.architectures import check_arch
 from breakhis.model.networks import build_model
 from breakhis.names import CLASS_NAMES, MAGNIFICATIONS
@@ -80,6 +81,10 @@ class ModelCard:
     chosen on the validation patients; the default of scoring and evaluation."""
     threshold_rule: str = ""
     """How ``threshold`` was chosen (breakhis.stats.calibration.THRESHOLD_RULES), "" for fixed."""
+    stain: dict[str, Any] = field(default_factory=dict)
+    """The fitted stain normaliser's parameters (breakhis.data.stain.StainNormalizer.to_dict:
+    method, reference and its parameters), applied to every tile before the model; {} for
+    none."""
 
     @property
     def tile_geometry(self) -> TileGeometry:
@@ -89,7 +94,13 @@ class ModelCard:
             size=self.image_size,
             geometry=str(self.config.get("geometry", "square")),
             view=str(self.config.get("eval_view", "whole")),
+            stain=self.stain_normalizer,
         )
+
+    @property
+    def stain_normalizer(self) -> StainNormalizer | None:
+        """The stain normaliser of ``stain``, or None."""
+        return StainNormalizer.from_dict(self.stain) if self.stain else None
 
     created_at: str = ""
     """UTC time of saving, ISO 8601; filled by save_artifact()."""
@@ -206,6 +217,13 @@ def _check_card(card: ModelCard) -> None:
         raise bad("threshold", "a number in (0, 1)")
     if not (isinstance(card.model_id, str) and re.fullmatch(r"([0-9a-f]{12})?", card.model_id)):
         raise bad("model_id", '12 lower-case hex digits (or "" before saving)')
+    if not isinstance(card.stain, dict):
+        raise bad("stain", "a JSON object ({} for none)")
+    if card.stain:
+        try:
+            StainNormalizer.from_dict(card.stain)
+        except ValueError as err:
+            raise ValueError(f"field 'stain': {err}") from err
     if not _is_int(card.version):
         raise bad("version", "an integer")
 

@@ -13,6 +13,7 @@ from typing import Any
 from breakhis import storage
 from breakhis.data.geometry import EVAL_VIEWS, GEOMETRIES, check_geometry
 from breakhis.data.split_spec import SplitSpec
+from breakhis.data.stain import STAIN_METHODS, check_stain
 from breakhis.model.architectures import ARCHITECTURES, check_arch
 from breakhis.names import MAGNIFICATIONS
 from breakhis.stats.calibration import THRESHOLD_RULES
@@ -49,6 +50,8 @@ RESUME_FIXED: tuple[str, ...] = (
     "geometry",
     "arch",
     "dropout",
+    "stain_norm",
+    "stain_reference",
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
 
@@ -84,6 +87,14 @@ class TrainConfig:
     eval_view: str = field(default="whole", metadata={"choices": EVAL_VIEWS})
     """What validation, evaluation and scoring feed the model (aspect geometry): ``whole``
     (the whole S x W tile) or ``centre`` (its centre S x S crop)."""
+    stain_norm: str = field(default="none", metadata={"choices": STAIN_METHODS})
+    """Stain normalisation of every tile before it reaches the model (breakhis.data.stain):
+    ``none``, ``macenko`` or ``reinhard``, fitted on --stain-reference and stored in the
+    model artifact, so evaluation, scoring and the exported model apply the same."""
+    stain_reference: str | None = None
+    """What --stain-norm is fitted on: a local path or s3:// URI of an image, or of a folder
+    of images (its first 64 by name, pooled); default: the run's first training tile by
+    tile id (at the magnification it trains on), as the run decodes it."""
     augment_strength: float = 1.0
     """Training augmentation strength, 0 (none) to 1."""
     colour_augment: bool = True
@@ -196,6 +207,19 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         SplitSpec.parse(self.split, val_fraction=self.val_fraction, seed=self.seed)
         check_geometry(self.geometry, self.eval_view)
+        check_stain(self.stain_norm)
+        if self.stain_norm == "none" and self.stain_reference is not None:
+            raise ValueError(
+                "--stain-reference is what --stain-norm is fitted on: give --stain-norm "
+                "macenko or reinhard with it"
+            )
+        if self.stain_norm != "none" and self.eval_view == "centre":
+            # The normaliser sees the whole canonical tile; an exported model fed the centre
+            # crop could not see what it was fitted to normalise.
+            raise ValueError(
+                f"--stain-norm {self.stain_norm} needs --eval-view whole (the tile is "
+                "normalised whole, before any crop)"
+            )
         if self.magnification is not None and self.magnification not in MAGNIFICATIONS:
             raise ValueError(
                 f"--magnification {self.magnification}: accepted "

@@ -49,6 +49,7 @@ import torch
 from breakhis import storage
 from breakhis.data.dest import PreparedDest
 from breakhis.data.splits import SplitSpec
+from breakhis.data.stain_fit import fit_run_stain
 from breakhis.model.networks import build_model
 from breakhis.raysession import ensure_ray
 from breakhis.train import tracking
@@ -155,11 +156,13 @@ def plan_data(
     return DataPlan(spec=spec, dest=dest, patients=patients)
 
 
-def _ingest_config(config: TrainConfig) -> Any:
-    """The run's options for breakhis.data.ingest (an IngestConfig)."""
+def _ingest_config(config: TrainConfig, stain: Any = None) -> Any:
+    """The run's options for breakhis.data.ingest (an IngestConfig), with its fitted stain
+    normaliser (breakhis.data.stain_fit) when it has one."""
     from breakhis.data.ingest_config import IngestConfig
 
     return IngestConfig(
+        stain=stain,
         image_size=config.image_size,
         magnification=config.magnification,
         cache=config.cache,
@@ -202,10 +205,11 @@ def plan_run(
     initial_state = ray.put({k: v.detach().cpu() for k, v in net.state_dict().items()})
     del net
 
+    stain = fit_run_stain(config, data.manifest, data.patients.train)
     ingest = build_datasets(
         data.dest,
         data.spec,
-        _ingest_config(config),
+        _ingest_config(config, stain),
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
         patients=data.patients,
@@ -234,6 +238,7 @@ def plan_run(
         manifest_hash=ingest.manifest_hash,
         resumed_from_epoch=resumed_from,
         data=data,
+        stain=stain,
     )
 
 

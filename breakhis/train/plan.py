@@ -37,6 +37,9 @@ class RunPlan:
     resumed_from_epoch: int
     data: DataPlan | None = field(default=None, repr=False)
     """The split it was planned on (the refit reuses its opened DEST)."""
+    stain: Any = None
+    """The run's fitted breakhis.data.stain.StainNormalizer (None: no stain normalisation); the
+    artifact records it."""
 
     @property
     def validate(self) -> bool:

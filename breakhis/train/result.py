@@ -139,9 +139,11 @@ def save_model(
     manifest_hash: str,
     epoch: int,
     metrics: Mapping[str, Any],
+    stain: Any = None,
 ) -> Any:
     """Write the artifact of ``weights`` at ``uri``: the card records ``config``, the epoch,
-    the validation ``metrics`` and the temperature and threshold fitted with them."""
+    the validation ``metrics``, the temperature and threshold fitted with them, and the run's
+    ``stain`` normaliser (a breakhis.data.stain.StainNormalizer, or None)."""
     from breakhis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from breakhis.model.artifact import ModelCard, save_artifact
 
@@ -165,6 +167,7 @@ def save_model(
         threshold=float(metrics.get("val_threshold", 0.5)),
         # "" marks a fixed decision (argmax), as the card documents.
         threshold_rule=config.threshold_rule if metrics.get("val_decision_fitted") else "",
+        stain=stain.to_dict() if stain is not None else {},
     )
     return save_artifact(uri, net, card)
 
@@ -194,6 +197,7 @@ def finish_refit(
         plan.manifest_hash,
         int(state["epoch"]),
         {**validated.best_metrics, "refit_epochs": int(state["epoch"])},
+        stain=plan.stain,
     )
     log.info(
         "refit model %s (%d epochs on training and validation patients) written to %s",
@@ -236,7 +240,13 @@ def finish_run(plan: RunPlan, result: ray.train.Result, fit_seconds: float) -> T
     # With --refit this model only chose the epoch count: the refit's takes its place.
     artifact_uri = storage.join(config.run_uri, VALIDATED_DIR if config.refit else ARTIFACT_DIR)
     card = save_model(
-        artifact_uri, state["model"], config, plan.manifest_hash, best_epoch, best_metrics
+        artifact_uri,
+        state["model"],
+        config,
+        plan.manifest_hash,
+        best_epoch,
+        best_metrics,
+        stain=plan.stain,
     )
     curves_uri = write_curves(history, config.run_uri, config.metric)
     log.info("model %s (epoch %d) written to %s", card.model_id, best_epoch, artifact_uri)
