@@ -15,8 +15,9 @@ decodes and resizes:
   models trained before 2026-12-07: the whole tile squashed to S x S). The contract's
   ``input.resize`` says which; ``card.tile_geometry.eval_pixels(decode_rgb(data))``
   then a transpose to channels first gives exactly the job's pixels;
-- inside: scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel,
-  the network, then ``softmax(logits / temperature)``;
+- inside: the model's stain normalisation when it has one (breakhis.data.stain, fitted when it
+  was trained; breakhis.model.stain_graph), scale to [0, 1], subtract ``mean`` and divide by
+  ``std`` per channel, the network, then ``softmax(logits / temperature)``;
 - outputs ``probabilities`` (N, classes; column ``class_names.index("malignant")``
   is the job's ``prob``, a tile is called malignant at or above ``threshold``) and
   ``logits`` (N, classes; before the temperature, for whoever calibrates anew).
@@ -45,6 +46,7 @@ from breakhis import storage
 from breakhis.data.transforms import normalize
 from breakhis.model.artifact import ModelCard, load_artifact
 from breakhis.model.export_config import ExportConfig
+from breakhis.model.stain_graph import stain_graph
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,19 @@ class ProbabilityModel(nn.Module):
     float32 (N, classes), probabilities = softmax(logits / temperature).
     """
 
-    def __init__(self, net: nn.Module, card: ModelCard) -> None:
+    def __init__(self, net: nn.Module, card: ModelCard, *, script_stain: bool = True) -> None:
         super().__init__()
         self.net = net
+        stain = card.stain_normalizer
+        # Macenko's port is TorchScript (scripted: data-dependent steps); the others trace.
+        self.stain = None if stain is None else stain_graph(stain, script=script_stain)
         self.mean = tuple(card.mean)
         self.std = tuple(card.std)
         self.temperature = float(card.temperature)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stain is not None:
+            image = self.stain(image)
         # The normalisation training and scoring use, so the graph sees the jobs' pixels.
         x = normalize(image, self.mean, self.std)
         logits = self.net(x).float()
@@ -111,6 +118,11 @@ def contract(card: ModelCard, *, file_name: str, format: str, source: str) -> di
             "view": geometry.view,
             "resize": resize,
         },
+        "stain_normalization": (
+            {**card.stain, "applied_in_graph": True, "applied_to": "the uint8 input, first"}
+            if card.stain
+            else {"method": "none"}
+        ),
         "normalization": {
             "scale": 1.0 / 255.0,
             "mean": list(card.mean),
@@ -165,6 +177,11 @@ def to_torchscript(model: ProbabilityModel, card: ModelCard) -> bytes:
 def to_onnx(model: ProbabilityModel, card: ModelCard) -> bytes:
     """The model as ONNX (opset ONNX_OPSET, dynamic batch), through torch.export.
     Returns the file's bytes. Raises RuntimeError when the graph cannot be exported."""
+    if card.stain.get("method") == "macenko":
+        raise ValueError(
+            "--format onnx: this model normalises stains with Macenko, whose "
+            "eigendecomposition ONNX has no operator for; export it with --format torchscript"
+        )
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as err:
@@ -219,7 +236,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     breakhis.model.artifact.load_artifact does (no artifact, a damaged one).
     """
     net, card = load_artifact(config.model)
-    model = ProbabilityModel(net, card).eval()
+    model = ProbabilityModel(net, card, script_stain=config.format == "torchscript").eval()
     file_name = FILE_NAMES[config.format]
     data = to_onnx(model, card) if config.format == "onnx" else to_torchscript(model, card)
     model_uri = storage.join(config.out_uri, file_name)
