@@ -313,7 +313,7 @@ def _choice_options(argv: list[str]) -> list[tuple[str, list[str]]]:
 
 def test_help_shows_choices_and_boolean_defaults(capsys):
     out = " ".join(_help(capsys, "train").split())
-    assert "--arch {resnet50,resnet18,vgg16,efficientnet_b0,smallcnn}" in out
+    assert "--arch {resnet50,resnet18,vgg16,efficientnet_b0,smallcnn,timm:NAME}" in out
     assert "--geometry {aspect,square}" in out
     assert "--magnification {40,100,200,400,all}" in out
     assert "(default: --amp)" in out and "(default: --no-refit)" in out

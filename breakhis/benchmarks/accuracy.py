@@ -74,7 +74,7 @@ from breakhis.benchmarks.accuracy_result import (
 from breakhis.benchmarks.harness import device_name, save_result, start_local_ray
 from breakhis.benchmarks.reference_recipes import RECIPES, ReferenceOptions, check_recipe
 from breakhis.benchmarks.run_store import RunKey, RunStore
-from breakhis.model.architectures import ARCHITECTURES, check_arch
+from breakhis.model.architectures import ARCH_CHOICES, check_arch
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class AccuracyBenchmarkConfig:
     reference: str = field(default="strong", metadata={"choices": tuple(RECIPES)})
     """The reference loop: strong (aspect kept, crops, quarter turns, class weights,
     OneCycleLR) or notebook (squashed, flips, constant lr)."""
-    arch: str = field(default="resnet18", metadata={"choices": ARCHITECTURES})
+    arch: str = field(default="resnet18", metadata={"choices": ARCH_CHOICES})
     """Model architecture of both sides (random initial weights)."""
     image_size: int = 128
     """Side of the square model input in pixels."""

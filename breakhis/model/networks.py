@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 
 from breakhis import storage
-from breakhis.model.architectures import ARCHITECTURES, check_arch  # noqa: F401 (re-exported)
+from breakhis.model.architectures import ARCHITECTURES, check_arch, is_timm  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,12 @@ def build_model(arch: str = "resnet50", weights: str = "none", dropout: float = 
     check_arch(arch)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    model = _BUILDERS[arch](dropout)
+    if is_timm(arch):
+        from breakhis.model.timm_backbones import build_timm, timm_name
+
+        model = build_timm(timm_name(arch), dropout)
+    else:
+        model = _BUILDERS[arch](dropout)
     if weights == "none":
         return model
     if weights == "imagenet":
@@ -165,6 +170,12 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     (no internet), saying how to pass a file instead.
     """
     check_arch(arch)
+    if is_timm(arch):
+        raise WeightsError(
+            f"--weights imagenet is torchvision's download, and {arch} is a timm model: "
+            "give --weights none (random) or a local path / s3:// URI of a state dict saved "
+            "by timm (nothing is downloaded at run time)"
+        )
     if arch not in _IMAGENET:
         raise WeightsError(
             f"--weights imagenet: there are no ImageNet weights for {arch!r}; "
@@ -201,7 +212,12 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
             "or a local path / s3:// URI of a torch state dict"
         ) from err
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if uri.lower().endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            obj = load_safetensors(data)
+        else:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and tensor errors all mean "not a state dict"
         raise WeightsError(f"--weights {uri}: not a torch state dict file ({err})") from err
     if isinstance(obj, dict):
@@ -239,7 +255,11 @@ def load_backbone(
     WeightsError naming ``source`` and the missing, unexpected and misshapen
     tensors when the backbone does not fit.
     """
-    prefix = _HEAD_PREFIX[arch]
+    prefix = _head_prefixes(model, arch)
+    if is_timm(arch):
+        from breakhis.model.timm_backbones import with_model_prefix
+
+        state = with_model_prefix(state)
     own = model.state_dict()
     own_backbone = {k for k in own if not k.startswith(prefix)}
     given_backbone = {k for k in state if not k.startswith(prefix)}
@@ -257,9 +277,11 @@ def load_backbone(
                 problems.append(f"{len(keys)} {label} ({', '.join(keys[:4])}...)")
         if misshapen:
             problems.append(f"{len(misshapen)} of another shape ({', '.join(misshapen[:3])})")
+        origin = "timm's" if is_timm(arch) else "torchvision's"
         raise WeightsError(
             f"--weights {source} does not fit {arch}: {'; '.join(problems)}. "
-            f"Give a state dict of torchvision's {arch} or of a {arch} trained here"
+            f"Give a state dict of {origin} {arch.removeprefix('timm:')} or of a {arch} "
+            "trained here"
         )
     head = {k: v for k, v in state.items() if k.startswith(prefix)}
     own_head = {k: v for k, v in own.items() if k.startswith(prefix)}
@@ -277,10 +299,20 @@ def load_backbone(
     return head_fits
 
 
+def _head_prefixes(model: nn.Module, arch: str) -> tuple[str, ...]:
+    """State-dict prefixes of the head of ``model`` (built by build_model for ``arch``)."""
+    if is_timm(arch):
+        from breakhis.model.timm_backbones import head_prefixes
+
+        return head_prefixes(model)
+    return (_HEAD_PREFIX[arch],)
+
+
 def head_module(model: nn.Module, arch: str) -> nn.Module:
-    """The two-class head (``Dropout -> Linear``) of a model built by build_model()."""
+    """The two-class head of a model built by build_model(): ``Dropout -> Linear``, or a
+    timm model's classifier (its dropout is timm's ``drop_rate``)."""
     check_arch(arch)
-    return model.get_submodule(_HEAD_PREFIX[arch].rstrip("."))
+    return model.get_submodule(_head_prefixes(model, arch)[0].rstrip("."))
 
 
 def split_parameters(model: nn.Module, arch: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -320,6 +352,10 @@ def last_conv_layer(model: nn.Module, arch: str) -> nn.Module:
     for an unknown ``arch``.
     """
     check_arch(arch)
+    if is_timm(arch):
+        from breakhis.model.timm_backbones import last_conv
+
+        return last_conv(model)
     if arch in ("resnet50", "resnet18"):
         return model.layer4[-1]
     if arch == "efficientnet_b0":

@@ -14,7 +14,7 @@ from breakhis import storage
 from breakhis.data.geometry import EVAL_VIEWS, GEOMETRIES, check_geometry
 from breakhis.data.split_spec import SplitSpec
 from breakhis.data.stain import STAIN_METHODS, check_stain
-from breakhis.model.architectures import ARCHITECTURES, check_arch
+from breakhis.model.architectures import ARCH_CHOICES, check_arch, is_timm
 from breakhis.names import MAGNIFICATIONS
 from breakhis.stats.calibration import THRESHOLD_RULES
 from breakhis.stats.metrics import HIGHER_IS_BETTER, METRIC_NAMES
@@ -50,6 +50,7 @@ RESUME_FIXED: tuple[str, ...] = (
     "geometry",
     "arch",
     "dropout",
+    "freeze_backbone",
     "stain_norm",
     "stain_reference",
 )
@@ -106,10 +107,18 @@ class TrainConfig:
     """Cache decoded tiles in the Ray object store between epochs (--no-cache: stream from the
     shards every epoch, with bounded memory); default: cache when they fit in the object
     store."""
-    arch: str = field(default="resnet50", metadata={"choices": ARCHITECTURES})
-    """Model architecture."""
+    arch: str = field(default="resnet50", metadata={"choices": ARCH_CHOICES})
+    """Model architecture: a torchvision one, ``smallcnn``, or ``timm:NAME``, any model of
+    the timm library (e.g. timm:vit_small_patch16_224; a foundation model's architecture,
+    its weights given by --weights)."""
     weights: str = "imagenet"
-    """Initial weights: ``imagenet``, ``none``, or a local path / s3:// URI of a state dict."""
+    """Initial weights: ``imagenet`` (torchvision's download), ``none`` (random), or a local
+    path / s3:// URI of a state dict (torch.save or .safetensors; for timm:NAME one saved by
+    timm); nothing is downloaded for timm models."""
+    freeze_backbone: bool = False
+    """Linear probing: the backbone stays frozen for the whole run (its normalisation layers
+    in eval mode) and only the two-class head trains; --no-freeze-backbone fine-tunes
+    (after --freeze-epochs)."""
     dropout: float = 0.0
     """Dropout before the two-class linear head (0 by the ablation in docs/training.md)."""
     epochs: int = 20
@@ -281,6 +290,16 @@ class TrainConfig:
             raise ValueError(
                 "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"
             )
+        if self.weights == "imagenet" and is_timm(self.arch):
+            raise ValueError(
+                f"--weights imagenet is torchvision's download; {self.arch} takes --weights "
+                "none (random) or a local path / s3:// URI of a state dict saved by timm"
+            )
+        if self.freeze_backbone and self.freeze_epochs is not None:
+            raise ValueError(
+                "--freeze-backbone freezes the backbone for every epoch: leave "
+                "--freeze-epochs unset with it"
+            )
 
     def _check_needs_validation(self) -> None:
         """Refuse options that need validation patients when --val-fraction is 0."""
@@ -311,8 +330,11 @@ class TrainConfig:
 
     @property
     def epochs_frozen(self) -> int:
-        """``freeze_epochs`` as applied: when unset, 1 with pretrained weights and 0 from a
-        random initialisation (nothing in a random backbone is worth keeping)."""
+        """``freeze_epochs`` as applied: every epoch with --freeze-backbone; when unset, 1 with
+        pretrained weights and 0 from a random initialisation (nothing in a random backbone
+        is worth keeping)."""
+        if self.freeze_backbone:
+            return self.epochs
         if self.freeze_epochs is not None:
             return self.freeze_epochs
         return 1 if self.pretrained else 0
