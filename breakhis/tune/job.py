@@ -265,10 +265,12 @@ def resolve_space(config: SweepConfig) -> SearchSpace:
     """
     space = config.search_space
     base = trial_base(config)
-    if space is None and not base.pretrained:
-        # Freezing a randomly initialised backbone keeps nothing worth keeping.
+    if space is None and (not base.pretrained or base.freeze_backbone):
+        # Freezing a randomly initialised backbone keeps nothing worth keeping; a linear
+        # probe (--freeze-backbone) keeps it frozen throughout, at no backbone rate.
         default = {k: v for k, v in DEFAULT_SEARCH_SPACE.items() if k not in PRETRAINED_ONLY}
-        space = parse_search_space(default, "<default search space, --weights none>")
+        why = "--freeze-backbone" if base.freeze_backbone else "--weights none"
+        space = parse_search_space(default, f"<default search space, {why}>")
     elif not isinstance(space, SearchSpace):
         space = load_search_space(space)
     check_search_space(space, base)
