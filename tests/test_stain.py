@@ -208,7 +208,7 @@ def test_a_bad_reference_is_a_one_line_error_naming_it(pngs: list[Path], tmp_pat
     }
     for reference, reason in cases.items():
         with pytest.raises(ValueError) as err:
-            fit_run_stain(_config(reference), manifest=None, train_patients=frozenset())
+            fit_run_stain(_config(reference), dest=None, train_patients=frozenset())
         message = str(err.value)
         assert message.startswith(f"--stain-reference {reference}") and reason in message
         assert "\n" not in message
@@ -217,7 +217,7 @@ def test_a_bad_reference_is_a_one_line_error_naming_it(pngs: list[Path], tmp_pat
     folder.mkdir()
     for p in pngs[:2]:
         (folder / p.name).write_bytes(p.read_bytes())
-    fitted = fit_run_stain(_config(str(folder)), manifest=None, train_patients=frozenset())
+    fitted = fit_run_stain(_config(str(folder)), dest=None, train_patients=frozenset())
     assert fitted is not None and fitted.method == "macenko"
     # Options that do not go together, in one line each.
     with pytest.raises(ValueError, match="give --stain-norm macenko or reinhard"):

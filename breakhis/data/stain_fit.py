@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from breakhis import storage
+from breakhis.data.dest import PreparedDest
 from breakhis.data.geometry import TileGeometry
 from breakhis.data.imaging import decode_rgb
 from breakhis.data.stain import StainNormalizer, fit_stain, read_reference
@@ -33,23 +35,21 @@ def first_training_tile(
     return str(pc.min(ids).as_py())
 
 
-def _tile_png(dest: str, tile_id: str) -> tuple[str, bytes]:
+def _tile_png(dest: PreparedDest, tile_id: str) -> tuple[str, bytes]:
     """(uri, PNG bytes) of ``tile_id`` from DEST's shards. Raises ValueError when no shard
     holds it."""
-    from breakhis.data.tiles import shard_paths
-
-    fs, paths = shard_paths(dest)
-    for path in paths:
+    for uri in dest.shard_uris:
+        fs, path = storage.resolve(uri)
         table = pq.read_table(
             path, filesystem=fs, columns=["uri", "png"], filters=[("tile_id", "==", tile_id)]
         )
         if table.num_rows:
             return str(table.column("uri")[0].as_py()), table.column("png")[0].as_py()
-    raise ValueError(f"--stain-norm: tile {tile_id} of the manifest is in no shard of {dest}")
+    raise ValueError(f"--stain-norm: tile {tile_id} of the manifest is in no shard of {dest.uri}")
 
 
 def fit_run_stain(
-    config: Any, manifest: pa.Table, train_patients: frozenset[str]
+    config: Any, dest: PreparedDest, train_patients: frozenset[str]
 ) -> StainNormalizer | None:
     """The run's stain normaliser (``config`` a TrainConfig), or None for ``--stain-norm
     none``. Raises ValueError (one line, naming the reference) for a reference that cannot
@@ -61,8 +61,8 @@ def fit_run_stain(
         images = read_reference(config.stain_reference)
         described = config.stain_reference
     else:
-        tile_id = first_training_tile(manifest, train_patients, config.magnification)
-        images = [_tile_png(config.data, tile_id)]
+        tile_id = first_training_tile(dest.manifest, train_patients, config.magnification)
+        images = [_tile_png(dest, tile_id)]
         described = f"{images[0][0]} (the first training tile by tile id)"
     pixels = []
     for uri, data in images:

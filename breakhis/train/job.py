@@ -205,7 +205,7 @@ def plan_run(
     initial_state = ray.put({k: v.detach().cpu() for k, v in net.state_dict().items()})
     del net
 
-    stain = fit_run_stain(config, data.manifest, data.patients.train)
+    stain = fit_run_stain(config, data.dest, data.patients.train)
     ingest = build_datasets(
         data.dest,
         data.spec,
