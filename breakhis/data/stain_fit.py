@@ -49,10 +49,11 @@ def _tile_png(dest: PreparedDest, tile_id: str) -> tuple[str, bytes]:
 
 
 def fit_run_stain(
-    config: Any, dest: PreparedDest, train_patients: frozenset[str]
+    config: Any, dest: PreparedDest | None, train_patients: frozenset[str]
 ) -> StainNormalizer | None:
     """The run's stain normaliser (``config`` a TrainConfig), or None for ``--stain-norm
-    none``. Raises ValueError (one line, naming the reference) for a reference that cannot
+    none``; ``dest`` (the run's opened DEST) holds the default reference tile, unused with
+    ``--stain-reference``. Raises ValueError (one line, naming the reference) for a reference that cannot
     be read, decoded or fitted."""
     if config.stain_norm == "none":
         return None
