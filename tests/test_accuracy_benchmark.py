@@ -187,6 +187,12 @@ def test_a_run_key_holds_what_changes_the_result_and_nothing_else() -> None:
     assert key("job") == key("job", where="b")  # where it reads and writes is not in the key
     assert key("job") != key("refit") and key("job") != key("job", lr=0.01)
     assert key("job").digest() != key("refit").digest()
+    # Fields added after runs were stored are left out at their off value (the stored runs
+    # computed exactly that), and in at any other.
+    added = ("stain_norm", "stain_reference", "freeze_backbone")
+    assert not set(added) & set(key("job").options)
+    assert key("stain-macenko").options["stain_norm"] == "macenko"
+    assert key("stain-macenko") != key("stain-reinhard") != key("job")
 
 
 # --- figures -------------------------------------------------------------------------------
