@@ -242,3 +242,51 @@ def test_the_default_reference_is_the_first_training_tile_by_id() -> None:
     assert first_training_tile(manifest, frozenset({"A", "B"}), 40) == "a-40-9"
     with pytest.raises(ValueError, match="no tile"):
         first_training_tile(manifest, frozenset({"Z"}), None)
+
+
+# --------------------------------------------------------------------------- a Ray run
+
+
+@pytest.fixture(scope="module")
+def prepared(make_prepared) -> str:
+    return make_prepared(scale=0.02, width=32, height=32)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_fits_its_normaliser_on_the_first_training_tile_and_evaluation_applies_it(
+    prepared: str, tmp_path: Path
+) -> None:
+    from breakhis.data.dest import read_manifest
+    from conftest import small_train_config
+
+    from breakhis.data.splits import SplitSpec, select_split
+    from breakhis.data.stain_fit import first_training_tile, fit_run_stain
+    from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.job import run_evaluation
+    from breakhis.score.predict import PredictOptions
+    from breakhis.train.job import run_training
+
+    config = small_train_config(
+        prepared, str(tmp_path / "runs"), stain_norm="macenko", image_size=32, epochs=1
+    )
+    result = run_training(config)
+    card = read_card(result.artifact_uri)
+    manifest = read_manifest(prepared)
+    patients = select_split(manifest, SplitSpec.parse("fold:0", val_fraction=0.2, seed=0))
+    first = first_training_tile(manifest, patients.train, None)
+    assert first in card.stain["reference"]
+    assert card.stain_normalizer == fit_run_stain(config, manifest, patients.train)
+
+    evaluated = run_evaluation(
+        EvaluateConfig(
+            model=result.artifact_uri,
+            data=prepared,
+            out=None,
+            options=EvaluateOptions(
+                predict=PredictOptions(attribution="none"), bootstrap=1, cross_magnification=False
+            ),
+        )
+    )
+    predictions = evaluated.predictions
+    assert len(predictions) > 0 and predictions["prob_malignant"].between(0, 1).all()
