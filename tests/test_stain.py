@@ -257,10 +257,10 @@ def prepared(make_prepared) -> str:
 def test_a_run_fits_its_normaliser_on_the_first_training_tile_and_evaluation_applies_it(
     prepared: str, tmp_path: Path
 ) -> None:
-    from breakhis.data.dest import read_manifest
     from conftest import small_train_config
 
-    from breakhis.data.splits import SplitSpec, select_split
+    from breakhis.data.dest import PreparedDest
+    from breakhis.data.splits import SplitSpec
     from breakhis.data.stain_fit import first_training_tile, fit_run_stain
     from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
     from breakhis.evaluate.job import run_evaluation
@@ -272,11 +272,11 @@ def test_a_run_fits_its_normaliser_on_the_first_training_tile_and_evaluation_app
     )
     result = run_training(config)
     card = read_card(result.artifact_uri)
-    manifest = read_manifest(prepared)
-    patients = select_split(manifest, SplitSpec.parse("fold:0", val_fraction=0.2, seed=0))
-    first = first_training_tile(manifest, patients.train, None)
+    dest = PreparedDest.open(prepared)
+    patients = dest.split(SplitSpec.parse("fold:0", val_fraction=0.2, seed=0))
+    first = first_training_tile(dest.manifest, patients.train, None)
     assert first in card.stain["reference"]
-    assert card.stain_normalizer == fit_run_stain(config, manifest, patients.train)
+    assert card.stain_normalizer == fit_run_stain(config, dest, patients.train)
 
     evaluated = run_evaluation(
         EvaluateConfig(
