@@ -13,6 +13,7 @@ import torch
 from breakhis import storage
 from breakhis.model.artifact import ModelCard, load_artifact, read_card, save_artifact
 from breakhis.model.networks import build_model
+from breakhis.subtypes import SUBTYPE_CLASS_NAMES
 
 
 def _card(**overrides) -> ModelCard:
@@ -91,12 +92,25 @@ def test_card_validation() -> None:
 
 
 def test_card_must_match_the_model_outputs(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="3 classes"):
+    with pytest.raises(ValueError, match="8 classes"):
         save_artifact(
             str(tmp_path / "m"),
             build_model("smallcnn"),
-            _card(num_classes=3, class_names=("a", "b", "c")),
+            _card(num_classes=8, class_names=SUBTYPE_CLASS_NAMES),
         )
+    with pytest.raises(ValueError, match="class_names"):
+        _card(num_classes=3, class_names=("a", "b", "c"))  # neither task's classes
+
+
+def test_a_subtype_card_round_trips_and_loads_an_eight_class_model(tmp_path: Path) -> None:
+    uri = str(tmp_path / "m")
+    card = _card(num_classes=8, class_names=SUBTYPE_CLASS_NAMES)
+    save_artifact(uri, build_model("smallcnn", num_classes=8), card)
+    model, loaded = load_artifact(uri)
+    assert loaded.task == "subtype" and loaded.class_names == SUBTYPE_CLASS_NAMES
+    assert loaded.malignant_indices == [4, 5, 6, 7]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+    assert _card().task == "binary" and _card().malignant_indices == [1]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from breakhis.data.geometry import TileGeometry
 from breakhis.data.ingest_config import IngestConfig
 from breakhis.data.pixels import PIXEL_COLUMNS, images_of
 from breakhis.data.transforms import EvalTransform
+from breakhis.subtypes import subtype_indices
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def decode_tiles(
     ``geometry``, or with ``canonical`` the canonical tile training crops from.
 
     Returns numpy columns ``image`` uint8 (n, 3, H, W), ``label`` int64,
-    ``patient_id``, ``tile_id`` (str) and ``magnification`` int64 for the rows
+    ``patient_id``, ``tile_id`` (str), ``magnification`` and ``subtype_class`` int64
+    (breakhis.subtypes; -1 for a name that is not BreakHis's) for the rows
     that decode. A row that does not decode is logged with its URI, reported
     to ``ledger`` and left out; it never raises.
     """
@@ -119,12 +121,16 @@ def stored_tiles(
 
 
 def _rows(rows: pa.Table, images: np.ndarray) -> dict[str, np.ndarray]:
+    tile_ids = rows.column("tile_id").to_pylist()
     return {
         "image": images,
         "label": rows.column("label").to_numpy().astype(np.int64),
         "patient_id": np.asarray(rows.column("patient_id").to_pylist(), dtype=object),
-        "tile_id": np.asarray(rows.column("tile_id").to_pylist(), dtype=object),
+        "tile_id": np.asarray(tile_ids, dtype=object),
         "magnification": rows.column("magnification").to_numpy().astype(np.int64),
+        # The subtype class (breakhis.subtypes) from the tile's name, -1 for a name that is
+        # not BreakHis's: what a --task subtype run learns and validates against.
+        "subtype_class": subtype_indices(tile_ids),
     }
 
 

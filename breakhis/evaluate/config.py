@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from breakhis.data.split_spec import SplitSpec
 from breakhis.score.predict_config import PredictOptions
 from breakhis.stats.calibration import PATIENT_RULES
+from breakhis.subtypes import TASKS
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,17 @@ class EvaluateConfig:
     was trained on."""
     options: EvaluateOptions = field(default_factory=EvaluateOptions)
     """How to evaluate."""
+    task: str | None = field(default=None, metadata={"choices": (*TASKS, None)})
+    """``binary``: benign vs malignant metrics only; ``subtype``: also the eight-subtype
+    metrics (confusion matrix, per-class recall, balanced accuracy), which need a model
+    trained with ``--task subtype``; default (none): the model's own task. A subtype
+    model's binary metrics come from P(malignant), the sum of its malignant four."""
 
     def __post_init__(self) -> None:
         for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
         if self.split is not None:
             SplitSpec.parse(self.split)

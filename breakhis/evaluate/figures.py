@@ -61,6 +61,38 @@ def plot_confusion_matrix(tn: int, fp: int, fn: int, tp: int, title: str = "") -
     return figure_png(fig)
 
 
+def plot_class_confusion(
+    matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str = ""
+) -> bytes:
+    """A K x K confusion matrix (rows: true class, columns: predicted) with the class names
+    on both axes, counts and row shares in the cells. PNG bytes."""
+    plt = pyplot()
+    counts = np.asarray(matrix, dtype=float)
+    k = len(class_names)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.0 * k + 3, 0.85 * k + 2.2), constrained_layout=True)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j])}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.6 else "black",
+                fontsize=8,
+            )
+    labels = [name.replace("_", " ") for name in class_names]
+    ax.set_xticks(range(k), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted subtype")
+    ax.set_ylabel("true subtype")
+    ax.set_title(title or "subtype confusion matrix", fontsize=10)
+    return figure_png(fig)
+
+
 def plot_roc(
     curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str = "ROC curve"
 ) -> bytes:

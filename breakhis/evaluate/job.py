@@ -154,13 +154,16 @@ def predict_tiles(
     on the current Ray cluster, at ``options.predict.threshold`` (the one applied: not None).
 
     Returns one row per tile: uri, prob_malignant (after the model's temperature),
-    prob_uncalibrated (at temperature 1), and ``map`` (a (map_size,
+    prob_uncalibrated (at temperature 1), ``class_probs`` (every class's probability after
+    the temperature, in the card's class order) and ``map`` (a (map_size,
     map_size) float32 array scaled to [-1, 1], or None without an attribution).
     Raises RuntimeError naming the tiles that failed to read or decode (a
     prepared DEST holds only decodable tiles, so a failure means DEST changed).
     """
     if tiles.num_rows == 0:
-        return pd.DataFrame({"uri": [], "prob_malignant": [], "prob_uncalibrated": [], "map": []})
+        return pd.DataFrame(
+            {"uri": [], "prob_malignant": [], "prob_uncalibrated": [], "map": [], "class_probs": []}
+        )
     if options.threshold is None:
         raise ValueError("predict_tiles needs the threshold applied (the model's or the user's)")
     source = tiles.select(["uri", "tile_id", "shard"])
@@ -177,6 +180,7 @@ def predict_tiles(
     probs: list[np.ndarray] = []
     raw: list[np.ndarray] = []
     maps: list[np.ndarray] = []
+    classes: list[np.ndarray] = []
     failed: list[str] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         errors = np.asarray(batch["error"], dtype=object)
@@ -185,6 +189,7 @@ def predict_tiles(
         probs.append(np.asarray(batch["prob"], dtype=np.float64))
         raw.append(np.asarray(batch["prob_uncalibrated"], dtype=np.float64))
         maps.append(np.asarray(batch["map"], dtype=np.float16))
+        classes.append(np.asarray(batch["class_probs"], dtype=np.float64))
     if failed:
         raise RuntimeError(
             f"{len(failed)} test tile(s) could not be read or decoded, e.g. {failed[:3]}; "
@@ -199,6 +204,8 @@ def predict_tiles(
         }
     )
     frame["map"] = list(all_maps) if options.method else [None] * len(frame)
+    # Every class's probability (after the temperature), [N, K]: the subtype metrics' input.
+    frame["class_probs"] = list(np.concatenate(classes)) if classes else []
     if len(frame) != tiles.num_rows or frame["uri"].nunique() != tiles.num_rows:
         raise RuntimeError(f"{len(frame)} predictions came back for {tiles.num_rows} tiles")
     return frame
@@ -321,6 +328,8 @@ class _Plan:
     info: SplitInfo
     tiles: pa.Table
     """The test tiles to predict (every magnification unless cross_magnification is off)."""
+    task: str = "binary"
+    """The task evaluated: ``--task``, else the model's (``subtype`` adds its metrics)."""
 
 
 def _plan(config: EvaluateConfig) -> _Plan:
@@ -332,6 +341,12 @@ def _plan(config: EvaluateConfig) -> _Plan:
         raise ValueError(f"--out {config.out} is a file; give a folder for the report")
     # Loaded once here so that a damaged artifact fails in one line, not in every actor.
     _, card = load_artifact(config.model)
+    task = config.task or card.task
+    if task == "subtype" and card.task != "subtype":
+        raise ValueError(
+            f"--task subtype: {config.model} is a {card.task} model (classes "
+            f"{', '.join(card.class_names)}); train one with --task subtype"
+        )
     options = config.options
     if options.predict.threshold is None:
         options = replace(options, predict=replace(options.predict, threshold=card.threshold))
@@ -349,7 +364,7 @@ def _plan(config: EvaluateConfig) -> _Plan:
     info = _split_info(dest, spec, card, known, patients.test)
     log.info("%s: %s", spec, info.leakage_check)
     tiles = _test_tiles(dest, spec, patients.test, card.magnification, options)
-    return _Plan(card, options, dest, known, patients.test, info, tiles)
+    return _Plan(card, options, dest, known, patients.test, info, tiles, task)
 
 
 def _split_info(
@@ -410,11 +425,16 @@ def _at_magnification(tiles: pa.Table, magnification: int | None) -> pa.Table:
 
 
 def _prediction_frame(
-    tiles: pa.Table, scored: pd.DataFrame, threshold: float, trained_at: int | None
+    tiles: pa.Table,
+    scored: pd.DataFrame,
+    threshold: float,
+    trained_at: int | None,
+    task: str = "binary",
 ) -> pd.DataFrame:
     """One row per test tile: its facts, its probabilities, the call at ``threshold``,
     whether it is right, and whether it counts in the headline (the model's
-    magnification, or all)."""
+    magnification, or all); with ``task`` subtype also the eight class probabilities, the
+    true and the predicted subtype (_with_subtype_columns)."""
     facts = tiles.select(
         ["uri", "tile_id", "patient_id", "magnification", "subtype", "label"]
     ).to_pandas()
@@ -424,7 +444,28 @@ def _prediction_frame(
     frame["predicted_label"] = (frame["prob_malignant"] >= threshold).astype(np.int64)
     frame["correct"] = frame["predicted_label"] == frame["label"]
     frame["headline"] = (frame["magnification"] == trained_at) if trained_at else True
+    probs = frame.pop("class_probs")
+    if task == "subtype":
+        frame = _with_subtype_columns(frame, np.stack(probs.to_list()))
     return frame.sort_values("tile_id", ignore_index=True)
+
+
+def _with_subtype_columns(frame: pd.DataFrame, class_probs: np.ndarray) -> pd.DataFrame:
+    """``frame`` with a subtype model's columns: ``prob_<subtype>`` for each of the eight
+    classes, ``subtype_class`` (the true class index, from the tile's name) and
+    ``predicted_subtype`` (the argmax). Raises ValueError naming a tile whose name has no
+    BreakHis subtype."""
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, subtype_indices
+
+    truth = subtype_indices(frame["tile_id"].to_numpy())
+    if (truth < 0).any():
+        bad = frame["tile_id"].iloc[int(np.flatnonzero(truth < 0)[0])]
+        raise ValueError(f"--task subtype: tile {bad!r} has no BreakHis subtype in its name")
+    columns = {f"prob_{name}": class_probs[:, i] for i, name in enumerate(SUBTYPE_CLASS_NAMES)}
+    names = np.asarray(SUBTYPE_CLASS_NAMES, dtype=object)
+    columns["subtype_class"] = truth
+    columns["predicted_subtype"] = names[class_probs.argmax(axis=1)]
+    return frame.assign(**columns)
 
 
 def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> EvaluationResult:
@@ -472,7 +513,25 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
         history_png=_history_png(config.model),
         correct=_examples(correct_rows, plan.tiles, options, card.tile_geometry),
         wrong=_examples(wrong_rows, plan.tiles, options, card.tile_geometry),
+        subtype=subtype_metrics(headline) if plan.task == "subtype" else None,
     )
+
+
+def subtype_metrics(rows: pd.DataFrame) -> dict[str, Any]:
+    """breakhis.subtypes.subtype_report of prediction rows (_with_subtype_columns'), plus
+    the report per magnification (image-level confusion matrix and recall)."""
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, subtype_report
+
+    def report(part: pd.DataFrame) -> dict[str, Any]:
+        probs = part[[f"prob_{name}" for name in SUBTYPE_CLASS_NAMES]].to_numpy(np.float64)
+        return subtype_report(part["subtype_class"], probs, part["patient_id"])
+
+    out = report(rows)
+    out["per_magnification"] = {
+        str(int(mag)): {k: v for k, v in report(part).items() if k != "patient"}
+        for mag, part in sorted(rows.groupby("magnification"), key=lambda kv: kv[0])
+    }
+    return out
 
 
 def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
@@ -500,7 +559,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationResult:
     # cross-magnification tiles) would pay the actors' start-up again for little gain.
     threshold = plan.options.predict.threshold
     scored = predict_tiles(plan.tiles, config.model, plan.card.tile_geometry, plan.options.predict)
-    frame = _prediction_frame(plan.tiles, scored, threshold, trained_at)
+    frame = _prediction_frame(plan.tiles, scored, threshold, trained_at, plan.task)
     result = replace(_result(config, plan, frame), seconds=time.perf_counter() - started)
     if config.out:
         from breakhis.evaluate.report import write_report

@@ -13,7 +13,8 @@ Written to OUT (local or ``s3://``):
   training job's curves, when found), ``dataset_distribution.png``,
   ``bootstrap.png``, ``correct_predictions.png`` and
   ``wrong_predictions/<tile_id>.png`` (the tile beside its attribution overlay,
-  one per wrong prediction).
+  one per wrong prediction); for a subtype model also ``subtype_confusion_matrix.png``
+  and ``subtype_confusion_matrix_patients.png`` (8 x 8, class names on the axes).
 
 The plots are drawn by breakhis.evaluate.figures, the page's pieces and the browser check are
 breakhis.evaluate.report_html's; the protocol's report is breakhis.protocol.report.
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from breakhis import storage
 from breakhis.evaluate.figures import (
     plot_bootstrap,
+    plot_class_confusion,
     plot_confusion_matrix,
     plot_distribution,
     plot_examples,
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 PREDICTIONS_PARQUET = "predictions.parquet"
 WRONG_DIR = "wrong_predictions"
 HISTORY_PNG = "training_history.png"
+SUBTYPE_PNG = "subtype_confusion_matrix.png"
+SUBTYPE_PATIENTS_PNG = "subtype_confusion_matrix_patients.png"
 
 
 def _metric_rows(
@@ -150,6 +154,18 @@ def _plots(result: EvaluationResult) -> dict[str, bytes]:
         )
     if result.history_png is not None:
         plots[HISTORY_PNG] = result.history_png
+    if result.subtype is not None:
+        sub = result.subtype
+        plots[SUBTYPE_PNG] = plot_class_confusion(
+            sub["confusion_matrix"],
+            sub["class_names"],
+            title=f"subtype confusion matrix, {result.evaluated_at} (images)",
+        )
+        plots[SUBTYPE_PATIENTS_PNG] = plot_class_confusion(
+            sub["patient"]["confusion_matrix"],
+            sub["class_names"],
+            title=f"subtype confusion matrix, {result.evaluated_at} (patients)",
+        )
     plots["dataset_distribution.png"] = plot_distribution(result.distribution)
     plots["bootstrap.png"] = plot_bootstrap(
         result.bootstrap.samples,
@@ -302,6 +318,55 @@ def _wrong_html(result: EvaluationResult, wrong: Sequence[tuple[Example, bytes]]
     return parts
 
 
+def _subtype_html(result: EvaluationResult, plots: Mapping[str, bytes]) -> list[str]:
+    """A subtype model's eight-class section: the confusion matrices (images, patients)
+    and per-class recall; nothing for a binary model."""
+    if result.subtype is None:
+        return []
+    sub, patient, esc = result.subtype, result.subtype["patient"], _esc
+    mixed = ", ".join(patient["mixed_patients"]) or "none"
+    return [
+        "<h2>Subtypes (8 classes)</h2>",
+        '<p class="note">The model has one output per subtype, benign four then malignant '
+        "four; its subtype call is the most probable class, and its benign/malignant call "
+        "above is P(malignant) = the sum of the four carcinomas' probabilities against the "
+        "threshold. Patient level: a patient's subtype is the most probable class of the mean "
+        "of their tiles' probabilities; patients whose tiles carry two subtypes are left out "
+        f"(here: {esc(mixed)}).</p>",
+        table(
+            ["subtype", "image recall", "test images", "patient recall", "test patients"],
+            [
+                [
+                    esc(name),
+                    fmt(sub["recall"][name]),
+                    str(sum(sub["confusion_matrix"][i])),
+                    fmt(patient["recall"][name]),
+                    str(sum(patient["confusion_matrix"][i])),
+                ]
+                for i, name in enumerate(sub["class_names"])
+            ]
+            + [
+                [
+                    "accuracy",
+                    fmt(sub["accuracy"]),
+                    str(sub["images"]),
+                    fmt(patient["accuracy"]),
+                    str(patient["patients"]),
+                ],
+                [
+                    "balanced accuracy",
+                    fmt(sub["balanced_accuracy"]),
+                    "",
+                    fmt(patient["balanced_accuracy"]),
+                    "",
+                ],
+            ],
+        ),
+        img(plots[SUBTYPE_PNG], "subtype confusion matrix (images)", "plot"),
+        img(plots[SUBTYPE_PATIENTS_PNG], "subtype confusion matrix (patients)", "plot"),
+    ]
+
+
 def _evaluation_html(
     result: EvaluationResult, plots: Mapping[str, bytes], wrong: Sequence[tuple[Example, bytes]]
 ) -> str:
@@ -317,6 +382,7 @@ def _evaluation_html(
         f"<pre>{esc(result.classification_report_text)}</pre>",
         "<h2>Confusion matrix</h2>",
         img(plots["confusion_matrix.png"], "confusion matrix", "plot"),
+        *_subtype_html(result, plots),
         "<h2>ROC curve</h2>",
         img(plots["roc_curve.png"], "ROC curve", "plot"),
         *_calibration_html(result, plots),

@@ -108,6 +108,10 @@ class EvaluationResult:
     """Temperature, threshold (and where it came from), and the Brier score, expected
     calibration error and reliability bins of the headline images before (temperature 1)
     and after the model's temperature (see calibration_summary)."""
+    subtype: dict[str, Any] | None = None
+    """A subtype model's eight-class metrics of the headline images
+    (breakhis.evaluate.job.subtype_metrics: confusion matrices, per-class recall, balanced
+    accuracy, at image and patient level); None for the binary task."""
     seconds: float = 0.0
     report_dir: str | None = None
     """Where the report was written (None when not written)."""
@@ -186,6 +190,8 @@ class EvaluationResult:
                 }
                 for e in self.wrong
             ],
+            "task": "subtype" if self.subtype is not None else "binary",
+            **({"subtype": self.subtype} if self.subtype is not None else {}),
             "seconds": self.seconds,
         }
 
@@ -220,6 +226,14 @@ class EvaluationResult:
                 f"{cal['temperature']:.3f}: expected calibration error {cal['before']['ece']:.3f} "
                 f"-> {cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> "
                 f"{cal['after']['brier']:.3f}; patient call by {self.options.patient_rule}"
+            )
+        if self.subtype is not None:
+            sub, patient = self.subtype, self.subtype["patient"]
+            lines.append(
+                f"subtypes (8 classes, argmax): accuracy {sub['accuracy']:.4f}, balanced "
+                f"accuracy {sub['balanced_accuracy']:.4f}; per patient {patient['accuracy']:.4f}"
+                f" / {patient['balanced_accuracy']:.4f} over {patient['patients']} patients "
+                f"({patient['patients_mixed_subtype']} with two subtypes left out)"
             )
         if self.report_dir:
             lines.append(f"report: {storage.join(self.report_dir, 'report.html')}")

@@ -58,7 +58,9 @@ class ModelCard:
     dropout: float = 0.2
     """Dropout of the head (needed to rebuild the same module)."""
     class_names: tuple[str, ...] = CLASS_NAMES
-    """Name of each output index: 0 benign, 1 malignant."""
+    """Name of each output index: 0 benign, 1 malignant; for a subtype model
+    (``--task subtype``) the eight subtypes, benign four then malignant four
+    (breakhis.subtypes.SUBTYPE_CLASS_NAMES). A card without it is a binary model's."""
     num_classes: int = 2
     """Number of logits."""
     magnification: int | None = None
@@ -85,6 +87,20 @@ class ModelCard:
     """The fitted stain normaliser's parameters (breakhis.data.stain.StainNormalizer.to_dict:
     method, reference and its parameters), applied to every tile before the model; {} for
     none."""
+
+    @property
+    def task(self) -> str:
+        """``binary`` or ``subtype``, from ``class_names`` (breakhis.subtypes.task_of)."""
+        from breakhis.subtypes import task_of
+
+        return task_of(self.class_names)
+
+    @property
+    def malignant_indices(self) -> list[int]:
+        """Output indices whose probabilities sum to P(malignant)."""
+        from breakhis.subtypes import malignant_indices
+
+        return malignant_indices(self.class_names)
 
     @property
     def tile_geometry(self) -> TileGeometry:
@@ -193,6 +209,12 @@ def _check_card(card: ModelCard) -> None:
         and len(set(card.class_names)) == len(card.class_names)
     ):
         raise bad("class_names", f"{card.num_classes} distinct non-empty strings (num_classes)")
+    from breakhis.subtypes import task_of
+
+    try:
+        task_of(card.class_names)
+    except ValueError as err:
+        raise ValueError(f"field 'class_names': {err}") from err
     if card.magnification is not None and card.magnification not in MAGNIFICATIONS:
         raise bad("magnification", f"null or one of {', '.join(map(str, MAGNIFICATIONS))}")
     if not isinstance(card.config, dict):
@@ -327,7 +349,12 @@ class Artifact:
             ) from err
         if not isinstance(state, dict):
             raise ValueError(f"{weights_uri}: not a PyTorch state dict ({type(state).__name__})")
-        model = build_model(self.card.architecture, weights="none", dropout=self.card.dropout)
+        model = build_model(
+            self.card.architecture,
+            weights="none",
+            dropout=self.card.dropout,
+            num_classes=self.card.num_classes,
+        )
         try:
             model.load_state_dict(state)
         except RuntimeError as err:

@@ -22,6 +22,13 @@ decodes and resizes:
   is the job's ``prob``, a tile is called malignant at or above ``threshold``) and
   ``logits`` (N, classes; before the temperature, for whoever calibrates anew).
 
+A subtype model (``--task subtype``) outputs its eight classes, named in the contract's
+``class_names`` (benign four then malignant four); the job's ``prob`` (P(malignant)) is the
+sum of the columns the contract lists in ``malignant_classes``. Exported with ``--task
+binary`` it outputs two columns, benign and malignant: the sums of its probabilities over
+the benign and the malignant four, and as logits the logsumexp of each four (before the
+temperature).
+
 Normalisation and temperature are in the graph rather than left to the caller:
 a caller who forgets the temperature still gets numbers in [0, 1] that look
 right and are not the job's. The contract lists them all the same (with
@@ -65,7 +72,9 @@ class ProbabilityModel(nn.Module):
     float32 (N, classes), probabilities = softmax(logits / temperature).
     """
 
-    def __init__(self, net: nn.Module, card: ModelCard, *, script_stain: bool = True) -> None:
+    def __init__(
+        self, net: nn.Module, card: ModelCard, *, script_stain: bool = True, binary: bool = False
+    ) -> None:
         super().__init__()
         self.net = net
         stain = card.stain_normalizer
@@ -74,6 +83,11 @@ class ProbabilityModel(nn.Module):
         self.mean = tuple(card.mean)
         self.std = tuple(card.std)
         self.temperature = float(card.temperature)
+        # A subtype model reduced to benign/malignant (--task binary): sums of its classes.
+        self.reduce = binary and card.task == "subtype"
+        malignant = card.malignant_indices
+        self.malignant = malignant
+        self.benign = [i for i in range(card.num_classes) if i not in malignant]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stain is not None:
@@ -81,12 +95,51 @@ class ProbabilityModel(nn.Module):
         # The normalisation training and scoring use, so the graph sees the jobs' pixels.
         x = normalize(image, self.mean, self.std)
         logits = self.net(x).float()
-        return torch.softmax(logits / self.temperature, dim=1), logits
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        if not self.reduce:
+            return probabilities, logits
+        sides = (self.benign, self.malignant)
+        reduced = torch.stack([probabilities[:, side].sum(dim=1) for side in sides], dim=1)
+        side_logits = torch.stack([torch.logsumexp(logits[:, side], dim=1) for side in sides], 1)
+        return reduced, side_logits
 
 
-def contract(card: ModelCard, *, file_name: str, format: str, source: str) -> dict[str, Any]:
+def contract(
+    card: ModelCard, *, file_name: str, format: str, source: str, task: str | None = None
+) -> dict[str, Any]:
     """The preprocessing contract of an exported model (JSON-ready): input, outputs,
-    normalisation, class names, temperature and threshold, and where it came from."""
+    normalisation, class names, temperature and threshold, and where it came from; for a
+    subtype model (``task`` its own) also the task and which classes are malignant, and
+    exported as ``binary`` the two classes its outputs were reduced to."""
+    terms = _contract(card, file_name=file_name, format=format, source=source)
+    task = task or card.task
+    if card.task != "subtype":
+        return terms
+    from breakhis.names import CLASS_NAMES
+
+    if task == "binary":
+        terms["task"] = "binary"
+        terms["class_names"] = list(CLASS_NAMES)
+        terms["reduced_from"] = {
+            "class_names": list(card.class_names),
+            "malignant_classes": [card.class_names[i] for i in card.malignant_indices],
+            "probabilities": "the sums of softmax(logits / temperature) over the benign and "
+            "the malignant classes",
+            "logits": "logsumexp of the benign and of the malignant classes' logits",
+        }
+        for output in ("probabilities", "logits"):
+            terms["outputs"][output]["shape"] = ["N", len(CLASS_NAMES)]
+        return terms
+    terms["task"] = "subtype"
+    terms["malignant_classes"] = [card.class_names[i] for i in card.malignant_indices]
+    terms["decision"] = (
+        "malignant when the sum of probabilities[:, class_names.index(c)] over c in "
+        "malignant_classes >= threshold; the subtype is class_names[argmax(probabilities)]"
+    )
+    return terms
+
+
+def _contract(card: ModelCard, *, file_name: str, format: str, source: str) -> dict[str, Any]:
     size = card.image_size
     geometry = card.tile_geometry
     height, width = geometry.eval_hw
@@ -236,12 +289,21 @@ def export_model(config: ExportConfig) -> ExportResult:
     breakhis.model.artifact.load_artifact does (no artifact, a damaged one).
     """
     net, card = load_artifact(config.model)
-    model = ProbabilityModel(net, card, script_stain=config.format == "torchscript").eval()
+    if config.task == "subtype" and card.task != "subtype":
+        raise ValueError(
+            f"--task subtype: {config.model} is a {card.task} model (classes "
+            f"{', '.join(card.class_names)}); train one with --task subtype"
+        )
+    model = ProbabilityModel(
+        net, card, script_stain=config.format == "torchscript", binary=config.task == "binary"
+    ).eval()
     file_name = FILE_NAMES[config.format]
     data = to_onnx(model, card) if config.format == "onnx" else to_torchscript(model, card)
     model_uri = storage.join(config.out_uri, file_name)
     contract_uri = storage.join(config.out_uri, f"{file_name.removesuffix('.pt')}.json")
-    terms = contract(card, file_name=file_name, format=config.format, source=config.model)
+    terms = contract(
+        card, file_name=file_name, format=config.format, source=config.model, task=config.task
+    )
     storage.write_bytes(model_uri, data)
     storage.write_bytes(contract_uri, json.dumps(terms, indent=2).encode())
     log.info("model %s exported as %s to %s", card.model_id, config.format, model_uri)

@@ -122,23 +122,32 @@ _IMAGENET: dict[str, Callable[[], torchvision.models.WeightsEnum]] = {
 }
 
 
-def build_model(arch: str = "resnet50", weights: str = "none", dropout: float = 0.2) -> nn.Module:
-    """A classifier with a new two-class head (``Dropout -> Linear``), in train mode, on CPU.
+def build_model(
+    arch: str = "resnet50", weights: str = "none", dropout: float = 0.2, num_classes: int = 2
+) -> nn.Module:
+    """A classifier with a new head (``Dropout -> Linear``, ``num_classes`` outputs: 2 for
+    benign vs malignant, 8 for the subtypes), in train mode, on CPU.
 
     ``weights``: ``"none"``, ``"imagenet"``, or a local path / ``s3://`` URI of a
     state dict (see the module docstring). Returns the model. Raises ValueError
-    for an unknown ``arch`` or a ``dropout`` outside [0, 1), and WeightsError
-    (a ValueError) when the weights cannot be fetched or do not fit ``arch``.
+    for an unknown ``arch``, a ``dropout`` outside [0, 1) or ``num_classes`` < 2, and
+    WeightsError (a ValueError) when the weights cannot be fetched or do not fit ``arch``.
     """
     check_arch(arch)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if is_timm(arch):
         from breakhis.model.timm_backbones import build_timm, timm_name
 
-        model = build_timm(timm_name(arch), dropout)
+        model = build_timm(timm_name(arch), dropout, num_classes)
     else:
         model = _BUILDERS[arch](dropout)
+        if num_classes != NUM_CLASSES:
+            # Only another head: a two-class model is built exactly as before (same RNG draws).
+            head = head_module(model, arch)
+            head[-1] = nn.Linear(head[-1].in_features, num_classes)
     if weights == "none":
         return model
     if weights == "imagenet":

@@ -91,13 +91,13 @@ class TimmClassifier(nn.Module):
         return self.model(x)
 
 
-def build_timm(name: str, dropout: float) -> TimmClassifier:
-    """The timm model ``name`` with random weights, a two-class head behind ``dropout``, in
-    train mode on CPU. Raises ValueError when timm has no such model."""
+def build_timm(name: str, dropout: float, num_classes: int = 2) -> TimmClassifier:
+    """The timm model ``name`` with random weights, a ``num_classes`` head behind ``dropout``,
+    in train mode on CPU. Raises ValueError when timm has no such model."""
     import timm
 
     check_timm_name(name)
-    kwargs = {"pretrained": False, "num_classes": 2, "drop_rate": dropout}
+    kwargs = {"pretrained": False, "num_classes": num_classes, "drop_rate": dropout}
     try:
         model = timm.create_model(name, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
     except TypeError:  # not a ViT-like model: convolutional ones take any input size

@@ -56,7 +56,7 @@ from breakhis.data.dest import PreparedDest
 from breakhis.data.splits import SplitSpec
 from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
 from breakhis.protocol.config import PER_MAGNIFICATION, ProtocolConfig  # noqa: F401 (re-exported)
-from breakhis.protocol.result import ProtocolResult, ProtocolRun, aggregate
+from breakhis.protocol.result import ProtocolResult, ProtocolRun, aggregate, aggregate_subtypes
 from breakhis.raysession import ensure_ray
 from breakhis.train.config import ARTIFACT_DIR, TrainConfig
 from breakhis.train.job import DATA_CPUS
@@ -178,6 +178,7 @@ def _run_one(plan: RunPlan, options: EvaluateOptions) -> ProtocolRun:
             out=plan.evaluation_dir,
             split=plan.split,
             options=options,
+            task=plan.train.task,
         )
     )
     finished = time.time()
@@ -202,6 +203,7 @@ def _run_one(plan: RunPlan, options: EvaluateOptions) -> ProtocolRun:
         trained=not reuse,
         started=started,
         finished=finished,
+        subtype=result.subtype,
     )
 
 
@@ -298,6 +300,7 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
     runs = _run_all(plans, config.evaluation, concurrency)
     summary, matrix = aggregate(runs, config.magnifications)
     result = ProtocolResult(
+        subtype=aggregate_subtypes(runs) if config.train.task == "subtype" else None,
         name=config.train.name,
         data=config.train.data,
         root=config.root,

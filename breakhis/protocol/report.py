@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from breakhis import storage
-from breakhis.evaluate.figures import plot_matrix
+from breakhis.evaluate.figures import plot_class_confusion, plot_matrix
 from breakhis.evaluate.report_html import (
     METRICS_JSON,
     REPORT_HTML,
@@ -61,12 +61,21 @@ def write_protocol_report(result: ProtocolResult, out: str) -> ReportFiles:
             f"{level.replace('_', ' ')}: mean over {len(result.config_splits)} splits",
             errors=matrix.std[level],
         )
-    for name, data in plots.items():
+    subtype_plots = {
+        f"subtype_confusion_matrix_{trained}.png": plot_class_confusion(
+            sub["confusion_matrix"],
+            sub["class_names"],
+            title=f"subtype confusion matrix, {_trained_name(None if trained == 'all' else int(trained))}"
+            f" model(s), summed over {sub['runs']} run(s) (images)",
+        )
+        for trained, sub in (result.subtype or {}).items()
+    }
+    for name, data in {**plots, **subtype_plots}.items():
         writer.put(name, data)
     payload = result.to_json_dict()
     payload["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     metrics_uri = writer.put(METRICS_JSON, json_bytes(payload))
-    html_uri = writer.put(REPORT_HTML, _protocol_html(result, plots, out).encode())
+    html_uri = writer.put(REPORT_HTML, _protocol_html(result, plots, out, subtype_plots).encode())
     log.info("protocol report written to %s", html_uri)
     return writer.files(html_uri, metrics_uri)
 
@@ -120,7 +129,40 @@ def _run_rows(result: ProtocolResult, out: str) -> list[list[str]]:
     return rows
 
 
-def _protocol_html(result: ProtocolResult, plots: Mapping[str, bytes], out: str) -> str:
+def _subtype_html(result: ProtocolResult, plots: Mapping[str, bytes]) -> list[str]:
+    """The eight-subtype section of a --task subtype protocol (nothing for binary)."""
+    if not result.subtype:
+        return []
+    parts = [
+        "<h2>Subtypes (8 classes), mean ± std over splits</h2>",
+        '<p class="note">The subtype call is the most probable of the eight classes; a '
+        "patient's is the most probable class of their tiles' mean probabilities, patients "
+        "whose tiles carry two subtypes left out. The tables above are the benign/malignant "
+        "call of the same models (P(malignant) = the sum of the four carcinomas).</p>",
+    ]
+    for trained, sub in result.subtype.items():
+        rows = [
+            [html.escape(name.replace("_", " ")), f"{pct(v['mean'])} ± {pct(v['std'])}"]
+            for name, v in sub["metrics"].items()
+        ] + [
+            [f"recall {html.escape(name)}", f"{pct(v['mean'])} ± {pct(v['std'])}"]
+            for name, v in sub["recall"].items()
+        ]
+        name = _trained_name(None if trained == "all" else int(trained))
+        parts += [
+            f"<h3>{html.escape(name)} model(s), {sub['runs']} run(s)</h3>",
+            table(["metric (%)", "mean ± std"], rows),
+            img(plots[f"subtype_confusion_matrix_{trained}.png"], "subtype confusion", "plot"),
+        ]
+    return parts
+
+
+def _protocol_html(
+    result: ProtocolResult,
+    plots: Mapping[str, bytes],
+    out: str,
+    subtype_plots: Mapping[str, bytes] | None = None,
+) -> str:
     esc = html.escape
     parts = [
         f"<h1>BreakHis protocol: {esc(result.name)}</h1>",
@@ -151,6 +193,7 @@ def _protocol_html(result: ProtocolResult, plots: Mapping[str, bytes], out: str)
         "magnification of the test images. Off-diagonal cells of per-magnification models "
         "are images at magnifications the model never saw.</p>",
         *(img(data, name, "plot") for name, data in plots.items()),
+        *_subtype_html(result, subtype_plots or {}),
         "<h2>Runs</h2>",
         table(list(_RUN_COLUMNS), _run_rows(result, out)),
         f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} in '

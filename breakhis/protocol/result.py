@@ -35,6 +35,9 @@ class ProtocolRun:
     """False when a finished artifact with the same options was reused."""
     started: float
     finished: float
+    subtype: dict[str, Any] | None = None
+    """A subtype model's eight-class metrics of its headline images
+    (breakhis.evaluate.job.subtype_metrics); None for the binary task."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,55 @@ def aggregate(
     return summary, CrossMagnification(trained, evaluated, matrix_mean, matrix_std)
 
 
+SUBTYPE_SUMMARY_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "patient_accuracy",
+    "patient_balanced_accuracy",
+)
+"""The eight-class metrics the protocol averages over splits (image level, then patient)."""
+
+
+def aggregate_subtypes(runs: Sequence[ProtocolRun]) -> dict[str, Any]:
+    """The eight-subtype summary of subtype runs, per trained magnification (``all``, ``40``
+    ..): mean and std over splits of SUBTYPE_SUMMARY_METRICS and of each class's recall,
+    and the image- and patient-level confusion matrices summed over the runs (each run's
+    counts are its own test patients'). Runs without subtype metrics are left out."""
+    out: dict[str, Any] = {}
+    for trained in sorted({r.magnification or 0 for r in runs if r.subtype is not None}):
+        group = [r.subtype for r in runs if r.subtype and (r.magnification or 0) == trained]
+        names = group[0]["class_names"]
+        values = {
+            "accuracy": [g["accuracy"] for g in group],
+            "balanced_accuracy": [g["balanced_accuracy"] for g in group],
+            "patient_accuracy": [g["patient"]["accuracy"] for g in group],
+            "patient_balanced_accuracy": [g["patient"]["balanced_accuracy"] for g in group],
+        }
+        summary = {
+            k: dict(zip(("mean", "std"), _mean_std(v), strict=True)) for k, v in values.items()
+        }
+        recall = {
+            name: dict(
+                zip(("mean", "std"), _mean_std([g["recall"][name] for g in group]), strict=True)
+            )
+            for name in names
+        }
+        out[str(trained or "all")] = {
+            "class_names": names,
+            "runs": len(group),
+            "metrics": summary,
+            "recall": recall,
+            "confusion_matrix": np.sum([g["confusion_matrix"] for g in group], axis=0).tolist(),
+            "patient_confusion_matrix": np.sum(
+                [g["patient"]["confusion_matrix"] for g in group], axis=0
+            ).tolist(),
+            "patients_mixed_subtype": sorted(
+                {p for g in group for p in g["patient"]["mixed_patients"]}
+            ),
+        }
+    return out
+
+
 @dataclass(frozen=True)
 class ProtocolResult:
     """What ``breakhis protocol`` produced."""
@@ -151,6 +203,8 @@ class ProtocolResult:
     concurrency: int
     seconds: float
     report_dir: str | None = None
+    subtype: dict[str, Any] | None = None
+    """With --task subtype: aggregate_subtypes of the runs; None for the binary task."""
 
     def to_json_dict(self) -> dict[str, Any]:
         """The content of the protocol's ``metrics.json``."""
@@ -199,9 +253,11 @@ class ProtocolResult:
                     },
                     "trained": run.trained,
                     "seconds": run.finished - run.started,
+                    **({"subtype": run.subtype} if run.subtype is not None else {}),
                 }
                 for run in self.runs
             ],
+            **({"subtype": self.subtype} if self.subtype is not None else {}),
             "seconds": self.seconds,
         }
 
@@ -219,6 +275,15 @@ class ProtocolResult:
                 for c in columns
             )
             lines.append(f"{metric:<26}{cells}")
+        for trained, sub in (self.subtype or {}).items():
+            metrics = sub["metrics"]
+            lines.append(
+                f"subtypes, {trained} model(s): balanced accuracy "
+                f"{_pct(metrics['balanced_accuracy']['mean'])}±"
+                f"{_pct(metrics['balanced_accuracy']['std'])} (images), "
+                f"{_pct(metrics['patient_balanced_accuracy']['mean'])}±"
+                f"{_pct(metrics['patient_balanced_accuracy']['std'])} (patients)"
+            )
         if self.report_dir:
             lines.append(f"report: {storage.join(self.report_dir, 'report.html')}")
         return "\n".join(lines)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from breakhis import storage
 from breakhis.score.predict_config import PredictOptions
 from breakhis.stats.calibration import PATIENT_RULES
+from breakhis.subtypes import TASKS
 
 if TYPE_CHECKING:
     from breakhis.model.artifact import ModelCard
@@ -42,6 +43,11 @@ class ScoreConfig:
     per actor, at least 256 MB."""
     progress_interval_s: float = 10.0
     """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
+    task: str | None = field(default=None, metadata={"choices": (*TASKS, None)})
+    """``binary``: the benign/malignant columns only; ``subtype``: also ``prob_<subtype>``
+    for each of the eight subtypes and ``predicted_subtype`` (needs a model trained with
+    ``--task subtype``); default (none): the model's own task. A subtype model's
+    prob_malignant is the sum of its four malignant classes' probabilities."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
@@ -56,6 +62,8 @@ class ScoreConfig:
             raise ValueError(
                 f"--patient-rule {self.patient_rule!r}; accepted: {', '.join(PATIENT_RULES)}"
             )
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
         if self.overlays and self.predict.method is None:
             raise ValueError("--overlays needs an attribution method (not --attribution none)")
         # Compared as places, symlinks resolved, as prepare compares SRC and DEST.
@@ -76,6 +84,16 @@ class ScoreConfig:
         """The threshold applied: ``predict.threshold`` when given, else the model's own."""
         threshold = self.predict.threshold
         return card.threshold if threshold is None else threshold
+
+    def task_for(self, card: ModelCard) -> str:
+        """The task scored: ``task`` when given, else the model's. Raises ValueError for
+        ``subtype`` with a binary model."""
+        if self.task == "subtype" and card.task != "subtype":
+            raise ValueError(
+                f"--task subtype: {self.model} is a {card.task} model (classes "
+                f"{', '.join(card.class_names)}); train one with --task subtype"
+            )
+        return self.task or card.task
 
     def job_record(self, card: ModelCard) -> dict:
         """What ``_job.json`` holds: everything that changes the output rows (the
@@ -100,6 +118,8 @@ class ScoreConfig:
             "occlusion_window": predict.occlusion_window if method == "occlusion" else None,
             "lime_samples": predict.lime_samples if method == "lime" else None,
             "lime_grid": predict.lime_grid if method == "lime" else None,
+            # Only for subtype rows: a binary job's record (and its reruns) stays as it was.
+            **({"task": "subtype"} if self.task_for(card) == "subtype" else {}),
         }
 
 

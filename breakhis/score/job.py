@@ -82,7 +82,11 @@ all zeros for a tile without a map, whose ``attribution_method`` is null),
 ``attribution_scale`` (float32, that largest absolute value: raw map = map x
 scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
 ``read: ...`` (missing, refused, over ``--max-tile-mb``) or ``decode: ...`` (including a
-tile whose decoding killed its worker) and every prediction column null).
+tile whose decoding killed its worker) and every prediction column null). A subtype model
+(``--task subtype``) adds ``prob_<subtype>`` per class (float32, after the temperature, in
+the card's ``class_names`` order, which the file's metadata lists) and
+``predicted_subtype`` (the most probable); its ``prob_malignant`` is the sum of the four
+carcinomas', its ``attribution_target`` the most probable class on the side of the call.
 
 Why that layout: it is the one every common reader takes as it is, error rows included
 (tests/test_score_readers.py): pandas (a numpy array of S*S values per row), pyarrow
@@ -197,8 +201,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     artifact = read_artifact(config.model)
     artifact.load()  # so that a damaged artifact fails here in one line, not in every actor
     card = artifact.card
-    if "malignant" not in card.class_names:
-        raise ValueError(f"{config.model}: class_names {card.class_names} lack 'malignant'")
+    config.task_for(card)  # --task subtype needs a subtype model
     listing = list_inputs(config.input)
     record = config.job_record(card)
     log.info(

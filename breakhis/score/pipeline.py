@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from breakhis import storage
+from breakhis.names import CLASS_NAMES
 from breakhis.raysession import ensure_ray
 from breakhis.score.predict import actor_plan
 from breakhis.score.units import Plan, UnitFormat, units_dataset
@@ -60,6 +61,7 @@ def score_pending(
         tta=predict.tta,
         image_size=card.image_size,
         geometry=card.tile_geometry,
+        class_names=card.class_names if config.task_for(card) == "subtype" else CLASS_NAMES,
     )
     ds = units_dataset(
         plan.pending,

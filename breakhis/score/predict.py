@@ -53,7 +53,9 @@ class TilePredictor:
     The model is ``artifact`` when given (a breakhis.model.artifact.Artifact or a Ray ObjectRef
     of one: the weights the driver checked), else read from ``model_uri``; ``model_id`` is
     the hash of the weights loaded. Returns per tile: uri, unit, ``prob`` (float32, NaN for a bad tile; the softmax
-    of the logits over the model's temperature), ``prob_uncalibrated`` (at temperature 1),
+    of the logits over the model's temperature, summed over the malignant classes),
+    ``prob_uncalibrated`` (at temperature 1), ``class_probs`` ([N, K] float32: every
+    class's probability after the temperature, in the card's ``class_names`` order),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
     float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
     NaN without a map), ``overlay`` (URI or "") and ``error``.
@@ -100,7 +102,11 @@ class TilePredictor:
             torch.backends.cudnn.benchmark = True
         self.layer = last_conv_layer(self.model, card.architecture)
         self.mean, self.std = tuple(card.mean), tuple(card.std)
-        self.malignant = list(card.class_names).index("malignant")
+        # P(malignant) sums these classes' probabilities: [malignant] for a binary model,
+        # the four carcinomas for a subtype one (breakhis.subtypes).
+        self.malignant_classes = card.malignant_indices
+        self.malignant = self.malignant_classes[-1]
+        self.num_classes = card.num_classes
         self.temperature = float(card.temperature)
         self.method = method
         self.map_size = map_size
@@ -132,23 +138,31 @@ class TilePredictor:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def _probabilities(self, x):
-        """``(calibrated, raw)`` malignancy probabilities: the softmax of the logits
-        divided by the model's temperature, and at temperature 1 (each averaged over
-        the TTA views)."""
+        """``(calibrated, raw, classes)``: malignancy probabilities from the softmax of the
+        logits divided by the model's temperature, and at temperature 1, and the [N, K]
+        class probabilities after the temperature (each averaged over the TTA views). A
+        subtype model's P(malignant) is the sum of its malignant classes' probabilities."""
         import torch
 
         views = _TTA_VIEWS if self.tta else 1
         calibrated = torch.zeros(x.shape[0], device=x.device)
         raw = torch.zeros(x.shape[0], device=x.device)
+        classes = torch.zeros(x.shape[0], self.num_classes, device=x.device)
         with torch.inference_mode(), self._autocast():
             for view in range(views):
                 turned = torch.rot90(x, view % 4, dims=(2, 3)) if view % 4 else x
                 if view >= 4:
                     turned = torch.flip(turned, dims=(3,))
                 logits = self.model(turned).float()
-                calibrated += torch.softmax(logits / self.temperature, dim=1)[:, self.malignant]
-                raw += torch.softmax(logits, dim=1)[:, self.malignant]
-        return calibrated / views, raw / views
+                probs = torch.softmax(logits / self.temperature, dim=1)
+                classes += probs
+                if len(self.malignant_classes) == 1:  # binary: exactly as before
+                    calibrated += probs[:, self.malignant]
+                    raw += torch.softmax(logits, dim=1)[:, self.malignant]
+                    continue
+                calibrated += probs[:, self.malignant_classes].sum(dim=1)
+                raw += torch.softmax(logits, dim=1)[:, self.malignant_classes].sum(dim=1)
+        return calibrated / views, raw / views, classes / views
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from breakhis.score.attribution import attribute
@@ -163,16 +177,18 @@ class TilePredictor:
         maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float32)
         scale = np.full(count, np.nan, dtype=np.float32)
         overlays = np.full(count, "", dtype=object)
+        class_probs = np.full((count, self.num_classes), np.nan, dtype=np.float32)
         if len(ok):
             images = np.ascontiguousarray(batch["image"][ok])
             x = self._inputs(images)
-            calibrated, raw_prob = self._probabilities(x)
+            calibrated, raw_prob, classes = self._probabilities(x)
             p = calibrated.cpu().numpy()
             prob[ok] = p
             prob_raw[ok] = raw_prob.cpu().numpy()
+            class_probs[ok] = classes.cpu().numpy()
             if self.method is not None:
                 predicted = (p >= self.threshold).astype(np.int64)
-                explained = [self.malignant if c else 1 - self.malignant for c in predicted]
+                explained = self._explained(predicted, class_probs[ok])
                 with self._autocast():
                     raw = attribute(
                         self.model,
@@ -199,7 +215,18 @@ class TilePredictor:
             "scale": scale,
             "overlay": overlays,
             "error": errors,
+            "class_probs": class_probs,
         }
+
+    def _explained(self, predicted: np.ndarray, class_probs: np.ndarray) -> list[int]:
+        """The class each tile's map explains: the one called (binary), or for a subtype
+        model the most probable class on the side of the call (malignant or benign)."""
+        if len(self.malignant_classes) == 1:
+            return [self.malignant if c else 1 - self.malignant for c in predicted]
+        malignant = np.zeros(self.num_classes, dtype=bool)
+        malignant[self.malignant_classes] = True
+        side = np.where(predicted[:, None] == 1, malignant[None, :], ~malignant[None, :])
+        return np.where(side, class_probs, -np.inf).argmax(axis=1).tolist()
 
     def _write_overlays(self, tile_ids, images: np.ndarray, raw: np.ndarray) -> list[str]:
         from breakhis.score.attribution import overlay_png

@@ -54,10 +54,16 @@ FACTS = ("uri", "tile_id", "file_name", "patient_id", "magnification", "subtype"
 """The input columns a unit file repeats."""
 
 
-def tile_schema(map_size: int) -> pa.Schema:
+def tile_schema(map_size: int, class_names: tuple[str, ...] = CLASS_NAMES) -> pa.Schema:
     """The schema of ``tiles/unit-*.parquet`` for maps of ``map_size`` x ``map_size``
-    (breakhis.score.job's docstring describes each column)."""
+    (breakhis.score.job's docstring describes each column); for a subtype model's
+    ``class_names`` (``--task subtype``) followed by ``prob_<class>`` (float32) per class
+    and ``predicted_subtype`` (string, the most probable class)."""
     described = [f for f in INPUT_SCHEMA if f.name != "shard"]  # the tile, as its input
+    per_class = []
+    if tuple(class_names) != CLASS_NAMES:
+        per_class = [(f"prob_{name}", pa.float32()) for name in class_names]
+        per_class.append(("predicted_subtype", pa.string()))
     return pa.schema(
         [
             *described,
@@ -72,6 +78,7 @@ def tile_schema(map_size: int) -> pa.Schema:
             ("attribution_scale", pa.float32()),
             ("overlay_uri", pa.string()),
             ("error", pa.string()),
+            *per_class,
         ]
     )
 
@@ -257,6 +264,9 @@ class UnitFormat:
     geometry: TileGeometry | None = None
     """The model's input geometry (its card's ``tile_geometry``); None: the whole tile
     squashed to image_size."""
+    class_names: tuple[str, ...] = CLASS_NAMES
+    """The classes whose probabilities the rows carry: the binary ones (the rows as before)
+    or, scoring a subtype model with its task, the eight subtypes (tile_schema)."""
 
     @property
     def input_geometry(self) -> TileGeometry:
@@ -346,6 +356,13 @@ def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> p
         ),
         "error": pa.array(error, pa.string(), mask=~bad),
     }
+    if tuple(fmt.class_names) != CLASS_NAMES:
+        class_probs = np.asarray(scores["class_probs"], dtype=np.float32)
+        for i, class_name in enumerate(fmt.class_names):
+            columns[f"prob_{class_name}"] = pa.array(class_probs[:, i], pa.float32(), mask=bad)
+        best = np.where(bad, 0, np.nan_to_num(class_probs).argmax(axis=1))
+        names = [fmt.class_names[i] for i in best]
+        columns["predicted_subtype"] = pa.array(names, pa.string(), mask=bad)
     metadata = {
         "breakhis.score": json.dumps(
             {
@@ -361,10 +378,15 @@ def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> p
                 "tta": fmt.tta,
                 "threshold": fmt.threshold,
                 "image_size": fmt.image_size,
+                **(
+                    {"class_names": list(fmt.class_names)}
+                    if tuple(fmt.class_names) != CLASS_NAMES
+                    else {}
+                ),
             }
         )
     }
-    schema = tile_schema(fmt.map_size)
+    schema = tile_schema(fmt.map_size, fmt.class_names)
     return pa.table(columns, schema=schema.with_metadata(metadata))
 
 

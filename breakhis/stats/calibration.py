@@ -96,6 +96,52 @@ def fit_temperature(
     return float(np.exp(found.x))
 
 
+def subtype_margins(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The logit of P(malignant) of a subtype model's [N, 8] ``logits`` at ``temperature``:
+    logsumexp of the malignant four over T minus that of the benign four, so that its
+    sigmoid is the sum of the malignant classes' softmax(logits / T) (breakhis.subtypes)."""
+    from scipy.special import logsumexp
+
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, malignant_indices
+
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    malignant = malignant_indices(SUBTYPE_CLASS_NAMES)
+    benign = [i for i in range(z.shape[1]) if i not in malignant]
+    return logsumexp(z[:, malignant], axis=1) - logsumexp(z[:, benign], axis=1)
+
+
+def subtype_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(malignant) of a subtype model's [N, 8] ``logits`` at ``temperature``: the sum of
+    the malignant four of softmax(logits / T)."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    return sigmoid(subtype_margins(logits, temperature))
+
+
+def fit_subtype_temperature(logits: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """The temperature dividing a subtype model's eight logits that minimises the validation
+    negative log-likelihood of the benign/malignant ``labels`` under P(malignant) (the
+    binary decision is what the threshold rule then chooses on). Returns 1.0 when the labels
+    hold one class only; bounded to TEMPERATURE_RANGE. Raises ValueError for inputs of
+    different lengths or no input."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if z.ndim != 2 or z.shape[0] != y.size or y.size == 0:
+        raise ValueError(f"need [N, K] logits for N labels, got {z.shape} and {y.size}")
+    if len(np.unique(y)) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        m = subtype_margins(z, float(np.exp(log_t)))
+        return float(np.mean(np.logaddexp(0.0, np.where(y == 1, -m, m))))
+
+    low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
+    found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
 def choose_threshold(
     probs: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,

@@ -18,6 +18,7 @@ from breakhis.model.architectures import ARCH_CHOICES, check_arch, is_timm
 from breakhis.names import MAGNIFICATIONS
 from breakhis.stats.calibration import THRESHOLD_RULES
 from breakhis.stats.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from breakhis.subtypes import SUBTYPE_HIGHER_IS_BETTER, SUBTYPE_METRIC_NAMES, TASKS
 from breakhis.train import tracking
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
@@ -25,7 +26,9 @@ DECISION_RULES: tuple[str, ...] = ("argmax", *THRESHOLD_RULES)
 """Accepted values of --threshold-rule: ``argmax`` (threshold 0.5, temperature 1), or a
 rule that fits both on the validation patients (when they are enough: see
 breakhis.train.epoch.fit_decision)."""
-VAL_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in METRIC_NAMES)
+VAL_METRICS: tuple[str, ...] = tuple(
+    f"val_{name}" for name in (*METRIC_NAMES, *SUBTYPE_METRIC_NAMES)
+)
 
 MODEL_EPOCH_RULES: tuple[str, ...] = ("last", "best")
 """Accepted values of --model-epoch."""
@@ -53,6 +56,7 @@ RESUME_FIXED: tuple[str, ...] = (
     "freeze_backbone",
     "stain_norm",
     "stain_reference",
+    "task",
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
 
@@ -121,6 +125,11 @@ class TrainConfig:
     (after --freeze-epochs)."""
     dropout: float = 0.0
     """Dropout before the two-class linear head (0 by the ablation in docs/training.md)."""
+    task: str = field(default="binary", metadata={"choices": TASKS})
+    """``binary``: benign vs malignant (two classes); ``subtype``: the eight tumour types
+    (benign four then malignant four), class-weighted over the eight, with P(malignant) the
+    sum of the malignant four, so the binary metrics and decision come from the same model
+    (breakhis.subtypes)."""
     epochs: int = 20
     """Total epochs of the run (a resumed run continues up to this number)."""
     batch_size: int = 64
@@ -261,6 +270,10 @@ class TrainConfig:
             raise ValueError(
                 f"--metric {self.metric!r} unknown; accepted: {', '.join(VAL_METRICS)}"
             )
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
+        if self.metric.removeprefix("val_") in SUBTYPE_METRIC_NAMES and self.task != "subtype":
+            raise ValueError(f"--metric {self.metric} needs --task subtype")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
@@ -359,7 +372,8 @@ class TrainConfig:
     @property
     def metric_mode(self) -> str:
         """``"max"`` or ``"min"``: which way ``metric`` improves."""
-        return "max" if HIGHER_IS_BETTER[self.metric.removeprefix("val_")] else "min"
+        higher = {**HIGHER_IS_BETTER, **SUBTYPE_HIGHER_IS_BETTER}
+        return "max" if higher[self.metric.removeprefix("val_")] else "min"
 
     @property
     def run_uri(self) -> str:

@@ -44,14 +44,25 @@ class Predictions:
     probs: np.ndarray
     labels: np.ndarray
     patient_ids: np.ndarray
+    logits: np.ndarray | None = None
+    """A subtype model's [N, 8] logits (None for a binary model); its ``margins`` are then
+    logsumexp(malignant) - logsumexp(benign), the logit of P(malignant) (breakhis.subtypes)."""
+    classes: np.ndarray | None = None
+    """A subtype model's true subtype class per image (None for a binary model)."""
 
     @classmethod
     def concat(cls, parts: Sequence[Predictions]) -> Predictions:
+        def joined(name: str) -> np.ndarray | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
         return cls(
             margins=np.concatenate([p.margins for p in parts]),
             probs=np.concatenate([p.probs for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
             patient_ids=np.concatenate([p.patient_ids for p in parts]),
+            logits=joined("logits"),
+            classes=joined("classes"),
         )
 
 
@@ -188,6 +199,9 @@ def evaluate(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             logits = model(x)
         logits = logits.float()
+        if logits.shape[1] != 2:
+            parts.append(_subtype_predictions(logits, batch))
+            continue
         margins = (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
         probs = torch.softmax(logits, dim=1)[:, 1]
         parts.append(
@@ -202,6 +216,26 @@ def evaluate(
         empty = np.zeros(0)
         return Predictions(empty, empty, empty.astype(np.int64), empty.astype(str))
     return Predictions.concat(parts)
+
+
+def _subtype_predictions(logits: torch.Tensor, batch: Mapping[str, Any]) -> Predictions:
+    """Predictions of a subtype model's ``logits`` (float32, [N, 8]): the binary margin is
+    the logit of P(malignant) = the sum of the malignant four's softmax (breakhis.subtypes);
+    the batch carries the true ``subtype_class`` beside the binary ``label``."""
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, malignant_indices
+
+    malignant = malignant_indices(SUBTYPE_CLASS_NAMES)
+    benign = [i for i in range(logits.shape[1]) if i not in malignant]
+    margins = torch.logsumexp(logits[:, malignant], 1) - torch.logsumexp(logits[:, benign], 1)
+    margins_np = margins.cpu().numpy().astype(np.float64)
+    return Predictions(
+        margins=margins_np,
+        probs=torch.sigmoid(margins.double()).cpu().numpy(),
+        labels=np.asarray(batch["label"]).astype(np.int64),
+        patient_ids=np.asarray(batch["patient_id"]).astype(str),
+        logits=logits.cpu().numpy().astype(np.float64),
+        classes=np.asarray(batch["subtype_class"]).astype(np.int64),
+    )
 
 
 def early_stopping(
@@ -249,6 +283,14 @@ def fit_decision(predictions: Predictions, rule: str) -> tuple[float, float, boo
     """
     if rule == "argmax" or min(patients_per_class(predictions)) < MIN_DECISION_PATIENTS:
         return 1.0, 0.5, False
+    if predictions.logits is not None:
+        # A subtype model: the temperature divides all eight logits, and P(malignant) stays
+        # the sum of the malignant four at every temperature (breakhis.subtypes).
+        from breakhis.stats.calibration import fit_subtype_temperature, subtype_probabilities
+
+        temperature = fit_subtype_temperature(predictions.logits, predictions.labels)
+        calibrated = subtype_probabilities(predictions.logits, temperature)
+        return temperature, choose_threshold(calibrated, predictions.labels, rule), True
     temperature = fit_temperature(predictions.margins, predictions.labels)
     calibrated = probabilities(predictions.margins, temperature)
     return temperature, choose_threshold(calibrated, predictions.labels, rule), True

@@ -118,6 +118,34 @@ def _count_images(manifest: Any, patients: frozenset[str], magnification: int | 
     return int(pc.sum(mask.cast(pa.int64())).as_py() or 0)
 
 
+def subtype_counts(
+    manifest: Any, patients: frozenset[str], magnification: int | None
+) -> tuple[int, ...]:
+    """Training images per subtype class (breakhis.subtypes.SUBTYPE_CLASS_NAMES) of
+    ``patients`` in ``manifest``, each tile's class from its name (as the training rows
+    carry it). Raises ValueError naming the first tile whose id is not a BreakHis name
+    (--task subtype needs every tile's subtype)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, subtype_indices
+
+    mask = pc.is_in(manifest.column("patient_id"), pa.array(sorted(patients), pa.string()))
+    if magnification is not None:
+        mask = pc.and_(mask, pc.equal(manifest.column("magnification"), magnification))
+    tile_ids = manifest.filter(mask).column("tile_id").to_pylist()
+    classes = subtype_indices(tile_ids)
+    if (classes < 0).any():
+        bad = tile_ids[int(np.flatnonzero(classes < 0)[0])]
+        raise ValueError(
+            f"--task subtype: tile {bad!r} of the manifest has no BreakHis subtype in its name "
+            "(expected e.g. SOB_B_A-14-22549AB-40-001); train it with --task binary"
+        )
+    counts = np.bincount(classes, minlength=len(SUBTYPE_CLASS_NAMES))
+    return tuple(int(c) for c in counts)
+
+
 def _check_batches(train_rows: int, config: TrainConfig) -> int:
     """Optimizer steps per epoch on each worker; raises ValueError when there is none."""
     steps = train_rows // config.num_workers // config.batch_size
@@ -153,6 +181,8 @@ def plan_data(
         )
     # Counted from the manifest, so too small a data set fails before anything is decoded.
     _check_batches(_count_images(dest.manifest, patients.train, config.magnification), config)
+    if config.task == "subtype":
+        subtype_counts(dest.manifest, patients.train | patients.val, config.magnification)
     return DataPlan(spec=spec, dest=dest, patients=patients)
 
 
@@ -200,8 +230,15 @@ def plan_run(
     data = plan_data(config, validate=validate) if data is None else data
     resumed_from = check_resumable(config)
 
+    from breakhis.subtypes import class_names
+
     torch.manual_seed(config.seed)
-    net = build_model(config.arch, weights=config.weights, dropout=config.dropout)
+    net = build_model(
+        config.arch,
+        weights=config.weights,
+        dropout=config.dropout,
+        num_classes=len(class_names(config.task)),
+    )
     initial_state = ray.put({k: v.detach().cpu() for k, v in net.state_dict().items()})
     del net
 
@@ -223,10 +260,13 @@ def plan_run(
     datasets = {"train": ingest.datasets["train"].select_columns(["image", "label", "key"])}
     if validate:
         datasets["val"] = ingest.datasets["val"].select_columns(["image", "label", "patient_id"])
+    weights = [float(w) for w in ingest.class_weights]
+    if config.task == "subtype":
+        datasets, weights = _subtype_datasets(config, ingest, data)
     loop_config = {
         "validate": validate,
         "train": config.to_dict(),
-        "class_weights": [float(w) for w in ingest.class_weights],
+        "class_weights": weights,
         "steps_per_epoch": steps_per_epoch,
         "initial_state": initial_state,
         "shuffle_buffer": ingest.shuffle_buffer,  # rows; 0: cached, already shuffled
@@ -240,6 +280,31 @@ def plan_run(
         data=data,
         stain=stain,
     )
+
+
+def _subtype_datasets(
+    config: TrainConfig, ingest: Any, data: DataPlan
+) -> tuple[dict[str, ray.data.Dataset], list[float]]:
+    """The datasets and class weights of a --task subtype run: the training rows' ``label``
+    is the subtype class (0..7) and the validation rows carry ``subtype_class`` beside the
+    binary ``label``; the weights are n / (8 n_c) over the training images as the model
+    sees them (an oversampled class's tiles, by benign/malignant, counted as often)."""
+    from breakhis.subtypes import SUBTYPE_CLASS_NAMES, binary_labels, class_weights
+
+    counts = subtype_counts(data.manifest, data.patients.train, config.magnification)
+    copies = ingest.oversample_factor
+    labels = binary_labels(range(len(SUBTYPE_CLASS_NAMES)))
+    seen = [n * copies[int(label)] for n, label in zip(counts, labels, strict=True)]
+    log.info(
+        "subtype training images: %s",
+        ", ".join(f"{name} {n}" for name, n in zip(SUBTYPE_CLASS_NAMES, counts, strict=True)),
+    )
+    train = ingest.datasets["train"].select_columns(["image", "subtype_class", "key"])
+    datasets = {"train": train.rename_columns({"subtype_class": "label"})}
+    if "val" in ingest.datasets:
+        columns = ["image", "label", "patient_id", "subtype_class"]
+        datasets["val"] = ingest.datasets["val"].select_columns(columns)
+    return datasets, [float(w) for w in class_weights(seen)]
 
 
 DATA_CPUS = 1.0

@@ -80,7 +80,8 @@ def validate_epoch(
     differ in size) on this rank's ``shard`` and gather every rank's predictions, so all
     ranks compute the same metrics and take the same early-stopping decision.
 
-    Returns ``val_<metric>`` for every metric, plus ``val_temperature``,
+    Returns ``val_<metric>`` for every metric (a subtype model's binary ones from
+    P(malignant), and its breakhis.subtypes.SUBTYPE_METRIC_NAMES), plus ``val_temperature``,
     ``val_threshold`` and ``val_decision_fitted`` (1.0 when they were fitted, 0.0 for
     argmax) from these predictions (fit_decision).
     """
@@ -94,6 +95,10 @@ def validate_epoch(
     predictions = Predictions.concat(_all_gather(local))
     val = classification_metrics(predictions.labels, predictions.probs, predictions.patient_ids)
     temperature, threshold, fitted = fit_decision(predictions, cfg.threshold_rule)
+    if predictions.logits is not None:  # --task subtype: the eight-class metrics too
+        from breakhis.subtypes import epoch_metrics
+
+        val = {**val, **epoch_metrics(predictions.classes, predictions.logits)}
     return {
         **{f"val_{k}": float(v) for k, v in val.items()},
         "val_temperature": temperature,
@@ -328,7 +333,10 @@ def _setup(config: dict[str, Any]) -> _Worker:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed * 1000 + rank)
 
-    net = build_model(cfg.arch, weights="none", dropout=cfg.dropout)
+    from breakhis.subtypes import class_names
+
+    num_classes = len(class_names(cfg.task))
+    net = build_model(cfg.arch, weights="none", dropout=cfg.dropout, num_classes=num_classes)
     net.load_state_dict(ray.get(config["initial_state"]))
     backbone, head = split_parameters(net, cfg.arch)
     optimizer = make_optimizer(cfg, backbone, head)

@@ -60,7 +60,8 @@ class TrainResult:
 
     def format_table(self) -> str:
         """A plain-text summary for the terminal."""
-        keys = ["train_loss", *VAL_METRICS]
+        present = {k for row in self.history for k in row}
+        keys = ["train_loss", *(k for k in VAL_METRICS if k in present or "subtype" not in k)]
         lines = [f"{'epoch':>5} " + " ".join(f"{k.removeprefix('val_')[:10]:>10}" for k in keys)]
         for row in self.history:
             mark = " *" if row["epoch"] == self.best_epoch else ""
@@ -104,12 +105,16 @@ def write_curves(history: Sequence[Mapping[str, float]], run_uri: str, metric: s
         left.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
     left.set_xlabel("epoch")
     left.set_ylabel("cross-entropy")
+    subtype = (
+        ("val_subtype_balanced_accuracy",) if any("val_subtype_loss" in r for r in rows) else ()
+    )
     for key in (
         "val_accuracy",
         "val_balanced_accuracy",
         "val_f1",
         "val_roc_auc",
         "val_patient_recognition_rate",
+        *subtype,
     ):
         right.plot(epochs, [r.get(key) for r in rows], marker="o", label=key.removeprefix("val_"))
     right.set_xlabel("epoch")
@@ -146,12 +151,16 @@ def save_model(
     ``stain`` normaliser (a breakhis.data.stain.StainNormalizer, or None)."""
     from breakhis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from breakhis.model.artifact import ModelCard, save_artifact
+    from breakhis.subtypes import class_names
 
     if not metrics.get("val_decision_fitted"):
         metrics = {**metrics, "val_temperature": 1.0, "val_threshold": 0.5}
-    net = build_model(config.arch, weights="none", dropout=config.dropout)
+    names = class_names(config.task)
+    net = build_model(config.arch, weights="none", dropout=config.dropout, num_classes=len(names))
     net.load_state_dict(weights)
     card = ModelCard(
+        class_names=names,
+        num_classes=len(names),
         architecture=config.arch,
         image_size=config.image_size,
         mean=tuple(float(v) for v in IMAGENET_MEAN),
