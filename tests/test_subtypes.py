@@ -254,6 +254,7 @@ def _check_evaluation(folder: Path, test_patients: set[str]) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.s3
+@pytest.mark.slow
 def test_subtype_protocol_scoring_and_export_end_to_end(prepared: str, tmp_path: Path) -> None:
     from breakhis.data.dest import read_manifest
     from breakhis.data.splits import SplitSpec, select_split
@@ -329,8 +330,66 @@ def test_subtype_protocol_scoring_and_export_end_to_end(prepared: str, tmp_path:
         "malignant",
     ]
     image = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
-    full = torch.jit.load(exported.model_uri)(image)[0]
-    two = torch.jit.load(binary.model_uri)(image)[0]
+    with torch.no_grad():
+        full = torch.jit.load(exported.model_uri)(image)[0]
+        two = torch.jit.load(binary.model_uri)(image)[0]
     assert full.shape == (3, 8) and two.shape == (3, 2)
     assert two[:, 1].numpy() == pytest.approx(full[:, 4:].sum(1).numpy(), abs=1e-5)
     assert math.isclose(float(two.sum(1).mean()), 1.0, abs_tol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_subtype_model_trains_and_evaluates_on_the_real_sample(
+    realdata_dir: Path, tmp_path: Path, ray_local
+) -> None:
+    from breakhis.data.dest import read_manifest
+
+    from breakhis.data.prepare import PrepareConfig, prepare
+    from breakhis.data.splits import SplitSpec, select_split
+    from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
+    from breakhis.evaluate.job import run_evaluation
+    from breakhis.score.predict_config import PredictOptions
+    from breakhis.train.job import run_training, subtype_counts
+
+    dest = str(tmp_path / "prepared")
+    prepare(PrepareConfig(src=str(realdata_dir), dest=dest, folds=2, repetitions=2))
+    manifest = read_manifest(dest)
+    split = select_split(manifest, SplitSpec("fold", 0))
+    # 14-13412 (ductal and lobular) is one patient, on one side; its tiles keep both labels.
+    sides = [side for side in (split.train, split.test) if "14-13412" in side]
+    assert len(sides) == 1
+    counts = subtype_counts(manifest, frozenset({"14-13412"}), None)
+    assert counts[4] == 12 and counts[5] == 1 and sum(counts) == 13
+
+    config = small_train_config(
+        dest,
+        str(tmp_path / "runs"),
+        task="subtype",
+        split="fold:0",
+        val_fraction=0.0,
+        epochs=2,
+        batch_size=8,
+        bn_recalibration_batches=0,
+    )
+    trained = run_training(config)
+    assert {"train_loss"} <= set(trained.history[-1])
+    out = tmp_path / "report"
+    result = run_evaluation(
+        EvaluateConfig(
+            model=trained.artifact_uri,
+            data=dest,
+            out=str(out),
+            options=EvaluateOptions(
+                bootstrap=50,
+                correct_examples=2,
+                thumbnail_size=32,
+                predict=PredictOptions(attribution="none"),
+            ),
+        )
+    )
+    assert result.split.leakage_check.startswith("passed")
+    metrics = _check_evaluation(out, set(split.test))
+    assert metrics["subtype"]["images"] == len(result.predictions)
+    mixed = metrics["subtype"]["patient"]["mixed_patients"]
+    assert mixed == (["14-13412"] if "14-13412" in split.test else [])

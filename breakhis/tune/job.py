@@ -382,7 +382,11 @@ def _results(
             f"sweep {config.experiment_uri} stopped with {unfinished} unfinished trial(s); "
             "run the same command again to resume it"
         )
-    metric_keys = ["train_loss", *VAL_METRICS]
+    # The subtype metrics only for a --task subtype sweep: a binary leaderboard is unchanged.
+    metric_keys = [
+        "train_loss",
+        *(k for k in VAL_METRICS if train.task == "subtype" or "subtype" not in k),
+    ]
     rows = [
         trial_row(result, searched=space.keys, metric_keys=metric_keys, config=config)
         for result in grid
