@@ -393,3 +393,25 @@ def test_a_subtype_model_trains_and_evaluates_on_the_real_sample(
     assert metrics["subtype"]["images"] == len(result.predictions)
     mixed = metrics["subtype"]["patient"]["mixed_patients"]
     assert mixed == (["14-13412"] if "14-13412" in split.test else [])
+
+
+def test_the_reports_balanced_training_set_weighs_each_subtype_alike() -> None:
+    import pyarrow as pa
+
+    from breakhis.evaluate.data import data_distribution
+
+    table = pa.table(
+        {
+            "patient_id": ["a", "a", "b", "c", "c", "c"],
+            "label": [0, 0, 0, 1, 1, 1],
+            "subtype": ["adenosis"] * 2 + ["fibroadenoma"] + ["ductal_carcinoma"] * 3,
+            "magnification": [40, 100, 40, 40, 100, 200],
+        }
+    )
+    sides = {"train": frozenset({"a", "b", "c"})}
+    dist = data_distribution(table, sides, magnification=None, class_weighted=True, task="subtype")
+    # n / (8 n_c) per image: every subtype present weighs n / 8 = 0.75.
+    assert dist["train_balanced"]["subtype"] == pytest.approx(
+        {"adenosis": 0.75, "ductal_carcinoma": 0.75, "fibroadenoma": 0.75}
+    )
+    assert dist["train_balanced"]["class"] == pytest.approx({"benign": 1.5, "malignant": 0.75})

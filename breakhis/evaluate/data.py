@@ -83,6 +83,7 @@ def data_distribution(
     magnification: int | None,
     oversample: bool = False,
     class_weighted: bool = False,
+    task: str = "binary",
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Images per class, subtype and magnification of each named side (patients).
 
@@ -90,7 +91,9 @@ def data_distribution(
     ``train``, ``train_balanced`` follows it: the training images as the loss
     weighs them, with the training job's own balancing (breakhis.data.ingest): each
     image counts its class's oversampling copies times its class weight
-    n / (2 n_c), so with class weights both classes weigh n / 2. Returns
+    n / (2 n_c), so with class weights both classes weigh n / 2; for a subtype model
+    (``task`` subtype) the weight is its subtype's, n / (8 n_c), so that each subtype
+    present weighs the same. Returns
     {side: {"class"|"subtype"|"magnification": {value: images}}}.
     """
     from breakhis.data.ingest import class_weights, oversample_factor
@@ -117,14 +120,30 @@ def data_distribution(
         "subtype": {},
         "magnification": {str(m): 0.0 for m in MAGNIFICATIONS},
     }
-    for label, subtype, mag in zip(
-        train.column("label").to_pylist(),
-        train.column("subtype").to_pylist(),
-        train.column("magnification").to_pylist(),
-        strict=True,
+    labels = train.column("label").to_pylist()
+    subtypes = train.column("subtype").to_pylist()
+    weight_of = [per_image[label] for label in labels]
+    if task == "subtype":
+        from breakhis.subtypes import SUBTYPE_CLASS_NAMES
+        from breakhis.subtypes import class_weights as subtype_weights
+
+        seen_per = dict.fromkeys(SUBTYPE_CLASS_NAMES, 0)
+        for label, subtype in zip(labels, subtypes, strict=True):
+            seen_per[subtype] = seen_per.get(subtype, 0) + copies[label]
+        names = list(seen_per)
+        weights8 = dict(zip(names, subtype_weights([seen_per[n] for n in names]), strict=True))
+        weight_of = [
+            copies[label] * (weights8[subtype] if class_weighted else 1.0)
+            for label, subtype in zip(labels, subtypes, strict=True)
+        ]
+        balanced["class"] = {name: 0.0 for name in CLASS_NAMES}
+        for label, weight in zip(labels, weight_of, strict=True):
+            balanced["class"][CLASS_NAMES[label]] += weight
+    for subtype, mag, weight in zip(
+        subtypes, train.column("magnification").to_pylist(), weight_of, strict=True
     ):
-        balanced["subtype"][subtype] = balanced["subtype"].get(subtype, 0.0) + per_image[label]
-        balanced["magnification"][str(mag)] += per_image[label]
+        balanced["subtype"][subtype] = balanced["subtype"].get(subtype, 0.0) + weight
+        balanced["magnification"][str(mag)] += weight
     balanced["subtype"] = dict(sorted(balanced["subtype"].items()))
     return {"train": out.pop("train"), "train_balanced": balanced, **out}
 

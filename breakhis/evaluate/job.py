@@ -509,6 +509,7 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
             magnification=card.magnification,
             oversample=bool(card.config.get("oversample")),
             class_weighted=bool(card.config.get("class_weighted")),
+            task=card.task,
         ),
         history_png=_history_png(config.model),
         correct=_examples(correct_rows, plan.tiles, options, card.tile_geometry),
