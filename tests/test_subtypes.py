@@ -415,3 +415,14 @@ def test_the_reports_balanced_training_set_weighs_each_subtype_alike() -> None:
         {"adenosis": 0.75, "ductal_carcinoma": 0.75, "fibroadenoma": 0.75}
     )
     assert dist["train_balanced"]["class"] == pytest.approx({"benign": 1.5, "malignant": 0.75})
+
+
+def test_a_run_from_before_the_task_option_resumes_as_binary(tmp_path: Path, monkeypatch) -> None:
+    from breakhis.train import job as train
+
+    config = small_train_config("d", str(tmp_path))
+    old = {k: v for k, v in config.to_dict().items() if k != "task"}  # written before --task
+    monkeypatch.setattr(train, "_latest_checkpoint_config", lambda c: {"epoch": 3, "config": old})
+    assert train.check_resumable(config) == 3
+    with pytest.raises(ValueError, match="--task 'binary' \\(now 'subtype'\\)"):
+        train.check_resumable(small_train_config("d", str(tmp_path), task="subtype"))

@@ -94,7 +94,9 @@ def check_resumable(config: TrainConfig) -> int:
     previous = _latest_checkpoint_config(config)
     if previous is None:
         return 0
-    old = previous["config"]
+    # An option added since that run was written ran as its default then (e.g. --task).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    old = {**{k: defaults[k] for k in RESUME_FIXED}, **previous["config"]}
     differ = [
         f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(config, k)!r})"
         for k in RESUME_FIXED
