@@ -70,7 +70,7 @@ class EvaluateConfig:
     was trained on."""
     options: EvaluateOptions = field(default_factory=EvaluateOptions)
     """How to evaluate."""
-    task: str | None = field(default=None, metadata={"choices": (*TASKS, None)})
+    task: str | None = field(default=None, metadata={"choices": TASKS})
     """``binary``: benign vs malignant metrics only; ``subtype``: also the eight-subtype
     metrics (confusion matrix, per-class recall, balanced accuracy), which need a model
     trained with ``--task subtype``; default (none): the model's own task. A subtype

@@ -20,7 +20,7 @@ class ExportConfig:
     out: str | None = None
     """Folder (local or s3://) for the exported model and its contract; default: the
     artifact's own folder."""
-    task: str | None = field(default=None, metadata={"choices": ("binary", "subtype", None)})
+    task: str | None = field(default=None, metadata={"choices": ("binary", "subtype")})
     """``subtype``: the graph outputs the eight subtype probabilities (a model trained with
     ``--task subtype``); ``binary``: benign and malignant only (a subtype model's reduced to
     P(benign), P(malignant), the sums of its four and four); default (none): the model's

@@ -43,7 +43,7 @@ class ScoreConfig:
     per actor, at least 256 MB."""
     progress_interval_s: float = 10.0
     """Seconds between two progress lines (tiles done / total, tiles/s, ETA)."""
-    task: str | None = field(default=None, metadata={"choices": (*TASKS, None)})
+    task: str | None = field(default=None, metadata={"choices": TASKS})
     """``binary``: the benign/malignant columns only; ``subtype``: also ``prob_<subtype>``
     for each of the eight subtypes and ``predicted_subtype`` (needs a model trained with
     ``--task subtype``); default (none): the model's own task. A subtype model's
