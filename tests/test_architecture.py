@@ -147,7 +147,7 @@ FLOORS = {
     "demo": 5,
     "benchmarks": 5,
 }
-LEAVES = {"names", "storage", "faults", "options", "raysession", "ray_internals"}
+LEAVES = {"names", "subtypes", "storage", "faults", "options", "raysession", "ray_internals"}
 
 
 def _stage(module: str) -> str:

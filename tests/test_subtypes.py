@@ -344,7 +344,6 @@ def test_a_subtype_model_trains_and_evaluates_on_the_real_sample(
     realdata_dir: Path, tmp_path: Path, ray_local
 ) -> None:
     from breakhis.data.dest import read_manifest
-
     from breakhis.data.prepare import PrepareConfig, prepare
     from breakhis.data.splits import SplitSpec, select_split
     from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
