@@ -214,7 +214,7 @@ def run_demo(config: DemoConfig) -> None:
 
 def _show_outputs(steps: Steps, workdir: str, shown: str) -> None:
     """The demo's last lines: what it kept and how to open each."""
-    scores = os.path.join(shown, "scores", "tiles")
+    scores = os.path.join(shown, "scores", "predictions")
     steps.say(f"\ndemo finished; kept in {workdir}:")
     for name, how in (
         ("report", f"{shown}/report/report.html (open it in a browser)"),

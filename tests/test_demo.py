@@ -46,7 +46,7 @@ def test_the_demo_runs_every_step_and_ends_with_the_report(tmp_path: Path) -> No
                  "model/model.pt", "model/curves.png", "sweep/leaderboard.csv",
                  "scores/patients.parquet", "scores/_SUCCESS"):  # fmt: skip
         assert (workdir / kept).is_file(), kept
-    tiles = pd.read_parquet(workdir / "scores" / "tiles")
+    tiles = pd.read_parquet(workdir / "scores" / "predictions")
     assert len(tiles) > 0 and tiles["uri"].is_unique
     assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in out
     from mlflow import MlflowClient

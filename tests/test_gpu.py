@@ -146,6 +146,6 @@ def test_scoring_job_with_gpu_actors(ray_with_gpu, tiles, tmp_path) -> None:
         )
     )
     assert summary.scored == summary.tiles > 0
-    table = pq.read_table(str(tmp_path / "scores" / "tiles"), columns=["prob_malignant"])
+    table = pq.read_table(str(tmp_path / "scores" / "predictions"), columns=["prob_malignant"])
     probs = table.column("prob_malignant").to_numpy()
     assert table.num_rows == summary.tiles and np.all((probs >= 0) & (probs <= 1))

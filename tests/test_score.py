@@ -78,9 +78,26 @@ def _plain_probabilities(model_uri: str, uris: list[str]) -> np.ndarray:
 
 
 def _maps(table: pa.Table) -> np.ndarray:
-    column = table.column("attribution").combine_chunks()
+    column = table.column("map").combine_chunks()
     side = math.isqrt(column.type.list_size)
     return column.flatten().to_numpy().reshape(len(column), side, side)
+
+
+def _joined(output: str) -> pa.Table:
+    """predictions/ with each tile's row of attributions/ (null where none), by uri."""
+    fs, path = storage.resolve(f"{output}/predictions")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    fs, path = storage.resolve(f"{output}/attributions")
+    if not storage.exists(f"{output}/attributions"):
+        return table.sort_by("uri")
+    maps = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    # pyarrow's join carries no fixed-size list: join row numbers, then take.
+    index = maps.select(["tile_id"]).append_column("row", pa.array(range(maps.num_rows)))
+    table = table.join(index, "tile_id", join_type="left outer")
+    rows = table["row"]
+    for name in ("method", "target", "map", "scale", "overlay_uri"):
+        table = table.append_column(name, maps[name].take(rows))
+    return table.drop_columns(["row"]).sort_by("uri")
 
 
 # --------------------------------------------------------------------------- without Ray
@@ -282,23 +299,25 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     summary = run_scoring(config)
     assert (summary.tiles, summary.errors, summary.scored) == (37, 3, 34)
     assert summary.units == summary.units_written == 5 and summary.patients == 7
+    assert (summary.prediction_files, summary.attribution_files) == (1, 1)
 
-    fs, path = storage.resolve(f"{output}/tiles")
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table().sort_by("uri")
+    table = _joined(output)
     assert table.column("uri").to_pylist() == sorted(inputs)  # one row each: no gap, no dup
-    assert table.schema.field("attribution").type == pa.list_(pa.float32(), MAP * MAP)
-    rows = {r["uri"]: r for r in table.drop_columns(["attribution"]).to_pylist()}
+    assert table.schema.field("map").type == pa.list_(pa.float32(), MAP * MAP)
+    rows = {r["uri"]: r for r in table.drop_columns(["map"]).to_pylist()}
     broken = {u for u, stage in bad.items() if stage == "decode"}
     for uri, row in rows.items():
         if uri in broken:
             assert row["error"].startswith("decode: ")
             assert row["prob_malignant"] is None and row["predicted_label"] is None
-            assert row["attribution_method"] is None and row["overlay_uri"] is None
+            assert row["method"] is None and row["overlay_uri"] is None
         else:
             assert row["error"] is None
             assert 0.0 <= row["prob_malignant"] <= 1.0
+            assert row["prob_benign"] == pytest.approx(1.0 - row["prob_malignant"], abs=1e-6)
             assert row["predicted_label"] == int(row["prob_malignant"] >= 0.5)
-            assert row["attribution_method"] == "gradcam" and row["model_id"] == card.model_id
+            assert row["threshold"] == 0.5 and row["target"] == row["predicted_label"]
+            assert row["method"] == "gradcam" and row["model_id"] == card.model_id
             png = Image.open(io.BytesIO(storage.read_bytes(row["overlay_uri"])))
             assert png.size == (SIZE, SIZE)  # what the model saw
     unparsed = next(u for u, stage in bad.items() if stage == "parse")
@@ -310,8 +329,7 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     assert (maps.reshape(34, -1).std(axis=1) > 0).all(), "a map is constant"
     assert np.allclose(np.abs(maps).reshape(34, -1).max(axis=1), 1.0)
     failed = table.filter(pa.compute.is_valid(table["error"]))
-    assert failed.num_rows == 3 and failed["attribution_method"].null_count == 3
-    assert table["attribution"].null_count == 0 and not _maps(failed).any()  # zeros, not nulls
+    assert failed.num_rows == 3 and failed["map"].null_count == 3  # no map for an error
 
     # Scoring the same tile twice gives the same prediction and map.
     twin = scored.filter(pa.compute.is_in(scored["uri"], pa.array([original, copy])))
@@ -321,12 +339,14 @@ def test_s3_job_one_row_per_tile_errors_maps_and_readers(s3_prefix, ray_local) -
     )
     assert np.allclose(_maps(twin)[0], _maps(twin)[1], atol=2e-3)
 
+    fs, path = storage.resolve(f"{output}/predictions")
     frame = pd.read_parquet(path, filesystem=fs).sort_values("uri").reset_index(drop=True)
     assert len(frame) == 37 and frame["uri"].is_unique
+    fs, path = storage.resolve(f"{output}/attributions")
+    frame = frame.merge(pd.read_parquet(path, filesystem=fs), on="tile_id", how="left")
     first = frame.index[frame["uri"] == original][0]
-    assert np.array_equal(frame.at[first, "attribution"].reshape(MAP, MAP), _maps(twin)[0])
-    assert frame.loc[frame["uri"].isin(broken), "attribution_method"].isna().all()
-    assert not np.stack(frame.loc[frame["uri"].isin(broken), "attribution"]).any()
+    assert np.array_equal(frame.at[first, "map"].reshape(MAP, MAP), _maps(twin)[0])
+    assert frame.loc[frame["uri"].isin(broken), "method"].isna().all()
 
     fs, path = storage.resolve(f"{output}/patients.parquet")
     patients = pd.read_parquet(path, filesystem=fs)
@@ -396,7 +416,7 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
         ),
     )
     log = tmp_path / "job.log"
-    tiles_dir = output / "tiles"
+    tiles_dir = output / "_units"  # the journal: one file per unit, until compaction
     # A second driver on the session's cluster, killed by its PID once 3 units are written;
     # Ray then ends its actors (the workers write the units: some may land meanwhile).
     address = ray.get_runtime_context().gcs_address
@@ -435,18 +455,17 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     past = time.time() - CLAIM_DEAD_S - 5  # as if the rerun came CLAIM_DEAD_S later
     os.utime(killed, (past, past))
     summary = run_scoring(config)
+    # Finished units are kept, not scored again.
     assert (summary.units, summary.units_skipped) == (16, len(before))
     assert summary.units_written == 16 - len(before)
-    for name, stat in before.items():  # finished units are kept, not rewritten
-        now = (tiles_dir / name).stat()
-        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    names = sorted(p.name for p in tiles_dir.iterdir())
-    assert len([n for n in names if n.startswith("unit-")]) == 16
+    # Compacted: one file a table, the journal's unit files gone (a fresh temp file kept).
+    assert (summary.prediction_files, summary.attribution_files) == (1, 1)
+    assert sorted(p.name for p in tiles_dir.iterdir()) == [fresh.name]
     assert not stale.exists() and fresh.exists()
     # The rerun's plan and claim are gone, and so are the killed job's (its claim was dead).
     assert not (output / "_plan").exists() and not (output / "_claims").exists()
 
-    table = pq.read_table(tiles_dir).sort_by("uri")
+    table = _joined(str(output))
     manifest = read_manifest(dest).sort_by("uri")
     assert table.num_rows == manifest.num_rows == 32  # prepare left out the 4 broken files
     assert table.column("uri").to_pylist() == manifest.column("uri").to_pylist()
@@ -458,4 +477,4 @@ def test_killed_job_resumes_with_no_duplicate_and_no_gap(local_job, tmp_path, ra
     maps = _maps(table)
     assert maps.shape == (32, 8, 8)
     assert (maps.reshape(32, -1).std(axis=1) > 0).all(), "a map is constant"
-    assert set(table.column("attribution_method").to_pylist()) == {"lime"}
+    assert set(table.column("method").to_pylist()) == {"lime"}

@@ -13,6 +13,7 @@ import textwrap
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_score import _make_tiles, _plain_probabilities, _save_model
@@ -185,9 +186,9 @@ def _run_driver(options: dict, env: dict, timeout: float) -> subprocess.Complete
 
 
 def _rows(output: str) -> dict[str, dict]:
-    fs, path = storage.resolve(f"{output}/tiles")
+    fs, path = storage.resolve(f"{output}/predictions")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-    return {r["uri"]: r for r in table.drop_columns(["attribution"]).to_pylist()}
+    return {r["uri"]: r for r in table.to_pylist()}
 
 
 def _options(model: str, tiles: str, output: str, **predict) -> dict:
@@ -217,8 +218,11 @@ def test_transient_read_errors_fail_the_job_and_a_rerun_scores_the_tile(
     assert done.returncode != 0, done.stdout[-2000:]
     assert "TransientStorageError" in done.stderr and victim in done.stderr
     assert not storage.exists(f"{output}/_SUCCESS")
-    if storage.exists(f"{output}/tiles"):  # other units may be written; never the victim
-        assert victim not in _rows(output)
+    if storage.exists(f"{output}/_units"):  # other units may be written; never the victim
+        fs, path = storage.resolve(f"{output}/_units")
+        journal = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+        assert victim not in journal["uri"].to_pylist()
+    assert not storage.exists(f"{output}/predictions")  # nothing compacted
     # The throttling is over: a rerun scores the tile, as any other.
     from breakhis.score.job import ScoreConfig, run_scoring
 
@@ -311,3 +315,54 @@ def test_a_model_replaced_mid_job_does_not_reach_the_actors(
     expected = _plain_probabilities(str(tmp_path / "original"), uris)
     got = np.array([rows[u]["prob_malignant"] for u in uris])
     assert np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_job_killed_while_compacting_shows_no_partial_file_and_resumes(
+    tmp_path, ray_local
+) -> None:
+    """The worker writing the second predictions file dies (every attempt): the job fails
+    before its manifest; a rerun scores nothing again, compacts anew and leaves exactly the
+    manifest's large files, one row per tile and one map per scored tile."""
+    from breakhis.score.job import ScoreConfig, run_scoring
+
+    tiles, model, output = tmp_path / "in", str(tmp_path / "model"), tmp_path / "scores"
+    broken = _make_tiles(str(tiles))
+    _save_model(model)
+    options = {
+        **_options(model, str(tiles), str(output), attribution="gradcam", map_size=8),
+        "file_rows": 16,  # 36 tiles in units of 8: files of 16, 16 and 4 rows
+    }
+    done = _run_driver(options, {faults.KILL_ENV: "compact:predictions-00001"}, timeout=400)
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert not (output / "_SUCCESS").exists() and not (output / "_manifest.json").exists()
+    assert len(list((output / "_units").glob("unit-*.parquet"))) == 5  # the journal is whole
+    for table in ("predictions", "attributions"):  # what a reader sees: whole files only
+        for path in (output / table).glob("*.parquet"):
+            assert "part-00001-" not in path.name or table == "attributions"
+            pq.read_table(path)  # a footer: a complete file
+
+    predict = PredictOptions(**options.pop("predict"))
+    summary = run_scoring(ScoreConfig(**options, predict=predict))
+    assert (summary.units_written, summary.units_skipped) == (0, 5)
+    assert (summary.prediction_files, summary.attribution_files) == (3, 1)
+    manifest = json.loads((output / "_manifest.json").read_text())
+    for table in ("predictions", "attributions"):
+        named = sorted(entry["file"] for entry in manifest[table])
+        assert sorted(p.name for p in (output / table).iterdir()) == named
+    assert not (output / "_units").exists()
+    rows = _rows(str(output))
+    assert len(rows) == 36 and sum(r["error"] is not None for r in rows.values()) == 3
+    maps = pq.read_table(output / "attributions")
+    assert maps.num_rows == 33 == len(set(maps["tile_id"].to_pylist()))
+    scored = {r["tile_id"] for r in rows.values() if r["error"] is None}
+    assert set(maps["tile_id"].to_pylist()) == scored
+    assert {u for u, r in rows.items() if r["error"]} == {
+        u for u, stage in broken.items() if stage == "decode"
+    }
+    # A third run finds the manifest matching its plan: nothing scored, nothing rewritten.
+    files = {p.name: p.stat().st_mtime_ns for p in (output / "predictions").iterdir()}
+    again = run_scoring(ScoreConfig(**options, predict=predict))
+    assert again.units_written == 0 and again.tiles == 36
+    assert {p.name: p.stat().st_mtime_ns for p in (output / "predictions").iterdir()} == files

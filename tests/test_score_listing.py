@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_score import SIZE, _save_model
 
@@ -137,4 +138,99 @@ def test_scale_benchmark_reports_the_loop_the_job_and_memory(tmp_path) -> None:
     # Each job scored its folder: one row per tile.
     import pyarrow.parquet as pq
 
-    assert pq.read_table(tmp_path / "scale" / "out-60" / "tiles").num_rows == 60
+    assert pq.read_table(tmp_path / "scale" / "out-60" / "predictions").num_rows == 60
+
+
+# --------------------------------------------------------------------------- the user's columns
+
+
+def test_a_listing_brings_its_own_columns_csv_as_text_parquet_as_typed(tmp_path) -> None:
+    _write(str(tmp_path / "in"))
+    (tmp_path / "list.csv").write_text(
+        "uri,case_id,note\nin/ab.png,C-7,007\nin/z.PNG,C-8,\nin/ab.png,C-9,again\n"
+    )
+    listing = list_inputs(str(tmp_path / "list.csv"))
+    table = pa.concat_tables(listing.pages())
+    assert listing.schema.names[-2:] == ["case_id", "note"]
+    # Text as written ("007" stays "007"); a URI listed twice keeps its first row.
+    assert table.select(["case_id", "note"]).to_pylist() == [
+        {"case_id": "C-7", "note": "007"},
+        {"case_id": "C-8", "note": ""},
+    ]
+    pq.write_table(
+        pa.table({"slide": pa.array([3, None], pa.int64()), "uri": ["in/z.PNG", "in/ab.png"]}),
+        tmp_path / "list.parquet",
+    )
+    table = discover_inputs(str(tmp_path / "list.parquet")).table
+    assert table.schema.field("slide").type == pa.int64()
+    assert table.column("uri").to_pylist() == sorted(table.column("uri").to_pylist())
+    assert dict(zip(table["file_name"].to_pylist(), table["slide"].to_pylist(), strict=True)) == {
+        "ab.png": None,
+        "z.PNG": 3,
+    }
+
+
+@pytest.mark.parametrize("column", ["error", "prob_malignant", "tile_id", "prob_subtype_x"])
+def test_a_listing_column_named_like_ours_is_refused_in_one_line(tmp_path, column) -> None:
+    from breakhis.score.job import ScoreConfig, run_scoring
+
+    _write(str(tmp_path / "in"))
+    _save_model(str(tmp_path / "model"))
+    (tmp_path / "list.csv").write_text(f"uri,case_id,{column}\nin/ab.png,C-7,x\n")
+    config = ScoreConfig(
+        model=str(tmp_path / "model"), input=str(tmp_path / "list.csv"), out=str(tmp_path / "out")
+    )
+    with pytest.raises(ValueError, match=f"column '{column}' clashes with a column") as err:
+        run_scoring(config)
+    assert "\n" not in str(err.value) and "reserved: " in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before the output is claimed
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_listing_columns_come_through_to_the_predictions(tmp_path, ray_local) -> None:
+    from test_score import _make_tiles
+
+    from breakhis.score.job import ScoreConfig, run_scoring
+    from breakhis.score.predict import PredictOptions
+
+    _make_tiles(str(tmp_path / "tiles"))
+    _save_model(str(tmp_path / "model"))
+    uris = discover_inputs(str(tmp_path / "tiles")).table.column("uri").to_pylist()
+    listing = pa.table(
+        {
+            "case_id": [f"case-{i % 5}" for i in range(len(uris))],
+            "uri": uris[::-1],  # any order
+            "slide_no": pa.array([i if i % 7 else None for i in range(len(uris))], pa.int32()),
+            "scanned": pa.array([i * 1.5 for i in range(len(uris))], pa.float64()),
+        }
+    )
+    pq.write_table(listing, tmp_path / "listing.parquet")
+    config = ScoreConfig(
+        model=str(tmp_path / "model"),
+        input=str(tmp_path / "listing.parquet"),
+        out=str(tmp_path / "out"),
+        unit_size=8,
+        predict=PredictOptions(attribution="none", batch_size=8, num_actors=1),
+    )
+    summary = run_scoring(config)
+    assert summary.tiles == 36 and summary.attribution_files == 0
+    assert not (tmp_path / "out" / "attributions").exists()  # no method, no table
+    predictions = pq.read_table(tmp_path / "out" / "predictions")
+    for name in ("case_id", "slide_no", "scanned"):
+        assert predictions.schema.field(name).type == listing.schema.field(name).type
+    got = {r["uri"]: r for r in predictions.to_pylist()}
+    for row in listing.to_pylist():
+        assert {k: got[row["uri"]][k] for k in row} == row  # unchanged, nulls included
+    # The same listing again: nothing to do; a changed value: its unit is scored again.
+    assert run_scoring(config).units_written == 0
+    changed = listing.set_column(
+        0, "case_id", pa.array(["other"] + listing["case_id"][1:].to_pylist())
+    )
+    pq.write_table(changed, tmp_path / "listing.parquet")
+    again = run_scoring(config)
+    assert again.units_written == 1 and again.units_skipped == 4
+    by_uri = {
+        r["uri"]: r["case_id"] for r in pq.read_table(tmp_path / "out" / "predictions").to_pylist()
+    }
+    assert by_uri[uris[-1]] == "other" and len(by_uri) == 36

@@ -194,15 +194,17 @@ def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> Non
 
     plan = Plan(["unit-00000-aaa.parquet"], [4], PENDING_SCHEMA.empty_table(), [])
     pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-aaa.parquet")
-    check_units(str(tmp_path), plan)
+    check_units(str(tmp_path), plan, set())
     # Another job's unit (it planned from another listing of the input) landed meanwhile.
     pq.write_table(pa.table({"x": [1]}), tmp_path / "unit-00000-bbb.parquet")
     with pytest.raises(RuntimeError, match=r"1 unit file\(s\) outside this job's plan"):
-        check_units(str(tmp_path), plan)
+        check_units(str(tmp_path), plan, set())
     (tmp_path / "unit-00000-bbb.parquet").unlink()
     (tmp_path / "unit-00000-aaa.parquet").unlink()
     with pytest.raises(RuntimeError, match=r"1 unit file\(s\) of the plan missing"):
-        check_units(str(tmp_path), plan)
+        check_units(str(tmp_path), plan, set())
+    # A unit that an earlier compaction holds (named by _manifest.json) is not missing.
+    check_units(str(tmp_path), plan, {"unit-00000-aaa.parquet"})
 
 
 @pytest.mark.ray
@@ -249,7 +251,7 @@ def test_second_score_command_with_another_model_is_refused(tmp_path) -> None:
         or "temperature: 1.0 there, 2.0 now" in errors[0]
     )
     assert running.returncode == 0, stderr.decode()[-3000:]
-    table = pq.read_table(out / "tiles")
+    table = pq.read_table(out / "predictions")
     assert table.num_rows == 36 and set(table["model_id"].to_pylist()) == {first.model_id}
     assert (out / "_SUCCESS").exists()
 
@@ -295,5 +297,5 @@ def test_second_job_with_the_same_options_on_a_growing_input_is_refused(tmp_path
     # One row per tile of the first job's listing (the new tile in it or not, as its
     # paged listing went), no tile twice.
     done = json.loads((out / "_SUCCESS").read_text())["summary"]
-    uris = pq.read_table(out / "tiles")["uri"].to_pylist()
+    uris = pq.read_table(out / "predictions")["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == done["tiles"] in (36, 37)

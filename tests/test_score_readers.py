@@ -1,7 +1,10 @@
-"""Every common reader reads the scoring job's output, error rows included: pandas, pyarrow,
-polars, DuckDB (from the Parquet files and from an Arrow table) and Ray Data."""
+"""Every common reader reads both tables of the scoring job's output, error rows included,
+and joins them on the tile id with one map per scored tile: pandas, pyarrow, polars, DuckDB
+(from the Parquet files and from an Arrow table) and Ray Data."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +20,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, ray_local) -> dict:
-    """A real job's output over 36 tiles, 3 of which do not decode (error rows)."""
+    """A real job's output over 36 tiles, 3 of which do not decode (error rows), its
+    predictions in files of 16 rows (3 files)."""
     root = tmp_path_factory.mktemp("readers")
     bad = _make_tiles(str(root / "tiles"))
     _save_model(str(root / "model"))
@@ -26,87 +30,123 @@ def scored(tmp_path_factory, ray_local) -> dict:
         input=str(root / "tiles"),
         out=str(root / "scores"),
         unit_size=8,
+        file_rows=16,
         predict=PredictOptions(map_size=MAP, batch_size=8, num_actors=1),
     )
     summary = run_scoring(config)
     assert (summary.tiles, summary.errors) == (36, 3)
+    assert (summary.prediction_files, summary.attribution_files) == (3, 1)
     broken = sorted(u for u, stage in bad.items() if stage == "decode")
-    return {"tiles": str(root / "scores" / "tiles"), "broken": broken}
+    out = root / "scores"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    files = {t: sorted(e["file"] for e in manifest[t]) for t in ("predictions", "attributions")}
+    assert files == {t: sorted(p.name for p in (out / t).iterdir()) for t in files}
+    assert not (out / "_units").exists()  # the journal went once compacted
+    return {
+        "predictions": str(out / "predictions"),
+        "attributions": str(out / "attributions"),
+        "broken": broken,
+    }
 
 
-def _check(uris: list[str], maps: np.ndarray, probs: list, broken: list[str]) -> None:
-    """36 rows, maps (N, S, S): zeros and a null probability on the error rows, each other
-    map scaled so that its largest absolute value is 1."""
-    assert len(uris) == 36 and maps.shape == (36, MAP, MAP) and maps.dtype == np.float32
+def _check(uris: list, probs: list, broken: list[str]) -> None:
+    """36 prediction rows: a null probability on the 3 error rows, [0, 1] elsewhere."""
+    assert len(uris) == 36 == len(set(uris))
     bad = np.isin(np.asarray(uris, dtype=object), broken)
     assert bad.sum() == 3
-    assert not maps[bad].any()
-    assert np.allclose(np.abs(maps[~bad]).reshape(33, -1).max(axis=1), 1.0)
     assert all(p is None or p != p for p, b in zip(probs, bad, strict=True) if b)  # null/NaN
     assert all(0.0 <= p <= 1.0 for p, b in zip(probs, bad, strict=True) if not b)
+
+
+def _check_maps(maps: np.ndarray) -> None:
+    """33 maps (one per scored tile), each scaled so that its largest |value| is 1."""
+    assert maps.shape == (33, MAP, MAP) and maps.dtype == np.float32
+    assert np.allclose(np.abs(maps).reshape(33, -1).max(axis=1), 1.0)
 
 
 def test_pandas(scored) -> None:
     import pandas as pd
 
-    frame = pd.read_parquet(scored["tiles"])
-    maps = np.stack(frame["attribution"].to_numpy()).reshape(-1, MAP, MAP)
-    _check(frame["uri"].tolist(), maps, frame["prob_malignant"].tolist(), scored["broken"])
+    predictions = pd.read_parquet(scored["predictions"])
+    _check(predictions["uri"].tolist(), predictions["prob_malignant"].tolist(), scored["broken"])
+    assert set(predictions.columns) >= {"prob_benign", "prob_malignant", "threshold", "tile_id"}
+    scored_rows = predictions["error"].isna()
+    assert np.allclose(
+        predictions.loc[scored_rows, ["prob_benign", "prob_malignant"]].sum(axis=1), 1.0
+    )
+    maps = pd.read_parquet(scored["attributions"])
+    _check_maps(np.stack(maps["map"].to_numpy()).reshape(-1, MAP, MAP))
+    joined = predictions.merge(maps, on="tile_id", how="inner", validate="one_to_one")
+    assert len(joined) == 33 and joined["error"].isna().all()
+    assert (joined["target"] == joined["predicted_label"]).all()  # the call is explained
 
 
 def test_pyarrow(scored) -> None:
-    table = pq.read_table(scored["tiles"])
-    column = table.column("attribution").combine_chunks()
-    maps = column.flatten().to_numpy().reshape(len(column), MAP, MAP)
-    # to_numpy of the column itself: one array of S*S values per row.
-    assert np.array_equal(np.stack(column.to_numpy(zero_copy_only=False)), maps.reshape(36, -1))
-    _check(table["uri"].to_pylist(), maps, table["prob_malignant"].to_pylist(), scored["broken"])
+    predictions = pq.read_table(scored["predictions"])
+    _check(
+        predictions["uri"].to_pylist(),
+        predictions["prob_malignant"].to_pylist(),
+        scored["broken"],
+    )
+    maps = pq.read_table(scored["attributions"])
+    column = maps.column("map").combine_chunks()
+    _check_maps(column.flatten().to_numpy().reshape(len(column), MAP, MAP))
+    # pyarrow's join (Acero) carries no fixed-size list: join the ids, then take the maps.
+    index = maps.select(["tile_id"]).append_column("row", pa.array(range(maps.num_rows)))
+    joined = predictions.join(index, "tile_id", join_type="inner")
+    assert joined.num_rows == 33 and joined["error"].null_count == 33
+    taken = maps["map"].take(joined["row"])
+    assert taken.combine_chunks().flatten().to_numpy().reshape(33, MAP, MAP).shape[0] == 33
 
 
 def test_polars(scored) -> None:
     import polars as pl
 
-    frame = pl.read_parquet(f"{scored['tiles']}/*.parquet")
-    maps = frame["attribution"].to_numpy().reshape(-1, MAP, MAP)
-    _check(frame["uri"].to_list(), maps, frame["prob_malignant"].to_list(), scored["broken"])
-    # The column is a plain fixed-size array: polars computes on it.
-    peaks = frame.select(pl.col("attribution").arr.max())["attribution"].to_numpy()
-    assert np.allclose(peaks, maps.reshape(36, -1).max(axis=1))
+    predictions = pl.read_parquet(f"{scored['predictions']}/*.parquet")
+    _check(predictions["uri"].to_list(), predictions["prob_malignant"].to_list(), scored["broken"])
+    maps = pl.read_parquet(f"{scored['attributions']}/*.parquet")
+    _check_maps(maps["map"].to_numpy().reshape(-1, MAP, MAP))
+    # The map is a plain fixed-size array: polars computes on it.
+    peaks = maps.select(pl.col("map").arr.max())["map"].to_numpy()
+    assert np.allclose(peaks, maps["map"].to_numpy().max(axis=1))
+    joined = predictions.join(maps, on="tile_id", how="inner", validate="1:1")
+    assert joined.height == 33 and joined["error"].null_count() == 33
 
 
 def test_duckdb_from_parquet_and_from_arrow(scored) -> None:
     import duckdb
 
+    files = {t: f"read_parquet('{scored[t]}/*.parquet')" for t in ("predictions", "attributions")}
     query = (
-        "SELECT uri, prob_malignant, list_max(attribution::FLOAT[]) AS peak, "
-        "len(attribution) AS cells FROM {} ORDER BY uri"
+        "SELECT p.uri, p.prob_malignant, list_max(a.map::FLOAT[]) AS peak, len(a.map) AS cells "
+        "FROM {predictions} p LEFT JOIN {attributions} a USING (tile_id) ORDER BY p.uri"
     )
-    from_files = duckdb.sql(query.format(f"read_parquet('{scored['tiles']}/*.parquet')"))
-    arrow = pq.read_table(scored["tiles"])  # noqa: F841 (DuckDB finds it by name)
-    from_arrow = duckdb.sql(query.format("arrow"))
+    from_files = duckdb.sql(query.format(**files))
+    predictions = pq.read_table(scored["predictions"])  # noqa: F841 (DuckDB finds it by name)
+    attributions = pq.read_table(scored["attributions"])  # noqa: F841
+    from_arrow = duckdb.sql(query.format(predictions="predictions", attributions="attributions"))
     for result in (from_files, from_arrow):
         rows = result.fetchall()
-        assert len(rows) == 36 and {r[3] for r in rows} == {MAP * MAP}
+        assert len(rows) == 36  # one row per tile: no tile has two maps
         bad = [r for r in rows if r[0] in scored["broken"]]
-        assert len(bad) == 3 and all(r[1] is None and r[2] == 0.0 for r in bad)
-    maps = np.stack(
-        duckdb.sql(f"SELECT attribution FROM read_parquet('{scored['tiles']}/*.parquet')")
-        .df()["attribution"]
-        .to_numpy()
-    )
-    assert maps.shape == (36, MAP * MAP)
+        assert len(bad) == 3 and all(r[1] is None and r[2] is None for r in bad)
+        good = [r for r in rows if r[0] not in scored["broken"]]
+        assert {r[3] for r in good} == {MAP * MAP} and {r[2] for r in good} <= {1.0, -1.0}
+    maps = np.stack(duckdb.sql(f"SELECT map FROM {files['attributions']}").df()["map"])
+    assert maps.shape == (33, MAP * MAP)
 
 
 def test_ray_data_map_batches(scored) -> None:
     import ray
 
     def peaks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        maps = np.stack(list(batch["attribution"])).reshape(-1, MAP, MAP)
-        return {"uri": batch["uri"], "peak": np.abs(maps).reshape(len(maps), -1).max(axis=1)}
+        maps = np.stack(list(batch["map"])).reshape(-1, MAP, MAP)
+        return {"tile_id": batch["tile_id"], "peak": np.abs(maps).reshape(len(maps), -1).max(1)}
 
-    rows = ray.data.read_parquet(scored["tiles"]).map_batches(peaks, batch_format="numpy")
+    predictions = ray.data.read_parquet(scored["predictions"])
+    assert predictions.count() == 36
+    rows = ray.data.read_parquet(scored["attributions"]).map_batches(peaks, batch_format="numpy")
     out = pa.Table.from_pylist(rows.take_all())
-    assert out.num_rows == 36
-    by_uri = dict(zip(out["uri"].to_pylist(), out["peak"].to_pylist(), strict=True))
-    assert all(by_uri[u] == 0.0 for u in scored["broken"])
-    assert sorted(v for u, v in by_uri.items() if u not in scored["broken"]) == [1.0] * 33
+    assert out.num_rows == 33 and sorted(out["peak"].to_pylist()) == [1.0] * 33
+    ids = predictions.filter(lambda row: row["error"] is None).select_columns(["tile_id"])
+    assert sorted(r["tile_id"] for r in ids.take_all()) == sorted(out["tile_id"].to_pylist())

@@ -299,17 +299,20 @@ def test_subtype_protocol_scoring_and_export_end_to_end(prepared: str, tmp_path:
             predict=PredictOptions(attribution="gradcam", map_size=8),
         )
     )
-    tiles = pq.read_table(out / "tiles").to_pandas()
+    tiles = pq.read_table(out / "predictions").to_pandas()
     names = [f"prob_{n}" for n in SUBTYPE_CLASS_NAMES]
+    assert list(tiles.columns).index("prob_malignant") == list(tiles.columns).index(names[-1]) + 1
     probs = tiles[names].to_numpy()
     assert tiles["prob_malignant"].to_numpy() == pytest.approx(probs[:, 4:].sum(1), abs=1e-5)
     assert (tiles["predicted_subtype"] == np.asarray(SUBTYPE_CLASS_NAMES)[probs.argmax(1)]).all()
+    assert set(tiles["predicted_class"]) <= {"benign", "malignant"}
     # Maps explain the most probable class on the side of the call.
+    maps = pq.read_table(out / "attributions").to_pandas().set_index("tile_id")
+    targets = maps.loc[tiles["tile_id"], "target"].to_numpy()
     called = tiles["predicted_label"].to_numpy() == 1
-    assert (tiles["attribution_target"].to_numpy()[called] >= 4).all()
-    assert (tiles["attribution_target"].to_numpy()[~called] < 4).all()
+    assert (targets[called] >= 4).all() and (targets[~called] < 4).all()
     meta = json.loads(
-        pq.read_schema(next((out / "tiles").glob("*.parquet"))).metadata[b"breakhis.score.job"]
+        pq.read_schema(next((out / "predictions").glob("*.parquet"))).metadata[b"breakhis.score"]
     )
     assert meta["class_names"] == list(SUBTYPE_CLASS_NAMES)
 

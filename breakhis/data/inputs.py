@@ -9,7 +9,9 @@ Three kinds of input, told apart by what is at the URI:
 - **manifest**: one file listing URIs: ``.parquet`` or ``.csv`` with a ``uri``
   column, or ``.txt`` with one URI per line (blank lines and ``#`` comments
   skipped). Relative entries are relative to the manifest's folder. A URI
-  listed twice is one tile.
+  listed twice is one tile (its first row). A Parquet or CSV manifest's other
+  columns follow INPUT_SCHEMA's in the listing (``user_columns``): Parquet's with
+  their types, CSV's as text; one named like an INPUT_SCHEMA column is refused.
 - **prefix**: anything else, a local folder or ``s3://bucket/prefix`` (or one
   image file): every PNG, JPEG or TIFF below it at any depth; hidden files
   (``.name``) and other suffixes are not tiles.
@@ -118,7 +120,9 @@ class Listing:
     kind: str  # one of KINDS
     num_tiles: int
     read_pages: Callable[[], Iterator[pa.Table]]
-    """A fresh iterator over INPUT_SCHEMA pages, sorted by uri across pages."""
+    """A fresh iterator over pages of ``schema``, sorted by uri across pages."""
+    schema: pa.Schema = INPUT_SCHEMA
+    """INPUT_SCHEMA, then a manifest's own columns (``user_columns``)."""
 
     def pages(self) -> Iterator[pa.Table]:
         return self.read_pages()
@@ -135,7 +139,7 @@ def list_inputs(uri: str, page_rows: int = PAGE_ROWS) -> Listing:
             for start in range(0, table.num_rows, page_rows):
                 yield table.slice(start, page_rows)
 
-        return Listing(uri, found.kind, found.num_tiles, slices)
+        return Listing(uri, found.kind, found.num_tiles, slices, table.schema)
     count, duplicated = _count_prefix(uri)
     if count == 0:
         _no_tiles(uri)
@@ -263,7 +267,9 @@ def s3_client():
 def discover_inputs(uri: str) -> InputSet:
     """List the tiles of ``uri`` (a prepared DEST, a manifest file, or a prefix).
 
-    Returns an InputSet whose table follows INPUT_SCHEMA, sorted by uri.
+    Returns an InputSet whose table follows INPUT_SCHEMA, sorted by uri, followed by a
+    Parquet or CSV manifest's other columns (``user_columns``), as the manifest holds them
+    (CSV: text).
     Raises FileNotFoundError naming the URI when nothing is there, and
     ValueError when a manifest has no ``uri`` column or the input holds no tile
     (saying what is accepted).
@@ -325,8 +331,12 @@ def prepared_rows(dest: PreparedDest) -> pa.Table:
 
 
 def _manifest_rows(manifest: str) -> pa.Table:
+    """INPUT_SCHEMA rows of a manifest's URIs, then its other columns (a Parquet
+    manifest's with their types, a CSV's as text); a URI listed twice keeps its first
+    row's values."""
     data = storage.read_bytes(manifest)
     lower = manifest.lower()
+    user = pa.table({})
     if lower.endswith(".parquet"):
         table = pq.read_table(io.BytesIO(data))
         if "uri" not in table.column_names:
@@ -334,7 +344,9 @@ def _manifest_rows(manifest: str) -> pa.Table:
                 f"{manifest}: no 'uri' column (columns: {', '.join(table.column_names)}); "
                 "a Parquet manifest needs a string column named uri"
             )
-        entries = [str(u) for u in table.column("uri").to_pylist() if u]
+        keep = [i for i, u in enumerate(table.column("uri").to_pylist()) if u]
+        entries = [str(table.column("uri")[i].as_py()) for i in keep]
+        user = table.drop_columns(["uri"]).take(pa.array(keep, pa.int64()))
     elif lower.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
         if not reader.fieldnames or "uri" not in reader.fieldnames:
@@ -342,20 +354,44 @@ def _manifest_rows(manifest: str) -> pa.Table:
                 f"{manifest}: no 'uri' column in the CSV header "
                 f"({', '.join(reader.fieldnames or [])}); the first line must name the columns"
             )
-        entries = [row["uri"].strip() for row in reader if (row["uri"] or "").strip()]
+        others = [name for name in reader.fieldnames if name != "uri"]
+        rows = [row for row in reader if (row["uri"] or "").strip()]
+        entries = [row["uri"].strip() for row in rows]
+        user = pa.table({name: pa.array([r[name] for r in rows], pa.string()) for name in others})
     else:
         lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
         entries = [line for line in lines if line and not line.startswith("#")]
     folder = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
     uris = [_absolute(entry, folder) for entry in entries]
-    unique = sorted(set(uris))
+    first = {}
+    for i, uri in enumerate(uris):
+        first.setdefault(uri, i)
+    unique = sorted(first)
     if len(unique) != len(uris):
         log.warning(
-            "%s lists %d URI(s) more than once; each is scored once",
+            "%s lists %d URI(s) more than once; each is scored once (with its first row's columns)",
             manifest,
             len(uris) - len(unique),
         )
-    return _rows_for(unique, root=folder)
+    rows = _rows_for(unique, root=folder)
+    if not user.num_columns:
+        return rows
+    for name in user.column_names:
+        if name in INPUT_SCHEMA.names:
+            raise ValueError(
+                f"{manifest}: column {name!r} clashes with a column the listing itself "
+                f"gives; reserved: {', '.join(INPUT_SCHEMA.names)}; rename it"
+            )
+    # _rows_for sorts by uri, as ``unique`` is: the user's rows in the same order.
+    taken = user.take(pa.array([first[u] for u in unique], pa.int64()))
+    for name in taken.column_names:
+        rows = rows.append_column(taken.schema.field(name), taken.column(name))
+    return rows
+
+
+def user_columns(table: pa.Table) -> pa.Schema:
+    """The columns of a listing beyond INPUT_SCHEMA (a manifest's own columns)."""
+    return pa.schema([f for f in table.schema if f.name not in INPUT_SCHEMA.names])
 
 
 def _absolute(entry: str, folder: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from breakhis import storage
+from breakhis.names import CLASS_NAMES
 from breakhis.score.predict_config import PredictOptions
 from breakhis.stats.calibration import PATIENT_RULES
 from breakhis.subtypes import TASKS
@@ -14,7 +15,7 @@ from breakhis.subtypes import TASKS
 if TYPE_CHECKING:
     from breakhis.model.artifact import ModelCard
 
-JOB_FORMAT = 2  # 2: attribution as fixed_size_list<float32>
+JOB_FORMAT = 3  # 2: attribution as fixed_size_list<float32>; 3: predictions/ + attributions/
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,12 @@ class ScoreConfig:
     """Also write OUT/overlays/<tile id as a safe file name>.png: the tile with its map
     (needs attribution)."""
     unit_size: int = 256
-    """Tiles per work unit (per output file); the unit of resumption."""
+    """Tiles per work unit (per journal file, before compaction); the unit of resumption."""
+    file_rows: int = 250_000
+    """Rows per file of ``predictions/`` (the last one smaller): 4 files a million tiles.
+    The files are written at the end from the units' journal (breakhis.score.tables)."""
+    map_file_mb: int = 128
+    """Map bytes per file of ``attributions/``, in MB (uncompressed float32 maps)."""
     max_buffer_mb: int = 0
     """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
     a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
@@ -52,6 +58,9 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
             raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
+        for option, value in (("--file-rows", self.file_rows), ("--map-file-mb", self.map_file_mb)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
         if not self.progress_interval_s > 0:
             raise ValueError(f"--progress-interval-s must be > 0, got {self.progress_interval_s}")
         if self.max_buffer_mb < 0:
@@ -94,6 +103,11 @@ class ScoreConfig:
                 f"{', '.join(card.class_names)}); train one with --task subtype"
             )
         return self.task or card.task
+
+    def class_names_for(self, card: ModelCard) -> tuple[str, ...]:
+        """The classes of the predictions' ``prob_<class>`` columns: the model's eight for the
+        subtype task, else benign and malignant (a subtype model scored as binary: its sums)."""
+        return tuple(card.class_names) if self.task_for(card) == "subtype" else CLASS_NAMES
 
     def job_record(self, card: ModelCard) -> dict:
         """What ``_job.json`` holds: everything that changes the output rows (the

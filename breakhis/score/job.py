@@ -23,27 +23,30 @@ computed by streaming the unit files. It logs tiles done / total, tiles/s and an
 
 Exactly once, resumable. The listing is sorted, so the same input always gives
 the same units: ``unit_size`` consecutive tiles, named
-``unit-NNNNN-<sha256 of the member URIs, 12 hex>.parquet``. A unit's file is
-written in one piece only from all its tiles (temp file + rename locally, one PUT on
-S3; a batch holding part of a unit fails loudly), so a reader never sees half a file
-and a file that exists is complete; a task retried after a lost node writes the same
-file again. A rerun into the same output lists ``tiles/``, skips the units whose file
-exists and scores the rest; units of an older listing (the input changed) are deleted
+``unit-NNNNN-<sha256 of the member URIs (and the listing's own columns), 12 hex>.parquet``.
+A unit's file is written into the journal ``_units/`` in one piece only from all its tiles
+(temp file + rename locally, one PUT on S3; a batch holding part of a unit fails loudly),
+so a file that exists is complete; a task retried after a lost node writes the same file
+again. A rerun into the same output lists the journal and the manifest, skips the units
+found there and scores the rest; units of an older listing (the input changed) are deleted
 before the job declares success, and temp files only when stale (breakhis.score.output:
-never another live job's). The finished output therefore has exactly one row per input
-tile. (A tile rewritten in place under the same URI is not rescored: units are
-named by URIs, not contents; score into a new output for that.) ``_job.json``
-records the model and every option that changes the output; a rerun with
-another model or such an option is refused, naming the differences. One job at
-a time per output, enforced, even with the same options: the output is claimed atomically
-(breakhis.score.output) and any other live claim refuses the job. Before ``_SUCCESS`` the
-claim is checked again, the output must hold exactly the plan's units (no unit of another
-job) and every row the ``model_id`` checked here; the actors load the artifact the driver
-checked, shipped through the object store (breakhis.score.pipeline), and stamp rows with the
-hash of the weights they hold.
+never another live job's). (A tile rewritten in place under the same URI is not rescored:
+units are named by URIs, not contents; score into a new output for that.) ``_job.json``
+records the model and every option that changes the output; a rerun with another model or
+such an option is refused, naming the differences. One job at a time per output, enforced,
+even with the same options: the output is claimed atomically (breakhis.score.output) and any
+other live claim refuses the job.
 
-**Readers wait for ``_SUCCESS``.** Until it is there, ``tiles/`` may hold part of the
-units, or units of an older listing that the job is about to delete; only an output with
+Once every unit is there, the journal is compacted into few large files and committed by
+``_manifest.json`` (breakhis.score.tables: why, and how a kill at any point is survived).
+Before the manifest, the claim is checked again, the journal must hold no unit of another
+job, and the final files each planned unit with its rows, every row the ``model_id`` checked
+here and one map per scored tile; the actors load the artifact the driver checked, shipped
+through the object store (breakhis.score.pipeline), and stamp rows with the hash of the weights
+they hold.
+
+**Readers wait for ``_SUCCESS``.** Until it is there, the folders may hold part of the
+files, or files of an earlier run that the job is about to delete; only an output with
 ``_SUCCESS`` has exactly one row per input tile (a rerun deletes ``_SUCCESS`` first).
 
 Faults (breakhis.score.units): a transient storage error (throttling, 5xx, no answer) is
@@ -52,53 +55,36 @@ are retried a bounded number of times; a unit whose decoding failed twice is dec
 by tile, so a tile that kills its worker becomes an error row (breakhis.score.isolate); a
 tile file over ``--max-tile-mb`` is an error row, not read.
 
-Output (``OUTPUT/``, local or ``s3://``):
+Output (``OUTPUT/``, local or ``s3://``; docs/scoring.md has every column):
 
-- ``tiles/unit-*.parquet``: one row per input tile, ``tile_schema()`` (below), rows
-  sorted by uri within a file; read the folder with pandas, pyarrow, polars, DuckDB or Ray Data;
+- ``predictions/part-*.parquet``: one narrow row per input tile
+  (breakhis.score.tables.predictions_schema): ``tile_id`` (the key), the tile's facts,
+  the listing's own columns, ``prob_<class>`` per class of the model, ``predicted_label``,
+  ``predicted_class``, ``threshold``, ``model_id``, ``model_version``, ``error``; a subtype
+  model (``--task subtype``) has ``prob_<subtype>`` per class, then ``prob_malignant`` (the
+  sum of the four carcinomas', the call's probability) and ``predicted_subtype``;
+- ``attributions/part-*.parquet``: with a method, one row per scored tile
+  (attributions_schema): ``tile_id``, ``method``, ``target``, ``map``
+  (``fixed_size_list<float32>[S*S]``, in [-1, 1]), ``scale``, ``overlay_uri``;
 - ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
   ids are known (BreakHis names), PATIENT_SCHEMA;
-- ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it
-  (``image_size`` px square) with its attribution map over it; ``<name>`` is the
-  tile id when it is a plain file name, else a slug of it plus a hash
-  (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT. The
-  ``overlay_uri`` column gives each tile's file;
-- ``_job.json``: model and options; ``_SUCCESS``: the summary, written last;
-- ``_claims/``, ``_plan/``: a running job's claim and plan (removed when it ends).
+- ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it with its map
+  over it; ``<name>`` is the tile id when it is a plain file name, else a slug of it plus a
+  hash (``storage.safe_name``): never a path, so no tile id writes outside OUTPUT;
+- ``_manifest.json``: the final files and the units each holds; ``_job.json``: model and
+  options; ``_SUCCESS``: the summary, written last;
+- ``_units/``, ``_claims/``, ``_plan/``: a running job's journal, claim and plan (removed
+  when it ends).
 
-Tile columns: ``uri``, ``tile_id`` (stable id, see breakhis.data.inputs),
-``file_name``, ``patient_id``, ``magnification``, ``subtype``, ``label`` (the
-true label from the name: 0 benign, 1 malignant; null when the name is not a
-BreakHis name), ``prob_malignant`` (float32 in [0, 1], the softmax of the
-malignant logit, averaged over the 8 flips/rotations with TTA),
-``predicted_label`` (int8, ``prob_malignant >= threshold``),
-``predicted_class`` ("benign"/"malignant"), ``model_id`` (the artifact's hash
-of its weights), ``model_version`` (the artifact format version),
-``attribution_method``, ``attribution_target`` (the class explained: the
-predicted one), ``attribution`` (Arrow ``fixed_size_list<float32>[S*S]``,
-S = ``map_size``, default 64: the map over the whole tile, row-major, top row
-first, divided by its largest absolute value so it lies in [-1, 1]; never null:
-all zeros for a tile without a map, whose ``attribution_method`` is null),
-``attribution_scale`` (float32, that largest absolute value: raw map = map x
-scale), ``overlay_uri`` and ``error`` (null when the tile scored; otherwise
-``read: ...`` (missing, refused, over ``--max-tile-mb``) or ``decode: ...`` (including a
-tile whose decoding killed its worker) and every prediction column null). A subtype model
-(``--task subtype``) adds ``prob_<subtype>`` per class (float32, after the temperature, in
-the card's ``class_names`` order, which the file's metadata lists) and
-``predicted_subtype`` (the most probable); its ``prob_malignant`` is the sum of the four
-carcinomas', its ``attribution_target`` the most probable class on the side of the call.
-
-Why that layout: it is the one every common reader takes as it is, error rows included
+Why the map layout: it is the one every common reader takes as it is
 (tests/test_score_readers.py): pandas (a numpy array of S*S values per row), pyarrow
-(``column.flatten().to_numpy().reshape(N, S, S)``), polars (an ``Array`` column),
-DuckDB (``FLOAT[]``, from the files and from an Arrow table) and Ray Data's numpy
-batches. Arrow's ``fixed_shape_tensor`` extension is not understood by polars, float16
-not by DuckDB from Arrow, and a null entry in a fixed-size list is what pyarrow cannot
-convert: hence float32 and zeros, not nulls. The cost: 4 bytes a cell instead of 2,
-16 KiB a row at S = 64 before compression instead of 8 KiB; in zstd Parquet (256 maps of
-64 x 64, 2026-12-04) 14.6 KB a row instead of 7.0 KB for smooth Grad-CAM-like maps, 17.2
-instead of 7.7 KB for noise: about 2.1x, some 15 GB of maps a million tiles (``--map-size
-32`` quarters it).
+(``column.flatten().to_numpy().reshape(N, S, S)``), polars (an ``Array`` column), DuckDB
+(``FLOAT[]``, from the files and from an Arrow table) and Ray Data's numpy batches. Arrow's
+``fixed_shape_tensor`` extension is not understood by polars, float16 not by DuckDB from
+Arrow: hence float32. The cost: 4 bytes a cell instead of 2, 16 KiB a row at S = 64 before
+compression; in zstd Parquet about 2.1x float16's bytes, some 15 GB of maps a million tiles
+(``--map-size 32`` quarters it). Maps live apart from the predictions, so a query on
+predictions never reads them.
 """
 
 from __future__ import annotations
@@ -114,7 +100,7 @@ from dataclasses import asdict, dataclass, replace
 
 from breakhis import storage
 from breakhis.data.inputs import Listing, list_inputs
-from breakhis.score.check import check_output
+from breakhis.score.check import check_output, check_units
 from breakhis.score.config import ScoreConfig
 from breakhis.score.output import (  # noqa: F401 (re-exported: errors, patients.parquet)
     PATIENT_SCHEMA,
@@ -128,17 +114,37 @@ from breakhis.score.output import (  # noqa: F401 (re-exported: errors, patients
     unit_files,
     verify_claim,
 )
-from breakhis.score.pipeline import score_pending
-from breakhis.score.units import (  # noqa: F401 (re-exported: the output's schema, units)
+from breakhis.score.pipeline import score_pending, unit_format
+from breakhis.score.tables import (  # noqa: F401 (re-exported: the output's schemas)
+    ATTRIBUTIONS,
+    JOURNAL,
+    PREDICTIONS,
+    TableSpec,
+    attributions_schema,
+    check_user_columns,
+    compact,
+    manifest_units,
+    predictions_schema,
+    prune,
+    read_manifest,
+    user_schema,
+    write_manifest,
+)
+from breakhis.score.units import (  # noqa: F401 (re-exported: units)
     Plan,
     Unit,
     parquet_bytes,
     plan_units,
-    tile_schema,
+    table_metadata,
     write_plan,
 )
 
 log = logging.getLogger(__name__)
+
+PREDICTION_ROW_GROUP = 131_072
+"""Rows per row group of a predictions file (DuckDB and Spark split work by row group)."""
+MAP_ROW_GROUP_BYTES = 32 * 2**20
+"""Map bytes per row group of an attributions file."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,8 @@ class ScoreSummary:
     stale_deleted: int
     patients: int
     seconds: float
+    prediction_files: int = 0
+    attribution_files: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -173,6 +181,8 @@ class ScoreSummary:
                 f"  scored: {self.scored}   errors: {self.errors}   patients: {self.patients}",
                 f"  units: {self.units} ({self.units_written} written this run, "
                 f"{self.units_skipped} already complete, {self.stale_deleted} stale deleted)",
+                f"  files: {self.prediction_files} in predictions/, "
+                f"{self.attribution_files} in attributions/",
                 f"  time: {self.seconds:.1f} s",
             ]
         )
@@ -203,6 +213,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     card = artifact.card
     config.task_for(card)  # --task subtype needs a subtype model
     listing = list_inputs(config.input)
+    check_user_columns(config.input, user_schema(listing.schema))
     record = config.job_record(card)
     log.info(
         "threshold %.4f (%s), temperature %.4f",
@@ -222,13 +233,17 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
 
 
 def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
-    """The job once the output is claimed: plan, score what is missing, check, summarise."""
-    tiles_uri = storage.join(config.out, "tiles")
+    """The job once the output is claimed: plan, score what is missing into the journal,
+    compact it into the two tables, check, commit (breakhis.score.tables), summarise."""
+    journal = storage.join(config.out, JOURNAL)
     sweep_dead_jobs(config.out, token)
-    existing = unit_files(tiles_uri)
+    manifest = read_manifest(config.out)
+    in_journal = unit_files(journal)
     plan_folder = storage.join(config.out, "_plan", token)
     try:
-        plan = write_plan(listing, config.unit_size, existing, plan_folder)
+        plan = write_plan(
+            listing, config.unit_size, in_journal | manifest_units(manifest), plan_folder
+        )
         log.info(
             "%d tiles in %d units: %d already complete, %d to score",
             sum(plan.rows),
@@ -236,23 +251,57 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
             len(plan.names) - plan.pending.num_rows,
             plan.pending.num_rows,
         )
-        stale = sorted(existing - set(plan.names))
-        if plan.pending.num_rows or stale:
+        stale = sorted(in_journal - set(plan.names))
+        settled = manifest is not None and manifest["units"] == plan.names
+        if plan.pending.num_rows or stale or not settled:
             storage.delete(storage.join(config.out, "_SUCCESS"))
         if plan.pending.num_rows:
-            storage.make_dirs(tiles_uri)
+            storage.make_dirs(journal)
             score_pending(config, artifact, plan, token, plan_folder)
     finally:
         _delete_plan(config.out, plan_folder)
     for name in stale:
-        storage.delete(storage.join(tiles_uri, name))
+        storage.delete(storage.join(journal, name))
     if stale:
         log.info("deleted %d unit file(s) of an older listing of the input", len(stale))
 
-    counts, patients = check_output(config, artifact.card.model_id, plan)
+    card = artifact.card
+    check_units(journal, plan, manifest_units(manifest))
+    if not settled:
+        fmt = unit_format(config, card, token)
+        user = user_schema(listing.schema)
+        metadata = table_metadata(fmt)
+        maps = attributions_schema(config.predict.map_size)
+        manifest = compact(
+            config.out,
+            plan.names,
+            plan.rows,
+            manifest,
+            token=token,
+            predictions=TableSpec(
+                PREDICTIONS,
+                predictions_schema(config.class_names_for(card), user).with_metadata(metadata),
+                row_group_rows=min(config.file_rows, PREDICTION_ROW_GROUP),
+            ),
+            attributions=None
+            if config.predict.method is None
+            else TableSpec(
+                ATTRIBUTIONS,
+                maps.with_metadata(metadata),
+                row_group_rows=max(1, MAP_ROW_GROUP_BYTES // (4 * config.predict.map_size**2)),
+            ),
+            file_rows=config.file_rows,
+            map_file_mb=config.map_file_mb,
+        )
+    counts, patients = check_output(config, card.model_id, plan, manifest)
+    if not settled:
+        write_manifest(config.out, manifest)  # the commit point of the final files
+    pruned = prune(config.out, manifest)
+    if pruned:
+        log.info("deleted %d file(s) of an earlier compaction", pruned)
     summary = ScoreSummary(
         output=config.out,
-        model_id=artifact.card.model_id,
+        model_id=card.model_id,
         attribution=config.predict.method,
         tiles=sum(plan.rows),  # as planned: the input may have grown since it was counted
         scored=counts["scored"],
@@ -263,6 +312,8 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
         stale_deleted=len(stale),
         patients=patients,
         seconds=time.perf_counter() - started,
+        prediction_files=len(manifest[PREDICTIONS]),
+        attribution_files=len(manifest.get(ATTRIBUTIONS, [])),
     )
     verify_claim(config.out, record, token)
     done = {"job": record, "summary": asdict(summary)}

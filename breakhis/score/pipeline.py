@@ -20,9 +20,9 @@ import time
 from typing import TYPE_CHECKING
 
 from breakhis import storage
-from breakhis.names import CLASS_NAMES
 from breakhis.raysession import ensure_ray
 from breakhis.score.predict import actor_plan
+from breakhis.score.tables import JOURNAL
 from breakhis.score.units import Plan, UnitFormat, units_dataset
 
 if TYPE_CHECKING:
@@ -48,21 +48,7 @@ def score_pending(
     unit_bytes = largest * math.prod(card.tile_geometry.eval_hw) * 3
     # Decoded units waiting for an actor: two per actor, at least 256 MB.
     buffer = config.max_buffer_mb * 2**20 or max(256 * 2**20, 2 * max_actors * unit_bytes)
-    tiles_uri = storage.join(config.out, "tiles")
-    fmt = UnitFormat(
-        tiles_uri=tiles_uri,
-        token=token,
-        model=config.model,
-        model_id=card.model_id,
-        model_version=card.version,
-        method=predict.method,
-        map_size=predict.map_size,
-        threshold=predict.threshold,
-        tta=predict.tta,
-        image_size=card.image_size,
-        geometry=card.tile_geometry,
-        class_names=card.class_names if config.task_for(card) == "subtype" else CLASS_NAMES,
-    )
+    fmt = unit_format(config, card, token)
     ds = units_dataset(
         plan.pending,
         fmt=fmt,
@@ -87,6 +73,26 @@ def score_pending(
         raise RuntimeError(
             f"{len(missing)} unit(s) were not written (e.g. {missing[:3]}); rerun to score them"
         )
+
+
+def unit_format(config: ScoreConfig, card, token: str) -> UnitFormat:
+    """What the job's files record besides the scores (its model and options); the unit
+    files go to the journal (breakhis.score.tables.JOURNAL)."""
+    predict = config.predict
+    return UnitFormat(
+        tiles_uri=storage.join(config.out, JOURNAL),
+        token=token,
+        model=config.model,
+        model_id=card.model_id,
+        model_version=card.version,
+        method=predict.method,
+        map_size=predict.map_size,
+        threshold=predict.threshold,
+        tta=predict.tta,
+        image_size=card.image_size,
+        geometry=card.tile_geometry,
+        class_names=config.class_names_for(card),
+    )
 
 
 class Progress:

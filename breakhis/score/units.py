@@ -13,7 +13,8 @@ unit's members from the plan and decodes them all: one block per unit (the datas
 block splitting is off, so no block is ever cut). ``UnitTilePredictor`` (the model
 actors, ``batch_size=None``: a batch is a block) checks that its batch holds every tile
 of each of its units (RuntimeError otherwise: a unit is never written from part of its
-rows), runs the model ``batch_size`` tiles at a time, builds the unit's table, writes it
+rows), runs the model ``batch_size`` tiles at a time, builds the unit's table (both
+tables' columns: breakhis.score.tables.journal_schema), writes it into the journal
 (breakhis.score.output.write_unit: temp + rename locally, one PUT on S3) and returns
 one summary row per unit (index, name, rows, errors) to the driver: never the maps.
 
@@ -45,50 +46,27 @@ from breakhis.data.inputs import INPUT_SCHEMA, Listing
 from breakhis.names import CLASS_NAMES
 from breakhis.score.isolate import ISOLATE_AFTER, decode_alone, register_attempt
 from breakhis.score.output import write_unit
+from breakhis.score.tables import FACTS, is_subtype, journal_schema, prob_column
 
 log = logging.getLogger(__name__)
 
 UNITS_PER_PART = 64
 """Units per plan file."""
-FACTS = ("uri", "tile_id", "file_name", "patient_id", "magnification", "subtype", "label")
-"""The input columns a unit file repeats."""
 
 
-def tile_schema(map_size: int, class_names: tuple[str, ...] = CLASS_NAMES) -> pa.Schema:
-    """The schema of ``tiles/unit-*.parquet`` for maps of ``map_size`` x ``map_size``
-    (breakhis.score.job's docstring describes each column); for a subtype model's
-    ``class_names`` (``--task subtype``) followed by ``prob_<class>`` (float32) per class
-    and ``predicted_subtype`` (string, the most probable class)."""
-    described = [f for f in INPUT_SCHEMA if f.name != "shard"]  # the tile, as its input
-    per_class = []
-    if tuple(class_names) != CLASS_NAMES:
-        per_class = [(f"prob_{name}", pa.float32()) for name in class_names]
-        per_class.append(("predicted_subtype", pa.string()))
-    return pa.schema(
-        [
-            *described,
-            ("prob_malignant", pa.float32()),
-            ("predicted_label", pa.int8()),
-            ("predicted_class", pa.string()),
-            ("model_id", pa.string()),
-            ("model_version", pa.int16()),
-            ("attribution_method", pa.string()),
-            ("attribution_target", pa.int8()),
-            ("attribution", pa.list_(pa.float32(), map_size * map_size)),
-            ("attribution_scale", pa.float32()),
-            ("overlay_uri", pa.string()),
-            ("error", pa.string()),
-            *per_class,
-        ]
-    )
-
-
-def unit_name(index: int, uris: list[str]) -> str:
-    """``unit-NNNNN-<12 hex of the SHA-256 of the member URIs>.parquet``."""
+def unit_name(index: int, uris: list[str], user: pa.Table | None = None) -> str:
+    """``unit-NNNNN-<12 hex of the SHA-256 of the member URIs>.parquet``; with a listing's
+    own columns (``user``), of their names and values too, so that a listing whose columns
+    changed gives new units (their rows would be stale)."""
     digest = hashlib.sha256()
     for uri in uris:
         digest.update(uri.encode())
         digest.update(b"\n")
+    if user is not None and user.num_columns:
+        digest.update(json.dumps(user.column_names).encode())
+        for row in user.to_pylist():
+            digest.update(json.dumps(list(row.values()), default=str).encode())
+            digest.update(b"\n")
     return f"unit-{index:05d}-{digest.hexdigest()[:12]}.parquet"
 
 
@@ -97,11 +75,16 @@ class Unit:
     """One work unit: consecutive tiles of the sorted listing, written as one file."""
 
     index: int
-    members: pa.Table  # inputs.INPUT_SCHEMA rows, sorted by uri
+    members: pa.Table  # inputs.INPUT_SCHEMA rows (and a listing's own columns), by uri
 
     @property
     def name(self) -> str:
-        return unit_name(self.index, self.members.column("uri").to_pylist())
+        return _member_name(self.index, self.members)
+
+
+def _member_name(index: int, members: pa.Table) -> str:
+    user = [c for c in members.column_names if c not in INPUT_SCHEMA.names]
+    return unit_name(index, members.column("uri").to_pylist(), members.select(user))
 
 
 def plan_units(inputs: pa.Table, unit_size: int) -> list[Unit]:
@@ -145,8 +128,8 @@ def write_plan(listing: Listing, unit_size: int, existing: set[str], folder: str
     names: list[str] = []
     rows: list[int] = []
     pending: list[dict] = []
-    writer = _PartWriter(folder)
-    carry = INPUT_SCHEMA.empty_table()
+    writer = _PartWriter(folder, listing.schema)
+    carry = listing.schema.empty_table()
     for page in listing.pages():
         carry = pa.concat_tables([carry, page]) if carry.num_rows else page
         while carry.num_rows >= unit_size:
@@ -160,7 +143,7 @@ def write_plan(listing: Listing, unit_size: int, existing: set[str], folder: str
 
 def _plan_unit(members, names, rows, pending, existing, writer) -> None:
     index = len(names)
-    name = unit_name(index, members.column("uri").to_pylist())
+    name = _member_name(index, members)
     names.append(name)
     rows.append(members.num_rows)
     if name not in existing:
@@ -173,8 +156,9 @@ def _plan_unit(members, names, rows, pending, existing, writer) -> None:
 class _PartWriter:
     """Plan files of UNITS_PER_PART units, one row group per unit."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, schema: pa.Schema) -> None:
         self.folder = folder
+        self.schema = schema
         self.parts: list[str] = []
         self._writer: pq.ParquetWriter | None = None
         self._stream = None
@@ -187,10 +171,10 @@ class _PartWriter:
             fs, path = storage.resolve(uri)
             storage.make_dirs(self.folder)
             self._stream = fs.open_output_stream(path)
-            self._writer = pq.ParquetWriter(self._stream, INPUT_SCHEMA)
+            self._writer = pq.ParquetWriter(self._stream, self.schema)
             self.parts.append(uri)
             self._groups = 0
-        self._writer.write_table(members.cast(INPUT_SCHEMA), row_group_size=len(members))
+        self._writer.write_table(members.cast(self.schema), row_group_size=len(members))
         self._groups += 1
         return self.parts[-1], self._groups - 1
 
@@ -252,6 +236,7 @@ class UnitFormat:
     """What a unit file records besides the scores (the job's model and options)."""
 
     tiles_uri: str
+    """The folder of the unit files (the journal, breakhis.score.tables.JOURNAL)."""
     token: str
     model: str
     model_id: str
@@ -265,8 +250,8 @@ class UnitFormat:
     """The model's input geometry (its card's ``tile_geometry``); None: the whole tile
     squashed to image_size."""
     class_names: tuple[str, ...] = CLASS_NAMES
-    """The classes whose probabilities the rows carry: the binary ones (the rows as before)
-    or, scoring a subtype model with its task, the eight subtypes (tile_schema)."""
+    """The classes of the rows, one ``prob_<class>`` each: the model's (the card's order), or
+    benign/malignant for a subtype model scored with ``--task binary``."""
 
     @property
     def input_geometry(self) -> TileGeometry:
@@ -328,52 +313,73 @@ _PREDICTOR_INPUT = ("uri", "tile_id", "unit", "image", "error")
 
 
 def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> pa.Table:
-    """One unit's rows: the members' facts joined with their scores, sorted by uri."""
+    """One unit's journal rows (breakhis.score.tables.journal_schema): the members' facts
+    and own columns joined with their scores, sorted by uri."""
     order = np.argsort(scores["uri"].astype(str), kind="stable")
     scores = {k: v[order] for k, v in scores.items()}
     if scores["uri"].tolist() != members.column("uri").to_pylist():
         raise RuntimeError(f"{name}: scored tiles differ from the unit's members")
     error = scores["error"].astype(str)
     bad = error != ""
-    prob = scores["prob"].astype(np.float32)
-    predicted = (prob >= fmt.threshold).astype(np.int8)
-    has_map = (scores["target"] >= 0) & ~bad
     count = members.num_rows
-    flat = pa.array(scores["map"].reshape(-1).astype(np.float32), pa.float32())
+    classes = list(fmt.class_names)
+    malignant = scores["prob"].astype(np.float32)  # P(malignant): the call's probability
+    probs = scores["class_probs"].astype(np.float32).reshape(count, -1)
+    if probs.shape[1] != len(classes):  # a subtype model scored as binary: its two sums
+        probs = np.stack([1.0 - malignant, malignant], axis=1)
+    predicted = (malignant >= fmt.threshold).astype(np.int8)  # NaN (an error): benign, masked
+    user = [c for c in members.column_names if c not in INPUT_SCHEMA.names]
     columns = {
         **{column: members.column(column) for column in FACTS},
-        "prob_malignant": pa.array(prob, pa.float32(), mask=bad),
+        **{column: members.column(column) for column in user},
+        **{
+            prob_column(c): pa.array(probs[:, i], pa.float32(), mask=bad)
+            for i, c in enumerate(classes)
+        },
         "predicted_label": pa.array(predicted, pa.int8(), mask=bad),
         "predicted_class": pa.array([CLASS_NAMES[c] for c in predicted], pa.string(), mask=bad),
+        "threshold": pa.array([fmt.threshold] * count, pa.float32(), mask=bad),
         "model_id": pa.array([fmt.model_id] * count, pa.string()),
         "model_version": pa.array([fmt.model_version] * count, pa.int16()),
-        "attribution_method": pa.array([fmt.method] * count, pa.string(), mask=~has_map),
-        "attribution_target": pa.array(scores["target"], pa.int8(), mask=~has_map),
-        "attribution": pa.FixedSizeListArray.from_arrays(flat, fmt.map_size**2),
-        "attribution_scale": pa.array(scores["scale"], pa.float32(), mask=~has_map),
-        "overlay_uri": pa.array(
-            scores["overlay"].astype(str), pa.string(), mask=scores["overlay"] == ""
-        ),
         "error": pa.array(error, pa.string(), mask=~bad),
     }
-    if tuple(fmt.class_names) != CLASS_NAMES:
-        class_probs = np.asarray(scores["class_probs"], dtype=np.float32)
-        for i, class_name in enumerate(fmt.class_names):
-            columns[f"prob_{class_name}"] = pa.array(class_probs[:, i], pa.float32(), mask=bad)
-        best = np.where(bad, 0, np.nan_to_num(class_probs).argmax(axis=1))
-        names = [fmt.class_names[i] for i in best]
+    if is_subtype(classes):  # the call's probability and the likeliest of the eight
+        best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+        columns[prob_column("malignant")] = pa.array(malignant, pa.float32(), mask=bad)
+        names = [classes[i] for i in best]
         columns["predicted_subtype"] = pa.array(names, pa.string(), mask=bad)
-    metadata = {
+    if fmt.method is not None:
+        has_map = (scores["target"] >= 0) & ~bad
+        flat = pa.array(scores["map"].reshape(-1).astype(np.float32), pa.float32())
+        columns |= {
+            "method": pa.array([fmt.method] * count, pa.string(), mask=~has_map),
+            "target": pa.array(scores["target"], pa.int8(), mask=~has_map),
+            "map": pa.FixedSizeListArray.from_arrays(flat, fmt.map_size**2),
+            "scale": pa.array(scores["scale"], pa.float32(), mask=~has_map),
+            "overlay_uri": pa.array(
+                scores["overlay"].astype(str), pa.string(), mask=scores["overlay"] == ""
+            ),
+        }
+    schema = journal_schema(
+        classes, members.select(user).schema, fmt.map_size if fmt.method else None
+    )
+    return pa.table(columns, schema=schema.with_metadata(table_metadata(fmt)))
+
+
+def table_metadata(fmt: UnitFormat) -> dict[str, str]:
+    """The Parquet metadata of the output's files: the model and the options."""
+    return {
         "breakhis.score": json.dumps(
             {
                 "model": fmt.model,
                 "model_id": fmt.model_id,
+                "class_names": list(fmt.class_names),
                 "attribution": {
                     "method": fmt.method,
                     "shape": [fmt.map_size] * 2,
                     "dtype": "float32",
                     "covers": "the whole tile, row-major, top row first",
-                    "values": "map / attribution_scale, in [-1, 1]",
+                    "values": "map / scale, in [-1, 1]",
                 },
                 "tta": fmt.tta,
                 "threshold": fmt.threshold,
@@ -386,8 +392,6 @@ def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> p
             }
         )
     }
-    schema = tile_schema(fmt.map_size, fmt.class_names)
-    return pa.table(columns, schema=schema.with_metadata(metadata))
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
