@@ -100,13 +100,27 @@ def test_lime_superpixel_grid_and_seed() -> None:
     assert image_seed(image) != image_seed(image + 1)
 
 
-def test_overlay_heats_only_where_the_map_is_positive() -> None:
+def test_overlay_colours_evidence_for_and_against_on_one_scale() -> None:
+    from breakhis.evaluate.figures import DIVERGING_MAPS, map_colours
+
+    assert map_colours() in DIVERGING_MAPS
     image = np.full((40, 60, 3), 128, dtype=np.uint8)
-    attribution_map = np.full((8, 8), -1.0, dtype=np.float32)
-    attribution_map[:4, :4] = 2.0  # top-left quarter
-    decoded = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map))))
+    attribution_map = np.zeros((8, 8), dtype=np.float32)
+    attribution_map[:4, :4] = 2.0  # top-left quarter: for the class
+    attribution_map[4:, 4:] = -2.0  # bottom-right: against it
+    decoded = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map)))).astype(int)
     assert decoded.shape == (40, 60, 3)
-    assert np.abs(decoded[:12, :20].astype(int) - 128).max() > 40
-    assert (decoded[30:, 40:] == 128).all()  # negative evidence: no heat
+    for_, against = decoded[:12, :20].reshape(-1, 3), decoded[30:, 40:].reshape(-1, 3)
+    assert np.abs(for_ - 128).max() > 40 and np.abs(against - 128).max() > 40
+    assert np.abs(for_.mean(0) - against.mean(0)).max() > 30  # two hues, not one
+    assert (decoded[:12, 40:] == 128).all()  # no evidence: the tile as it is
+    # One scale for two tiles: half the evidence, half the colour; its own scale: the same.
+    half = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map / 2, scale=2.0))))
+    full = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map, scale=2.0))))
+    own = np.asarray(Image.open(io.BytesIO(overlay_png(image, attribution_map / 2))))
+    assert np.abs(half[:12, :20].astype(int) - 128).max() < np.abs(full[:12, :20] - 128.0).max()
+    assert np.array_equal(own, full)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        overlay_png(image, attribution_map, scale=0.0)
     with pytest.raises(ValueError, match="uint8"):
         overlay_png(image.astype(np.float32), attribution_map)

@@ -303,3 +303,46 @@ def test_every_card_value_is_escaped_in_the_page(tmp_path: Path) -> None:
     assert "<b id=" not in page
     for name in ("epoch", "image_size", "magnification", "temperature", "split"):
         assert f"&lt;b id=&#x27;{name}&#x27;&gt;x&lt;/b&gt;" in page, name
+
+
+def test_the_report_shows_one_map_scale_with_its_colour_bar_and_a_panel_per_patient(
+    tmp_path: Path,
+) -> None:
+    from breakhis.evaluate.figures import plot_patient_panel
+    from breakhis.evaluate.job import report_map_scale
+    from breakhis.evaluate.result import PatientPanel
+    from breakhis.stats.calibration import patient_calls
+
+    assert report_map_scale(pd.Series([np.nan, 0.0, 1.0, 2.0, 3.0])) == pytest.approx(2.9)
+    assert report_map_scale(pd.Series([np.nan])) is None
+    base = make_result()
+    frame = base.predictions
+    calls = patient_calls(frame["prob_malignant"], frame["patient_id"], 0.5)
+    panels = []
+    for patient, rows in frame.groupby("patient_id"):
+        rows = rows.sort_values("prob_malignant", ascending=False).iloc[:4]
+        panels.append(
+            PatientPanel(
+                patient_id=patient,
+                label=int(rows["label"].iloc[0]),
+                call=calls[patient],
+                mean_prob=float(rows["prob_malignant"].mean()),
+                tiles=6,
+                examples=tuple(_example(r, i) for i, (_, r) in enumerate(rows.iterrows())),
+            )
+        )
+    result = replace(base, map_scale=0.8, patients=tuple(panels))
+    png = plot_patient_panel(panels[0], 0.8)
+    assert png.startswith(b"\x89PNG")
+    write_report(result, str(tmp_path))
+    files = sorted(p.name for p in (tmp_path / "patients").glob("*.png"))
+    assert files == sorted(f"{p.patient_id}.png" for p in panels) and len(files) == 6
+    page = (tmp_path / "report.html").read_text()
+    # The 6 plots, the colour bar, a panel per patient and the wrong ones.
+    assert len(_img_sources(page)) == 6 + 1 + 6 + len(result.wrong)
+    assert "one scale: raw gradcam values from -0.8 to +0.8" in page
+    wrong = sum(p.call != p.label for p in panels)
+    assert f"Patients (6, {wrong} called wrong)" in page
+    # Written again without panels: the old panels go.
+    write_report(base, str(tmp_path))
+    assert not list((tmp_path / "patients").glob("*.png"))

@@ -14,9 +14,10 @@ import numpy as np
 
 from breakhis.evaluate.report_html import fmt
 from breakhis.names import CLASS_NAMES
+from breakhis.score.colours import DIVERGING_MAPS, map_colours  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from breakhis.evaluate.result import Example
+    from breakhis.evaluate.result import Example, PatientPanel
 
 
 def pyplot():
@@ -284,4 +285,63 @@ def plot_matrix(
     ax.set_xticks(range(len(columns)), [f"evaluated {c}" for c in columns], fontsize=8)
     ax.set_yticks(range(len(rows)), [f"trained {r}" for r in rows], fontsize=8)
     ax.set_title(title, fontsize=10)
+    return figure_png(fig)
+
+
+def plot_colour_bar(scale: float, method: str) -> bytes:
+    """The colour bar of every map in a report: ``map_colours()`` from -``scale`` to
+    +``scale`` (raw attribution values of ``method``; beyond them colours saturate). PNG."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.9), constrained_layout=True)
+    mappable = plt.cm.ScalarMappable(Normalize(-scale, scale), colormaps[map_colours()])
+    bar = fig.colorbar(mappable, cax=ax, orientation="horizontal", extend="both")
+    bar.set_label(
+        f"{method} attribution (raw), one scale for every map: against the called class "
+        "<- 0 -> for it",
+        fontsize=8,
+    )
+    bar.ax.tick_params(labelsize=7)
+    return figure_png(fig)
+
+
+def plot_patient_panel(panel: PatientPanel, scale: float | None) -> bytes:
+    """One patient: its tiles (their maps over them when there are maps) sorted by
+    probability, most malignant first, under a title with the patient's call, mean
+    probability and true label; a colour bar on the report's one ``scale``. PNG bytes."""
+    from PIL import Image
+
+    plt = pyplot()
+    count = max(1, len(panel.examples))
+    fig, axes = plt.subplots(
+        1, count, figsize=(1.5 * count + 1.2, 2.3), squeeze=False, constrained_layout=True
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, example in zip(axes.ravel(), panel.examples, strict=False):
+        png = example.overlay_png or example.image_png
+        ax.imshow(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        ax.set_title(
+            f"p={example.prob_malignant:.2f}\n{CLASS_NAMES[example.predicted_label]}",
+            fontsize=7,
+            color="black" if example.correct else "#c44e52",
+        )
+    truth = "unknown" if panel.label is None else CLASS_NAMES[panel.label]
+    verdict = (
+        "" if panel.label is None else (" (right)" if panel.call == panel.label else " (WRONG)")
+    )
+    fig.suptitle(
+        f"patient {panel.patient_id}: called {CLASS_NAMES[panel.call]}{verdict}, true {truth}; "
+        f"mean p {panel.mean_prob:.2f} over {panel.tiles} tiles, {len(panel.examples)} shown",
+        fontsize=8,
+    )
+    if scale is not None and any(e.overlay_png for e in panel.examples):
+        from matplotlib import colormaps
+        from matplotlib.colors import Normalize
+
+        mappable = plt.cm.ScalarMappable(Normalize(-scale, scale), colormaps[map_colours()])
+        bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, extend="both")
+        bar.ax.tick_params(labelsize=6)
     return figure_png(fig)

@@ -51,7 +51,7 @@ from breakhis.evaluate.data import (
     describe_split,
     model_patients,
 )
-from breakhis.evaluate.result import EvaluationResult, Example, SplitInfo
+from breakhis.evaluate.result import EvaluationResult, Example, PatientPanel, SplitInfo
 from breakhis.model.artifact import ModelCard
 from breakhis.names import CLASS_NAMES
 from breakhis.raysession import ensure_ray
@@ -155,14 +155,22 @@ def predict_tiles(
 
     Returns one row per tile: uri, prob_malignant (after the model's temperature),
     prob_uncalibrated (at temperature 1), ``class_probs`` (every class's probability after
-    the temperature, in the card's class order) and ``map`` (a (map_size,
-    map_size) float32 array scaled to [-1, 1], or None without an attribution).
+    the temperature, in the card's class order), ``map`` (a (map_size, map_size) float32
+    array scaled to [-1, 1], or None without an attribution) and ``scale`` (the map's largest
+    absolute raw value: raw map = map x scale; NaN without).
     Raises RuntimeError naming the tiles that failed to read or decode (a
     prepared DEST holds only decodable tiles, so a failure means DEST changed).
     """
     if tiles.num_rows == 0:
         return pd.DataFrame(
-            {"uri": [], "prob_malignant": [], "prob_uncalibrated": [], "map": [], "class_probs": []}
+            {
+                "uri": [],
+                "prob_malignant": [],
+                "prob_uncalibrated": [],
+                "scale": [],
+                "map": [],
+                "class_probs": [],
+            }
         )
     if options.threshold is None:
         raise ValueError("predict_tiles needs the threshold applied (the model's or the user's)")
@@ -181,6 +189,7 @@ def predict_tiles(
     raw: list[np.ndarray] = []
     maps: list[np.ndarray] = []
     classes: list[np.ndarray] = []
+    scales: list[np.ndarray] = []
     failed: list[str] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         errors = np.asarray(batch["error"], dtype=object)
@@ -190,6 +199,7 @@ def predict_tiles(
         raw.append(np.asarray(batch["prob_uncalibrated"], dtype=np.float64))
         maps.append(np.asarray(batch["map"], dtype=np.float16))
         classes.append(np.asarray(batch["class_probs"], dtype=np.float64))
+        scales.append(np.asarray(batch["scale"], dtype=np.float64))
     if failed:
         raise RuntimeError(
             f"{len(failed)} test tile(s) could not be read or decoded, e.g. {failed[:3]}; "
@@ -201,6 +211,7 @@ def predict_tiles(
             "uri": uris,
             "prob_malignant": np.concatenate(probs),
             "prob_uncalibrated": np.concatenate(raw),
+            "scale": np.concatenate(scales),
         }
     )
     frame["map"] = list(all_maps) if options.method else [None] * len(frame)
@@ -212,10 +223,15 @@ def predict_tiles(
 
 
 def _examples(
-    rows: pd.DataFrame, tiles: pa.Table, options: EvaluateOptions, geometry: TileGeometry
+    rows: pd.DataFrame,
+    tiles: pa.Table,
+    options: EvaluateOptions,
+    geometry: TileGeometry,
+    map_scale: float | None = None,
 ) -> tuple[Example, ...]:
     """Decode the tiles of ``rows`` at thumbnail size, as the model saw them (``geometry``,
-    the card's), and draw their attribution maps."""
+    the card's), and draw their attribution maps on one scale, ``map_scale`` (raw values;
+    None: each map on its own)."""
     from breakhis.score.attribution import overlay_png
 
     if rows.empty:
@@ -254,7 +270,11 @@ def _examples(
                     image_png=_png(image),
                     overlay_png=None
                     if amap is None
-                    else overlay_png(image, np.asarray(amap, np.float32)),
+                    else overlay_png(
+                        image,
+                        np.asarray(amap, np.float32) * float(row["scale"]),
+                        scale=map_scale,
+                    ),
                 )
             )
     return tuple(out)
@@ -268,6 +288,55 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def report_map_scale(scales: pd.Series) -> float | None:
+    """One scale for every map of a report: the 95th percentile of the tiles' largest
+    absolute raw values (a few extreme maps then saturate instead of washing out all the
+    others); None without maps."""
+    finite = scales.to_numpy(dtype=np.float64)
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    return float(np.percentile(finite, 95)) if finite.size else None
+
+
+PANEL_TILES = 8
+"""Tiles shown per patient in the report's per-patient panels."""
+
+
+def patient_panels(
+    headline: pd.DataFrame,
+    tiles: pa.Table,
+    options: EvaluateOptions,
+    geometry: TileGeometry,
+    map_scale: float | None,
+) -> tuple[PatientPanel, ...]:
+    """One panel per patient of ``headline``: the patient's call (by ``options``' rule
+    and threshold), true label and up to PANEL_TILES tiles evenly spread over its tiles
+    sorted by probability, most malignant first."""
+    from breakhis.stats.calibration import patient_calls
+
+    if headline.empty:
+        return ()
+    threshold, rule = options.predict.threshold, options.patient_rule
+    calls = patient_calls(headline["prob_malignant"], headline["patient_id"], threshold, rule)
+    panels = []
+    for patient, rows in headline.groupby("patient_id", sort=True):
+        rows = rows.sort_values(["prob_malignant", "tile_id"], ascending=[False, True])
+        picked = np.unique(np.linspace(0, len(rows) - 1, min(PANEL_TILES, len(rows))).round())
+        labels = set(rows["label"].tolist())
+        panels.append(
+            PatientPanel(
+                patient_id=str(patient),
+                label=int(labels.pop()) if len(labels) == 1 else None,
+                call=calls[str(patient)],
+                mean_prob=float(rows["prob_malignant"].mean()),
+                tiles=len(rows),
+                examples=_examples(
+                    rows.iloc[picked.astype(int)], tiles, options, geometry, map_scale
+                ),
+            )
+        )
+    return tuple(panels)
 
 
 def choose_examples(
@@ -479,13 +548,15 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
     if plan.known.source == config.data:
         sides = {"train": plan.known.split.train, "validation": plan.known.split.val, **sides}
     correct_rows, wrong_rows = choose_examples(headline, options.correct_examples, options.seed)
+    map_scale = report_map_scale(headline["scale"]) if options.predict.method else None
+    geometry = card.tile_geometry
     return EvaluationResult(
         model_uri=config.model,
         card=card,
         data=config.data,
         split=plan.info,
         options=options,
-        predictions=frame.drop(columns=["map"]),
+        predictions=frame.drop(columns=["map", "scale"]),
         metrics=score_predictions(labels, probs, headline["patient_id"], threshold, rule),
         per_magnification=per_magnification_metrics(frame, threshold, rule),
         calibration=calibration_summary(
@@ -512,8 +583,10 @@ def _result(config: EvaluateConfig, plan: _Plan, frame: pd.DataFrame) -> Evaluat
             task=card.task,
         ),
         history_png=_history_png(config.model),
-        correct=_examples(correct_rows, plan.tiles, options, card.tile_geometry),
-        wrong=_examples(wrong_rows, plan.tiles, options, card.tile_geometry),
+        correct=_examples(correct_rows, plan.tiles, options, geometry, map_scale),
+        wrong=_examples(wrong_rows, plan.tiles, options, geometry, map_scale),
+        map_scale=map_scale,
+        patients=patient_panels(headline, plan.tiles, options, geometry, map_scale),
         subtype=subtype_metrics(headline) if plan.task == "subtype" else None,
     )
 

@@ -13,8 +13,14 @@ Written to OUT (local or ``s3://``):
   training job's curves, when found), ``dataset_distribution.png``,
   ``bootstrap.png``, ``correct_predictions.png`` and
   ``wrong_predictions/<tile_id>.png`` (the tile beside its attribution overlay,
-  one per wrong prediction); for a subtype model also ``subtype_confusion_matrix.png``
-  and ``subtype_confusion_matrix_patients.png`` (8 x 8, class names on the axes).
+  one per wrong prediction), ``patients/<patient_id>.png`` (a panel per test patient:
+  its call, its true label, tiles sorted by probability); for a subtype model also
+  ``subtype_confusion_matrix.png`` and ``subtype_confusion_matrix_patients.png`` (8 x 8, class
+  names on the axes).
+
+Every map is drawn on one scale for the whole report (breakhis.evaluate.job.report_map_scale)
+with a perceptually uniform diverging colour map (breakhis.evaluate.figures.map_colours) and a
+colour bar.
 
 The plots are drawn by breakhis.evaluate.figures, the page's pieces and the browser check are
 breakhis.evaluate.report_html's; the protocol's report is breakhis.protocol.report.
@@ -31,11 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from breakhis import storage
 from breakhis.evaluate.figures import (
+    map_colours,
     plot_bootstrap,
     plot_class_confusion,
+    plot_colour_bar,
     plot_confusion_matrix,
     plot_distribution,
     plot_examples,
+    plot_patient_panel,
     plot_reliability,
     plot_roc,
     wrong_panel,
@@ -56,12 +65,13 @@ from breakhis.evaluate.report_html import (
 from breakhis.names import CLASS_NAMES
 
 if TYPE_CHECKING:
-    from breakhis.evaluate.result import EvaluationResult, Example
+    from breakhis.evaluate.result import EvaluationResult, Example, PatientPanel
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_PARQUET = "predictions.parquet"
 WRONG_DIR = "wrong_predictions"
+PATIENTS_DIR = "patients"
 HISTORY_PNG = "training_history.png"
 SUBTYPE_PNG = "subtype_confusion_matrix.png"
 SUBTYPE_PATIENTS_PNG = "subtype_confusion_matrix_patients.png"
@@ -107,14 +117,18 @@ def write_report(result: EvaluationResult, out: str) -> ReportFiles:
         storage.delete(storage.join(out, HISTORY_PNG))  # one of an earlier report
     for name, data in plots.items():
         writer.put(name, data)
+    patient_pngs = [(p, plot_patient_panel(p, result.map_scale)) for p in result.patients]
+    for panel, data in patient_pngs:
+        writer.put(f"{PATIENTS_DIR}/{storage.safe_name(panel.patient_id)}.png", data)
     wrong_pngs = [(e, wrong_panel(e)) for e in result.wrong]
     for example, data in wrong_pngs:
         writer.put(f"{WRONG_DIR}/{storage.safe_name(example.tile_id)}.png", data)
-    wrong_dir = storage.join(out, WRONG_DIR)
-    if storage.exists(wrong_dir):  # panels of an earlier report into the same folder
-        for entry in storage.walk(wrong_dir, (".png",)):
-            if f"{WRONG_DIR}/{entry.uri.rsplit('/', 1)[-1]}" not in writer.written:
-                storage.delete(entry.uri)
+    for folder in (WRONG_DIR, PATIENTS_DIR):
+        uri = storage.join(out, folder)
+        if storage.exists(uri):  # panels of an earlier report into the same folder
+            for entry in storage.walk(uri, (".png",)):
+                if f"{folder}/{entry.uri.rsplit('/', 1)[-1]}" not in writer.written:
+                    storage.delete(entry.uri)
 
     table = pa.Table.from_pandas(result.predictions, preserve_index=False)
     buffer = io.BytesIO()
@@ -125,7 +139,8 @@ def write_report(result: EvaluationResult, out: str) -> ReportFiles:
     payload["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     payload["files"] = sorted([*writer.written, METRICS_JSON, REPORT_HTML])
     metrics_uri = writer.put(METRICS_JSON, json_bytes(payload))
-    html_uri = writer.put(REPORT_HTML, _evaluation_html(result, plots, wrong_pngs).encode())
+    html = _evaluation_html(result, plots, wrong_pngs, patient_pngs)
+    html_uri = writer.put(REPORT_HTML, html.encode())
     log.info("report written to %s", html_uri)
     return writer.files(html_uri, metrics_uri)
 
@@ -367,8 +382,49 @@ def _subtype_html(result: EvaluationResult, plots: Mapping[str, bytes]) -> list[
     ]
 
 
+def _patients_html(
+    result: EvaluationResult, panels: Sequence[tuple[PatientPanel, bytes]]
+) -> list[str]:
+    """A panel per test patient: the call, the true label, tiles sorted by probability."""
+    if not panels:
+        return []
+    wrong = sum(p.label is not None and p.call != p.label for p, _ in panels)
+    parts = [
+        f"<h2>Patients ({len(panels)}, {wrong} called wrong)</h2>",
+        '<p class="note">Each test patient\'s call (by the '
+        + _esc(result.options.patient_rule)
+        + " rule) and true label, with up to "
+        + str(max(len(p.examples) for p, _ in panels))
+        + " of its tiles spread over its tiles sorted by probability of malignancy, most "
+        "malignant first; a tile called wrong has its caption in red."
+        + (" Maps on the report's one scale (colour bar above)." if result.map_scale else "")
+        + "</p>",
+    ]
+    parts += [img(data, f"patient {panel.patient_id}", "plot") for panel, data in panels]
+    return parts
+
+
+def _scale_html(result: EvaluationResult) -> list[str]:
+    """The colour bar of every map in the report (one scale), when there are maps."""
+    if result.map_scale is None or not result.options.method:
+        return []
+    bar = plot_colour_bar(result.map_scale, result.options.method)
+    return [
+        "<h2>Map colours</h2>",
+        f'<p class="note">Every map below shares one scale: raw {_esc(result.options.method)} '
+        f"values from -{result.map_scale:.3g} to +{result.map_scale:.3g} (the 95th "
+        "percentile of the tiles' largest values; beyond it colours saturate), on a "
+        f"perceptually uniform diverging colour map ({map_colours()}); no colour: no "
+        "evidence.</p>",
+        img(bar, "colour bar of the maps", "plot"),
+    ]
+
+
 def _evaluation_html(
-    result: EvaluationResult, plots: Mapping[str, bytes], wrong: Sequence[tuple[Example, bytes]]
+    result: EvaluationResult,
+    plots: Mapping[str, bytes],
+    wrong: Sequence[tuple[Example, bytes]],
+    patients: Sequence[tuple[PatientPanel, bytes]] = (),
 ) -> str:
     card, esc = result.card, _esc
     parts = [
@@ -397,6 +453,8 @@ def _evaluation_html(
         + _balancing_text(card.config)
         + "</p>",
         img(plots["dataset_distribution.png"], "dataset distribution", "plot"),
+        *_scale_html(result),
+        *_patients_html(result, patients),
         "<h2>Correct predictions</h2>",
         img(plots["correct_predictions.png"], "correct predictions", "plot"),
         *_wrong_html(result, wrong),

@@ -79,6 +79,22 @@ class Example:
 
 
 @dataclass(frozen=True)
+class PatientPanel:
+    """One test patient in the report: its call, its true label and some of its tiles."""
+
+    patient_id: str
+    label: int | None
+    """The true label (0 benign, 1 malignant) when the patient's names agree, else None."""
+    call: int
+    """The patient-level call (1 malignant) by the evaluation's patient rule."""
+    mean_prob: float
+    tiles: int
+    """The patient's headline tiles (``examples`` shows some of them)."""
+    examples: tuple[Example, ...] = field(repr=False)
+    """Tiles spread over the patient's, sorted by probability, most malignant first."""
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """Everything ``breakhis evaluate`` computed; breakhis.evaluate.report turns it into files."""
 
@@ -112,6 +128,11 @@ class EvaluationResult:
     """A subtype model's eight-class metrics of the headline images
     (breakhis.evaluate.job.subtype_metrics: confusion matrices, per-class recall, balanced
     accuracy, at image and patient level); None for the binary task."""
+    map_scale: float | None = None
+    """The one scale of every map in the report (raw attribution at the colour bar's
+    ends; breakhis.evaluate.job.report_map_scale); None without maps."""
+    patients: tuple[PatientPanel, ...] = field(default=(), repr=False)
+    """One panel per test patient (headline tiles)."""
     seconds: float = 0.0
     report_dir: str | None = None
     """Where the report was written (None when not written)."""

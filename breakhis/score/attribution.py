@@ -224,29 +224,40 @@ def _to_map(raw: torch.Tensor, map_size: int) -> torch.Tensor:
     return resized[:, 0].cpu()
 
 
-def overlay_png(image: np.ndarray, attribution_map: np.ndarray, *, alpha: float = 0.5) -> bytes:
-    """A PNG of ``image`` (H, W, 3 uint8) with the map's positive part as a heat overlay.
+def overlay_png(
+    image: np.ndarray,
+    attribution_map: np.ndarray,
+    *,
+    alpha: float = 0.6,
+    scale: float | None = None,
+) -> bytes:
+    """A PNG of ``image`` (H, W, 3 uint8) with the signed map over it.
 
-    The map is resized to the image, its positive part scaled by its maximum
-    (evidence *for* the explained class; an all-negative map shows no heat),
-    coloured with matplotlib's ``jet`` and blended with weight ``alpha`` where
-    it is hot. Returns the PNG bytes. Raises ValueError for a bad image shape
-    or an ``alpha`` outside [0, 1].
+    The map is resized to the image and divided by ``scale`` (default: its own largest
+    absolute value; pass one scale for every tile of a report so that colours compare
+    across tiles), clipped to [-1, 1], coloured with ``map_colours()`` (a diverging map:
+    one hue for evidence for the explained class, the other against) and blended with
+    weight ``alpha`` x |value|: no evidence leaves the tile as it is. Returns the PNG bytes.
+    Raises ValueError for a bad image shape, an ``alpha`` outside [0, 1] or a scale <= 0.
     """
     from matplotlib import colormaps
     from PIL import Image
+
+    from breakhis.score.colours import map_colours
 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     height, width = image.shape[:2]
-    heat = np.clip(np.nan_to_num(np.asarray(attribution_map, dtype=np.float32)), 0, None)
+    heat = np.nan_to_num(np.asarray(attribution_map, dtype=np.float32))
     heat = np.asarray(Image.fromarray(heat, mode="F").resize((width, height), Image.BILINEAR))
-    peak = float(heat.max())
-    heat = heat / peak if peak > 0 else np.zeros_like(heat)
-    colours = colormaps["jet"](heat)[..., :3]
-    weight = (alpha * heat)[..., None]
+    peak = float(np.abs(heat).max()) if scale is None else float(scale)
+    heat = np.clip(heat / peak, -1.0, 1.0) if peak > 0 else np.zeros_like(heat)
+    colours = colormaps[map_colours()]((heat + 1.0) / 2.0)[..., :3]
+    weight = (alpha * np.abs(heat))[..., None]
     blended = image.astype(np.float32) / 255.0 * (1 - weight) + colours * weight
     buffer = io.BytesIO()
     Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB").save(buffer, "PNG")
