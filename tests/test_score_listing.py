@@ -134,11 +134,17 @@ def test_scale_benchmark_reports_the_loop_the_job_and_memory(tmp_path) -> None:
     for run in figures["runs"]:
         assert run["loop_tiles_per_s"] > 0 and run["job_tiles_per_s"] > 0
         assert run["driver_peak_rss_mb"] > 0 and run["tree_peak_mb"] > run["driver_peak_rss_mb"]
-    assert "job / loop" in (tmp_path / "benchmark-score-scale.md").read_text()
+        assert run["gradcam_ratio"] > 0 and run["prediction_files"] == 1
+        assert run["files_per_million"] == pytest.approx(1e6 / run["tiles"])
+    table = (tmp_path / "benchmark-score-scale.md").read_text()
+    assert (
+        "job / loop" in table and "Grad-CAM job / loop" in table and "per predictions row" in table
+    )
     # Each job scored its folder: one row per tile.
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "scale" / "out-60" / "predictions").num_rows == 60
+    assert pq.read_table(tmp_path / "scale" / "out-60-gradcam" / "attributions").num_rows == 60
 
 
 # --------------------------------------------------------------------------- the user's columns

@@ -91,6 +91,9 @@ class ScoreBenchmarkConfig:
     e.g. 10000,100000 (with --arch smallcnn --image-size 32 --tile-width 64
     --tile-height 42)."""
 
+    scale_gradcam: bool = True
+    """In the scale benchmark, also run the job with Grad-CAM at each size."""
+
     def __post_init__(self) -> None:
         for name in ("tiles", "image_size", "batch_size", "unit_size", "memory_tiles"):
             if getattr(self, name) < 1:

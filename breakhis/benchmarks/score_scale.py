@@ -2,20 +2,24 @@
 
 On generated tiny tiles (``--tile-width`` x ``--tile-height`` PNG, e.g. 64x42, in the
 nested BreakHis folders, hard-linked copies beyond the generated set) with a small model
-(e.g. ``--arch smallcnn --image-size 32``), predictions only, for each size N:
+(e.g. ``--arch smallcnn --image-size 32``), for each size N:
 
-- **plain loop**: list the folder, then read, decode, normalise and predict the tiles
-  ``batch_size`` at a time in this process (torch on ``cpus`` threads); its listing,
-  decode and model seconds are timed apart (where the time goes);
-- **job**: ``run_scoring`` on the folder (a prefix input: listed page by page) in a fresh
-  process with its own local Ray instance of ``cpus`` CPUs: tiles/s by its own clock
-  (``ScoreSummary.seconds``: listing, planning, scoring, summary) and by the wall time of
-  the whole command (Python and Ray start included), the driver's peak RSS
-  (``ru_maxrss``) and the peak PSS of the whole process tree (driver, raylet, GCS,
-  workers, actors), sampled every 0.2 s.
+- **plain loop**: what a user writes from ``breakhis export --format torchscript``: list
+  the folder, then read, decode (Pillow), resize to the contract's input and run the
+  exported TorchScript model ``batch_size`` tiles at a time in this process (torch on
+  ``cpus`` threads); its listing, decode and model seconds are timed apart;
+- **job, predictions only**, and **job with Grad-CAM**: ``run_scoring`` on the folder (a
+  prefix input: listed page by page) in a fresh process with its own local Ray instance
+  of ``cpus`` CPUs: tiles/s by its own clock (``ScoreSummary.seconds``: listing,
+  planning, scoring, compaction, summary) and by the wall time of the whole command
+  (Python and Ray start included), the driver's peak RSS (``ru_maxrss``), the peak PSS
+  of the whole process tree (driver, raylet, GCS, workers, actors), sampled every 0.2 s,
+  and the files of ``predictions/`` (per million tiles).
 
-Targets (issue 14): job >= 0.9x the loop at the largest N, driver peak RSS and whole-tree
-peak within 1.2x between the smallest and the largest N.
+Targets (issues 14 and 26): predictions-only job >= 0.9x the loop at the largest N;
+driver peak RSS and whole-tree peak within 1.2x between the smallest and the largest N,
+i.e. driver memory per predictions row (the growth over the growth in rows) <= 1 KiB;
+<= 20 predictions files per million tiles.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -50,6 +55,8 @@ class ScaleRun:
     job_wall_s: float  # the whole command
     driver_peak_rss_mb: float
     tree_peak_mb: float
+    prediction_files: int
+    gradcam_seconds: float  # the Grad-CAM job's own clock; NaN when not run
 
     @property
     def job_tiles_per_s(self) -> float:
@@ -58,6 +65,14 @@ class ScaleRun:
     @property
     def ratio(self) -> float:
         return self.job_tiles_per_s / self.loop_tiles_per_s
+
+    @property
+    def gradcam_ratio(self) -> float:
+        return self.tiles / self.gradcam_seconds / self.loop_tiles_per_s
+
+    @property
+    def files_per_million(self) -> float:
+        return self.prediction_files * 1e6 / self.tiles
 
 
 _CHILD = (
@@ -70,7 +85,8 @@ _CHILD = (
     "ray.init(address='local', num_cpus=cpus, include_dashboard=False, log_to_driver=False)\n"
     "summary = run_scoring(ScoreConfig(**options))\n"
     "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-    "print(json.dumps({'seconds': summary.seconds, 'tiles': summary.tiles, 'rss_mb': rss}))\n"
+    "print(json.dumps({'seconds': summary.seconds, 'tiles': summary.tiles, 'rss_mb': rss,\n"
+    "                  'files': summary.prediction_files}))\n"
 )
 
 
@@ -99,31 +115,37 @@ def _job(options: dict, cpus: int, log_path: str) -> tuple[dict, float, float]:
 
 
 def _loop(model_uri: str, root: str, batch_size: int) -> tuple[float, float, float, float]:
-    """(tiles/s, list s, decode s, model s) of the plain loop over the tiles below root."""
+    """(tiles/s, list s, decode s, model s) of the plain loop (module docstring) over the
+    tiles below root: the model exported to TorchScript and loaded back, Pillow decoding."""
+    import io
+
     import torch
+    from PIL import Image
 
-    from breakhis.benchmarks.harness import pillow_decode
     from breakhis.model.artifact import load_artifact
+    from breakhis.model.export import ProbabilityModel, to_torchscript
 
+    net, card = load_artifact(model_uri)
+    exported = to_torchscript(ProbabilityModel(net, card).eval(), card)
     started = time.perf_counter()
-    model, card = load_artifact(model_uri)
-    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.std).view(1, 3, 1, 1)
+    model = torch.jit.load(io.BytesIO(exported))
+    height, width = card.tile_geometry.eval_hw
     uris = [e.uri for e in storage.walk(root, (".png",))]
     listed = time.perf_counter()
     decode_s = model_s = 0.0
+
+    def decode(uri: str) -> np.ndarray:
+        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+            rgb = image.convert("RGB").resize((width, height), Image.BILINEAR, reducing_gap=2.0)
+            return np.asarray(rgb)
+
     for start in range(0, len(uris), batch_size):
         t0 = time.perf_counter()
-        images = np.stack(
-            [
-                pillow_decode(storage.read_bytes(u), card.image_size)
-                for u in uris[start : start + batch_size]
-            ]
-        )
+        images = np.stack([decode(u) for u in uris[start : start + batch_size]])
         t1 = time.perf_counter()
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
         with torch.inference_mode():
-            torch.softmax(model((x - mean) / std), dim=1)[:, 1].numpy()
+            probabilities, _ = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+            probabilities.numpy()
         decode_s += t1 - t0
         model_s += time.perf_counter() - t1
     seconds = time.perf_counter() - started
@@ -193,24 +215,31 @@ def run_scale_benchmark(config, model_uri: str, cpus: int) -> ScaleResult:
         loop = _loop(model_uri, folder, config.batch_size)
         log.info("plain loop at %d tiles: %.1f tiles/s", tiles, loop[0])
         output = os.path.join(config.workdir, "scale", f"out-{tiles}")
-        import shutil
-
-        shutil.rmtree(output, ignore_errors=True)
-        job = ScoreConfig(
-            model=model_uri,
-            input=folder,
-            out=output,
-            unit_size=config.unit_size,
-            predict=PredictOptions(
-                attribution="none",
-                batch_size=config.batch_size,
-                num_actors=1,
-                cpus_per_actor=1,
-                torch_threads=cpus,
-            ),
+        jobs = {}
+        for method in ("none", "gradcam") if config.scale_gradcam else ("none",):
+            out = output if method == "none" else f"{output}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            job = ScoreConfig(
+                model=model_uri,
+                input=folder,
+                out=out,
+                unit_size=config.unit_size,
+                predict=PredictOptions(
+                    attribution=method,
+                    batch_size=config.batch_size,
+                    num_actors=1,
+                    cpus_per_actor=1,
+                    torch_threads=cpus,
+                ),
+            )
+            jobs[method] = _job(asdict(job), cpus, f"{out}.log")
+        child, wall, tree = jobs["none"]
+        gradcam = jobs["gradcam"][0]["seconds"] if "gradcam" in jobs else float("nan")
+        runs.append(
+            ScaleRun(
+                tiles, *loop, child["seconds"], wall, child["rss_mb"], tree, child["files"], gradcam
+            )
         )
-        child, wall, tree = _job(asdict(job), cpus, f"{output}.log")
-        runs.append(ScaleRun(tiles, *loop, child["seconds"], wall, child["rss_mb"], tree))
         log.info("%s", runs[-1])
     table = format_scale(runs, config, cpus, (load_at_start, os.getloadavg()[0]))
     figures = {
@@ -219,7 +248,14 @@ def run_scale_benchmark(config, model_uri: str, cpus: int) -> ScaleResult:
         "cpus": cpus,
         "config": asdict(config),
         "runs": [
-            {**asdict(r), "job_tiles_per_s": r.job_tiles_per_s, "ratio": r.ratio} for r in runs
+            {
+                **asdict(r),
+                "job_tiles_per_s": r.job_tiles_per_s,
+                "ratio": r.ratio,
+                "gradcam_ratio": r.gradcam_ratio,
+                "files_per_million": r.files_per_million,
+            }
+            for r in runs
         ],
     }
     save_result(config.workdir, "score-scale", figures, table)
@@ -232,27 +268,37 @@ def format_scale(runs: list[ScaleRun], config, cpus: int, load: tuple[float, flo
         f"Scoring at scale, {time.strftime('%Y-%m-%d')}, {device_name(0)}, {cpus} CPUs "
         f"(load average {load[0]:.1f} at the start, {load[1]:.1f} at the end); "
         f"{config.arch} at {config.image_size} px, batch {config.batch_size}, "
-        f"units of {config.unit_size}, {config.tile_width}x{config.tile_height} PNG tiles, "
-        "predictions only",
+        f"units of {config.unit_size}, {config.tile_width}x{config.tile_height} PNG tiles; "
+        "the loop: the exported TorchScript model, Pillow decode",
         "",
-        "| tiles | plain loop, tiles/s | job (own clock), tiles/s | job / loop | job, whole "
-        "command, tiles/s | driver peak RSS, MB | whole tree peak PSS, MB | loop: list / "
-        "decode / model, s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| tiles | plain loop, tiles/s | job (own clock), tiles/s | job / loop | Grad-CAM "
+        "job / loop | job, whole command, tiles/s | driver peak RSS, MB | whole tree peak "
+        "PSS, MB | predictions files per million tiles | loop: list / decode / model, s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r.tiles} | {r.loop_tiles_per_s:.0f} | {r.job_tiles_per_s:.0f} | {r.ratio:.2f} "
-            f"| {r.tiles / r.job_wall_s:.0f} | {r.driver_peak_rss_mb:.0f} | {r.tree_peak_mb:.0f} "
+            f"| {r.gradcam_ratio:.2f} | {r.tiles / r.job_wall_s:.0f} "
+            f"| {r.driver_peak_rss_mb:.0f} | {r.tree_peak_mb:.0f} | {r.files_per_million:.0f} "
             f"| {r.loop_list_s:.1f} / {r.loop_decode_s:.1f} / {r.loop_model_s:.1f} |"
         )
     if len(runs) > 1:
         small, large = runs[0], runs[-1]
+        per_row = (
+            (large.driver_peak_rss_mb - small.driver_peak_rss_mb)
+            * 2**20
+            / (large.tiles - small.tiles)
+            if large.tiles > small.tiles
+            else float("nan")
+        )
         lines += [
             "",
             f"Job / loop at {large.tiles} tiles: {large.ratio:.2f} (target >= 0.9); driver peak "
             f"RSS {large.driver_peak_rss_mb / small.driver_peak_rss_mb:.2f}x and whole tree "
             f"{large.tree_peak_mb / small.tree_peak_mb:.2f}x from {small.tiles} to "
-            f"{large.tiles} tiles (targets <= 1.2x)",
+            f"{large.tiles} tiles (targets <= 1.2x); driver memory per predictions row "
+            f"{per_row:.0f} bytes (target <= 1024); {large.files_per_million:.0f} predictions "
+            "files per million tiles (target <= 20)",
         ]
     return "\n".join(lines)
