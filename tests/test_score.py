@@ -111,8 +111,8 @@ def test_config_refuses_bad_options() -> None:
         ScoreConfig(**{**base, "out": "s3://archive/tiles/scores"})
     with pytest.raises(ValueError, match="--overlays needs"):
         ScoreConfig(**base, predict=PredictOptions(attribution="none"), overlays=True)
-    with pytest.raises(ValueError, match="--unit-size must be an integer >= 1"):
-        ScoreConfig(**base, unit_size=0)
+    with pytest.raises(ValueError, match="--unit-size must be an integer >= 0"):
+        ScoreConfig(**base, unit_size=-1)
     assert PredictOptions(attribution="ig").method == "integrated_gradients"
     with pytest.raises(ValueError, match="--batch-size must be an integer >= 1"):
         PredictOptions(batch_size=0)
@@ -165,6 +165,20 @@ def test_patient_table_calls_by_majority_when_asked() -> None:
     # Mean 0.61: malignant by the mean, benign by the majority of tile calls (1 of 3).
     assert patient_table(tiles, 0.5, "mean").column("patient_call").to_pylist() == ["malignant"]
     assert patient_table(tiles, 0.5, "majority").column("patient_call").to_pylist() == ["benign"]
+
+
+def test_the_automatic_unit_size_holds_about_32_mb_of_decoded_tiles(local_job) -> None:
+    card = read_card(local_job["model"])  # 32 px
+    height, width = card.tile_geometry.eval_hw
+    base = {"model": local_job["model"], "input": local_job["tiles"], "out": "/tmp/x"}
+    plain = ScoreConfig(**base, predict=PredictOptions(attribution="none"))
+    assert plain.unit_size_for(card) == 8192  # tiny tiles: the most
+    gradcam = ScoreConfig(**base)  # 64 x 64 float32 maps too
+    assert gradcam.unit_size_for(card) == 32 * 2**20 // (height * width * 3 + 4 * 64 * 64)
+    big = replace(card, image_size=224)
+    assert plain.unit_size_for(big) == 256  # 224 px tiles: the fewest
+    assert ScoreConfig(**base, unit_size=8).unit_size_for(card) == 8
+    assert plain.job_record(card)["unit_size"] == 8192
 
 
 def test_predictor_applies_the_model_temperature(local_job, tmp_path) -> None:

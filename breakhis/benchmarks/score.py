@@ -73,7 +73,7 @@ class ScoreBenchmarkConfig:
     batch_size: int = 32
     """Tiles per model call, for the loop and the job alike."""
     unit_size: int = 64
-    """Tiles per output unit of the job."""
+    """Tiles per work unit of the job; 0: the job's automatic size."""
     attribution_tiles: int = 16
     """Tiles of the Integrated Gradients run."""
     ig_steps: int = 32
@@ -95,7 +95,9 @@ class ScoreBenchmarkConfig:
     """In the scale benchmark, also run the job with Grad-CAM at each size."""
 
     def __post_init__(self) -> None:
-        for name in ("tiles", "image_size", "batch_size", "unit_size", "memory_tiles"):
+        if self.unit_size < 0:
+            raise ValueError("--unit-size must be >= 0 (0: the job's automatic size)")
+        for name in ("tiles", "image_size", "batch_size", "memory_tiles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.attribution_tiles < 1 or self.ig_steps < 2:

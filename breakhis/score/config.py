@@ -15,6 +15,10 @@ from breakhis.subtypes import TASKS
 if TYPE_CHECKING:
     from breakhis.model.artifact import ModelCard
 
+UNIT_MB = 32
+"""Decoded bytes (model input and maps) of an automatic work unit, in MB."""
+UNIT_MIN, UNIT_MAX = 256, 8192
+"""Bounds of an automatic unit size, in tiles."""
 JOB_FORMAT = 3  # 2: attribution as fixed_size_list<float32>; 3: predictions/ + attributions/
 
 
@@ -36,8 +40,11 @@ class ScoreConfig:
     overlays: bool = False
     """Also write OUT/overlays/<tile id as a safe file name>.png: the tile with its map
     (needs attribution)."""
-    unit_size: int = 256
-    """Tiles per work unit (per journal file, before compaction); the unit of resumption."""
+    unit_size: int = 0
+    """Tiles per work unit (per journal file, before compaction); the unit of resumption.
+    0: automatic, as many tiles as UNIT_MB MB of decoded model input (and maps) hold,
+    between 256 and 8,192 (256 at 224 px; a unit's fixed costs, a task, a plan read and a
+    file, then weigh little per tile even for tiny tiles)."""
     file_rows: int = 250_000
     """Rows per file of ``predictions/`` (the last one smaller): 4 files a million tiles.
     The files are written at the end from the units' journal (breakhis.score.tables)."""
@@ -56,8 +63,10 @@ class ScoreConfig:
     prob_malignant is the sum of its four malignant classes' probabilities."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.unit_size, int) and self.unit_size >= 1):
-            raise ValueError(f"--unit-size must be an integer >= 1, got {self.unit_size!r}")
+        if not (isinstance(self.unit_size, int) and self.unit_size >= 0):
+            raise ValueError(
+                f"--unit-size must be an integer >= 0 (0: automatic), got {self.unit_size!r}"
+            )
         for option, value in (("--file-rows", self.file_rows), ("--map-file-mb", self.map_file_mb)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
@@ -88,6 +97,15 @@ class ScoreConfig:
                 f"--out {self.out}: {blocker} is a file; give a folder (or an s3:// "
                 "prefix) for the scores"
             )
+
+    def unit_size_for(self, card: ModelCard) -> int:
+        """The tiles per unit applied: ``unit_size`` when given, else as many as UNIT_MB MB
+        of the model's decoded input (and of the maps, with a method) hold, in 256..8192."""
+        if self.unit_size:
+            return self.unit_size
+        height, width = card.tile_geometry.eval_hw
+        per_tile = height * width * 3 + (4 * self.predict.map_size**2 if self.predict.method else 0)
+        return int(min(UNIT_MAX, max(UNIT_MIN, UNIT_MB * 2**20 // per_tile)))
 
     def threshold_for(self, card: ModelCard) -> float:
         """The threshold applied: ``predict.threshold`` when given, else the model's own."""
@@ -127,7 +145,7 @@ class ScoreConfig:
             "threshold": self.threshold_for(card),
             "patient_rule": self.patient_rule,
             "overlays": self.overlays,
-            "unit_size": self.unit_size,
+            "unit_size": self.unit_size_for(card),
             "ig_steps": predict.ig_steps if method == "integrated_gradients" else None,
             "occlusion_window": predict.occlusion_window if method == "occlusion" else None,
             "lime_samples": predict.lime_samples if method == "lime" else None,

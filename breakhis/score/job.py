@@ -221,8 +221,12 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
         "--threshold" if config.predict.threshold is not None else "the model's",
         card.temperature,
     )
-    # The threshold as applied from here on (the model's own unless one was given).
-    config = replace(config, predict=replace(config.predict, threshold=config.threshold_for(card)))
+    # The threshold and unit size as applied from here on.
+    config = replace(
+        config,
+        unit_size=config.unit_size_for(card),
+        predict=replace(config.predict, threshold=config.threshold_for(card)),
+    )
     token = new_token()
     claim_output(config.out, record, token)
     try:
