@@ -512,6 +512,14 @@ def test_evaluation_of_a_saved_model_end_to_end(prepared: str, tmp_path: Path) -
     assert len(result.wrong) == int((~headline["correct"]).sum())
     assert all(e.overlay_png is not None and not e.correct for e in result.wrong)
     assert 0 < len(result.correct) <= 4
+    # One map scale for the report, a panel per headline patient with its call.
+    assert result.map_scale is not None and result.map_scale > 0
+    assert [p.patient_id for p in result.patients] == sorted(set(headline["patient_id"]))
+    for panel in result.patients:
+        probs = [e.prob_malignant for e in panel.examples]
+        assert probs == sorted(probs, reverse=True) and 0 < len(probs) <= 8
+        assert panel.call in (0, 1) and panel.label in (0, 1)
+    assert len(list((out / "patients").glob("*.png"))) == len(result.patients)
 
     # The report: every file, and numbers equal to the result's.
     metrics = json.loads((out / "metrics.json").read_text())
