@@ -66,6 +66,12 @@ def test_train_benchmark(tmp_path: Path) -> None:
     assert figures["train_images"] > 0 and figures["gpus"] == 0
     assert len(figures["job_epoch_s"]) == len(figures["loop_epoch_s"]) == 2
     assert _positive(*figures["job_epoch_s"], *figures["loop_epoch_s"], figures["job_wall_s"])
+    # The epoch splits into the first batch's wait, later waits and the steps' own time.
+    for side in ("job", "loop"):
+        first, waits = figures[f"{side}_first_batch_s"], figures[f"{side}_wait_s"]
+        assert len(first) == len(waits) == 2 and min(first + waits) >= 0
+        assert all(f + w <= e for f, w, e in zip(first, waits, figures[f"{side}_epoch_s"]))
+    assert figures["job_first_batch_s"][1] > 0
 
 
 def test_tune_benchmark(tmp_path: Path) -> None:

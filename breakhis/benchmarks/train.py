@@ -34,12 +34,16 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from breakhis.benchmarks.harness import device_name, prepared_data, save_result, start_local_ray
 from breakhis.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from breakhis.train.epoch import EpochStats
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,12 @@ class TrainBenchmarkResult:
     """The job's whole epoch (training, validation, checkpoint), seconds."""
     loop_epoch_s: list[float] = field(default_factory=list)
     """The plain loop's epochs, seconds."""
+    job_first_batch_s: list[float] = field(default_factory=list)
+    """The job's wait for the first batch of each epoch (the iterator's start), seconds."""
+    job_wait_s: list[float] = field(default_factory=list)
+    """The job's waits for every later batch of each epoch (input stalls), seconds."""
+    loop_first_batch_s: list[float] = field(default_factory=list)
+    loop_wait_s: list[float] = field(default_factory=list)
     job_wall_s: float = 0.0
     """Wall time of run_training."""
     worker_threads: int = 0
@@ -131,6 +141,15 @@ class TrainBenchmarkResult:
     def ratio(self) -> float:
         """Job / plain loop epoch time (target <= 1.15 on CPU)."""
         return self.job_epoch / self.loop_epoch
+
+    def split(self, side: str) -> tuple[float, float, float]:
+        """Median (first batch, waits for later batches, steps) seconds of an epoch of
+        ``side`` (``job`` or ``loop``), warm-up left out: the epoch is their sum."""
+        epochs = getattr(self, f"{side}_epoch_s")[1:]
+        first = getattr(self, f"{side}_first_batch_s")[1:] or [0.0] * len(epochs)
+        waits = getattr(self, f"{side}_wait_s")[1:] or [0.0] * len(epochs)
+        steps = [e - f - w for e, f, w in zip(epochs, first, waits, strict=True)]
+        return statistics.median(first), statistics.median(waits), statistics.median(steps)
 
     @property
     def startup_s(self) -> float:
@@ -164,6 +183,16 @@ class TrainBenchmarkResult:
             f"| job: Ray Train ({c['num_workers']} worker(s)) + Ray Data | {self.job_epoch:.2f} "
             f"| {self.job_images_per_s_per_worker:.1f} per {unit} |",
             "",
+            "| epoch split, s (median) | first batch | waits for later batches | steps |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {label} | {first:.3f} | {waits:.3f} | {steps:.3f} |"
+                for label, (first, waits, steps) in (
+                    ("plain loop", self.split("loop")),
+                    ("job", self.split("job")),
+                )
+            ),
+            "",
             f"Job / loop epoch time: {self.ratio:.3f} (target <= 1.15). "
             f"Fixed start-up cost of the job (not in the epochs): {self.startup_s:.1f} s "
             f"of {self.job_wall_s:.1f} s wall. Whole job epoch with validation and checkpoint: "
@@ -186,14 +215,17 @@ class TrainBenchmarkResult:
             startup_s=self.startup_s,
             job_images_per_s_per_worker=self.job_images_per_s_per_worker,
             loop_images_per_s=self.loop_images_per_s,
+            job_split=self.split("job"),
+            loop_split=self.split("loop"),
         )
         return out
 
 
 def _plain_loop(
     images: np.ndarray, labels: np.ndarray, config: dict, class_weights: tuple[float, float]
-) -> list[float]:
-    """Train the same model in this process on in-memory tensors; seconds per epoch."""
+) -> list[EpochStats]:
+    """Train the same model in this process on in-memory tensors; each epoch's stats
+    (``seconds`` is the epoch's wall time, with the device synchronised)."""
     import torch
 
     from breakhis.model.networks import build_model, split_parameters
@@ -221,7 +253,7 @@ def _plain_loop(
     if on_gpu:
         x, y = x.pin_memory(), y.pin_memory()
     generator = torch.Generator().manual_seed(config["seed"])
-    seconds: list[float] = []
+    epochs: list[EpochStats] = []
     for epoch in range(config["epochs"]):
         order = torch.randperm(len(y), generator=generator)
         picks = [order[i * batch : (i + 1) * batch] for i in range(steps)]
@@ -240,9 +272,11 @@ def _plain_loop(
         )
         if on_gpu:
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-        log.info("plain loop epoch %d: %.2f s, loss %.4f", epoch + 1, seconds[-1], stats.loss)
-    return seconds
+        epochs.append(replace(stats, seconds=time.perf_counter() - started))
+        log.info(
+            "plain loop epoch %d: %.2f s, loss %.4f", epoch + 1, epochs[-1].seconds, stats.loss
+        )
+    return epochs
 
 
 def _train_config(config: dict, *, data: str, storage: str, name: str = "bench") -> TrainConfig:
@@ -323,7 +357,11 @@ def run_train_benchmark(config: TrainBenchmarkConfig) -> TrainBenchmarkResult:
         train_images=int(history[0]["train_images"]),
         job_epoch_s=[float(r["train_seconds"]) for r in history],
         job_full_epoch_s=[float(r["epoch_seconds"]) for r in history],
-        loop_epoch_s=loop,
+        loop_epoch_s=[s.seconds for s in loop],
+        job_first_batch_s=[float(r.get("train_first_batch_s", 0.0)) for r in history],
+        job_wait_s=[float(r.get("train_wait_s", 0.0)) for r in history],
+        loop_first_batch_s=[s.first_batch_s for s in loop],
+        loop_wait_s=[s.wait_s for s in loop],
         job_wall_s=wall,
         worker_threads=int(history[0].get("torch_threads", 0)),
     )

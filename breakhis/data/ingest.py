@@ -93,7 +93,7 @@ from breakhis.data.tiles import (  # noqa: F401 - decode_tiles: importers use it
     new_ledger,
     read_tiles,
 )
-from breakhis.data.transforms import TrainTransform
+from breakhis.data.transforms import TrainTransform, param_columns
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ def augment_tiles(
     copies_per_label: tuple[int, int] = (1, 1),
     shuffle: bool = True,
     epoch: int | None = None,
+    on_device: bool = False,
 ) -> dict[str, np.ndarray]:
     """Oversample and augment one batch of decoded training tiles.
 
@@ -193,7 +194,11 @@ def augment_tiles(
     augmented with its own draws for this epoch; with ``shuffle`` the rows
     come out in a random order fixed by the seed, epoch and tiles. ``epoch``
     overrides the execution counter (for use outside Ray Data). Returns a new
-    batch with the same columns.
+    batch with the same columns, and ``key``.
+
+    ``on_device`` draws the same parameters but leaves the pixels to the training
+    device (breakhis.data.device_augment): ``image`` stays the canonical tile, and the
+    columns AUG_GEOMETRY and (colour on) AUG_COLOUR carry each row's draws.
     """
     if epoch is None:
         epoch = current_epoch(first_execution)
@@ -210,16 +215,24 @@ def augment_tiles(
         index, copies = index[order], copies[order]
     ids = [str(tile_ids[i]) for i in index]
     images = batch["image"]
+    rest = {name: np.asarray(values)[index] for name, values in batch.items() if name != "image"}
+    keys = np.asarray([row_key(t, int(c)) for t, c in zip(ids, copies, strict=True)], np.int64)
+    if on_device:
+        size, width = images.shape[2], images.shape[3]
+        params = transform.draw(ids, epoch=epoch, copies=copies, image_size=size, width=width)
+        same = len(index) == len(images) and bool((index == np.arange(len(index))).all())
+        return {
+            "image": images if same else images[index],
+            **rest,
+            "key": keys,
+            **param_columns(params, colour=transform.changes_colour),
+        }
     # Canonical (3, S, W) tiles in, S x S training tiles out.
     out = np.empty((len(index), images.shape[1], images.shape[2], images.shape[2]), np.uint8)
     for start in range(0, len(index), _AUGMENT_CHUNK):
         part = slice(start, start + _AUGMENT_CHUNK)
         out[part] = transform(images[index[part]], ids[part], epoch=epoch, copies=copies[part])
-    return {
-        "image": out,
-        **{name: np.asarray(values)[index] for name, values in batch.items() if name != "image"},
-        "key": np.asarray([row_key(t, int(c)) for t, c in zip(ids, copies, strict=True)], np.int64),
-    }
+    return {"image": out, **rest, "key": keys}
 
 
 def row_key(tile_id: str, copy: int = 0) -> int:
@@ -285,12 +298,15 @@ def augmented_tiles(
     *,
     copies_per_label: tuple[int, int] = (1, 1),
     randomize_blocks: bool = False,
+    on_device: bool = False,
 ) -> Dataset:
     """The training view of decoded ``tiles``: oversampled and augmented anew each epoch.
 
     ``randomize_blocks`` also changes the block order every epoch (for a cached
     input; on a streaming one it would wait for every block). Call it after
     the last build-time execution of ``tiles``: that execution count is epoch 0.
+    ``on_device``: the rows carry canonical tiles and their draws, and the training
+    device augments (augment_tiles).
     """
     if randomize_blocks:
         tiles = tiles.randomize_block_order(
@@ -307,6 +323,7 @@ def augmented_tiles(
             "first_execution": execution_index(tiles.context),
             "copies_per_label": copies_per_label,
             "shuffle": config.shuffle,
+            "on_device": on_device,
         },
     )
 
@@ -410,6 +427,7 @@ def build_datasets(
     *,
     sides: tuple[str, ...] = SIDES,
     patients: SplitPatients | None = None,
+    augment_on_device: bool = False,
 ) -> IngestData:
     """Build the Ray Datasets of one split of a prepared DEST: those of ``sides`` (a
     training run asks for train and val only, so the test tiles are never decoded).
@@ -417,7 +435,9 @@ def build_datasets(
     With ``config.cache`` this decodes every tile of those sides now (on the current Ray
     cluster) and keeps them in the object store; otherwise it only plans the pipeline.
     ``patients`` is the split the caller selected from ``dest`` already (with the leakage
-    check), so the training path plans once. Returns IngestData.
+    check), so the training path plans once.
+    ``augment_on_device``: the training rows carry canonical tiles and their augmentation
+    draws for the training device to apply (breakhis.data.device_augment). Returns IngestData.
     Raises FileNotFoundError when DEST has no shards, ValueError for a split
     the manifest lacks, an unknown side or a training side without images (e.g. at this
     magnification), and LeakageError when a patient is on two sides.
@@ -461,6 +481,7 @@ def build_datasets(
             config,
             copies_per_label=factor,
             randomize_blocks=config.cache and config.shuffle,
+            on_device=augment_on_device,
         )
     log.info(
         "ingest %s from %s: train %d (benign %d x%d, malignant %d x%d), %s; cache %s",

@@ -162,8 +162,8 @@ def random_params(
         shift_y = shift_x = 0
         crop_x = int(rng.integers(0, width - image_size + 1))
     else:
-        max_shift = int(round(strength * image_size * _SHIFT_FRACTION))
-        shift_y, shift_x = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+        most = max_shift(strength, image_size)
+        shift_y, shift_x = (int(v) for v in rng.integers(-most, most + 1, size=2))
         crop_x = 0
     hflip, vflip = (bool(v) for v in rng.integers(0, 2, size=2))
     rot90 = int(rng.integers(0, 4))
@@ -208,31 +208,75 @@ def apply_geometry(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     return out
 
 
-def apply_colour(images: np.ndarray, params: Sequence[AugmentParams]) -> np.ndarray:
-    """Stain, brightness and contrast jitter of a uint8 (N, 3, H, W) batch, one
-    AugmentParams per image. Returns a new uint8 array of the same shape."""
-    n, channels, height, width = images.shape
+def colour_terms(
+    params: Sequence[AugmentParams],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The colour jitter of each tile as numbers: float32 ``(mixes (N, 3, 3), offsets
+    (N, 3, 1), brightness (N,), contrast (N,))``, what ``apply_colour`` applies (and the
+    training device does from the ``aug_colour`` column, breakhis.data.device_augment)."""
+    n = len(params)
     # Stain jitter is linear in optical density: OD' = OD @ (HED^-1 diag(a) HED) + b @ HED.
     mixes = np.empty((n, 3, 3), dtype=np.float32)
     offsets = np.empty((n, 3, 1), dtype=np.float32)
     for i, p in enumerate(params):
         mixes[i] = (_HED_FROM_RGB @ np.diag(p.stain_scale) @ _RGB_FROM_HED).T
         offsets[i, :, 0] = np.asarray(p.stain_shift) @ _RGB_FROM_HED
+    brightness = np.array([p.brightness for p in params], dtype=np.float32)
+    contrast = np.array([p.contrast for p in params], dtype=np.float32)
+    return mixes, offsets, brightness, contrast
+
+
+def apply_colour(images: np.ndarray, params: Sequence[AugmentParams]) -> np.ndarray:
+    """Stain, brightness and contrast jitter of a uint8 (N, 3, H, W) batch, one
+    AugmentParams per image. Returns a new uint8 array of the same shape."""
+    n, channels, height, width = images.shape
+    mixes, offsets, brightness, contrast = colour_terms(params)
     density = _OD_TABLE[images.reshape(n, channels, height * width)]
     density = np.matmul(mixes, density)
     density += offsets
     pixels = np.exp(-density, out=density)
     pixels *= 256.0
     pixels -= 1.0
-    brightness = np.array([p.brightness for p in params], dtype=np.float32)[:, None, None]
-    contrast = np.array([p.contrast for p in params], dtype=np.float32)[:, None, None]
     mean = pixels.mean(axis=(1, 2), keepdims=True)
     pixels -= mean
-    pixels *= contrast
+    pixels *= contrast[:, None, None]
     pixels += mean
-    pixels *= brightness
+    pixels *= brightness[:, None, None]
     np.clip(pixels, 0.0, 255.0, out=pixels)
     return np.rint(pixels).astype(np.uint8).reshape(n, channels, height, width)
+
+
+AUG_GEOMETRY = "aug_geometry"
+"""Column of a training row augmented on the device: int32 (6,) crop_x, shift_y, shift_x,
+hflip, vflip, rot90 (AugmentParams' geometric draws)."""
+AUG_COLOUR = "aug_colour"
+"""Column of a training row augmented on the device, when colours change: float32 (14,)
+the stain mix (3 x 3, row-major), the stain offset (3), brightness and contrast
+(``colour_terms``)."""
+
+
+def param_columns(params: Sequence[AugmentParams], *, colour: bool) -> dict[str, np.ndarray]:
+    """The AugmentParams of a batch as the numeric columns AUG_GEOMETRY and, with
+    ``colour``, AUG_COLOUR: what the training device needs to apply them (torch has no
+    Python objects)."""
+    geometry = np.array(
+        [[p.crop_x, p.shift_y, p.shift_x, p.hflip, p.vflip, p.rot90] for p in params],
+        dtype=np.int32,
+    ).reshape(len(params), 6)
+    if not colour:
+        return {AUG_GEOMETRY: geometry}
+    mixes, offsets, brightness, contrast = colour_terms(params)
+    n = len(params)
+    terms = np.concatenate(
+        [mixes.reshape(n, 9), offsets.reshape(n, 3), brightness[:, None], contrast[:, None]],
+        axis=1,
+    )
+    return {AUG_GEOMETRY: geometry, AUG_COLOUR: terms}
+
+
+def max_shift(strength: float, image_size: int) -> int:
+    """The largest translation (pixels, each way) of the square geometry at ``strength``."""
+    return int(round(strength * image_size * _SHIFT_FRACTION)) if strength > 0 else 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +313,27 @@ class TrainTransform:
             rng, strength=self.strength, image_size=image_size, width=width, colour=self.colour
         )
 
+    @property
+    def changes_colour(self) -> bool:
+        """Whether these draws change colours (colour on, strength > 0)."""
+        return self.colour and self.strength > 0
+
+    def draw(
+        self,
+        tile_ids: Sequence[str],
+        *,
+        epoch: int,
+        copies: Sequence[int] | None = None,
+        image_size: int,
+        width: int | None = None,
+    ) -> list[AugmentParams]:
+        """The AugmentParams of each tile (``copies``: each one's copy number, default 0)."""
+        copies = [0] * len(tile_ids) if copies is None else copies
+        return [
+            self.params(t, epoch=epoch, copy=int(c), image_size=image_size, width=width)
+            for t, c in zip(tile_ids, copies, strict=True)
+        ]
+
     def __call__(
         self,
         images: np.ndarray,
@@ -287,12 +352,8 @@ class TrainTransform:
             raise ValueError(f"expected uint8 (N, 3, S, W >= S) tiles, got shape {images.shape}")
         if len(tile_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(tile_ids)} tile ids")
-        copies = [0] * len(images) if copies is None else copies
         size, width = images.shape[2], images.shape[3]
-        params = [
-            self.params(t, epoch=epoch, copy=int(c), image_size=size, width=width)
-            for t, c in zip(tile_ids, copies, strict=True)
-        ]
+        params = self.draw(tile_ids, epoch=epoch, copies=copies, image_size=size, width=width)
         moved = np.empty((len(images), 3, size, size), dtype=np.uint8)
         for i, (image, p) in enumerate(zip(images, params, strict=True)):
             moved[i] = apply_geometry(image, p)

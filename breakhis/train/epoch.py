@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,12 @@ class EpochStats:
     images: int
     steps: int
     seconds: float
+    first_batch_s: float = 0.0
+    """Seconds from the start of the pass until the first batch was in hand (the iterator's
+    start-up: a per-epoch cost)."""
+    wait_s: float = 0.0
+    """Seconds blocked on the iterator for every later batch (steady-state input stalls);
+    the rest of ``seconds`` is the steps' own (user) time."""
 
     @property
     def images_per_s(self) -> float:
@@ -135,9 +142,15 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     trace: list[dict[str, Any]] | None = None,
+    augment: Callable[[Mapping[str, torch.Tensor], torch.device], torch.Tensor] | None = None,
+    recent: deque[torch.Tensor] | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` (``image``: uint8 NCHW, ``label``: int64), one optimizer
     and scheduler step per batch. The caller puts ``model`` in train mode.
+
+    ``augment`` (breakhis.data.device_augment.DeviceAugment) makes each batch's training tiles
+    on ``device`` from its canonical tiles and draws; ``recent`` keeps the uint8 training
+    tiles of the last steps (BatchNorm recalibration).
 
     ``trace``, when given, gets one dict per step: the batch's ``key`` column (the tiles'
     row keys, breakhis.data.ingest.row_key), its labels, the loss and every parameter group's
@@ -149,8 +162,12 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     images = steps = 0
     started = time.perf_counter()
-    for batch in batches:
-        x = prepare_images(batch["image"], device, channels_last)
+    waits = _TimedIterator(batches)
+    for batch in waits:
+        tiles = augment(batch, device) if augment is not None else batch["image"]
+        if recent is not None and recent.maxlen:
+            recent.append(tiles)
+        x = prepare_images(tiles, device, channels_last)
         y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             logits = model(x)
@@ -175,7 +192,40 @@ def train_one_epoch(
     seconds = time.perf_counter() - started
     if not math.isfinite(total):
         raise FloatingPointError(f"training loss is {total} after {steps} steps; lower --lr")
-    return EpochStats(loss=total / max(images, 1), images=images, steps=steps, seconds=seconds)
+    return EpochStats(
+        loss=total / max(images, 1),
+        images=images,
+        steps=steps,
+        seconds=seconds,
+        first_batch_s=waits.first_s,
+        wait_s=waits.later_s,
+    )
+
+
+class _TimedIterator:
+    """Iterate ``batches`` and time each wait for the next one: the first apart (the
+    iterator's start-up), the later ones summed (input stalls of the steady state)."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = iter(batches)
+        self.first_s = 0.0
+        self.later_s = 0.0
+        self._count = 0
+
+    def __iter__(self) -> _TimedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        started = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            waited = time.perf_counter() - started
+            if self._count == 0:
+                self.first_s = waited
+            else:
+                self.later_s += waited
+            self._count += 1
 
 
 @torch.inference_mode()

@@ -227,6 +227,7 @@ def plan_run(
     the training ones); no epoch is validated.
     """
     from breakhis.data.ingest import build_datasets
+    from breakhis.data.transforms import AUG_COLOUR, AUG_GEOMETRY, TrainTransform
 
     validate = config.validates if validate is None else validate
     data = plan_data(config, validate=validate) if data is None else data
@@ -252,6 +253,8 @@ def plan_run(
         # The trainer never sees the test patients: their tiles are not decoded.
         sides=("train", "val") if validate else ("train",),
         patients=data.patients,
+        # The workers crop, flip, turn and jitter the canonical tiles on their device.
+        augment_on_device=True,
     )
     if validate and ("val" not in ingest.datasets or ingest.num_rows.get("val", 0) == 0):
         raise ValueError(
@@ -259,7 +262,12 @@ def plan_run(
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
-    datasets = {"train": ingest.datasets["train"].select_columns(["image", "label", "key"])}
+    train_columns = ["image", "label", "key", AUG_GEOMETRY]
+    if TrainTransform(
+        strength=config.augment_strength, colour=config.colour_augment
+    ).changes_colour:
+        train_columns.append(AUG_COLOUR)
+    datasets = {"train": ingest.datasets["train"].select_columns(train_columns)}
     if validate:
         datasets["val"] = ingest.datasets["val"].select_columns(["image", "label", "patient_id"])
     weights = [float(w) for w in ingest.class_weights]

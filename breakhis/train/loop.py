@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from breakhis import storage
+from breakhis.data.device_augment import DeviceAugment
+from breakhis.data.transforms import max_shift
 from breakhis.model.networks import (
     build_model,
     recompute_batchnorm_stats,
@@ -105,16 +107,6 @@ def validate_epoch(
         "val_threshold": threshold,
         "val_decision_fitted": float(fitted),
     }
-
-
-def _remember_images(
-    batches: Iterable[Mapping[str, torch.Tensor]], recent: deque[torch.Tensor]
-) -> Iterator[Mapping[str, torch.Tensor]]:
-    """Yield ``batches`` unchanged, keeping the images of the last ones in ``recent``."""
-    for batch in batches:
-        if recent.maxlen:
-            recent.append(batch["image"])
-        yield batch
 
 
 def recalibrate_batchnorm(
@@ -247,6 +239,8 @@ def _epoch_row(
         "backbone_frozen": float(frozen),
         "train_images": images,
         "train_seconds": max(s.seconds for s in all_stats),
+        "train_first_batch_s": max(s.first_batch_s for s in all_stats),
+        "train_wait_s": max(s.wait_s for s in all_stats),
         "train_images_per_s": sum(s.images_per_s for s in all_stats),
         "train_images_per_s_per_worker": sum(s.images_per_s for s in all_stats) / len(all_stats),
         "epoch_seconds": seconds,
@@ -308,6 +302,8 @@ class _Worker:
     start_epoch: int
     shuffle_buffer: int = 0
     """Rows of the local shuffle buffer the training batches come through; 0: none."""
+    augment: DeviceAugment | None = None
+    """Makes the training tiles of a batch on the device from its canonical tiles and draws."""
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """What _save_checkpoint writes after ``epoch``."""
@@ -363,6 +359,30 @@ def _setup(config: dict[str, Any]) -> _Worker:
         history=history,
         start_epoch=start_epoch,
         shuffle_buffer=int(config.get("shuffle_buffer") or 0),
+        augment=DeviceAugment(
+            size=cfg.image_size,
+            max_shift=max_shift(cfg.augment_strength, cfg.image_size)
+            if cfg.geometry == "square"
+            else 0,
+        ),
+    )
+
+
+def training_batches(
+    shard: ray.data.DataIterator, *, batch_size: int, shuffle_buffer: int, seed: int, epoch: int
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The torch batches of one epoch of a worker's training ``shard``, as the job takes them
+    (the ceiling benchmark iterates the same): full batches only, two prefetched, through a
+    local shuffle buffer of ``shuffle_buffer`` rows (0: none) seeded by ``seed`` and
+    ``epoch``."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=2,
+        drop_last=True,
+        # A read block (streaming) holds a few patients, a cached block is a fixed part of
+        # the data: the buffer mixes many blocks in each batch, seeded anew each epoch.
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=(seed * 100_003 + epoch) if shuffle_buffer else None,
     )
 
 
@@ -381,19 +401,17 @@ def _run_epoch(
     train_shard, val_shard = shards
     set_train_mode(net, cfg.arch, backbone_frozen=frozen)
     recent: deque[torch.Tensor] = deque(maxlen=cfg.bn_recalibration_batches)
-    batches = train_shard.iter_torch_batches(
+    batches = training_batches(
+        train_shard,
         batch_size=cfg.batch_size,
-        prefetch_batches=2,
-        drop_last=True,
-        # A read block (streaming) holds a few patients, a cached block is a fixed part of
-        # the data: the buffer mixes many blocks in each batch, seeded anew each epoch.
-        local_shuffle_buffer_size=w.shuffle_buffer or None,
-        local_shuffle_seed=(cfg.seed * 100_003 + epoch) if w.shuffle_buffer else None,
+        shuffle_buffer=w.shuffle_buffer,
+        seed=cfg.seed,
+        epoch=epoch,
     )
     trace: list[dict[str, Any]] | None = [] if cfg.trace_dir else None
     stats = train_one_epoch(
         model,
-        _remember_images(batches, recent),
+        batches,
         optimizer=w.optimizer,
         scheduler=w.scheduler,
         loss_fn=w.loss_fn,
@@ -401,6 +419,8 @@ def _run_epoch(
         amp_dtype=w.amp_dtype,
         channels_last=w.channels_last,
         trace=trace,
+        augment=w.augment,
+        recent=recent,
     )
     if trace is not None:
         name = f"epoch_{epoch:04d}_rank_{w.rank}.json"
