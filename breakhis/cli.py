@@ -7,7 +7,7 @@
     breakhis score --model URI --input URI --out URI [--attribution gradcam]
     breakhis evaluate --model URI --data DEST [--fold K] --out DIR
     breakhis protocol --data DEST --storage URI --name NAME [--magnifications ...]
-    breakhis benchmark {ingest,train,tune,score,gpu,accuracy}
+    breakhis benchmark {ingest,train,tune,score,ceiling,gpu,accuracy}
     breakhis export --model URI --format torchscript|onnx [--out DIR]
     breakhis demo [--data SRC] [--workdir DIR]
 
@@ -313,6 +313,11 @@ _BENCHMARKS: dict[str, tuple[str, str]] = {
     "score": (
         "breakhis.benchmarks.score:ScoreBenchmarkConfig",
         "scoring job tiles/s vs a plain PyTorch loop, and peak memory vs input size",
+    ),
+    "ceiling": (
+        "breakhis.benchmarks.ceiling:CeilingBenchmarkConfig",
+        "host-side ceiling: training iterator and predictor images/s into a step that does "
+        "nothing, vs an in-memory indexer",
     ),
     "gpu": (
         "breakhis.benchmarks.gpu:GpuBenchmarkConfig",

@@ -491,8 +491,8 @@ def test_the_cache_is_chosen_from_the_data_size_and_streaming_mixes_patients(
         PreparedDest.open(dest), SPLIT, IngestConfig(image_size=SIZE), sides=("train",)
     )
     assert auto.config.cache is True  # 78 tiny tiles fit
-    # The cached blocks are fixed: the buffer mixes them in every batch, anew each epoch.
-    assert auto.shuffle_buffer == shuffle_buffer_rows(SIZE)
+    # Cached: each epoch's pools mix the cache's blocks, no local buffer.
+    assert auto.shuffle_buffer == 0
     assert auto.decode_stats().decoded == auto.num_rows["train"]
 
     streaming = build_datasets(

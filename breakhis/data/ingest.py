@@ -84,6 +84,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.dataset import MaterializedDataset
 
 from breakhis.data.dest import PreparedDest
+from breakhis.data.geometry import TileGeometry
 from breakhis.data.ingest_config import IngestConfig
 from breakhis.data.pixels import pixels_uri
 from breakhis.data.splits import SplitPatients, SplitSpec
@@ -104,7 +105,11 @@ CACHE_FRACTION = 0.4
 """Automatic cache: on when the decoded tiles take at most this share of the object store
 (the global shuffle holds two copies for a moment, and streaming blocks need room)."""
 SHUFFLE_BUFFER_BYTES = 256 * 1024**2
-"""Bytes of the local shuffle buffer of a streaming (uncached) train dataset, per reader."""
+"""Bytes of the local shuffle buffer of a streaming (uncached) train dataset, per reader,
+and of the per-epoch mixing pool of a cached one (mix_rows)."""
+CACHE_BLOCK_BYTES = 16 * 1024**2
+"""Most bytes of a block of the training cache: the per-epoch mixing pools are drawn from
+blocks this small (mix_rows)."""
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,10 @@ class IngestData:
     config: the IngestConfig used, its ``cache`` resolved to True or False.
     shuffle_buffer: rows of the local shuffle buffer to iterate the train dataset with
         (``iter_torch_batches(local_shuffle_buffer_size=..., local_shuffle_seed=...)``,
-        seeded by the run's seed and the epoch): streaming, a read block holds a few
-        patients; cached, the blocks are fixed partitions of the globally shuffled tiles;
-        either way the buffer mixes many blocks in each batch, anew each epoch. 0 when
-        not shuffling.
+        seeded by the run's seed and the epoch) when streaming: a read block holds a few
+        patients, and the buffer mixes many blocks in each batch, anew each epoch. 0 when
+        cached (each epoch's pools mix the cache's blocks: augmented_tiles) or not
+        shuffling.
     """
 
     datasets: dict[str, Dataset]
@@ -287,7 +292,9 @@ def cache_tiles(tiles: Dataset, *, shuffle_seed: int | None = None) -> Materiali
     # run in the shuffle's map tasks, one per input block (a single task for one shard,
     # measured 3x slower on 2 cores); and the shuffle alone leaves min_parallelism (200)
     # tiny blocks, whose per-task cost then dominates every epoch.
-    blocks = max(decoded.num_blocks(), int(ray.cluster_resources().get("CPU", 1)))
+    # Small blocks: each epoch's mixing pools are random sets of them (augmented_tiles).
+    small = -(-decoded.size_bytes() // CACHE_BLOCK_BYTES)
+    blocks = max(decoded.num_blocks(), int(ray.cluster_resources().get("CPU", 1)), small)
     shuffled = decoded.random_shuffle(seed=shuffle_seed).repartition(blocks)
     return shuffled.materialize()
 
@@ -302,9 +309,12 @@ def augmented_tiles(
 ) -> Dataset:
     """The training view of decoded ``tiles``: oversampled and augmented anew each epoch.
 
-    ``randomize_blocks`` also changes the block order every epoch (for a cached
-    input; on a streaming one it would wait for every block). Call it after
-    the last build-time execution of ``tiles``: that execution count is epoch 0.
+    ``randomize_blocks`` (a cached input; on a streaming one it would wait for every
+    block) changes the block order every epoch and augments pools of mix_rows rows: a
+    pool is a new random set of the cache's small blocks each epoch, shuffled within, and
+    comes out as one block, so that the batches of an epoch are slices of it, mixed across
+    the data without a local shuffle buffer. Call it after the last build-time execution
+    of ``tiles``: that execution count is epoch 0.
     ``on_device``: the rows carry canonical tiles and their draws, and the training
     device augments (augment_tiles).
     """
@@ -315,7 +325,8 @@ def augmented_tiles(
     return tiles.map_batches(
         augment_tiles,
         batch_format="numpy",
-        batch_size=None,  # whole blocks: the in-block shuffle mixes as many tiles as it can
+        # Streaming: whole read blocks (the in-block shuffle mixes as many tiles as it can).
+        batch_size=mix_rows(config.tile_geometry) if randomize_blocks else None,
         fn_kwargs={
             "transform": TrainTransform(
                 strength=config.augment_strength, seed=config.seed, colour=config.colour_augment
@@ -326,6 +337,13 @@ def augmented_tiles(
             "on_device": on_device,
         },
     )
+
+
+def mix_rows(geometry: TileGeometry) -> int:
+    """Rows of a cached epoch's mixing pool: SHUFFLE_BUFFER_BYTES of canonical tiles (what
+    the streaming path's local shuffle buffer holds), at least 1,024."""
+    height, width = geometry.canonical_hw
+    return max(1024, SHUFFLE_BUFFER_BYTES // (3 * height * width))
 
 
 def choose_cache(decoded_bytes: int, object_store_bytes: float) -> bool:
@@ -496,7 +514,9 @@ def build_datasets(
         "on" if config.cache else "off",
     )
     return IngestData(
-        shuffle_buffer=shuffle_buffer_rows(config.image_size) if config.shuffle else 0,
+        shuffle_buffer=(
+            shuffle_buffer_rows(config.image_size) if config.shuffle and not config.cache else 0
+        ),
         datasets=datasets,
         class_counts=counts,
         class_weights=class_weights(seen),
