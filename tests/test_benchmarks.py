@@ -70,8 +70,35 @@ def test_train_benchmark(tmp_path: Path) -> None:
     for side in ("job", "loop"):
         first, waits = figures[f"{side}_first_batch_s"], figures[f"{side}_wait_s"]
         assert len(first) == len(waits) == 2 and min(first + waits) >= 0
-        assert all(f + w <= e for f, w, e in zip(first, waits, figures[f"{side}_epoch_s"]))
+        assert all(
+            f + w <= e for f, w, e in zip(first, waits, figures[f"{side}_epoch_s"], strict=True)
+        )
     assert figures["job_first_batch_s"][1] > 0
+
+
+def test_ceiling_benchmark(tmp_path: Path) -> None:
+    figures = _benchmark(
+        "ceiling", tmp_path, "--image-size", "32", "--batch-size", "16", "--tiles", "96",
+        "--epochs", "2", "--predictor-tiles", "2",
+    )  # fmt: skip
+    # The iterator hands every full batch of the epoch, as many as the indexer.
+    assert figures["images_per_epoch"] == 96
+    assert len(figures["iterator_epoch_s"]) == len(figures["indexer_epoch_s"]) == 2
+    assert _positive(figures["iterator_images_per_s"], figures["indexer_images_per_s"])
+    assert _positive(figures["augment_images_per_s"], *figures["predictor"].values())
+    assert len(figures["predictor"]) == 2
+
+
+def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """``make bench-gpu``'s script at a toy size on the CPU: every part it runs on a GPU
+    machine runs here, and the issue's table is printed."""
+    figures = _benchmark("gpu", tmp_path, "--dry-run", "--parts", "predictor,train")
+    assert figures["errors"] == {}, figures["errors"]
+    predictor, train = figures["parts"]["predictor"], figures["parts"]["train"]
+    assert _positive(*predictor.values()) and len(predictor) == 7
+    assert _positive(train["job_images_per_s_per_worker"], train["loop_images_per_s"])
+    table = (tmp_path / "benchmark-gpu.md").read_text()
+    assert "DRY RUN" in table and "| training, images/s" in table and "bare `model(x)`" in table
 
 
 def test_tune_benchmark(tmp_path: Path) -> None:

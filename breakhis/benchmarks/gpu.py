@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,9 @@ class GpuBenchmarkConfig:
     """Generated training data, as a fraction of BreakHis' 7,909 images."""
     train_epochs: int = 4
     """Epochs of each side of the training benchmark (the first is a warm-up)."""
+    dry_run: bool = False
+    """Run every part on the CPU at a toy size (smallcnn, 32 px, short timings) to check the
+    script here before a GPU machine runs it; the figures mean nothing."""
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -90,10 +93,47 @@ class GpuBenchmarkResult:
     errors: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def headline(self) -> str:
+        """Issue 27's table: the job against the same GPU without it, with the ratios."""
+        c = self.config
+        rows = [
+            f"| measure ({c['arch']}, {c['image_size']} px) | the job "
+            "| the same GPU without it | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        train = self.parts.get("train")
+        if train:
+            job, loop = train["job_images_per_s_per_worker"], train["loop_images_per_s"]
+            rows.append(
+                f"| training, images/s (1 GPU worker, cached) | {job:,.0f} "
+                f"| plain loop, tensors in memory: {loop:,.0f} | {job / loop:.2f}x |"
+            )
+        predictor = self.parts.get("predictor", {})
+        bare = predictor.get("bare model forward, bf16 + channels_last (ceiling)")
+        for label, name in (
+            ("predictions only, bf16", "predictions only, bf16 + channels_last"),
+            ("predictions only, bf16, 2 calls in flight",
+             "predictions only, bf16 + channels_last, 2 calls in flight"),
+        ):  # fmt: skip
+            if name in predictor and bare:
+                rows.append(
+                    f"| predictor, {label} | {predictor[name]:,.0f} tiles/s "
+                    f"| bare `model(x)`: {bare:,.0f} | {predictor[name] / bare:.2f}x |"
+                )
+        gradcam = predictor.get("Grad-CAM, bf16 + channels_last")
+        if gradcam:
+            rows.append(f"| predictor, Grad-CAM, bf16 | {gradcam:,.0f} | - | - |")
+        return "\n".join(rows)
+
     def format_table(self) -> str:
         """The headline figures as a Markdown table."""
         lines = [
-            f"GPU benchmark, {self.date}, {self.device}, {self.cpus} CPUs, torch {self.torch}",
+            f"GPU benchmark, {self.date}, {self.device}, {self.cpus} CPUs, torch {self.torch}"
+            + (" (DRY RUN on the CPU: the figures mean nothing)" if self.config["dry_run"] else ""),
+            "",
+            self.headline(),
+            "",
+            "Every figure:",
             "",
             "| measurement | figure |",
             "|---|---:|",
@@ -162,8 +202,9 @@ def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
     """Part 1 (module docstring): tiles/s of TilePredictor and of the bare model."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not config.dry_run:
         raise RuntimeError("the predictor part needs a CUDA GPU")
+    device = "cpu" if config.dry_run else "cuda"
     uri = _model_artifact(config)
     n, side = config.batch_size, config.image_size
     rng = np.random.default_rng(0)
@@ -177,14 +218,16 @@ def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
     rates: dict[str, float] = {}
     for amp in (True, False):
         for method in (None, "gradcam"):
-            predictor = _gpu_predictor(uri, method, amp)
+            predictor = _gpu_predictor(uri, method, amp, device)
             name = f"{'predictions only' if method is None else 'Grad-CAM'}, " + (
                 "bf16 + channels_last" if amp else "float32"
             )
             rates[name] = _rate(lambda p=predictor: p(batch), n, config.seconds)
             log.info("predictor %s: %.0f tiles/s", name, rates[name])
             del predictor
-    predictor = _gpu_predictor(uri, None, True)
+    predictor = _gpu_predictor(uri, None, True, device)
+    name = "predictions only, bf16 + channels_last, 2 calls in flight"
+    rates[name] = _rate(_in_flight(predictor, batch, 2), 2 * n, config.seconds)
     predictor.pin_memory = False
     name = "predictions only, bf16 + channels_last, pageable host copy"
     rates[name] = _rate(lambda: predictor(batch), n, config.seconds)
@@ -193,18 +236,33 @@ def measure_predictor(config: GpuBenchmarkConfig) -> dict[str, float]:
     def bare() -> None:
         with torch.inference_mode(), predictor._autocast():
             predictor.model(x)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     rates["bare model forward, bf16 + channels_last (ceiling)"] = _rate(bare, n, config.seconds)
     return rates
 
 
-def _gpu_predictor(uri: str, method: str | None, amp: bool):
-    """The scoring jobs' model actor on the GPU, built as predict_dataset builds it."""
+def _gpu_predictor(uri: str, method: str | None, amp: bool, device: str = "cuda"):
+    """The scoring jobs' model actor on ``device``, built as predict_dataset builds it."""
     from breakhis.score.predict import PredictOptions, TilePredictor, predictor_kwargs
 
     options = PredictOptions(attribution=method or "none", amp=amp, torch_threads=1)
-    return TilePredictor(**predictor_kwargs(uri, 0.5, "cuda", options))
+    return TilePredictor(**predictor_kwargs(uri, 0.5, device, options))
+
+
+def _in_flight(predictor, batch: dict, calls: int):
+    """A call that runs ``calls`` predictor calls at once on threads (an actor with
+    ``max_concurrency`` ``calls``), returning when all are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(calls)
+
+    def call() -> None:
+        for future in [pool.submit(predictor, batch) for _ in range(calls)]:
+            future.result()
+
+    return call
 
 
 def measure_decode(config: GpuBenchmarkConfig, tiles: int = 64) -> dict[str, float]:
@@ -250,7 +308,7 @@ def _train(config: GpuBenchmarkConfig) -> dict:
     result = run_train_benchmark(
         TrainBenchmarkConfig(
             workdir=os.path.join(config.workdir, "train"),
-            use_gpu=True,
+            use_gpu=not config.dry_run,
             arch=config.arch,
             image_size=config.image_size,
             batch_size=config.batch_size,
@@ -267,6 +325,17 @@ def run_gpu_benchmark(config: GpuBenchmarkConfig) -> GpuBenchmarkResult:
     runs. Writes ``benchmark-gpu.json``/``.md`` into the workdir after every part."""
     import torch
 
+    if config.dry_run:
+        config = replace(
+            config,
+            arch="smallcnn",
+            image_size=32,
+            batch_size=16,
+            seconds=0.3,
+            score_tiles=16,
+            train_scale=0.02,
+            train_epochs=2,
+        )
     os.makedirs(config.workdir, exist_ok=True)
     result = GpuBenchmarkResult(
         date=time.strftime("%Y-%m-%d"),

@@ -27,8 +27,11 @@ The pipeline, per side of the split:
          per shard reads and decodes it
       -> train only: random_shuffle(seed)        } with ``cache``: materialize() once,
                                                  } in the object store
-      -> train only: randomize_block_order (a new order each epoch) and
-         map_batches(augment_tiles): oversampling and per-epoch augmentation
+      -> train only: randomize_block_order (a new order each epoch, cached) and
+         map_batches(augment_tiles): oversampling and per-epoch augmentation, over pools
+         of mix_rows rows of the cache's small blocks (cached) or whole read blocks;
+         with ``augment_on_device`` only the draws, which the training device applies
+         (breakhis.data.device_augment)
 
 Which source a run takes is logged in one line ("ingest reads stored 224x224 pixels" or
 "ingest decodes PNGs to 224x224"). With ``cache`` the tiles are decoded (or read) once
