@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -209,6 +209,41 @@ def _lime(
                 )
             )
     return torch.cat(maps)
+
+
+def gradcam_with_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: nn.Module,
+    choose_target: Callable[[torch.Tensor], Sequence[int]],
+    *,
+    map_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM from the forward pass that also gives the predictions: ``(logits (N, C)
+    float32, maps (N, map_size, map_size) on the CPU)``.
+
+    One forward pass of ``model`` over ``images`` (recording ``layer``'s activations),
+    ``choose_target(logits)`` (detached) picks the class explained per image, then one
+    backward pass: the same maps as ``attribute(model, images, "gradcam", target,
+    layer=layer)`` (captum's LayerGradCam, ReLU applied) without its second forward pass.
+    """
+    recorded: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: recorded.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(images.detach().requires_grad_(True)).float()
+    finally:
+        handle.remove()
+    if len(recorded) != 1:
+        raise ValueError(f"the layer ran {len(recorded)} times in one forward pass, not once")
+    activations = recorded[0]
+    target = torch.as_tensor(choose_target(logits.detach()), dtype=torch.long)
+    target = target.to(logits.device).reshape(-1, 1)
+    # Samples do not interact in eval mode: the sum's gradient is each sample's own.
+    (gradients,) = torch.autograd.grad(logits.gather(1, target).sum(), activations)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations).sum(dim=1, keepdim=True))
+    return logits.detach(), _to_map(cam.detach(), map_size)
 
 
 def _to_map(raw: torch.Tensor, map_size: int) -> torch.Tensor:

@@ -20,6 +20,8 @@ training validates with, so a model sees a tile the same way in every job.
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,6 +99,7 @@ class TilePredictor:
         # cuDNN picking its fastest kernels for the (fixed) batch shape.
         self.amp = amp and self.device.type == "cuda"
         self.pin_memory = self.device.type == "cuda"  # copy from page-locked memory
+        self._local = threading.local()  # per calling thread: its page-locked buffer
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -121,15 +124,36 @@ class TilePredictor:
         }
 
     def _inputs(self, images: np.ndarray):
+        """The model's input for uint8 (N, H, W, 3) ``images`` on the device: one host copy
+        at most (into a page-locked buffer this thread reuses, on CUDA), then uint8 crosses
+        the bus (4x less than float32) and is normalised there."""
         import torch
 
         from breakhis.data.transforms import normalize
 
-        x = torch.from_numpy(images)  # uint8 crosses the bus: 4x less than float32
         if self.pin_memory:
-            x = x.pin_memory()
+            x = self._staging(images.shape)
+            x.numpy()[...] = images  # the one host copy, into memory the GPU reads directly
+        else:
+            with warnings.catch_warnings():
+                # Ray's batches are read-only; the uint8 tensor is only read (normalize).
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writ")
+                x = torch.from_numpy(images)
         x = normalize(x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.amp else x
+
+    def _staging(self, shape: tuple[int, ...]):
+        """A page-locked uint8 tensor of ``shape``, a view of this thread's reused buffer
+        (grown when too small). Safe to overwrite on the next call: every call waits for its
+        results (``.cpu()``), so the copy out of it has finished by then."""
+        import torch
+
+        size = int(np.prod(shape))
+        buffer = getattr(self._local, "staging", None)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.uint8).pin_memory()
+            self._local.staging = buffer
+        return buffer[:size].view(shape)
 
     def _autocast(self):
         """bf16 autocast on CUDA when ``amp``; a no-op context otherwise."""
@@ -173,22 +197,29 @@ class TilePredictor:
         count = len(errors)
         prob = np.full(count, np.nan, dtype=np.float32)
         prob_raw = np.full(count, np.nan, dtype=np.float32)
+        class_probs = np.full((count, self.num_classes), np.nan, dtype=np.float32)
         target = np.full(count, -1, dtype=np.int8)
         maps = np.zeros((count, self.map_size, self.map_size), dtype=np.float32)
         scale = np.full(count, np.nan, dtype=np.float32)
         overlays = np.full(count, "", dtype=object)
-        class_probs = np.full((count, self.num_classes), np.nan, dtype=np.float32)
+        scores = (prob, prob_raw, class_probs)
+        map_out = (maps, scale, target, overlays)
         if len(ok):
-            images = np.ascontiguousarray(batch["image"][ok])
+            images = batch["image"]
+            # No copy when every tile decoded (the usual batch): the rows are the input.
+            images = np.ascontiguousarray(images if len(ok) == count else images[ok])
             x = self._inputs(images)
+            if self.method == "gradcam" and not self.tta:
+                # One forward pass for the predictions and the maps.
+                raw, explained = self._predict_with_gradcam(x, ok, scores)
+                self._keep_maps(batch, images, raw, ok, explained, map_out)
+                return self._rows(batch, scores, map_out, errors)
             calibrated, raw_prob, classes = self._probabilities(x)
-            p = calibrated.cpu().numpy()
-            prob[ok] = p
+            prob[ok] = calibrated.cpu().numpy()
             prob_raw[ok] = raw_prob.cpu().numpy()
             class_probs[ok] = classes.cpu().numpy()
             if self.method is not None:
-                predicted = (p >= self.threshold).astype(np.int64)
-                explained = self._explained(predicted, class_probs[ok])
+                explained = self._explained(prob[ok], class_probs[ok])
                 with self._autocast():
                     raw = attribute(
                         self.model,
@@ -199,12 +230,58 @@ class TilePredictor:
                         map_size=self.map_size,
                         **self.options,
                     ).numpy()
-                peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
-                maps[ok] = raw / np.where(peak > 0, peak, 1.0)[:, None, None]
-                scale[ok] = peak
-                target[ok] = explained
-                if self.overlay_root is not None:
-                    overlays[ok] = self._write_overlays(batch["tile_id"][ok], images, raw)
+                self._keep_maps(batch, images, raw, ok, explained, map_out)
+        return self._rows(batch, scores, map_out, errors)
+
+    def _explained(self, p: np.ndarray, class_probs: np.ndarray) -> list[int]:
+        """The class each tile's map explains: the one called at the threshold (binary), or
+        for a subtype model the most probable class on the side of the call."""
+        predicted = (p >= self.threshold).astype(np.int64)
+        if len(self.malignant_classes) == 1:
+            return [self.malignant if c else 1 - self.malignant for c in predicted]
+        malignant = np.zeros(self.num_classes, dtype=bool)
+        malignant[self.malignant_classes] = True
+        side = np.where(predicted[:, None] == 1, malignant[None, :], ~malignant[None, :])
+        return np.where(side, class_probs, -np.inf).argmax(axis=1).tolist()
+
+    def _predict_with_gradcam(self, x, ok: np.ndarray, scores: tuple) -> tuple[np.ndarray, list]:
+        """(raw Grad-CAM maps, the class each explains) from one forward pass; fills
+        ``scores`` (prob, prob_raw, class_probs) at ``ok`` as _probabilities would."""
+        import torch
+
+        from breakhis.score.attribution import gradcam_with_logits
+
+        prob, prob_raw, class_probs = scores
+        malignant = self.malignant_classes
+
+        def choose(logits):
+            with torch.no_grad():
+                probs = torch.softmax(logits / self.temperature, dim=1)
+                prob[ok] = probs[:, malignant].sum(dim=1).float().cpu().numpy()
+                raw = torch.softmax(logits, dim=1)[:, malignant].sum(dim=1)
+                prob_raw[ok] = raw.float().cpu().numpy()
+                class_probs[ok] = probs.float().cpu().numpy()
+            return self._explained(prob[ok], class_probs[ok])
+
+        with self._autocast():
+            _, raw = gradcam_with_logits(self.model, x, self.layer, choose, map_size=self.map_size)
+        return raw.numpy(), self._explained(prob[ok], class_probs[ok])
+
+    def _keep_maps(self, batch, images, raw, ok, explained, out) -> None:
+        """Normalise the raw maps of the tiles at ``ok`` into ``out`` (maps, scale, target,
+        overlays), record the class each explains and write their overlays."""
+        maps, scale, target, overlays = out
+        peak = np.abs(raw).reshape(len(ok), -1).max(axis=1)
+        maps[ok] = raw / np.where(peak > 0, peak, 1.0)[:, None, None]
+        scale[ok] = peak
+        target[ok] = explained
+        if self.overlay_root is not None:
+            overlays[ok] = self._write_overlays(batch["tile_id"][ok], images, raw)
+
+    @staticmethod
+    def _rows(batch, scores: tuple, map_out: tuple, errors) -> dict:
+        prob, prob_raw, class_probs = scores
+        maps, scale, target, overlays = map_out
         return {
             "uri": batch["uri"],
             "unit": batch["unit"],
@@ -217,16 +294,6 @@ class TilePredictor:
             "error": errors,
             "class_probs": class_probs,
         }
-
-    def _explained(self, predicted: np.ndarray, class_probs: np.ndarray) -> list[int]:
-        """The class each tile's map explains: the one called (binary), or for a subtype
-        model the most probable class on the side of the call (malignant or benign)."""
-        if len(self.malignant_classes) == 1:
-            return [self.malignant if c else 1 - self.malignant for c in predicted]
-        malignant = np.zeros(self.num_classes, dtype=bool)
-        malignant[self.malignant_classes] = True
-        side = np.where(predicted[:, None] == 1, malignant[None, :], ~malignant[None, :])
-        return np.where(side, class_probs, -np.inf).argmax(axis=1).tolist()
 
     def _write_overlays(self, tile_ids, images: np.ndarray, raw: np.ndarray) -> list[str]:
         from breakhis.score.attribution import overlay_png
