@@ -166,7 +166,7 @@ def build_bundle(
     total = sum(sizes.values())
     if total > limit_mb * 1024**2:
         raise ValueError(
-            f"{out}: the bundle is {total / 1024**2:.1f} MiB, over --limit-mb {limit_mb:g}; "
+            f"{out}: the bundle is {total / 1024**2:.1f} MiB, over its limit of {limit_mb:g} MiB; "
             "drop a wheel from SMALL_WHEELS or more folders of Ray (STRIP_FOLDERS)"
         )
     return sizes
