@@ -22,6 +22,7 @@ Then ``breakhis.data.transforms.normalize`` as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -95,6 +96,12 @@ def augment_geometry(
     return torch.where(transpose, out.transpose(2, 3), out).contiguous()
 
 
+@functools.lru_cache(maxsize=8)
+def _density_table(device: torch.device) -> torch.Tensor:
+    """The host's optical-density table (transforms._OD_TABLE) on ``device``, copied once."""
+    return torch.from_numpy(_OD_TABLE).to(device)
+
+
 def augment_colour(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     """Stain, brightness and contrast jitter of uint8 (N, 3, H, W) ``images`` by the rows
     of ``colour`` (float32 (N, 14), transforms.param_columns): transforms.apply_colour on
@@ -103,7 +110,7 @@ def augment_colour(images: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     if colour.shape != (n, 14):
         raise ValueError(f"{AUG_COLOUR} must be (N, 14) for {n} tiles, got {tuple(colour.shape)}")
     colour = colour.float()
-    table = torch.from_numpy(_OD_TABLE).to(images.device)
+    table = _density_table(images.device)
     density = table[images.reshape(n, channels, height * width).long()]
     density = torch.bmm(colour[:, :9].reshape(n, 3, 3), density)
     density += colour[:, 9:12].reshape(n, 3, 1)
