@@ -185,3 +185,42 @@ def test_floor_check_names_an_import_that_points_up():
 @pytest.mark.parametrize("type_checking", [False, True], ids=["runtime", "with-annotations"])
 def test_imports_between_stages_point_down_a_floor(type_checking):
     assert floor_violations(import_graph(type_checking=type_checking)) == []
+
+
+MAX_FUNCTION_LINES = 80
+"""A function a reader holds in one screen (issue 25 split the six that had grown past it)."""
+
+
+def long_functions(package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method of ``package`` longer than ``limit`` lines (its decorators
+    left out, its docstring counted), as 'module.qualified_name (N lines)'."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+
+        def visit(node: ast.AST, prefix: str, path: Path = path) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = f"{prefix}{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        lines = child.end_lineno - child.lineno + 1
+                        if lines > limit:
+                            found.append(f"{module_name(path, package)}.{name} ({lines} lines)")
+                    visit(child, f"{name}.")
+
+        visit(tree, "")
+    return found
+
+
+def test_long_functions_are_found(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    body = "\n".join(f"        x{i} = {i}" for i in range(5))
+    (pkg / "a.py").write_text(f"class C:\n    def f(self):\n{body}\n\n\ndef g():\n    return 1\n")
+    assert long_functions(pkg, limit=5) == ["pkg.a.C.f (6 lines)"]
+    assert long_functions(pkg, limit=6) == []
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert long_functions() == []

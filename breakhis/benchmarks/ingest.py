@@ -435,8 +435,6 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
     import ray
 
     from breakhis.data.catalog import scan_catalog
-    from breakhis.data.dest import PreparedDest
-    from breakhis.dev.s3server import embedded_s3
     from breakhis.synth.dataset import synthesize
 
     if ray.is_initialized():
@@ -464,35 +462,8 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
         decoded_bytes = len(paths) * 3 * config.image_size**2
         store = int(config.object_store_mb * 1024**2) if config.object_store_mb else None
         store = store or max(80 * 1024**2, decoded_bytes // 2)
-        with embedded_s3(buckets=("breakhis",)) as server:
-            exclude = frozenset({server.pid})
-            dest = "s3://breakhis/benchmark/prepared"
-            ray.init(address="local", num_cpus=config.cores, include_dashboard=False,
-                     configure_logging=False)  # fmt: skip
-            try:
-                prepare_s = _timed_prepare(src, dest)
-                patients = PreparedDest.open(dest).patients
-                epochs = config.epochs
-                png, images = ray_epochs("png-cached", dest, patients, config, cache=True,
-                                         epochs=epochs, exclude=exclude)  # fmt: skip
-                pixels_s = _timed_prepare(src, dest, (config.image_size,))
-                cached, _ = ray_epochs("pixels-cached", dest, patients, config, cache=True,
-                                       epochs=epochs, exclude=exclude)  # fmt: skip
-                png_bytes = _bytes_under(f"{dest}/shards")
-                pixel_bytes = _bytes_under(f"{dest}/pixels/{config.image_size}")
-            finally:
-                ray.shutdown()
-            # The data are larger than this object store: what --no-cache is for.
-            ray.init(address="local", num_cpus=config.cores, object_store_memory=store,
-                     include_dashboard=False, configure_logging=False)  # fmt: skip
-            try:
-                streaming, _ = ray_epochs("pixels-streaming", dest, patients, config,
-                                          cache=False, epochs=epochs, exclude=exclude)  # fmt: skip
-                big, _ = ray_epochs("pixels-streaming-nx", dest, patients, config, cache=False,
-                                    epochs=1, exclude=exclude,
-                                    repeat=config.memory_multiple)  # fmt: skip
-            finally:
-                ray.shutdown()
+        runs = _ray_runs(src, config, store)
+    images = runs["images"]
     if images != len(paths):
         raise RuntimeError(f"the Ray pipeline saw {images} images, the DataLoader {len(paths)}")
     result = IngestBenchmarkResult(
@@ -500,19 +471,71 @@ def run_ingest_benchmark(config: IngestBenchmarkConfig) -> IngestBenchmarkResult
         image_size=config.image_size,
         cores=config.cores,
         loader=loader,
-        runs=(png, cached, streaming),
+        runs=(runs["png"], runs["cached"], runs["streaming"]),
         object_store_bytes=store,
         decoded_bytes=decoded_bytes,
         memory_multiple=config.memory_multiple,
-        stream_peak_1x=streaming.peak_bytes,
-        stream_peak_nx=big.peak_bytes,
-        prepare_s=prepare_s,
-        prepare_pixels_s=pixels_s,
-        png_bytes=png_bytes,
-        pixel_bytes=pixel_bytes,
+        stream_peak_1x=runs["streaming"].peak_bytes,
+        stream_peak_nx=runs["big"].peak_bytes,
+        prepare_s=runs["prepare_s"],
+        prepare_pixels_s=runs["pixels_s"],
+        png_bytes=runs["png_bytes"],
+        pixel_bytes=runs["pixel_bytes"],
     )
     if config.workdir:
         figures = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), **asdict(result)}
         figures["targets"] = result.targets()
         save_result(config.workdir, "ingest", figures, result.format_table())
     return result
+
+
+def _ray_runs(src: str, config: IngestBenchmarkConfig, store: int) -> dict:
+    """Every Ray side of the benchmark, on an embedded S3 server: prepare, PNGs cached,
+    prepare with pixels, pixels cached (a local Ray instance of ``config.cores`` CPUs), then
+    with an object store of ``store`` bytes: pixels streamed at 1x and ``memory_multiple`` x
+    the data. Returns the runs and the timings by name."""
+    import ray
+
+    from breakhis.data.dest import PreparedDest
+    from breakhis.dev.s3server import embedded_s3
+
+    with embedded_s3(buckets=("breakhis",)) as server:
+        exclude = frozenset({server.pid})
+        dest = "s3://breakhis/benchmark/prepared"
+        ray.init(address="local", num_cpus=config.cores, include_dashboard=False,
+                 configure_logging=False)  # fmt: skip
+        try:
+            prepare_s = _timed_prepare(src, dest)
+            patients = PreparedDest.open(dest).patients
+            epochs = config.epochs
+            png, images = ray_epochs("png-cached", dest, patients, config, cache=True,
+                                     epochs=epochs, exclude=exclude)  # fmt: skip
+            pixels_s = _timed_prepare(src, dest, (config.image_size,))
+            cached, _ = ray_epochs("pixels-cached", dest, patients, config, cache=True,
+                                   epochs=epochs, exclude=exclude)  # fmt: skip
+            png_bytes = _bytes_under(f"{dest}/shards")
+            pixel_bytes = _bytes_under(f"{dest}/pixels/{config.image_size}")
+        finally:
+            ray.shutdown()
+        # The data are larger than this object store: what --no-cache is for.
+        ray.init(address="local", num_cpus=config.cores, object_store_memory=store,
+                 include_dashboard=False, configure_logging=False)  # fmt: skip
+        try:
+            streaming, _ = ray_epochs("pixels-streaming", dest, patients, config,
+                                      cache=False, epochs=epochs, exclude=exclude)  # fmt: skip
+            big, _ = ray_epochs("pixels-streaming-nx", dest, patients, config, cache=False,
+                                epochs=1, exclude=exclude,
+                                repeat=config.memory_multiple)  # fmt: skip
+        finally:
+            ray.shutdown()
+    return {
+        "prepare_s": prepare_s,
+        "png": png,
+        "images": images,
+        "pixels_s": pixels_s,
+        "cached": cached,
+        "png_bytes": png_bytes,
+        "pixel_bytes": pixel_bytes,
+        "streaming": streaming,
+        "big": big,
+    }

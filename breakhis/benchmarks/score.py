@@ -345,8 +345,6 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
     child process. Returns the result. Raises ValueError for bad options and
     RuntimeError when a memory run's job fails.
     """
-    import shutil
-
     import ray
     import torch
 
@@ -385,6 +383,34 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
         ),
     )
     out = os.path.join(config.workdir, "outputs")
+    results = _throughput_runs(config, job, model_uri, uris, device, out)
+    if gpus:
+        results = [
+            replace(
+                r, tiles_per_s=r.tiles_per_s / gpus, steady_tiles_per_s=r.steady_tiles_per_s / gpus
+            )
+            for r in results
+        ]
+
+    memory = _memory_runs(config, job, out, cpus)
+
+    result = ScoreBenchmarkResult(
+        date=time.strftime("%Y-%m-%d"),
+        device=device_name(gpus),
+        cpus=cpus,
+        gpus=gpus,
+        config=asdict(config),
+        load_average=(load_at_start, os.getloadavg()[0]),
+        throughput=results,
+        peak_memory_mb=memory,
+    )
+    save_result(config.workdir, "score", asdict(result), result.format_table())
+    return result
+
+
+def _throughput_runs(config, job, model_uri: str, uris: list[str], device: str, out: str) -> list:
+    """The plain loop, then the job with predictions only, Grad-CAM and Integrated
+    Gradients, each timed over the whole listing and a quarter of it (steady rate)."""
     quarter = _manifest(config, "throughput-quarter", uris[: max(1, len(uris) // 4)])
     results = [_plain_loop(model_uri, uris, config.batch_size, device)]
     log.info("%s", results[-1])
@@ -406,13 +432,13 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
     name = f"job, Integrated Gradients ({config.ig_steps} steps)"
     results.append(_job(name, ig_job, ig_quarter, f"{out}/ig"))
     log.info("%s", results[-1])
-    if gpus:
-        results = [
-            replace(
-                r, tiles_per_s=r.tiles_per_s / gpus, steady_tiles_per_s=r.steady_tiles_per_s / gpus
-            )
-            for r in results
-        ]
+    return results
+
+
+def _memory_runs(config, job, out: str, cpus: int) -> dict[int, float]:
+    """Peak memory (MB) of the job over ``memory_tiles`` linked ``scale`` times, per scale,
+    each run in a child process with its own Ray."""
+    import shutil
 
     memory: dict[int, float] = {}
     base = _tile_uris(config, config.memory_tiles)
@@ -423,16 +449,4 @@ def run_score_benchmark(config: ScoreBenchmarkConfig):
         options = asdict(replace(job, input=listing, out=output))
         memory[scale] = peak_memory_of_job(options, cpus)
         log.info("peak memory at %dx: %.0f MB", scale, memory[scale])
-
-    result = ScoreBenchmarkResult(
-        date=time.strftime("%Y-%m-%d"),
-        device=device_name(gpus),
-        cpus=cpus,
-        gpus=gpus,
-        config=asdict(config),
-        load_average=(load_at_start, os.getloadavg()[0]),
-        throughput=results,
-        peak_memory_mb=memory,
-    )
-    save_result(config.workdir, "score", asdict(result), result.format_table())
-    return result
+    return memory

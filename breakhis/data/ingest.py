@@ -441,6 +441,28 @@ def _read_sides(
     return datasets, num_rows
 
 
+def _side_rows(
+    manifest: pa.Table,
+    patients: SplitPatients,
+    sides: tuple[str, ...],
+    magnification: int | None,
+) -> tuple[dict[str, frozenset[str]], dict[str, pa.Table]]:
+    """The patients of each side asked for (train always; val and test when they have
+    patients) and their manifest rows at ``magnification`` (None: all)."""
+    if magnification is not None:
+        manifest = manifest.filter(pc.equal(manifest.column("magnification"), magnification))
+    members_of = {"train": patients.train, "val": patients.val, "test": patients.test}
+    chosen = {side: members_of[side] for side in sides if members_of[side]}
+    chosen["train"] = patients.train
+    rows = {
+        side: manifest.filter(
+            pc.is_in(manifest.column("patient_id"), pa.array(sorted(members), pa.string()))
+        )
+        for side, members in chosen.items()
+    }
+    return chosen, rows
+
+
 def build_datasets(
     dest: PreparedDest,
     split: SplitSpec,
@@ -467,18 +489,7 @@ def build_datasets(
         raise ValueError(f"sides {sides}: accepted: train, and any of val and test")
     patients = dest.split(split) if patients is None else patients
     pixel_files = dest.pixel_files(config.image_size, config.geometry)
-    manifest = dest.manifest
-    if config.magnification is not None:
-        manifest = manifest.filter(pc.equal(manifest.column("magnification"), config.magnification))
-    members_of = {"train": patients.train, "val": patients.val, "test": patients.test}
-    chosen = {side: members_of[side] for side in sides if members_of[side]}
-    chosen["train"] = patients.train
-    rows = {
-        side: manifest.filter(
-            pc.is_in(manifest.column("patient_id"), pa.array(sorted(members), pa.string()))
-        )
-        for side, members in chosen.items()
-    }
+    chosen, rows = _side_rows(dest.manifest, patients, sides, config.magnification)
     where = f"split {split}" + (f" at {config.magnification}X" if config.magnification else "")
     if rows["train"].num_rows == 0:
         raise ValueError(f"{dest.uri}: {where} has no training image")

@@ -272,31 +272,7 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
     card = artifact.card
     check_units(journal, plan, manifest_units(manifest))
     if not settled:
-        fmt = unit_format(config, card, token)
-        user = user_schema(listing.schema)
-        metadata = table_metadata(fmt)
-        maps = attributions_schema(config.predict.map_size)
-        manifest = compact(
-            config.out,
-            plan.names,
-            plan.rows,
-            manifest,
-            token=token,
-            predictions=TableSpec(
-                PREDICTIONS,
-                predictions_schema(config.class_names_for(card), user).with_metadata(metadata),
-                row_group_rows=min(config.file_rows, PREDICTION_ROW_GROUP),
-            ),
-            attributions=None
-            if config.predict.method is None
-            else TableSpec(
-                ATTRIBUTIONS,
-                maps.with_metadata(metadata),
-                row_group_rows=max(1, MAP_ROW_GROUP_BYTES // (4 * config.predict.map_size**2)),
-            ),
-            file_rows=config.file_rows,
-            map_file_mb=config.map_file_mb,
-        )
+        manifest = _compact(config, card, listing, plan, manifest, token)
     counts, patients = check_output(config, card.model_id, plan, manifest)
     if not settled:
         write_manifest(config.out, manifest)  # the commit point of the final files
@@ -323,6 +299,37 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
     done = {"job": record, "summary": asdict(summary)}
     storage.write_bytes(storage.join(config.out, "_SUCCESS"), json.dumps(done, indent=2).encode())
     return summary
+
+
+def _compact(config, card, listing: Listing, plan, manifest: dict | None, token: str) -> dict:
+    """Compact the journal's units into the final files of both tables (breakhis.score.tables);
+    returns the manifest to commit, naming them."""
+    fmt = unit_format(config, card, token)
+    metadata = table_metadata(fmt)
+    map_size = config.predict.map_size
+    return compact(
+        config.out,
+        plan.names,
+        plan.rows,
+        manifest,
+        token=token,
+        predictions=TableSpec(
+            PREDICTIONS,
+            predictions_schema(
+                config.class_names_for(card), user_schema(listing.schema)
+            ).with_metadata(metadata),
+            row_group_rows=min(config.file_rows, PREDICTION_ROW_GROUP),
+        ),
+        attributions=None
+        if config.predict.method is None
+        else TableSpec(
+            ATTRIBUTIONS,
+            attributions_schema(map_size).with_metadata(metadata),
+            row_group_rows=max(1, MAP_ROW_GROUP_BYTES // (4 * map_size**2)),
+        ),
+        file_rows=config.file_rows,
+        map_file_mb=config.map_file_mb,
+    )
 
 
 def _delete_plan(output: str, folder: str) -> None:

@@ -372,24 +372,60 @@ def predict_dataset(
         ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=object_store_limit
         )
-    ds = ds.map_batches(
+    ds = decode_stage(
+        ds,
         decode_tiles,
-        fn_kwargs={"geometry": geometry, "max_tile_bytes": options.max_tile_bytes},
+        {"geometry": geometry, "max_tile_bytes": options.max_tile_bytes},
         batch_size=options.decode_batch_size,
+    )
+    kwargs = predictor_kwargs(model_uri, threshold, device, options, overlay_root=overlay_root)
+    return model_stage(
+        ds,
+        TilePredictor,
+        kwargs,
+        max_actors=max_actors,
+        cpus_per_actor=options.cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=options.batch_size,
+    )
+
+
+def decode_stage(ds, fn, fn_kwargs: dict, *, batch_size: int | None) -> ray.data.Dataset:
+    """``ds`` through the decode function ``fn`` as Ray tasks of DECODE_CPUS, a task that
+    meets a transient storage error retried (RETRIES times). The one decode stage of both
+    pipelines: scoring's (breakhis.score.units) and evaluation's (predict_dataset)."""
+    return ds.map_batches(
+        fn,
+        fn_kwargs=fn_kwargs,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,
         max_retries=RETRIES,
         retry_exceptions=[storage.TransientStorageError],  # a new list: Ray Data appends to it
     )
+
+
+def model_stage(
+    ds,
+    predictor: type,
+    constructor_kwargs: dict,
+    *,
+    max_actors: int,
+    cpus_per_actor: int,
+    gpus_per_actor: float,
+    batch_size: int | None,
+) -> ray.data.Dataset:
+    """``ds`` through a pool of model actors (``predictor``: TilePredictor or a callable class
+    that wraps it, built with ``constructor_kwargs``), 1..``max_actors`` of them sized by
+    actor_plan. The one model stage of both pipelines, with one retry policy: an actor is
+    restarted RETRIES times, and a call waits for its actor to come back."""
     return ds.map_batches(
-        TilePredictor,
-        fn_constructor_kwargs=predictor_kwargs(
-            model_uri, threshold, device, options, overlay_root=overlay_root
-        ),
+        predictor,
+        fn_constructor_kwargs=constructor_kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=options.cpus_per_actor,
+        num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
-        batch_size=options.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         max_restarts=RETRIES,  # Ray Data's default: forever
         # Unbounded task retries: a call waits for its actor to come back (a lost node), and

@@ -418,7 +418,7 @@ def units_dataset(
     job's plan (where decode attempts are counted: breakhis.score.isolate)."""
     import ray
 
-    from breakhis.score.predict import DECODE_CPUS, RETRIES, actor_plan, predictor_kwargs
+    from breakhis.score.predict import actor_plan, decode_stage, model_stage, predictor_kwargs
 
     max_actors, gpus_per_actor, device = actor_plan(
         options.device, options.num_actors, options.cpus_per_actor
@@ -430,31 +430,24 @@ def units_dataset(
     context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=object_store_limit
     )
-    ds = ds.map_batches(
+    # The last decode attempt of a unit decodes it tile by tile (ISOLATE_AFTER).
+    ds = decode_stage(
+        ds,
         decode_tiles_of_units,
-        fn_kwargs={
+        {
             "geometry": fmt.input_geometry,
             "max_tile_bytes": options.max_tile_bytes,
             "plan_folder": plan_folder,
         },
         batch_size=None,
-        batch_format="numpy",
-        num_cpus=DECODE_CPUS,
-        max_retries=RETRIES,  # the last attempt decodes tile by tile (ISOLATE_AFTER)
-        retry_exceptions=[storage.TransientStorageError],
     )
     kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root, artifact)
-    return ds.map_batches(
+    return model_stage(
+        ds,
         UnitTilePredictor,
-        fn_constructor_kwargs={"unit_format": fmt, "batch_size": options.batch_size, **kwargs},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=gpus_per_actor,
+        {"unit_format": fmt, "batch_size": options.batch_size, **kwargs},
+        max_actors=max_actors,
+        cpus_per_actor=options.cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
         batch_size=None,
-        batch_format="numpy",
-        max_restarts=RETRIES,  # Ray Data's default: forever
-        # Unbounded task retries: a call waits for its actor to come back (a lost node), and
-        # the bounded restarts end a job whose tile keeps killing it (the actor then dies
-        # for good and every call fails at once).
-        max_task_retries=-1,
     )

@@ -210,8 +210,17 @@ class TrainConfig:
     card); default: MLFLOW_TRACKING_URI, else no tracking (see breakhis.train.tracking)."""
 
     def __post_init__(self) -> None:
-        # Over 60 lines: one check per option, each with its own message (litgpt's style);
-        # a flat list reads better than the same checks spread over helpers.
+        # One check per option, each with its own message (litgpt's style), grouped by what
+        # they check.
+        self._check_data_and_tiles()
+        self._check_ranges()
+        self._check_choices()
+        tracking.check_uri(self.tracking_uri)
+        self._check_needs_validation()
+        self._check_weights()
+
+    def _check_data_and_tiles(self) -> None:
+        """The data, run name, split, tile geometry and stain normalisation."""
         check_arch(self.arch)
         for name in ("data", "storage"):
             if not getattr(self, name):
@@ -238,6 +247,9 @@ class TrainConfig:
                 f"--stain-norm {self.stain_norm} needs --eval-view whole (the tile is "
                 "normalised whole, before any crop)"
             )
+
+    def _check_ranges(self) -> None:
+        """Numeric options within their ranges."""
         if self.magnification is not None and self.magnification not in MAGNIFICATIONS:
             raise ValueError(
                 f"--magnification {self.magnification}: accepted "
@@ -249,10 +261,6 @@ class TrainConfig:
             raise ValueError(f"--augment-strength must be in [0, 1], got {self.augment_strength}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"--optimizer {self.optimizer!r} unknown; accepted: {', '.join(OPTIMIZERS)}"
-            )
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
         positive |= {"num_workers": self.num_workers, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
@@ -266,14 +274,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.metric not in VAL_METRICS:
-            raise ValueError(
-                f"--metric {self.metric!r} unknown; accepted: {', '.join(VAL_METRICS)}"
-            )
-        if self.task not in TASKS:
-            raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
-        if self.metric.removeprefix("val_") in SUBTYPE_METRIC_NAMES and self.task != "subtype":
-            raise ValueError(f"--metric {self.metric} needs --task subtype")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
@@ -282,6 +282,21 @@ class TrainConfig:
             raise ValueError(
                 f"--bn-recalibration-batches must be >= 0, got {self.bn_recalibration_batches}"
             )
+
+    def _check_choices(self) -> None:
+        """Options with a list of accepted values, and the pairs that exclude each other."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"--optimizer {self.optimizer!r} unknown; accepted: {', '.join(OPTIMIZERS)}"
+            )
+        if self.metric not in VAL_METRICS:
+            raise ValueError(
+                f"--metric {self.metric!r} unknown; accepted: {', '.join(VAL_METRICS)}"
+            )
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
+        if self.metric.removeprefix("val_") in SUBTYPE_METRIC_NAMES and self.task != "subtype":
+            raise ValueError(f"--metric {self.metric} needs --task subtype")
         if self.model_epoch not in (None, *MODEL_EPOCH_RULES):
             raise ValueError(
                 f"--model-epoch {self.model_epoch!r} unknown; accepted: "
@@ -297,8 +312,9 @@ class TrainConfig:
                 f"--threshold-rule {self.threshold_rule!r} unknown; accepted: "
                 f"{', '.join(DECISION_RULES)}"
             )
-        tracking.check_uri(self.tracking_uri)
-        self._check_needs_validation()
+
+    def _check_weights(self) -> None:
+        """Initial weights the architecture can take; freezing options that agree."""
         if self.weights == "imagenet" and self.arch == "smallcnn":
             raise ValueError(
                 "--weights imagenet: smallcnn has no ImageNet weights; use --weights none"

@@ -227,7 +227,6 @@ def plan_run(
     the training ones); no epoch is validated.
     """
     from breakhis.data.ingest import build_datasets
-    from breakhis.data.transforms import AUG_COLOUR, AUG_GEOMETRY, TrainTransform
 
     validate = config.validates if validate is None else validate
     data = plan_data(config, validate=validate) if data is None else data
@@ -262,17 +261,7 @@ def plan_run(
         )
     steps_per_epoch = _check_batches(ingest.num_rows["train"], config)
     check_cluster_fits(config, ray.cluster_resources(), gpus_per_worker)
-    train_columns = ["image", "label", "key", AUG_GEOMETRY]
-    if TrainTransform(
-        strength=config.augment_strength, colour=config.colour_augment
-    ).changes_colour:
-        train_columns.append(AUG_COLOUR)
-    datasets = {"train": ingest.datasets["train"].select_columns(train_columns)}
-    if validate:
-        datasets["val"] = ingest.datasets["val"].select_columns(["image", "label", "patient_id"])
-    weights = [float(w) for w in ingest.class_weights]
-    if config.task == "subtype":
-        datasets, weights = _subtype_datasets(config, ingest, data)
+    datasets, weights = _run_datasets(config, ingest, data, validate)
     loop_config = {
         "validate": validate,
         "train": config.to_dict(),
@@ -292,16 +281,34 @@ def plan_run(
     )
 
 
-def _subtype_datasets(
-    config: TrainConfig, ingest: Any, data: DataPlan
+def _run_datasets(
+    config: TrainConfig, ingest: Any, data: DataPlan, validate: bool
 ) -> tuple[dict[str, ray.data.Dataset], list[float]]:
-    """The datasets and class weights of a --task subtype run: the training rows' ``label``
-    is the subtype class (0..7) and the validation rows carry ``subtype_class`` beside the
-    binary ``label``; the weights are n / (8 n_c) over the training images as the model
-    sees them (an oversampled class's tiles, by benign/malignant, counted as often)."""
+    """The datasets the workers get and the loss's class weights. Training rows: the
+    canonical tile, its label, its key and its augmentation draws (the workers augment on
+    their device); validation rows: tile, label, patient. A --task subtype run's training
+    ``label`` is the subtype class (0..7), its validation rows carry ``subtype_class`` beside
+    the binary ``label``, and its weights are n / (8 n_c) over the training images as the
+    model sees them (an oversampled class's tiles, by benign/malignant, counted as often)."""
+    from breakhis.data.transforms import AUG_COLOUR, AUG_GEOMETRY, TrainTransform
+
+    label = "subtype_class" if config.task == "subtype" else "label"
+    train_columns = ["image", label, "key", AUG_GEOMETRY]
+    if TrainTransform(
+        strength=config.augment_strength, colour=config.colour_augment
+    ).changes_colour:
+        train_columns.append(AUG_COLOUR)
+    train = ingest.datasets["train"].select_columns(train_columns)
+    datasets = {"train": train.rename_columns({label: "label"}) if label != "label" else train}
+    if validate:
+        columns = ["image", "label", "patient_id"]
+        columns += ["subtype_class"] if config.task == "subtype" else []
+        datasets["val"] = ingest.datasets["val"].select_columns(columns)
+    if config.task != "subtype":
+        return datasets, [float(w) for w in ingest.class_weights]
     from breakhis.subtypes import SUBTYPE_CLASS_NAMES, binary_labels, class_weights
 
-    counts = subtype_counts(data.manifest, data.patients.train, config.magnification)
+    counts = subtype_counts(data.dest.manifest, data.patients.train, config.magnification)
     copies = ingest.oversample_factor
     labels = binary_labels(range(len(SUBTYPE_CLASS_NAMES)))
     seen = [n * copies[int(label)] for n, label in zip(counts, labels, strict=True)]
@@ -309,11 +316,6 @@ def _subtype_datasets(
         "subtype training images: %s",
         ", ".join(f"{name} {n}" for name, n in zip(SUBTYPE_CLASS_NAMES, counts, strict=True)),
     )
-    train = ingest.datasets["train"].select_columns(["image", "subtype_class", "key"])
-    datasets = {"train": train.rename_columns({"subtype_class": "label"})}
-    if "val" in ingest.datasets:
-        columns = ["image", "label", "patient_id", "subtype_class"]
-        datasets["val"] = ingest.datasets["val"].select_columns(columns)
     return datasets, [float(w) for w in class_weights(seen)]
 
 
