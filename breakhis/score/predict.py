@@ -419,6 +419,8 @@ def model_stage(
     that wraps it, built with ``constructor_kwargs``), 1..``max_actors`` of them sized by
     actor_plan. The one model stage of both pipelines, with one retry policy: an actor is
     restarted RETRIES times, and a call waits for its actor to come back."""
+    import ray
+
     return ds.map_batches(
         predictor,
         fn_constructor_kwargs=constructor_kwargs,
