@@ -352,7 +352,7 @@ def _score_command(model: str, src: str, out: str) -> str:
 
 
 def _check_one_row_per_tile(out: str, src: str) -> None:
-    tiles = _read_table(f"{out}/tiles", ["uri", "tile_id"])
+    tiles = _read_table(f"{out}/predictions", ["uri", "tile_id"])
     inputs = {e.uri for e in storage.walk(src, (".png",))}
     uris = tiles.column("uri").to_pylist()
     assert len(uris) == len(set(uris)), "a tile was scored twice"
@@ -366,7 +366,7 @@ def test_scoring_survives_s3_being_down_for_10_seconds(
     src = tiles
     out = f"{s3_prefix}/scores"
     submission_id = full_cluster.submit(_score_command(model, src, out))
-    _wait_for(full_cluster, submission_id, lambda: _files(f"{out}/tiles"), "a scored unit in S3")
+    _wait_for(full_cluster, submission_id, lambda: _files(f"{out}/_units"), "a scored unit in S3")
     s3_relay.down()
     try:
         time.sleep(OUTAGE_S)
@@ -385,7 +385,7 @@ def test_scoring_loses_a_worker_node_and_still_scores_each_tile_once(
     src = tiles
     out = f"{s3_prefix}/scores"
     submission_id = full_cluster.submit(_score_command(model, src, out))
-    _wait_for(full_cluster, submission_id, lambda: _files(f"{out}/tiles"), "a scored unit in S3")
+    _wait_for(full_cluster, submission_id, lambda: _files(f"{out}/_units"), "a scored unit in S3")
     # Tiles are decoded on both nodes; the model actors run where Ray Data's pool put them.
     decoded = _placement(full_cluster, submission_id, StateResource.TASKS, "decode_tiles")
     actors = _placement(full_cluster, submission_id, StateResource.ACTORS, "TilePredictor")
