@@ -253,6 +253,7 @@ class TilePredictor:
 
         prob, prob_raw, class_probs = scores
         malignant = self.malignant_classes
+        explained: list[int] = []
 
         def choose(logits):
             with torch.no_grad():
@@ -261,11 +262,12 @@ class TilePredictor:
                 raw = torch.softmax(logits, dim=1)[:, malignant].sum(dim=1)
                 prob_raw[ok] = raw.float().cpu().numpy()
                 class_probs[ok] = probs.float().cpu().numpy()
-            return self._explained(prob[ok], class_probs[ok])
+            explained.extend(self._explained(prob[ok], class_probs[ok]))
+            return explained
 
         with self._autocast():
             _, raw = gradcam_with_logits(self.model, x, self.layer, choose, map_size=self.map_size)
-        return raw.numpy(), self._explained(prob[ok], class_probs[ok])
+        return raw.numpy(), explained
 
     def _keep_maps(self, batch, images, raw, ok, explained, out) -> None:
         """Normalise the raw maps of the tiles at ``ok`` into ``out`` (maps, scale, target,
