@@ -189,10 +189,11 @@ def test_a_run_key_holds_what_changes_the_result_and_nothing_else() -> None:
     assert key("job").digest() != key("refit").digest()
     # Fields added after runs were stored are left out at their off value (the stored runs
     # computed exactly that), and in at any other.
-    added = ("stain_norm", "stain_reference", "freeze_backbone")
+    added = ("task", "stain_norm", "stain_reference", "freeze_backbone")
     assert not set(added) & set(key("job").options)
     assert key("stain-macenko").options["stain_norm"] == "macenko"
     assert key("stain-macenko") != key("stain-reinhard") != key("job")
+    assert key("subtype").options["task"] == "subtype" and key("subtype") != key("job")
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -240,6 +241,36 @@ def test_the_result_reports_paired_differences_per_pair_with_their_interval() ->
     table = result.format_table()
     assert "95% t-interval" in table and f"{expected.low:+.3f}" in table
     assert "| rep:1 | 1 | job |" in table and "computed 3, resumed 5" in table
+
+
+def test_a_subtype_side_is_compared_with_the_job_and_shows_its_eight_class_figures() -> None:
+    pairs = [(0, 0), (1, 0), (2, 0)]
+    sides = {
+        REFERENCE: [_side(r) for r in (0.5, 0.6, 0.7)],
+        "job": [_side(r) for r in (0.6, 0.7, 0.8)],
+        "subtype": [
+            replace(_side(r), subtype_accuracy=a, subtype_balanced_accuracy=a / 2)
+            for r, a in ((0.7, 0.3), (0.7, 0.4), (0.7, 0.5))
+        ],
+    }
+    result = AccuracyBenchmarkResult(
+        date="2026-01-01",
+        device="cpu",
+        config=AccuracyBenchmarkConfig().__dict__,
+        data=DataInfo("src", "raw", "dest", 40, 4, "m"),
+        pairs=pairs,
+        sides=sides,
+    )
+    assert result.subtype_sides() == ["subtype"] and result.against_job() == ["subtype"]
+    figures = result.to_dict()
+    from_job = figures["differences_from_job"]["subtype"]["patient_rate"]
+    assert from_job["mean"] == pytest.approx(0.0) and from_job["n"] == 3
+    assert figures["summary"]["subtype"]["subtype_accuracy"]["mean"] == pytest.approx(0.4)
+    assert "subtype_accuracy" not in figures["summary"]["job"]
+    table = result.format_table()
+    assert "| subtype - job: split | seed |" in table
+    assert "| rep:2 | 0 | subtype | 0.500 | 0.250 | n/a |" in table
+    assert "| mean +- std | | subtype | 0.400 +- 0.100 |" in table
 
 
 # --- options -------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Issue 28: stain normalisation, fitted on the first training tile by tile id.
     "stain-macenko": {"stain_norm": "macenko"},
     "stain-reinhard": {"stain_norm": "reinhard"},
+    # Issue 28: the eight-subtype model, its binary call the sum over the malignant four.
+    "subtype": {"task": "subtype"},
 }
 """Variants of the job: name -> TrainConfig overrides on top of the benchmark's options. A new
 variant is one more entry here (its overrides are part of its runs' keys)."""
@@ -274,7 +276,22 @@ def run_job(train_config: Any, predict: dict[str, Any] | None = None) -> SideRes
         images_per_epoch=int(history[-1]["train_images"]) if history else 0,
         kept_epoch=trained.refit_epochs or trained.best_epoch,
         threshold=float(evaluated.options.predict.threshold),
+        **subtype_figures(evaluated.subtype),
     )
+
+
+def subtype_figures(report: dict[str, Any] | None) -> dict[str, float]:
+    """A subtype model's eight-class figures for its SideResult (image accuracy, balanced
+    accuracy, patient accuracy), from breakhis.subtypes.subtype_report's ``report``; none
+    for a binary model."""
+    if report is None:
+        return {}
+    patient = report["patient"]
+    return {
+        "subtype_accuracy": float(report["accuracy"]),
+        "subtype_balanced_accuracy": report["balanced_accuracy"],
+        "subtype_patient_accuracy": patient["accuracy"],
+    }
 
 
 # --- the runs -------------------------------------------------------------------------------
@@ -304,6 +321,7 @@ def reference_key(config: AccuracyBenchmarkConfig, k: int, seed: int, manifest: 
 
 
 _ADDED_OFF: dict[str, Any] = {
+    "task": "binary",
     "stain_norm": "none",
     "stain_reference": None,
     "freeze_backbone": False,

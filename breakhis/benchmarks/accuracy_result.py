@@ -22,12 +22,21 @@ COMPARED = ("image_rate", "patient_rate", "balanced_accuracy", "roc_auc")
 CONFIDENCE = 0.95
 """Coverage of the t-interval of a paired difference's mean."""
 
+SUBTYPE_FIGURES = ("subtype_accuracy", "subtype_balanced_accuracy", "subtype_patient_accuracy")
+"""A subtype model's eight-class figures, shown for the sides that have them."""
+
+JOB = "job"
+"""The job at its defaults: every other variant is also compared with it, pair by pair."""
+
 _SHOWN = (*COMPARED, "seconds")
 _TITLES = {
     "image_rate": "image rate",
     "patient_rate": "patient rate",
     "balanced_accuracy": "balanced acc.",
     "roc_auc": "ROC-AUC",
+    "subtype_accuracy": "subtype accuracy",
+    "subtype_balanced_accuracy": "subtype balanced acc.",
+    "subtype_patient_accuracy": "subtype patient accuracy",
 }
 
 
@@ -60,6 +69,13 @@ class SideResult:
     error: str = ""
     """Why the side could not run on this split (its figures are then NaN); empty when it
     ran."""
+    subtype_accuracy: float | None = None
+    """A subtype model's eight-class image accuracy (None for a binary side)."""
+    subtype_balanced_accuracy: float | None = None
+    """Its mean recall over the subtypes present among the test images."""
+    subtype_patient_accuracy: float | None = None
+    """Its patient-level accuracy (a patient's call: the argmax of their tiles' mean class
+    probabilities; patients with two subtypes left out)."""
 
     @classmethod
     def from_metrics(cls, m: dict[str, float], *, seconds: float, **sides: Any) -> SideResult:
@@ -154,19 +170,31 @@ class AccuracyBenchmarkResult:
     def summary(self, side: str, key: str) -> tuple[float, float]:
         """Mean and sample standard deviation over the pairs of one figure of one side
         (std NaN for a single pair)."""
-        s = paired_summary([getattr(r, key) for r in self.sides[side]])
+        s = paired_summary([_figure(r, key) for r in self.sides[side]])
         return s.mean, s.std
 
-    def differences(self, variant: str, key: str) -> list[float]:
-        """``variant - reference`` of one figure, per pair."""
+    def differences(self, variant: str, key: str, base: str = REFERENCE) -> list[float]:
+        """``variant - base`` of one figure, per pair."""
         return [
             getattr(v, key) - getattr(r, key)
-            for v, r in zip(self.sides[variant], self.sides[REFERENCE], strict=True)
+            for v, r in zip(self.sides[variant], self.sides[base], strict=True)
         ]
 
-    def paired(self, variant: str, key: str) -> PairedSummary:
-        """The PairedSummary of ``variant - reference`` of one figure over the pairs."""
-        return paired_summary(self.differences(variant, key))
+    def paired(self, variant: str, key: str, base: str = REFERENCE) -> PairedSummary:
+        """The PairedSummary of ``variant - base`` of one figure over the pairs."""
+        return paired_summary(self.differences(variant, key, base))
+
+    def against_job(self) -> list[str]:
+        """The variants also compared with the job at its defaults (when it ran too)."""
+        return [v for v in self.variants if v != JOB] if JOB in self.sides else []
+
+    def subtype_sides(self) -> list[str]:
+        """The sides with eight-class figures (subtype models)."""
+        return [
+            side
+            for side, results in self.sides.items()
+            if any(r.subtype_accuracy is not None for r in results)
+        ]
 
     def target_met(self, variant: str) -> bool:
         """Whether the variant's mean is at least the reference's on both rates."""
@@ -190,8 +218,27 @@ class AccuracyBenchmarkResult:
         ]
         for variant in self.variants:
             lines += ["", *self._differences_table(variant)]
+        for variant in self.against_job():
+            lines += ["", *self._differences_table(variant, JOB)]
+        if self.subtype_sides():
+            lines += ["", *self._subtype_table()]
         lines += ["", *(self._verdict(v) for v in self.variants)]
         return "\n".join(lines)
+
+    def _subtype_table(self) -> list[str]:
+        lines = [
+            "| eight subtypes: split | seed | side | "
+            + " | ".join(_TITLES[k] for k in SUBTYPE_FIGURES)
+            + " |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for side in self.subtype_sides():
+            for (k, seed), r in zip(self.pairs, self.sides[side], strict=True):
+                cells = " | ".join(_fmt(_figure(r, key), key) for key in SUBTYPE_FIGURES)
+                lines.append(f"| rep:{k} | {seed} | {side} | {cells} |")
+            cells = " | ".join(_fmt_pm(*self.summary(side, key), key) for key in SUBTYPE_FIGURES)
+            lines.append(f"| mean +- std | | {side} | {cells} |")
+        return lines
 
     def _runs_table(self) -> list[str]:
         titles = " | ".join([*(_TITLES[k] for k in COMPARED), "seconds"])
@@ -217,11 +264,11 @@ class AccuracyBenchmarkResult:
             lines.append(f"| mean +- std | | {side} | | | | | | {cells} |")
         return lines
 
-    def _differences_table(self, variant: str) -> list[str]:
-        diffs = {key: self.differences(variant, key) for key in COMPARED}
-        paired = {key: self.paired(variant, key) for key in COMPARED}
+    def _differences_table(self, variant: str, base: str = REFERENCE) -> list[str]:
+        diffs = {key: self.differences(variant, key, base) for key in COMPARED}
+        paired = {key: self.paired(variant, key, base) for key in COMPARED}
         lines = [
-            f"| {variant} - reference: split | seed | "
+            f"| {variant} - {base}: split | seed | "
             + " | ".join(_TITLES[key] for key in COMPARED)
             + " |",
             "|---|---:|---:|---:|---:|---:|",
@@ -291,7 +338,23 @@ class AccuracyBenchmarkResult:
                 **{m: asdict(self.paired(variant, m)) for m in COMPARED},
             }
             out["target"][variant] = "met" if self.target_met(variant) else "missed"
+        if self.against_job():
+            out["differences_from_job"] = {
+                variant: {m: asdict(self.paired(variant, m, JOB)) for m in COMPARED}
+                for variant in self.against_job()
+            }
+        for side in self.subtype_sides():
+            out["summary"][side].update(
+                {k: dict(zip(("mean", "std"), self.summary(side, k), strict=True))
+                 for k in SUBTYPE_FIGURES}
+            )  # fmt: skip
         return _no_nan(out)
+
+
+def _figure(result: SideResult, key: str) -> float:
+    """One figure of a side; NaN where it has none (a binary side's subtype figures)."""
+    value = getattr(result, key)
+    return math.nan if value is None else value
 
 
 def _fmt(value: float, key: str) -> str:
