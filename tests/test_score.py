@@ -276,6 +276,59 @@ def test_predictor_tta_is_invariant_to_flips_and_rotations(local_job) -> None:
         assert (out["map"][4] == 0).all() and out["error"][4].startswith("decode")
 
 
+def _head_inputs(model_uri: str, images: np.ndarray) -> np.ndarray:
+    """What a SmallCNN's head takes, computed by hand: pooled features of the normalised
+    tiles (the embedding ``--features`` must write)."""
+    model, card = load_artifact(model_uri)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(card.mean).view(1, 3, 1, 1)) / torch.tensor(card.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return torch.flatten(model.pool(model.features(x)), 1).numpy()
+
+
+@pytest.mark.parametrize("method", [None, "gradcam", "integrated_gradients"])
+def test_the_embedding_is_the_head_input_of_the_pass_that_gave_the_probabilities(
+    local_job, method
+) -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    batch = {
+        "uri": np.array(list("abcd"), dtype=object),
+        "tile_id": np.array(list("abcd"), dtype=object),
+        "unit": np.zeros(4, np.int32),
+        "image": images,
+        "error": np.array(["", "", "decode: empty file (0 bytes)", ""], dtype=object),
+    }
+    out = _predictor(local_job["model"], method=method, features=True)(batch)
+    expected = _head_inputs(local_job["model"], images[[0, 1, 3]])
+    assert out["embedding"].shape == (4, 128) and out["embedding"].dtype == np.float32
+    assert np.allclose(out["embedding"][[0, 1, 3]], expected, atol=1e-5)
+    assert np.isnan(out["embedding"][2]).all()  # an error row has none
+    # The attribution's own forward passes (integrated gradients: many) are not captured,
+    # and the probabilities are those without --features.
+    plain = _predictor(local_job["model"], method=method)(batch)
+    assert "embedding" not in plain
+    assert np.allclose(out["prob"], plain["prob"], equal_nan=True)
+    if method is None:  # with TTA: the mean over the eight views, as the probabilities
+        tta = _predictor(local_job["model"], method=None, tta=True, features=True)(batch)
+        views = [np.rot90(images[[0, 1, 3]], k, axes=(1, 2)) for k in range(4)]
+        views += [np.flip(v, axis=2) for v in views]
+        mean = np.mean([_head_inputs(local_job["model"], v.copy()) for v in views], axis=0)
+        assert np.allclose(tta["embedding"][[0, 1, 3]], mean, atol=1e-5)
+
+
+def test_a_rerun_adding_features_is_refused_naming_it(local_job, tmp_path) -> None:
+    config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], out=str(tmp_path))
+    card = read_card(local_job["model"])
+    assert "features" not in config.job_record(card)  # records of earlier jobs unchanged
+    assert replace(config, features=True).job_record(card)["features"] is True
+    (tmp_path / "_job.json").write_text(json.dumps(config.job_record(card)))
+    with pytest.raises(JobMismatchError, match="features"):
+        run_scoring(replace(config, features=True))
+    with pytest.raises(ValueError, match="--feature-file-mb must be an integer >= 1"):
+        replace(config, feature_file_mb=0)
+
+
 def test_rerun_with_other_options_is_refused_before_any_work(local_job, tmp_path) -> None:
     config = ScoreConfig(model=local_job["model"], input=local_job["tiles"], out=str(tmp_path))
     lime = replace(config, predict=PredictOptions(attribution="lime"))

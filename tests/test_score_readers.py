@@ -1,6 +1,6 @@
-"""Every common reader reads both tables of the scoring job's output, error rows included,
-and joins them on the tile id with one map per scored tile: pandas, pyarrow, polars, DuckDB
-(from the Parquet files and from an Arrow table) and Ray Data."""
+"""Every common reader reads the tables of the scoring job's output, error rows included,
+and joins them on the tile id with one map and one embedding per scored tile: pandas,
+pyarrow, polars, DuckDB (from the Parquet files and from an Arrow table) and Ray Data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_score import MAP, _make_tiles, _save_model
+from test_score import MAP, _head_inputs, _make_tiles, _save_model
 
+from breakhis import storage
+from breakhis.data.imaging import decode_rgb
 from breakhis.score.job import ScoreConfig, run_scoring
 from breakhis.score.predict import PredictOptions
 
@@ -21,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, ray_local) -> dict:
     """A real job's output over 36 tiles, 3 of which do not decode (error rows), its
-    predictions in files of 16 rows (3 files)."""
+    predictions in files of 16 rows (3 files), with maps and embeddings (--features)."""
     root = tmp_path_factory.mktemp("readers")
     bad = _make_tiles(str(root / "tiles"))
     _save_model(str(root / "model"))
@@ -31,20 +33,24 @@ def scored(tmp_path_factory, ray_local) -> dict:
         out=str(root / "scores"),
         unit_size=8,
         file_rows=16,
+        features=True,
         predict=PredictOptions(map_size=MAP, batch_size=8, num_actors=1),
     )
     summary = run_scoring(config)
     assert (summary.tiles, summary.errors) == (36, 3)
-    assert (summary.prediction_files, summary.attribution_files) == (3, 1)
+    assert (summary.prediction_files, summary.attribution_files, summary.feature_files) == (3, 1, 1)
     broken = sorted(u for u, stage in bad.items() if stage == "decode")
     out = root / "scores"
     manifest = json.loads((out / "_manifest.json").read_text())
-    files = {t: sorted(e["file"] for e in manifest[t]) for t in ("predictions", "attributions")}
+    tables = ("predictions", "attributions", "features")
+    files = {t: sorted(e["file"] for e in manifest[t]) for t in tables}
     assert files == {t: sorted(p.name for p in (out / t).iterdir()) for t in files}
     assert not (out / "_units").exists()  # the journal went once compacted
     return {
         "predictions": str(out / "predictions"),
         "attributions": str(out / "attributions"),
+        "features": str(out / "features"),
+        "model": str(root / "model"),
         "broken": broken,
     }
 
@@ -79,6 +85,40 @@ def test_pandas(scored) -> None:
     joined = predictions.merge(maps, on="tile_id", how="inner", validate="one_to_one")
     assert len(joined) == 33 and joined["error"].isna().all()
     assert (joined["target"] == joined["predicted_label"]).all()  # the call is explained
+
+
+def _check_embeddings(scored, uris: list[str], embeddings: np.ndarray) -> None:
+    """33 embeddings (one per scored tile), each the model's head input for its tile."""
+    assert embeddings.shape == (33, 128) and embeddings.dtype == np.float32
+    assert len(set(uris)) == 33 and not set(uris) & set(scored["broken"])
+    images = np.stack([decode_rgb(storage.read_bytes(u), 32) for u in uris])
+    assert np.allclose(embeddings, _head_inputs(scored["model"], images), atol=1e-5)
+
+
+def test_pandas_features(scored) -> None:
+    import pandas as pd
+
+    predictions = pd.read_parquet(scored["predictions"])
+    features = pd.read_parquet(scored["features"])
+    assert list(features.columns) == ["tile_id", "embedding"]
+    joined = predictions.merge(features, on="tile_id", how="inner", validate="one_to_one")
+    assert len(joined) == 33 and joined["error"].isna().all()
+    _check_embeddings(scored, joined["uri"].tolist(), np.stack(joined["embedding"].to_numpy()))
+    meta = json.loads(pq.read_schema(scored["features"]).metadata[b"breakhis.score"])
+    assert meta["features"]["dim"] == 128
+
+
+def test_duckdb_features_from_parquet(scored) -> None:
+    import duckdb
+
+    rows = duckdb.sql(
+        f"SELECT p.uri, f.embedding, len(f.embedding) AS dim "
+        f"FROM read_parquet('{scored['predictions']}/*.parquet') p "
+        f"JOIN read_parquet('{scored['features']}/*.parquet') f USING (tile_id) ORDER BY p.uri"
+    ).fetchall()
+    assert {r[2] for r in rows} == {128}
+    embeddings = np.asarray([r[1] for r in rows], dtype=np.float32)
+    _check_embeddings(scored, [r[0] for r in rows], embeddings)
 
 
 def test_pyarrow(scored) -> None:

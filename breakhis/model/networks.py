@@ -373,6 +373,20 @@ def last_conv_layer(model: nn.Module, arch: str) -> nn.Module:
     return convs[-1]
 
 
+def embedding_layer(model: nn.Module, arch: str) -> tuple[nn.Module, int]:
+    """(the module whose input is a tile's embedding, that embedding's length): the model's
+    classification head. Its input is what the backbone hands the classifier: the pooled
+    features (torchvision: after global average pooling, before the head's dropout; VGG:
+    its second 4,096-wide layer; timm: the pre-logits features, those of timm's
+    ``forward_head(x, pre_logits=True)``). Raises ValueError when the head has no Linear
+    layer to read the length from."""
+    head = head_module(model, arch)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{arch}: its classification head has no Linear layer; no embedding")
+    return head, linears[0].in_features
+
+
 def training_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of ``model`` that are in training mode and track running
     statistics (a frozen backbone's, put in eval mode by set_train_mode, are left out)."""

@@ -7,7 +7,7 @@ one that planned from a newer listing of a growing input, would leave units outs
 plan: duplicates under ``_SUCCESS``); the final predictions files hold each planned unit with
 its planned rows, one row per input tile; every row carries the model id the job checked
 (rows are stamped by the actors with the hash of the weights they loaded); the attributions
-hold one map per scored tile.
+hold one map, the features one embedding, per scored tile.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from breakhis import storage
 from breakhis.score.output import PatientTotals, unit_files
 from breakhis.score.tables import (
     ATTRIBUTIONS,
+    FEATURES,
     PREDICTIONS,
     count_rows,
     manifest_files,
@@ -89,13 +90,16 @@ def check_output(
             f"{config.out}/{PREDICTIONS}: {others} row(s) scored by another model than "
             f"{model_id}; _SUCCESS not written (was the output written by two jobs at once?)"
         )
-    maps = count_rows(manifest, ATTRIBUTIONS)
-    expected_maps = scored if config.predict.method is not None else 0
-    if maps != expected_maps:
-        raise RuntimeError(
-            f"{config.out}/{ATTRIBUTIONS}: {maps} maps for {expected_maps} scored tiles; "
-            "_SUCCESS not written"
-        )
+    for table, wanted, what in (
+        (ATTRIBUTIONS, config.predict.method is not None, "maps"),
+        (FEATURES, config.features, "embeddings"),
+    ):
+        held_rows, expected = count_rows(manifest, table), scored if wanted else 0
+        if held_rows != expected:
+            raise RuntimeError(
+                f"{config.out}/{table}: {held_rows} {what} for {expected} scored tiles; "
+                "_SUCCESS not written"
+            )
     counts = {"scored": scored, "errors": rows - scored}
     patients_uri = storage.join(config.out, "patients.parquet")
     if not totals.by_patient:

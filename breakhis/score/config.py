@@ -50,6 +50,13 @@ class ScoreConfig:
     The files are written at the end from the units' journal (breakhis.score.tables)."""
     map_file_mb: int = 128
     """Map bytes per file of ``attributions/``, in MB (uncompressed float32 maps)."""
+    features: bool = False
+    """Also write ``features/``: one embedding per scored tile (``tile_id``, ``embedding``:
+    float32, the input of the model's classification head, from the same forward pass as
+    the probabilities), e.g. to cluster tiles or fit a linear probe on a foundation model's
+    features. With ``--attribution none`` the job is a feature extractor."""
+    feature_file_mb: int = 128
+    """Embedding bytes per file of ``features/``, in MB (uncompressed float32)."""
     max_buffer_mb: int = 0
     """Most object-store memory (MB) the pipeline holds at once (decoded units waiting for
     a model actor): what keeps memory flat for any input. 0: two units of decoded tiles
@@ -67,7 +74,11 @@ class ScoreConfig:
             raise ValueError(
                 f"--unit-size must be an integer >= 0 (0: automatic), got {self.unit_size!r}"
             )
-        for option, value in (("--file-rows", self.file_rows), ("--map-file-mb", self.map_file_mb)):
+        for option, value in (
+            ("--file-rows", self.file_rows),
+            ("--map-file-mb", self.map_file_mb),
+            ("--feature-file-mb", self.feature_file_mb),
+        ):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
         if not self.progress_interval_s > 0:
@@ -152,6 +163,7 @@ class ScoreConfig:
             "lime_grid": predict.lime_grid if method == "lime" else None,
             # Only for subtype rows: a binary job's record (and its reruns) stays as it was.
             **({"task": "subtype"} if self.task_for(card) == "subtype" else {}),
+            **({"features": True} if self.features else {}),
         }
 
 

@@ -41,7 +41,7 @@ Once every unit is there, the journal is compacted into few large files and comm
 ``_manifest.json`` (breakhis.score.tables: why, and how a kill at any point is survived).
 Before the manifest, the claim is checked again, the journal must hold no unit of another
 job, and the final files each planned unit with its rows, every row the ``model_id`` checked
-here and one map per scored tile; the actors load the artifact the driver checked, shipped
+here, one map per scored tile and (``--features``) one embedding per scored tile; the actors load the artifact the driver checked, shipped
 through the object store (breakhis.score.pipeline), and stamp rows with the hash of the weights
 they hold.
 
@@ -66,6 +66,9 @@ Output (``OUTPUT/``, local or ``s3://``; docs/scoring.md has every column):
 - ``attributions/part-*.parquet``: with a method, one row per scored tile
   (attributions_schema): ``tile_id``, ``method``, ``target``, ``map``
   (``fixed_size_list<float32>[S*S]``, in [-1, 1]), ``scale``, ``overlay_uri``;
+- ``features/part-*.parquet``: with ``--features``, one row per scored tile
+  (features_schema): ``tile_id``, ``embedding`` (``fixed_size_list<float32>[D]``, the input
+  of the model's classification head: D = 2,048 for ResNet50, 384 for a ViT-S);
 - ``patients.parquet``: one row per patient (= slide in BreakHis), when patient
   ids are known (BreakHis names), PATIENT_SCHEMA;
 - ``overlays/<name>.png``: with ``--overlays``, the tile as the model saw it with its map
@@ -117,16 +120,19 @@ from breakhis.score.output import (  # noqa: F401 (re-exported: errors, patients
 from breakhis.score.pipeline import score_pending, unit_format
 from breakhis.score.tables import (  # noqa: F401 (re-exported: the output's schemas)
     ATTRIBUTIONS,
+    FEATURES,
     JOURNAL,
     PREDICTIONS,
     TableSpec,
     attributions_schema,
     check_user_columns,
     compact,
+    features_schema,
     manifest_units,
     predictions_schema,
     prune,
     read_manifest,
+    rows_per_file,
     user_schema,
     write_manifest,
 )
@@ -143,8 +149,8 @@ log = logging.getLogger(__name__)
 
 PREDICTION_ROW_GROUP = 131_072
 """Rows per row group of a predictions file (DuckDB and Spark split work by row group)."""
-MAP_ROW_GROUP_BYTES = 32 * 2**20
-"""Map bytes per row group of an attributions file."""
+ROW_GROUP_MB = 32
+"""Map (embedding) MB per row group of an attributions (features) file."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,7 @@ class ScoreSummary:
     seconds: float
     prediction_files: int = 0
     attribution_files: int = 0
+    feature_files: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -182,7 +189,7 @@ class ScoreSummary:
                 f"  units: {self.units} ({self.units_written} written this run, "
                 f"{self.units_skipped} already complete, {self.stale_deleted} stale deleted)",
                 f"  files: {self.prediction_files} in predictions/, "
-                f"{self.attribution_files} in attributions/",
+                f"{self.attribution_files} in attributions/, {self.feature_files} in features/",
                 f"  time: {self.seconds:.1f} s",
             ]
         )
@@ -238,7 +245,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
 
 def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, started: float):
     """The job once the output is claimed: plan, score what is missing into the journal,
-    compact it into the two tables, check, commit (breakhis.score.tables), summarise."""
+    compact it into the tables, check, commit (breakhis.score.tables), summarise."""
     journal = storage.join(config.out, JOURNAL)
     sweep_dead_jobs(config.out, token)
     manifest = read_manifest(config.out)
@@ -294,6 +301,7 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
         seconds=time.perf_counter() - started,
         prediction_files=len(manifest[PREDICTIONS]),
         attribution_files=len(manifest.get(ATTRIBUTIONS, [])),
+        feature_files=len(manifest.get(FEATURES, [])),
     )
     verify_claim(config.out, record, token)
     done = {"job": record, "summary": asdict(summary)}
@@ -302,34 +310,42 @@ def _run_claimed(config, artifact, listing: Listing, record: dict, token: str, s
 
 
 def _compact(config, card, listing: Listing, plan, manifest: dict | None, token: str) -> dict:
-    """Compact the journal's units into the final files of both tables (breakhis.score.tables);
-    returns the manifest to commit, naming them."""
+    """Compact the journal's units into the final files of every table the job writes
+    (breakhis.score.tables); returns the manifest to commit, naming them."""
     fmt = unit_format(config, card, token)
     metadata = table_metadata(fmt)
-    map_size = config.predict.map_size
-    return compact(
-        config.out,
-        plan.names,
-        plan.rows,
-        manifest,
-        token=token,
-        predictions=TableSpec(
+    schema = predictions_schema(config.class_names_for(card), user_schema(listing.schema))
+    specs = [
+        TableSpec(
             PREDICTIONS,
-            predictions_schema(
-                config.class_names_for(card), user_schema(listing.schema)
-            ).with_metadata(metadata),
+            schema.with_metadata(metadata),
             row_group_rows=min(config.file_rows, PREDICTION_ROW_GROUP),
-        ),
-        attributions=None
-        if config.predict.method is None
-        else TableSpec(
-            ATTRIBUTIONS,
-            attributions_schema(map_size).with_metadata(metadata),
-            row_group_rows=max(1, MAP_ROW_GROUP_BYTES // (4 * map_size**2)),
-        ),
-        file_rows=config.file_rows,
-        map_file_mb=config.map_file_mb,
-    )
+            file_rows=config.file_rows,
+        )
+    ]
+    if config.predict.method is not None:
+        row_bytes = 4 * config.predict.map_size**2
+        specs.append(
+            TableSpec(
+                ATTRIBUTIONS,
+                attributions_schema(config.predict.map_size).with_metadata(metadata),
+                row_group_rows=rows_per_file(row_bytes, ROW_GROUP_MB),
+                file_rows=rows_per_file(row_bytes + 64, config.map_file_mb),
+                present="method",
+            )
+        )
+    if fmt.feature_dim is not None:
+        row_bytes = 4 * fmt.feature_dim
+        specs.append(
+            TableSpec(
+                FEATURES,
+                features_schema(fmt.feature_dim).with_metadata(metadata),
+                row_group_rows=rows_per_file(row_bytes, ROW_GROUP_MB),
+                file_rows=rows_per_file(row_bytes + 64, config.feature_file_mb),
+                present="embedding",
+            )
+        )
+    return compact(config.out, plan.names, plan.rows, manifest, token=token, specs=specs)
 
 
 def _delete_plan(output: str, folder: str) -> None:

@@ -13,6 +13,7 @@ actor still checks the hash of what it holds and stamps rows with it
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -92,7 +93,18 @@ def unit_format(config: ScoreConfig, card, token: str) -> UnitFormat:
         image_size=card.image_size,
         geometry=card.tile_geometry,
         class_names=config.class_names_for(card),
+        feature_dim=feature_dim(card.architecture, card.num_classes) if config.features else None,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def feature_dim(architecture: str, num_classes: int) -> int:
+    """Length of a tile's embedding for a model of ``architecture``: the input width of its
+    classification head (breakhis.model.networks.embedding_layer)."""
+    from breakhis.model.networks import build_model, embedding_layer
+
+    model = build_model(architecture, num_classes=num_classes)
+    return embedding_layer(model, architecture)[1]
 
 
 class Progress:

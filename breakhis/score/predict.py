@@ -19,9 +19,11 @@ training validates with, so a model sees a tile the same way in every job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,7 +62,10 @@ class TilePredictor:
     class's probability after the temperature, in the card's ``class_names`` order),
     ``target`` (int8 class explained, -1 without a map), ``map`` (S x S
     float32 in [-1, 1]), ``scale`` (float32 largest |value| of the raw map,
-    NaN without a map), ``overlay`` (URI or "") and ``error``.
+    NaN without a map), ``overlay`` (URI or "") and ``error``; with ``features``, also
+    ``embedding`` ([N, D] float32, NaN for a bad tile): the input of the model's
+    classification head (breakhis.model.networks.embedding_layer) from the forward pass that
+    gave the probabilities (averaged over the views with TTA, as the probabilities are).
     """
 
     def __init__(
@@ -80,10 +85,11 @@ class TilePredictor:
         lime_samples: int,
         lime_grid: int,
         artifact: Any = None,
+        features: bool = False,
     ) -> None:
         import torch
 
-        from breakhis.model.networks import last_conv_layer
+        from breakhis.model.networks import embedding_layer, last_conv_layer
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: this actor sees no CUDA device")
@@ -104,6 +110,11 @@ class TilePredictor:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.layer = last_conv_layer(self.model, card.architecture)
+        self.features = features
+        self._embeddings: list | None = None  # the head's inputs while a pass captures them
+        if features:
+            head, self.feature_dim = embedding_layer(self.model, card.architecture)
+            head.register_forward_pre_hook(self._capture)
         self.mean, self.std = tuple(card.mean), tuple(card.std)
         # P(malignant) sums these classes' probabilities: [malignant] for a binary model,
         # the four carcinomas for a subtype one (breakhis.subtypes).
@@ -122,6 +133,12 @@ class TilePredictor:
             "lime_samples": lime_samples,
             "lime_grid": lime_grid,
         }
+
+    def _capture(self, _module, inputs) -> None:
+        """Forward pre-hook of the head: keep its input while a pass captures (the
+        probability pass only: attribution methods run the model again)."""
+        if self._embeddings is not None:
+            self._embeddings.append(inputs[0].detach().flatten(1).float())
 
     def _inputs(self, images: np.ndarray):
         """The model's input for uint8 (N, H, W, 3) ``images`` on the device: one host copy
@@ -204,17 +221,22 @@ class TilePredictor:
         overlays = np.full(count, "", dtype=object)
         scores = (prob, prob_raw, class_probs)
         map_out = (maps, scale, target, overlays)
+        embedding = (
+            np.full((count, self.feature_dim), np.nan, np.float32) if self.features else None
+        )
         if len(ok):
             images = batch["image"]
             # No copy when every tile decoded (the usual batch): the rows are the input.
             images = np.ascontiguousarray(images if len(ok) == count else images[ok])
             x = self._inputs(images)
             if self.method == "gradcam" and not self.tta:
-                # One forward pass for the predictions and the maps.
-                raw, explained = self._predict_with_gradcam(x, ok, scores)
+                # One forward pass for the predictions, the maps and the embeddings.
+                with self._capturing(embedding, ok):
+                    raw, explained = self._predict_with_gradcam(x, ok, scores)
                 self._keep_maps(batch, images, raw, ok, explained, map_out)
-                return self._rows(batch, scores, map_out, errors)
-            calibrated, raw_prob, classes = self._probabilities(x)
+                return self._rows(batch, scores, map_out, errors, embedding)
+            with self._capturing(embedding, ok):
+                calibrated, raw_prob, classes = self._probabilities(x)
             prob[ok] = calibrated.cpu().numpy()
             prob_raw[ok] = raw_prob.cpu().numpy()
             class_probs[ok] = classes.cpu().numpy()
@@ -231,7 +253,23 @@ class TilePredictor:
                         **self.options,
                     ).numpy()
                 self._keep_maps(batch, images, raw, ok, explained, map_out)
-        return self._rows(batch, scores, map_out, errors)
+        return self._rows(batch, scores, map_out, errors, embedding)
+
+    @contextlib.contextmanager
+    def _capturing(self, embedding: np.ndarray | None, ok: np.ndarray) -> Iterator[None]:
+        """Capture the head's inputs during the pass inside; on leaving, their mean over the
+        pass's forward calls (one, or the TTA views) fills ``embedding`` at ``ok``. Nothing
+        without ``features``."""
+        if embedding is None:
+            yield
+            return
+        self._embeddings = []
+        try:
+            yield
+            captured = self._embeddings
+        finally:
+            self._embeddings = None
+        embedding[ok] = (sum(captured) / len(captured)).cpu().numpy()
 
     def _explained(self, p: np.ndarray, class_probs: np.ndarray) -> list[int]:
         """The class each tile's map explains: the one called at the threshold (binary), or
@@ -281,10 +319,12 @@ class TilePredictor:
             overlays[ok] = self._write_overlays(batch["tile_id"][ok], images, raw)
 
     @staticmethod
-    def _rows(batch, scores: tuple, map_out: tuple, errors) -> dict:
+    def _rows(batch, scores: tuple, map_out: tuple, errors, embedding=None) -> dict:
         prob, prob_raw, class_probs = scores
         maps, scale, target, overlays = map_out
+        features = {} if embedding is None else {"embedding": embedding}
         return {
+            **features,
             "uri": batch["uri"],
             "unit": batch["unit"],
             "prob": prob,

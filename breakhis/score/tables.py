@@ -1,12 +1,13 @@
-"""The scoring job's two tables, ``predictions/`` and ``attributions/``, made from its
-journal of unit files in few large files, committed by an atomic manifest.
+"""The scoring job's tables, ``predictions/``, ``attributions/`` and ``features/``, made from
+its journal of unit files in few large files, committed by an atomic manifest.
 
-**Two tables, one key.** ``predictions/`` holds one narrow row per input tile (its ids,
+**Tables, one key.** ``predictions/`` holds one narrow row per input tile (its ids,
 the listing's own columns, a probability per class of the model, the call, the threshold
 applied, the model, the error); ``attributions/`` one row per tile that has a map (tile
 id, method, class explained, the map, its scale, the overlay), only when a method was
-asked for. ``tile_id`` joins them: every scored tile has exactly one map, an error row
-none.
+asked for; ``features/`` (``--features``) one row per scored tile: its embedding, the input
+of the model's classification head. ``tile_id`` joins them: every scored tile has exactly
+one map and one embedding, an error row neither.
 
 **Journal, then compaction.** The model actors write one file per work unit (a few
 hundred tiles, both tables' columns) into ``_units/``, in one piece (breakhis.score.output:
@@ -16,7 +17,8 @@ footer each: ~3,900 files a million tiles at 256 tiles a unit), and units any la
 would lose more work to a kill and hold more memory per actor. So once every unit is
 there, Ray tasks rewrite them, in plan order, into large files: ``predictions/`` of
 ``file_rows`` rows (default 250,000: 4 files a million tiles), ``attributions/`` of about
-``map_file_mb`` MB of maps (default 128). Each file is written in one piece too, under a
+``map_file_mb`` MB of maps (default 128), ``features/`` of about ``feature_file_mb`` MB of
+embeddings (default 128). Each file is written in one piece too, under a
 name carrying this run's token (``part-NNNNN-<token>.parquet``), so a run killed half-way
 through compaction leaves whole files of its own that no later manifest names. Then the
 job checks the new files (one row per planned tile, every row of its model) and writes
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
 ATTRIBUTIONS = "attributions"
+FEATURES = "features"
+TABLES = (PREDICTIONS, ATTRIBUTIONS, FEATURES)
 JOURNAL = "_units"
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 1
@@ -75,6 +79,8 @@ SCORE_COLUMNS = (
 """``predictions/`` columns after the probabilities (``predicted_subtype``: a subtype model only)."""
 MAP_COLUMNS = ("method", "target", "map", "scale", "overlay_uri")
 """``attributions/`` columns after ``tile_id``."""
+FEATURE_COLUMNS = ("embedding",)
+"""``features/`` columns after ``tile_id``."""
 PROB_PREFIX = "prob_"
 
 
@@ -85,7 +91,8 @@ def prob_column(class_name: str) -> str:
 
 def reserved_columns() -> tuple[str, ...]:
     """Column names a listing may not bring (both tables' own, and the internal ones)."""
-    return tuple(dict.fromkeys([*INPUT_SCHEMA.names, *FACTS, *SCORE_COLUMNS, *MAP_COLUMNS]))
+    names = [*INPUT_SCHEMA.names, *FACTS, *SCORE_COLUMNS, *MAP_COLUMNS, *FEATURE_COLUMNS]
+    return tuple(dict.fromkeys(names))
 
 
 def check_user_columns(source: str, user: pa.Schema) -> None:
@@ -153,14 +160,27 @@ def attributions_schema(map_size: int) -> pa.Schema:
     )
 
 
-def journal_schema(class_names: Sequence[str], user: pa.Schema, map_size: int | None) -> pa.Schema:
+def features_schema(dim: int) -> pa.Schema:
+    """``features/``: tile_id and embedding (``fixed_size_list<float32>[D]``, the input of the
+    model's classification head)."""
+    return pa.schema([("tile_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def journal_schema(
+    class_names: Sequence[str],
+    user: pa.Schema,
+    map_size: int | None,
+    feature_dim: int | None = None,
+) -> pa.Schema:
     """A unit file of ``_units/``: the predictions' columns, then (``map_size`` given) the
-    attributions' (a row without a map: null method, zeros)."""
-    schema = predictions_schema(class_names, user)
-    if map_size is None:
-        return schema
-    extra = [f for f in attributions_schema(map_size) if f.name != "tile_id"]
-    return pa.schema([*schema, *extra])
+    attributions' (a row without a map: null method, zeros), then (``feature_dim`` given)
+    the embedding (null for an error row)."""
+    fields = list(predictions_schema(class_names, user))
+    if map_size is not None:
+        fields += [f for f in attributions_schema(map_size) if f.name != "tile_id"]
+    if feature_dim is not None:
+        fields += [f for f in features_schema(feature_dim) if f.name != "tile_id"]
+    return pa.schema(fields)
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -183,7 +203,7 @@ def read_manifest(out: str) -> dict | None:
     if not storage.exists(uri):
         return None
     manifest = json.loads(storage.read_bytes(uri))
-    for table in (PREDICTIONS, ATTRIBUTIONS):
+    for table in TABLES:
         for entry in manifest.get(table, []):
             if not storage.exists(storage.join(out, table, entry["file"])):
                 log.warning("%s names %s/%s, which is gone", uri, table, entry["file"])
@@ -213,11 +233,21 @@ def manifest_units(manifest: dict | None) -> set[str]:
 
 @dataclass(frozen=True)
 class TableSpec:
-    """What one compaction task writes."""
+    """What one table's compaction tasks write."""
 
-    table: str  # PREDICTIONS or ATTRIBUTIONS
+    table: str  # one of TABLES
     schema: pa.Schema  # with the file metadata
     row_group_rows: int
+    file_rows: int
+    """Planned rows per file (a file closes at the unit that reaches it)."""
+    present: str | None = None
+    """A column null in the journal's rows this table has no row for (``method``: a tile
+    without a map; ``embedding``: an error row); None: every row."""
+
+
+def rows_per_file(row_bytes: int, file_mb: int) -> int:
+    """Rows of ``row_bytes`` (uncompressed) that make a file of about ``file_mb`` MB."""
+    return max(1, file_mb * 2**20 // row_bytes)
 
 
 def compact(
@@ -227,14 +257,11 @@ def compact(
     manifest: dict | None,
     *,
     token: str,
-    predictions: TableSpec,
-    attributions: TableSpec | None,
-    file_rows: int,
-    map_file_mb: int,
+    specs: Sequence[TableSpec],
 ) -> dict:
     """Rewrite the planned units (``names``, ``rows``: plan order) from the journal or the
-    old ``manifest``'s files into large files (module docstring), in Ray tasks. Returns the
-    new manifest (not yet written: ``write_manifest``)."""
+    old ``manifest``'s files into large files of each table of ``specs`` (module docstring),
+    in Ray tasks. Returns the new manifest (not yet written: ``write_manifest``)."""
     import ray
 
     from breakhis.raysession import ensure_ray
@@ -242,7 +269,6 @@ def compact(
 
     ensure_ray()
     task = ray.remote(num_cpus=DECODE_CPUS, max_retries=RETRIES)(write_table_file)
-    specs = [predictions] + ([attributions] if attributions is not None else [])
     refs = {}
     for spec in specs:
         old = manifest_pieces(out, manifest, spec.table)
@@ -250,12 +276,7 @@ def compact(
             old.get(name) or Piece(name, storage.join(out, JOURNAL, name), -1, count)
             for name, count in zip(names, rows, strict=True)
         ]
-        if spec.table == PREDICTIONS:
-            limit = file_rows
-        else:
-            row_bytes = spec.schema.field("map").type.list_size * 4 + 64
-            limit = max(1, map_file_mb * 2**20 // row_bytes)
-        groups = _groups(pieces, names, rows, limit)
+        groups = _groups(pieces, names, rows, spec.file_rows)
         refs[spec.table] = [
             task.remote(group, spec, storage.join(out, spec.table, _file_name(i, token)), token)
             for i, group in enumerate(groups)
@@ -350,11 +371,10 @@ def _read_piece(piece: Piece, spec: TableSpec, cache: dict[str, pa.Table]) -> pa
             cache.clear()  # pieces come in order: one file at a time
             cache[piece.uri] = pq.read_table(path, filesystem=fs)
         part = cache[piece.uri].slice(piece.offset, piece.rows)
-    elif spec.table == PREDICTIONS:
-        part = pq.read_table(path, filesystem=fs, columns=columns)
     else:
         part = pq.read_table(path, filesystem=fs, columns=columns)
-        part = part.filter(pc.is_valid(part["method"]))
+        if spec.present is not None:  # one of the table's columns
+            part = part.filter(pc.is_valid(part[spec.present]))
     return part.select(columns).cast(spec.schema.remove_metadata())
 
 
@@ -364,14 +384,14 @@ def write_manifest(out: str, manifest: dict) -> None:
 
 
 def prune(out: str, manifest: dict) -> int:
-    """Delete the files of ``predictions/`` and ``attributions/`` the manifest does not name
+    """Delete the files of the tables (TABLES) the manifest does not name
     (an earlier run's, or a killed compaction's) and every unit file of the journal (their
     rows are in the manifest's files now); temp files only when stale. Returns the number
     of final files deleted."""
     from breakhis.score.output import STALE_TEMP_S, unit_files
 
     deleted = 0
-    for table in (PREDICTIONS, ATTRIBUTIONS):
+    for table in TABLES:
         keep = {entry["file"] for entry in manifest.get(table, [])}
         folder = storage.join(out, table)
         if not storage.exists(folder):

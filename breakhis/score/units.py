@@ -252,6 +252,8 @@ class UnitFormat:
     class_names: tuple[str, ...] = CLASS_NAMES
     """The classes of the rows, one ``prob_<class>`` each: the model's (the card's order), or
     benign/malignant for a subtype model scored with ``--task binary``."""
+    feature_dim: int | None = None
+    """Length of a tile's embedding (``--features``); None: no embeddings."""
 
     @property
     def input_geometry(self) -> TileGeometry:
@@ -360,8 +362,15 @@ def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> p
                 scores["overlay"].astype(str), pa.string(), mask=scores["overlay"] == ""
             ),
         }
+    if fmt.feature_dim is not None:
+        flat = pa.array(scores["embedding"].reshape(-1).astype(np.float32), pa.float32())
+        embedding = pa.FixedSizeListArray.from_arrays(flat, fmt.feature_dim, mask=pa.array(bad))
+        columns["embedding"] = embedding
     schema = journal_schema(
-        classes, members.select(user).schema, fmt.map_size if fmt.method else None
+        classes,
+        members.select(user).schema,
+        fmt.map_size if fmt.method else None,
+        fmt.feature_dim,
     )
     return pa.table(columns, schema=schema.with_metadata(table_metadata(fmt)))
 
@@ -381,6 +390,17 @@ def table_metadata(fmt: UnitFormat) -> dict[str, str]:
                     "covers": "the whole tile, row-major, top row first",
                     "values": "map / scale, in [-1, 1]",
                 },
+                **(
+                    {
+                        "features": {
+                            "dim": fmt.feature_dim,
+                            "dtype": "float32",
+                            "layer": "the input of the model's classification head",
+                        }
+                    }
+                    if fmt.feature_dim is not None
+                    else {}
+                ),
                 "tta": fmt.tta,
                 "threshold": fmt.threshold,
                 "image_size": fmt.image_size,
@@ -442,6 +462,7 @@ def units_dataset(
         batch_size=None,
     )
     kwargs = predictor_kwargs(model_uri, fmt.threshold, device, options, overlay_root, artifact)
+    kwargs["features"] = fmt.feature_dim is not None
     return model_stage(
         ds,
         UnitTilePredictor,
