@@ -161,6 +161,49 @@ def test_a_timm_model_exports_to_torchscript_and_onnx(arch: str, tmp_path: Path)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", [CNN, VIT])
+def test_score_features_of_a_timm_model_are_its_pre_logits(arch: str, tmp_path: Path) -> None:
+    """``score --features`` writes what timm's own ``forward_head(pre_logits=True)`` gives:
+    the features a foundation model is used for."""
+    from breakhis.data.transforms import normalize
+    from breakhis.score.predict import TilePredictor
+
+    model_uri = _artifact(tmp_path, arch)
+    net, card = load_artifact(model_uri)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIDE, SIDE, 3), dtype=np.uint8)
+    predictor = TilePredictor(
+        model_uri=model_uri,
+        method=None,
+        map_size=4,
+        tta=False,
+        threshold=0.5,
+        device="cpu",
+        torch_threads=1,
+        overlay_root=None,
+        ig_steps=2,
+        occlusion_window=0,
+        lime_samples=2,
+        lime_grid=2,
+        features=True,
+    )
+    out = predictor(
+        {
+            "uri": np.array(list("abc"), dtype=object),
+            "tile_id": np.array(list("abc"), dtype=object),
+            "unit": np.zeros(3, np.int32),
+            "image": images,
+            "error": np.array([""] * 3, dtype=object),
+        }
+    )
+    timm_model = net.model  # timm's module behind the input affine
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), card.mean, card.std)
+    with torch.no_grad():
+        x = x * net.scale + net.shift if not net.identity else x
+        want = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+    assert out["embedding"].shape == (3, timm_model.num_features)
+    np.testing.assert_allclose(out["embedding"], want.numpy(), atol=1e-4)
+
+
 def test_a_timm_run_goes_through_a_sweep_config(tmp_path: Path) -> None:
     from breakhis.tune.config import SweepConfig, trial_base
     from breakhis.tune.job import resolve_space
