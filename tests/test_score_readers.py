@@ -5,6 +5,7 @@ pyarrow, polars, DuckDB (from the Parquet files and from an Arrow table) and Ray
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -104,7 +105,8 @@ def test_pandas_features(scored) -> None:
     joined = predictions.merge(features, on="tile_id", how="inner", validate="one_to_one")
     assert len(joined) == 33 and joined["error"].isna().all()
     _check_embeddings(scored, joined["uri"].tolist(), np.stack(joined["embedding"].to_numpy()))
-    meta = json.loads(pq.read_schema(scored["features"]).metadata[b"breakhis.score"])
+    (file,) = sorted(Path(scored["features"]).glob("*.parquet"))
+    meta = json.loads(pq.read_schema(file).metadata[b"breakhis.score"])
     assert meta["features"]["dim"] == 128
 
 

@@ -331,7 +331,7 @@ def _compact(config, card, listing: Listing, plan, manifest: dict | None, token:
                 attributions_schema(config.predict.map_size).with_metadata(metadata),
                 row_group_rows=rows_per_file(row_bytes, ROW_GROUP_MB),
                 file_rows=rows_per_file(row_bytes + 64, config.map_file_mb),
-                present="method",
+                where=("method", True),
             )
         )
     if fmt.feature_dim is not None:
@@ -342,7 +342,7 @@ def _compact(config, card, listing: Listing, plan, manifest: dict | None, token:
                 features_schema(fmt.feature_dim).with_metadata(metadata),
                 row_group_rows=rows_per_file(row_bytes, ROW_GROUP_MB),
                 file_rows=rows_per_file(row_bytes + 64, config.feature_file_mb),
-                present="embedding",
+                where=("error", False),
             )
         )
     return compact(config.out, plan.names, plan.rows, manifest, token=token, specs=specs)

@@ -240,9 +240,10 @@ class TableSpec:
     row_group_rows: int
     file_rows: int
     """Planned rows per file (a file closes at the unit that reaches it)."""
-    present: str | None = None
-    """A column null in the journal's rows this table has no row for (``method``: a tile
-    without a map; ``embedding``: an error row); None: every row."""
+    where: tuple[str, bool] | None = None
+    """Which journal rows the table holds: those whose column is valid (``("method",
+    True)``: the tiles with a map) or null (``("error", False)``: the scored tiles); None:
+    every row."""
 
 
 def rows_per_file(row_bytes: int, file_mb: int) -> int:
@@ -371,10 +372,12 @@ def _read_piece(piece: Piece, spec: TableSpec, cache: dict[str, pa.Table]) -> pa
             cache.clear()  # pieces come in order: one file at a time
             cache[piece.uri] = pq.read_table(path, filesystem=fs)
         part = cache[piece.uri].slice(piece.offset, piece.rows)
-    else:
+    elif spec.where is None:
         part = pq.read_table(path, filesystem=fs, columns=columns)
-        if spec.present is not None:  # one of the table's columns
-            part = part.filter(pc.is_valid(part[spec.present]))
+    else:
+        column, valid = spec.where
+        part = pq.read_table(path, filesystem=fs, columns=list(dict.fromkeys([*columns, column])))
+        part = part.filter(pc.is_valid(part[column]) if valid else pc.is_null(part[column]))
     return part.select(columns).cast(spec.schema.remove_metadata())
 
 

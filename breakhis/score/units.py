@@ -364,8 +364,7 @@ def unit_table(fmt: UnitFormat, name: str, members: pa.Table, scores: dict) -> p
         }
     if fmt.feature_dim is not None:
         flat = pa.array(scores["embedding"].reshape(-1).astype(np.float32), pa.float32())
-        embedding = pa.FixedSizeListArray.from_arrays(flat, fmt.feature_dim, mask=pa.array(bad))
-        columns["embedding"] = embedding
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, fmt.feature_dim)
     schema = journal_schema(
         classes,
         members.select(user).schema,
