@@ -111,7 +111,6 @@ class TilePredictor:
             torch.backends.cudnn.benchmark = True
         self.layer = last_conv_layer(self.model, card.architecture)
         self.features = features
-        self._embeddings: list | None = None  # the head's inputs while a pass captures them
         if features:
             head, self.feature_dim = embedding_layer(self.model, card.architecture)
             head.register_forward_pre_hook(self._capture)
@@ -135,10 +134,11 @@ class TilePredictor:
         }
 
     def _capture(self, _module, inputs) -> None:
-        """Forward pre-hook of the head: keep its input while a pass captures (the
-        probability pass only: attribution methods run the model again)."""
-        if self._embeddings is not None:
-            self._embeddings.append(inputs[0].detach().flatten(1).float())
+        """Forward pre-hook of the head: keep its input while a pass of this thread captures
+        (the probability pass only: attribution methods run the model again)."""
+        captured = getattr(self._local, "embeddings", None)
+        if captured is not None:
+            captured.append(inputs[0].detach().flatten(1).float())
 
     def _inputs(self, images: np.ndarray):
         """The model's input for uint8 (N, H, W, 3) ``images`` on the device: one host copy
@@ -263,12 +263,12 @@ class TilePredictor:
         if embedding is None:
             yield
             return
-        self._embeddings = []
+        captured: list = []
+        self._local.embeddings = captured  # per calling thread, as the staging buffer
         try:
             yield
-            captured = self._embeddings
         finally:
-            self._embeddings = None
+            self._local.embeddings = None
         embedding[ok] = (sum(captured) / len(captured)).cpu().numpy()
 
     def _explained(self, p: np.ndarray, class_probs: np.ndarray) -> list[int]:
