@@ -317,46 +317,64 @@ def test_two_workers_learn_well_above_the_majority_rate(prepared: str, tmp_path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_refit_trains_again_on_every_training_patient_for_the_chosen_epochs(
-    prepared: str, tmp_path: Path
+def test_rerun_resumes_at_the_next_epoch_on_s3_and_continues_its_mlflow_run(
+    prepared: str, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from breakhis.model.artifact import read_card
+    """One run and its rerun, two behaviours (each run costs most of a minute here): the
+    rerun resumes from the checkpoint on S3, and it continues the first run's MLflow run
+    (this was test_tracking's own pair of runs until 2026-12-07)."""
+    from mlflow import MlflowClient
 
-    config = _config(tmp_path, prepared, name="refit", epochs=2, refit=True, num_workers=1)
-    result = run_training(config)
-    run = Path(result.run_uri)
-    assert result.refit_epochs == result.best_epoch >= 1
-    assert result.artifact_uri == str(run / "model")
-    validated, handed = read_card(str(run / "validated-model")), read_card(result.artifact_uri)
-    assert handed.model_id == result.model_id != validated.model_id
-    # The decision fitted on validation travels with the refit model.
-    assert (handed.temperature, handed.threshold) == (validated.temperature, validated.threshold)
-    assert handed.metrics["refit_epochs"] == result.refit_epochs and handed.config["refit"]
-    refit_curves = json.loads((run / "refit" / "curves.json").read_text())["epochs"]
-    assert len(refit_curves) == result.refit_epochs
-    # Training and validation patients together: more images per epoch than validated.
-    assert refit_curves[0]["train_images"] > result.history[0]["train_images"]
-    assert "val_loss" not in refit_curves[0]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_rerun_resumes_at_the_next_epoch_on_s3(
-    prepared: str, s3_prefix: str, tmp_path: Path
-) -> None:
     from breakhis import storage
+    from breakhis.train import tracking
 
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.delenv(tracking.ENV_EXPERIMENT, raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     config = _config(tmp_path, prepared, storage=f"{s3_prefix}/runs", name="resume", epochs=1)
-    first = run_training(config)
+    first = run_training(TrainConfig.from_dict({**config.to_dict(), "tracking_uri": store}))
     assert [r["epoch"] for r in first.history] == [1]
     fs, path = storage.resolve(f"{s3_prefix}/runs/resume/epoch_0001/checkpoint.pt")
     written = fs.get_file_info(path).mtime
+    # The run is logged: parameters, tags, every epoch's metrics, its outputs as artifacts.
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("breakhis").experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "resume"
+    assert run.data.params == tracking.config_params(config.to_dict())
 
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+    assert steps("train_loss") == steps("val_roc_auc") == [1]
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    assert logged == {int(r["epoch"]): pytest.approx(r["val_loss"]) for r in first.history}
+    tags = run.data.tags
+    assert tags["split"] == "fold:0" and len(tags["manifest_hash"]) > 8
+    assert tags["artifact_uri"] == first.artifact_uri and tags["model_id"] == first.model_id
+    assert tags["run_uri"] == first.run_uri
+    assert {"curves.png", "curves.json", "model.json"} <= {
+        f.path for f in client.list_artifacts(run_id)
+    }
+    card = json.loads(
+        Path(client.download_artifacts(run_id, "model.json", str(tmp_path))).read_text()
+    )
+    assert card["model_id"] == first.model_id
+
+    # The same storage and name with more epochs resumes the checkpoint and the MLflow run;
+    # the tracking URI comes from the environment this time.
+    monkeypatch.setenv(tracking.ENV_URI, store)
     second = run_training(TrainConfig.from_dict({**config.to_dict(), "epochs": 2}))
     assert [r["epoch"] for r in second.history] == [1, 2]
     assert second.history[0] == first.history[0]  # epoch 1 restored, not trained again
     assert fs.get_file_info(path).mtime == written
     assert storage.exists(f"{s3_prefix}/runs/resume/model/model.json")
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["changed.epochs"] == "2" and runs[0].data.params["epochs"] == "1"
+    assert steps("train_loss") == [1, 2]
+    assert runs[0].data.tags["model_id"] == second.model_id
 
     # Same name, other model: refused before any worker starts.
     with pytest.raises(ValueError, match=r"--arch 'smallcnn' \(now 'resnet18'\)"):
@@ -398,9 +416,14 @@ def test_checkpoint_state_is_read_from_storage_without_a_shared_download_folder(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_worker_that_fails_mid_epoch_is_restarted_from_the_checkpoint(
+def test_a_worker_that_fails_mid_epoch_is_restarted_and_refit_trains_on_every_training_patient(
     prepared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One run with --refit, two behaviours (a run costs most of a minute here): a worker
+    that fails mid-epoch is restarted from the checkpoint; then the refit trains again on
+    every training patient for the chosen epochs (its own test until 2026-12-07)."""
+    from breakhis.model.artifact import read_card
+
     marker = str(tmp_path / "failed-once")
 
     def flaky_loop(config: dict) -> None:
@@ -436,13 +459,28 @@ def test_a_worker_that_fails_mid_epoch_is_restarted_from_the_checkpoint(
     torch.save(build_model("smallcnn").state_dict(), weights)
     config = _config(
         tmp_path, prepared, name="flaky", epochs=2, max_failures=1, weights=str(weights),
-        freeze_epochs=1,
+        freeze_epochs=1, refit=True,
     )  # fmt: skip
     result = run_training(config)
     assert os.path.exists(marker), "the injected failure never happened"
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert [r["backbone_frozen"] for r in result.history] == [1.0, 0.0]
     assert math.isfinite(result.history[-1]["val_loss"])
+
+    # The refit (the failure is injected once: it trains undisturbed).
+    run = Path(result.run_uri)
+    assert result.refit_epochs == result.best_epoch >= 1
+    assert result.artifact_uri == str(run / "model")
+    validated, handed = read_card(str(run / "validated-model")), read_card(result.artifact_uri)
+    assert handed.model_id == result.model_id != validated.model_id
+    # The decision fitted on validation travels with the refit model.
+    assert (handed.temperature, handed.threshold) == (validated.temperature, validated.threshold)
+    assert handed.metrics["refit_epochs"] == result.refit_epochs and handed.config["refit"]
+    refit_curves = json.loads((run / "refit" / "curves.json").read_text())["epochs"]
+    assert len(refit_curves) == result.refit_epochs
+    # Training and validation patients together: more images per epoch than validated.
+    assert refit_curves[0]["train_images"] > result.history[0]["train_images"]
+    assert "val_loss" not in refit_curves[0]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -241,20 +241,28 @@ def prepared(make_prepared) -> str:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
-    prepared: str, s3_prefix: str
+def test_asha_stops_bad_trials_the_best_model_is_kept_on_s3_and_mlflow_has_a_run_per_trial(
+    prepared: str, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One sweep, two behaviours (a sweep costs a minute here): ASHA stops the bad trials
+    and the best model is kept; the sweep is an MLflow parent run with a child per trial
+    (this was test_tracking's own sweep until 2026-12-07)."""
     import ray
 
     from breakhis import storage
     from breakhis.model.artifact import load_artifact, read_card
+    from breakhis.train import tracking
+
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.delenv(tracking.ENV_EXPERIMENT, raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
 
     # One trial at a time (2.25 CPUs each on 4), so trials reach the rungs in grid order.
     # lr 0.5 and 1.0 leave a worse model after one epoch than lr 1e-2 (how much worse varies:
     # PreciseBN and the fitted temperature rescue much of it, 0.39 against 0.27 in one CI run).
     space = parse_search_space({"lr": {"grid": [1.0e-2, 3.0e-3, 0.5, 1.0]}}, "test grid")
     config = SweepConfig(
-        train=_train(prepared, f"{s3_prefix}/sweeps", name="asha"),
+        train=_train(prepared, f"{s3_prefix}/sweeps", name="asha", tracking_uri=store),
         search_space=space,
         num_samples=1,
         reduction_factor=2,  # rungs at epochs 1 and 2 of 3
@@ -308,6 +316,7 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
     assert card.config["lr"] == best["lr"]
     with torch.no_grad():
         assert model(torch.zeros(2, 3, SIDE, SIDE)).shape == (2, 2)
+    _check_sweep_tracking(store, result, space_dict={"lr": {"grid": [0.01, 0.003, 0.5, 1.0]}})
 
     # The same command again finds the finished sweep: no trial runs twice.
     again = run_sweep(config)
@@ -321,11 +330,47 @@ def test_asha_stops_bad_trials_and_the_best_model_is_kept_on_s3(
         run_sweep(other)
 
 
+def _check_sweep_tracking(store: str, result, space_dict: dict) -> None:
+    """The sweep in the MLflow store ``store``: a parent run (its search space, best trial
+    and leaderboard) with one child per trial (its lr, stop reason and status, an epoch
+    logged per epoch it ran, its artifact)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from breakhis.train.tracking import STOP_STATUS
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("breakhis").experiment_id
+    [parent] = client.search_runs([experiment], "tags.sweep_uri != ''")
+    assert parent.info.run_name == "asha" and parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["search_space"]) == space_dict
+    assert parent.data.tags["best_trial_id"] == result.best_trial_id
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.parquet", "leaderboard.csv"} <= logged
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == sorted(f"trial-{r['trial_id']}" for r in result.rows)
+    for row in result.rows:
+        child = by_name[f"trial-{row['trial_id']}"]
+        assert float(child.data.params["lr"]) == row["lr"]
+        assert child.data.tags["stop_reason"] == row["stop_reason"]
+        assert child.info.status == STOP_STATUS[row["stop_reason"]], (row, child.info.status)
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_loss"))
+        epochs = list(range(1, row["epochs_run"] + 1))
+        if row["stop_reason"] == "completed":
+            assert steps == epochs
+            assert child.data.tags["artifact_uri"] == row["artifact_uri"]
+        else:  # ASHA may stop the trial before its worker logs the epoch it reported
+            assert set(steps) <= set(epochs)
+
+
 def _interrupted_sweep(prepared: str, storage: str) -> SweepConfig:
-    """Three trials of two epochs, one at a time, no early stopping: the sweep the
-    interrupt test kills (in a subprocess) and resumes (here)."""
+    """Three trials of one epoch, one at a time, no early stopping: the sweep the
+    interrupt test kills (in a subprocess) and resumes (here). One epoch: what is resumed
+    is whole trials (a trial's epochs resuming is test_train's)."""
     return SweepConfig(
-        train=_train(prepared, storage, name="killed", epochs=2),
+        train=_train(prepared, storage, name="killed", epochs=1),
         search_space=parse_search_space({"lr": {"grid": [1.0e-2, 3.0e-3, 1.0e-3]}}, "grid"),
         num_samples=1,
         scheduler="fifo",
@@ -390,7 +435,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(prepared: str, tmp_path:
     assert result.resumed
     assert len(result.rows) == 3
     assert {r["stop_reason"] for r in result.rows} == {"completed"}
-    assert {r["epochs_run"] for r in result.rows} == {2}
+    assert {r["epochs_run"] for r in result.rows} == {1}
     assert finished <= {r["trial_id"] for r in result.rows}
     assert len({r["trial_id"] for r in result.rows}) == 3
     # Trials that had finished were kept, not trained again.
