@@ -3,6 +3,7 @@ whole units only, and progress lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -122,29 +123,75 @@ def test_scale_benchmark_reports_the_loop_the_job_and_memory(tmp_path) -> None:
     import subprocess
     import sys
 
+    # One size: every size runs the same code (a folder, the loop, two jobs in fresh
+    # processes, ~30 s each here); what compares sizes is format_scale, checked without Ray
+    # by test_the_scale_table_compares_the_smallest_and_the_largest_size below.
     done = subprocess.run(
         [sys.executable, "-m", "breakhis.cli", "benchmark", "score", "--workdir", str(tmp_path),
-         "--scale-tiles", "30,60", "--arch", "smallcnn", "--image-size", "32", "--tile-width",
+         "--scale-tiles", "30", "--arch", "smallcnn", "--image-size", "32", "--tile-width",
          "64", "--tile-height", "42", "--batch-size", "16", "--unit-size", "16", "--cpus", "2"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     figures = json.loads((tmp_path / "benchmark-score-scale.json").read_text())
-    assert [r["tiles"] for r in figures["runs"]] == [30, 60]
+    assert [r["tiles"] for r in figures["runs"]] == [30]
     for run in figures["runs"]:
         assert run["loop_tiles_per_s"] > 0 and run["job_tiles_per_s"] > 0
         assert run["driver_peak_rss_mb"] > 0 and run["tree_peak_mb"] > run["driver_peak_rss_mb"]
         assert run["gradcam_ratio"] > 0 and run["prediction_files"] == 1
         assert run["files_per_million"] == pytest.approx(1e6 / run["tiles"])
     table = (tmp_path / "benchmark-score-scale.md").read_text()
-    assert (
-        "job / loop" in table and "Grad-CAM job / loop" in table and "per predictions row" in table
-    )
-    # Each job scored its folder: one row per tile.
+    assert "job / loop" in table and "Grad-CAM job / loop" in table and "| 30 |" in table
+    # The job scored its folder: one row per tile.
     import pyarrow.parquet as pq
 
-    assert pq.read_table(tmp_path / "scale" / "out-60" / "predictions").num_rows == 60
-    assert pq.read_table(tmp_path / "scale" / "out-60-gradcam" / "attributions").num_rows == 60
+    assert pq.read_table(tmp_path / "scale" / "out-30" / "predictions").num_rows == 30
+    assert pq.read_table(tmp_path / "scale" / "out-30-gradcam" / "attributions").num_rows == 30
+
+
+def test_the_scale_table_compares_the_smallest_and_the_largest_size() -> None:
+    from breakhis.benchmarks.score import ScoreBenchmarkConfig
+    from breakhis.benchmarks.score_scale import ScaleRun, format_scale
+
+    config = ScoreBenchmarkConfig(scale_tiles=(10_000, 100_000))
+    # 600 bytes of driver memory per predictions row from 10,000 to 100,000 tiles.
+    small = ScaleRun(10_000, 1000.0, 0.1, 2.0, 5.0, 11.0, 20.0, 300.0, 900.0, 1, 40.0)
+    grown = 300.0 + 600 * 90_000 / 2**20
+    large = ScaleRun(100_000, 1000.0, 1.0, 20.0, 50.0, 100.0, 110.0, grown, 990.0, 2, 400.0)
+    table = format_scale([small, large], config, 2, (0.5, 0.7))
+    assert "| 10000 | 1000 | 909 | 0.91 | 0.25 | 500 | 300 | 900 | 100 |" in table
+    assert "Job / loop at 100000 tiles: 1.00 (target >= 0.9)" in table
+    assert f"driver peak RSS {grown / 300:.2f}x and whole tree 1.10x from 10000 to 100000" in table
+    assert "driver memory per predictions row 600 bytes (target <= 1024)" in table
+    assert "20 predictions files per million tiles (target <= 20)" in table
+    # One size: its row, and nothing to compare it with.
+    alone = format_scale([small], config, 2, (0.5, 0.7))
+    assert "| 10000 |" in alone and "per predictions row" not in alone
+
+
+def test_the_score_benchmark_table_shows_each_memory_scale_and_their_spread() -> None:
+    from breakhis.benchmarks.score import ScoreBenchmarkConfig, ScoreBenchmarkResult, Throughput
+
+    config = dataclasses.asdict(ScoreBenchmarkConfig(memory_tiles=8, memory_scales=(1, 2)))
+    result = ScoreBenchmarkResult(
+        date="2026-12-07",
+        device="test CPU",
+        cpus=2,
+        gpus=0,
+        config=config,
+        load_average=(0.5, 0.7),
+        throughput=[
+            Throughput("plain PyTorch loop", 16, 2.0, 8.0, 10.0),
+            Throughput("job, predictions only", 16, 4.0, 4.0, 9.0),
+        ],
+        peak_memory_mb={1: 800.0, 2: 1000.0},
+    )
+    assert result.memory_spread() == pytest.approx(0.25)
+    assert result.ratio() == pytest.approx(0.9)
+    table = result.format_table()
+    assert "| 1x | 8 | 800 |" in table and "| 2x | 16 | 1000 |" in table
+    assert "Spread of peak memory: 25% (target <= 20%)" in table
+    assert "(steady): 0.90 (target >= 0.9)" in table
 
 
 # --------------------------------------------------------------------------- the user's columns
