@@ -234,9 +234,16 @@ def prepared(make_prepared) -> str:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_timm_linear_probe_trains_only_its_head_and_is_evaluated(
+def test_a_timm_linear_probe_with_stain_normalisation_trains_only_its_head_fits_its_normaliser_and_is_evaluated(
     prepared: str, tmp_path: Path
 ) -> None:
+    """One run and its evaluation, two behaviours (each costs half a minute or more here): a
+    timm linear probe trains only its head, and a run with --stain-norm fits its normaliser
+    on the first training tile, which evaluation applies (test_stain's own run until
+    2026-12-07)."""
+    from breakhis.data.dest import PreparedDest
+    from breakhis.data.splits import SplitSpec
+    from breakhis.data.stain_fit import first_training_tile, fit_run_stain
     from breakhis.evaluate.config import EvaluateConfig, EvaluateOptions
     from breakhis.evaluate.job import run_evaluation
     from breakhis.score.predict import PredictOptions
@@ -254,11 +261,18 @@ def test_a_timm_linear_probe_trains_only_its_head_and_is_evaluated(
         image_size=SIDE,
         epochs=2,
         lr=1e-2,
+        stain_norm="macenko",
     )
     result = run_training(config)
     assert result.last_epoch == 2 and all(r["backbone_frozen"] for r in result.history)
     model, card = load_artifact(result.artifact_uri)
     assert card.architecture == CNN
+    # The normaliser is fitted on the run's first training tile (by tile id), and kept.
+    dest = PreparedDest.open(prepared)
+    patients = dest.split(SplitSpec.parse("fold:0", val_fraction=0.2, seed=0))
+    first = first_training_tile(dest.manifest, patients.train, None)
+    assert first in card.stain["reference"]
+    assert card.stain_normalizer == fit_run_stain(config, dest, patients.train)
     trained = model.state_dict()
     timm_state = _timm_state(CNN)
     # The backbone is timm's, untouched (BatchNorm statistics too); only the head learned.
