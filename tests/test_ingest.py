@@ -558,9 +558,9 @@ print(json.dumps({"cache": data.config.cache, "rows": rows, "expected": data.num
 
 @pytest.mark.slow
 def test_a_data_set_larger_than_the_object_store_streams_without_spilling(tmp_path) -> None:
-    """Own Ray with a 100 MiB object store, ~3x that many decoded tiles (stored at 512 px):
-    the automatic choice streams, every tile arrives, and nothing overflows to disk; the
-    cache of the same data would (the check can fail)."""
+    """Own Ray with a 100 MiB object store, ~1.8x that many decoded training tiles (314,
+    stored at 448 px): the automatic choice streams, every tile arrives, and nothing
+    overflows to disk; the cache of the same data would (the check can fail)."""
     import json
     import subprocess
     import sys
@@ -568,7 +568,7 @@ def test_a_data_set_larger_than_the_object_store_streams_without_spilling(tmp_pa
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, "-c", _STREAM_CHILD, str(tmp_path), "512"],
+        [sys.executable, "-c", _STREAM_CHILD, str(tmp_path), "448"],
         capture_output=True,
         text=True,
         env=env,
@@ -577,6 +577,7 @@ def test_a_data_set_larger_than_the_object_store_streams_without_spilling(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cache"] is False, result
-    assert result["rows"] == result["expected"] and result["decoded_gib"] > 0.2, result
+    # Half as much again as the object store holds (100 MiB = 0.098 GiB).
+    assert result["rows"] == result["expected"] and result["decoded_gib"] > 0.15, result
     assert not result["streamed_spilled"] and result["cached_spilled"], result
     assert result["patients_per_batch"] >= 3, result
