@@ -335,8 +335,8 @@ def finish_sweep(
     metric: str,
 ) -> None:
     """Close a sweep's parent run: each trial's child run gets tags ``stop_reason`` and
-    ``rank`` and, if still RUNNING (a trial ASHA stopped never closes its own run), the
-    status of STOP_STATUS; the parent gets the leaderboard (Parquet and CSV), tags
+    ``rank`` and, if still RUNNING (a trial ASHA stopped never closes its own run) or an
+    ASHA-stopped trial's marked FAILED by its own stop, the status of STOP_STATUS; the parent gets the leaderboard (Parquet and CSV), tags
     ``best_trial_id`` and ``best_artifact_uri``, metric ``best_<metric>``; status
     FINISHED. Logs a warning instead of raising (the sweep's outputs are written)."""
     try:
@@ -347,7 +347,10 @@ def finish_sweep(
                 continue
             client.set_tag(run_id, "stop_reason", row["stop_reason"])
             client.set_tag(run_id, "rank", str(row["rank"]))
-            if client.get_run(run_id).info.status == "RUNNING":
+            status = client.get_run(run_id).info.status
+            # A trial ASHA stops may be cut down while its own code marks the run FAILED
+            # (the stop reaches it as an exception): the sweep knows why it ended.
+            if status == "RUNNING" or (row["stop_reason"] == "asha" and status == "FAILED"):
                 client.set_terminated(run_id, status=STOP_STATUS[row["stop_reason"]])
         csv = leaderboard_uri.removesuffix(".parquet") + ".csv"
         _log_files(client, parent.run_id, [leaderboard_uri, csv], None)
