@@ -165,27 +165,14 @@ def test_a_timm_model_exports_to_torchscript_and_onnx(arch: str, tmp_path: Path)
 def test_score_features_of_a_timm_model_are_its_pre_logits(arch: str, tmp_path: Path) -> None:
     """``score --features`` writes what timm's own ``forward_head(pre_logits=True)`` gives:
     the features a foundation model is used for."""
+    from test_score import _predictor
+
     from breakhis.data.transforms import normalize
-    from breakhis.score.predict import TilePredictor
 
     model_uri = _artifact(tmp_path, arch)
     net, card = load_artifact(model_uri)
     images = np.random.default_rng(0).integers(0, 256, (3, SIDE, SIDE, 3), dtype=np.uint8)
-    predictor = TilePredictor(
-        model_uri=model_uri,
-        method=None,
-        map_size=4,
-        tta=False,
-        threshold=0.5,
-        device="cpu",
-        torch_threads=1,
-        overlay_root=None,
-        ig_steps=2,
-        occlusion_window=0,
-        lime_samples=2,
-        lime_grid=2,
-        features=True,
-    )
+    predictor = _predictor(model_uri, method=None, features=True)
     out = predictor(
         {
             "uri": np.array(list("abc"), dtype=object),
