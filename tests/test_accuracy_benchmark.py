@@ -213,19 +213,25 @@ def _side(rate: float) -> SideResult:
     return SideResult(rate, rate, rate, rate, 1.0, 10, 2, 5, 0, 40, 1, 0.5)
 
 
-def test_the_result_reports_paired_differences_per_pair_with_their_interval() -> None:
-    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    reference = [0.5, 0.6, 0.7, 0.8]
-    job = [0.6, 0.6, 0.9, 0.8]  # differences 0.1, 0, 0.2, 0
-    result = AccuracyBenchmarkResult(
+def _result(pairs, sides, **runs) -> AccuracyBenchmarkResult:
+    """A result of ``sides`` over ``pairs`` on made-up data (no run behind it)."""
+    return AccuracyBenchmarkResult(
         date="2026-01-01",
         device="cpu",
         config=AccuracyBenchmarkConfig().__dict__,
         data=DataInfo("src", "raw", "dest", 40, 4, "m"),
         pairs=pairs,
-        sides={REFERENCE: [_side(r) for r in reference], "job": [_side(r) for r in job]},
-        runs={"computed": 3, "resumed": 5},
+        sides=sides,
+        runs=runs,
     )
+
+
+def test_the_result_reports_paired_differences_per_pair_with_their_interval() -> None:
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reference = [0.5, 0.6, 0.7, 0.8]
+    job = [0.6, 0.6, 0.9, 0.8]  # differences 0.1, 0, 0.2, 0
+    sides = {REFERENCE: [_side(r) for r in reference], "job": [_side(r) for r in job]}
+    result = _result(pairs, sides, computed=3, resumed=5)
     figures = result.to_dict()
     diffs = figures["differences"]["job"]
     assert [d["image_rate"] for d in diffs["per_pair"]] == pytest.approx([0.1, 0.0, 0.2, 0.0])
@@ -253,14 +259,7 @@ def test_a_subtype_side_is_compared_with_the_job_and_shows_its_eight_class_figur
             for r, a in ((0.7, 0.3), (0.7, 0.4), (0.7, 0.5))
         ],
     }
-    result = AccuracyBenchmarkResult(
-        date="2026-01-01",
-        device="cpu",
-        config=AccuracyBenchmarkConfig().__dict__,
-        data=DataInfo("src", "raw", "dest", 40, 4, "m"),
-        pairs=pairs,
-        sides=sides,
-    )
+    result = _result(pairs, sides)
     assert result.subtype_sides() == ["subtype"] and result.against_job() == ["subtype"]
     figures = result.to_dict()
     from_job = figures["differences_from_job"]["subtype"]["patient_rate"]
