@@ -62,6 +62,7 @@ from breakhis.train.epoch import (
     prepare_images,
     train_one_epoch,
 )
+from breakhis.train.prefetch import EpochPrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -369,14 +370,22 @@ def _setup(config: dict[str, Any]) -> _Worker:
 
 
 def training_batches(
-    shard: ray.data.DataIterator, *, batch_size: int, shuffle_buffer: int, seed: int, epoch: int
+    shard: ray.data.DataIterator,
+    *,
+    batch_size: int,
+    shuffle_buffer: int,
+    seed: int,
+    epoch: int,
+    device: torch.device | str = "auto",
 ) -> Iterable[dict[str, torch.Tensor]]:
     """The torch batches of one epoch of a worker's training ``shard``, as the job takes them
     (the ceiling benchmark iterates the same): full batches only, two prefetched, through a
     local shuffle buffer of ``shuffle_buffer`` rows (0: none) seeded by ``seed`` and
-    ``epoch``."""
+    ``epoch``, on ``device`` ("auto": Ray Train's device of the calling worker; name it when
+    calling from another thread, as EpochPrefetcher does)."""
     return shard.iter_torch_batches(
         batch_size=batch_size,
+        device=device,
         prefetch_batches=2,
         drop_last=True,
         # A read block (streaming) holds a few patients, a cached block is a fixed part of
@@ -390,24 +399,17 @@ def _run_epoch(
     w: _Worker,
     model: nn.Module,
     frozen: bool,
-    shards: tuple[Any, Any | None],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    val_shard: Any | None,
     epoch: int,
     started: float,
 ) -> dict[str, float]:
-    """Train one epoch on this worker's shard, recompute BatchNorm statistics, validate
-    (when there is a validation shard) and gather every worker's statistics. Returns
-    the epoch's row (see _epoch_row)."""
+    """Train one epoch on ``batches`` (this worker's shard of the epoch), recompute BatchNorm
+    statistics, validate (when there is a validation shard) and gather every worker's
+    statistics. Returns the epoch's row (see _epoch_row)."""
     cfg, net = w.cfg, w.net
-    train_shard, val_shard = shards
     set_train_mode(net, cfg.arch, backbone_frozen=frozen)
     recent: deque[torch.Tensor] = deque(maxlen=cfg.bn_recalibration_batches)
-    batches = training_batches(
-        train_shard,
-        batch_size=cfg.batch_size,
-        shuffle_buffer=w.shuffle_buffer,
-        seed=cfg.seed,
-        epoch=epoch,
-    )
     trace: list[dict[str, Any]] | None = [] if cfg.trace_dir else None
     stats = train_one_epoch(
         model,
@@ -452,13 +454,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank 0 logs each epoch to, or None).
     """
     w = _setup(config)
-    cfg, rank = w.cfg, w.rank
-    tracked: tracking.TrackedRun | None = config.get("tracking")
+    cfg = w.cfg
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("validate", True) else None
+    _, stop = early_stopping(w.history, cfg.metric, cfg.metric_mode, cfg.patience)
+    if stop or w.start_epoch > cfg.epochs:
+        return
+    # Each epoch's first batches are fetched while the previous epoch ends (breakhis.train.
+    # prefetch): Ray Data's per-epoch start no longer waits in front of the first step.
+    prefetcher = EpochPrefetcher(
+        lambda e: training_batches(
+            train_shard,
+            batch_size=cfg.batch_size,
+            shuffle_buffer=w.shuffle_buffer,
+            seed=cfg.seed,
+            epoch=e,
+            device=w.device,
+        ),
+        first=w.start_epoch,
+        last=cfg.epochs,
+    )
+    try:
+        _train_epochs(w, config, prefetcher, val_shard)
+    finally:
+        prefetcher.close()
+
+
+def _train_epochs(
+    w: _Worker,
+    config: dict[str, Any],
+    prefetcher: EpochPrefetcher,
+    val_shard: Any | None,
+) -> None:
+    """train_loop_per_worker's epochs, from w.start_epoch until the last or an early stop."""
+    cfg, rank = w.cfg, w.rank
+    tracked: tracking.TrackedRun | None = config.get("tracking")
     model: nn.Module | None = None
     frozen: bool | None = None
-    _, stop = early_stopping(w.history, cfg.metric, cfg.metric_mode, cfg.patience)
+    stop = False
     for epoch in range(w.start_epoch, cfg.epochs + 1):
         if stop:
             break
@@ -472,7 +505,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             gc.collect()
             model = _wrap(w.net, compile_model=cfg.compile)
         assert model is not None
-        row = _run_epoch(w, model, bool(frozen), (train_shard, val_shard), epoch, started)
+        batches = prefetcher.batches(epoch)
+        row = _run_epoch(w, model, bool(frozen), batches, val_shard, epoch, started)
         w.history.append(row)
         best_epoch, stop = kept_epoch(w.history, cfg)
         row["best_epoch"] = best_epoch
