@@ -9,7 +9,8 @@ cost; it shows here too, on CPUs alone, when the step does nothing:
    (breakhis.data.ingest's cached tiles, globally shuffled once, per-epoch block order, the
    per-epoch draws of augment_tiles with ``on_device``, the columns the job selects,
    ``streaming_split(1, equal=True)`` as Ray Train's DataConfig splits, and
-   breakhis.train.loop.training_batches as the job calls it) into a step
+   breakhis.train.loop.training_batches through breakhis.train.prefetch.EpochPrefetcher as
+   the job calls them) into a step
    that only touches the batch; images/s per epoch, the first (cache-filling) epoch left
    out. Beside it, in the same run, a **plain in-memory indexer**: the same canonical
    uint8 tiles as one torch tensor, a new permutation each epoch, ``x[order[i:i + B]]``.
@@ -157,6 +158,7 @@ def measure_iterator(config: CeilingBenchmarkConfig) -> tuple[list[float], list[
     from breakhis.data.ingest import IngestConfig, augmented_tiles, cache_tiles
     from breakhis.data.transforms import AUG_COLOUR, AUG_GEOMETRY
     from breakhis.train.loop import training_batches
+    from breakhis.train.prefetch import EpochPrefetcher
 
     size = config.image_size
     width = canonical_width(size)
@@ -175,19 +177,29 @@ def measure_iterator(config: CeilingBenchmarkConfig) -> tuple[list[float], list[
     buffer = 0  # cached: the job iterates without a local shuffle buffer (IngestData)
     epochs, firsts = [], []
     batch = None
-    for epoch in range(config.epochs):
-        started = time.perf_counter()
-        first = None
-        seen = 0
-        for batch in training_batches(
-            shard, batch_size=config.batch_size, shuffle_buffer=buffer, seed=0, epoch=epoch
-        ):
-            if first is None:
-                first = time.perf_counter() - started
-            seen += int(batch["image"].shape[0])  # the step: nothing
-        epochs.append(time.perf_counter() - started)
-        firsts.append(first or 0.0)
-        log.info("iterator epoch %d: %d images in %.2f s", epoch, seen, epochs[-1])
+    # Through the job's EpochPrefetcher (a step that does nothing leaves it nothing to overlap:
+    # each epoch's start still shows as its first batch).
+    prefetcher = EpochPrefetcher(
+        lambda e: training_batches(
+            shard, batch_size=config.batch_size, shuffle_buffer=buffer, seed=0, epoch=e
+        ),
+        first=0,
+        last=config.epochs - 1,
+    )
+    try:
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            first = None
+            seen = 0
+            for batch in prefetcher.batches(epoch):
+                if first is None:
+                    first = time.perf_counter() - started
+                seen += int(batch["image"].shape[0])  # the step: nothing
+            epochs.append(time.perf_counter() - started)
+            firsts.append(first or 0.0)
+            log.info("iterator epoch %d: %d images in %.2f s", epoch, seen, epochs[-1])
+    finally:
+        prefetcher.close()
     return epochs, firsts, seen, batch
 
 
