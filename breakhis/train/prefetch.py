@@ -68,7 +68,8 @@ class EpochPrefetcher:
         self._thread: threading.Thread | None = None
 
     def batches(self, epoch: int) -> Iterator[Any]:
-        """The batches of ``epoch`` (the next one in order)."""
+        """An iterator over the batches of ``epoch``; it raises what the epoch's source raised.
+        Raises ValueError when ``epoch`` is not the next in order, RuntimeError after close()."""
         if epoch != self._next:
             raise ValueError(f"epoch {epoch} asked; the next epoch is {self._next}")
         if self._stopped:
@@ -80,7 +81,8 @@ class EpochPrefetcher:
         return self._drain(self._queues[epoch])
 
     def close(self) -> None:
-        """Stop fetching; the source being read is closed. Idempotent."""
+        """Stop fetching and close the source being read (waits up to _JOIN_S for the thread).
+        Idempotent."""
         with self._changed:
             self._stopped = True
             self._changed.notify_all()
