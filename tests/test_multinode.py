@@ -360,26 +360,13 @@ def _check_one_row_per_tile(out: str, src: str) -> None:
     assert storage.exists(f"{out}/_SUCCESS")
 
 
-def test_scoring_survives_s3_being_down_for_10_seconds(
+def test_scoring_survives_s3_down_for_10_seconds_then_a_lost_worker_node_scoring_each_tile_once(
     full_cluster, s3_relay, tiles, model, s3_prefix
 ):
-    src = tiles
-    out = f"{s3_prefix}/scores"
-    submission_id = full_cluster.submit(_score_command(model, src, out))
-    _wait_for(full_cluster, submission_id, lambda: _files(f"{out}/_units"), "a scored unit in S3")
-    s3_relay.down()
-    try:
-        time.sleep(OUTAGE_S)
-    finally:
-        s3_relay.up()
-    status = full_cluster.wait(submission_id, timeout_s=JOB_TIMEOUT_S)
-    assert str(status) == "SUCCEEDED", _why(full_cluster, submission_id)
-    _check_one_row_per_tile(out, src)
-
-
-def test_scoring_loses_a_worker_node_and_still_scores_each_tile_once(
-    full_cluster, tiles, model, s3_prefix
-):
+    """Both faults in one scoring job (each job costs most of a minute on 2 cores): S3
+    unreachable for 10 s once a unit is in S3, then, once another unit is in after it came
+    back, the loss of a worker node holding a model actor. The job must still be running at
+    each fault, end SUCCEEDED, and leave one row per tile."""
     from ray.util.state.common import StateResource
 
     src = tiles
@@ -392,8 +379,27 @@ def test_scoring_loses_a_worker_node_and_still_scores_each_tile_once(
     assert set(decoded) | set(actors) == set(full_cluster.workers), (
         f"decoding on {dict(decoded)}, model actors on {dict(actors)}"
     )
+
+    # S3 down for 10 s, mid-job.
+    units = len(_files(f"{out}/_units"))
+    s3_relay.down()
+    try:
+        time.sleep(OUTAGE_S)
+    finally:
+        s3_relay.up()
+    assert str(full_cluster.job_client().get_job_status(submission_id)) == "RUNNING"
+    _wait_for(
+        full_cluster,
+        submission_id,
+        lambda: len(_files(f"{out}/_units")) > units,
+        "a unit written after the outage",
+    )
+
     # Lose a node that holds a model actor, mid-job.
     full_cluster.kill_worker(min(actors))
+    assert str(full_cluster.job_client().get_job_status(submission_id)) == "RUNNING", (
+        "the job ended before the node was lost"
+    )
     status = full_cluster.wait(submission_id, timeout_s=JOB_TIMEOUT_S)
     assert str(status) == "SUCCEEDED", _why(full_cluster, submission_id)
     _check_one_row_per_tile(out, src)
