@@ -209,21 +209,25 @@ def test_a_unit_outside_the_plan_fails_the_check_before_success(tmp_path) -> Non
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_second_score_command_with_another_model_is_refused(tmp_path) -> None:
-    """Two `breakhis score` commands with different models on one output: while the first
-    runs, the second fails in one line and the first finishes with only its own rows."""
+def test_while_a_score_command_runs_another_model_or_a_grown_input_is_refused(tmp_path) -> None:
+    """`breakhis score` commands on the output of one that runs (one first job for both
+    checks: each costs a Python, a Ray start and its scoring): one with another model fails
+    in one line naming what differs; then, once the input has grown, one with the first's
+    very options is refused too (before: both ran, and rows of two listings could end under
+    `_SUCCESS`). The first finishes with only its own rows, one per tile of its own listing."""
     import pyarrow.parquet as pq
     from test_score import _make_tiles, _save_model
 
-    _make_tiles(str(tmp_path / "tiles"))
+    tiles = tmp_path / "tiles"
+    _make_tiles(str(tiles))
     first = _save_model(str(tmp_path / "model-a"))
     _save_model(str(tmp_path / "model-b"), temperature=2.0)
     out = tmp_path / "scores"
 
-    def command(model: str) -> list[str]:
+    def command(model: str, out_option: str = "--out") -> list[str]:
         return [
             sys.executable, "-m", "breakhis.cli", "score", "--model", model,
-            "--input", str(tmp_path / "tiles"), "--out", str(out), "--attribution", "none",
+            "--input", str(tiles), out_option, str(out), "--attribution", "none",
             "--unit-size", "4", "--batch-size", "4", "--num-actors", "1",
         ]  # fmt: skip
 
@@ -236,66 +240,38 @@ def test_second_score_command_with_another_model_is_refused(tmp_path) -> None:
         while not (out / "_job.json").exists() and time.monotonic() < deadline:
             assert running.poll() is None, running.communicate()[1].decode()[-2000:]
             time.sleep(0.05)
-        second = subprocess.run(
+        other_model = subprocess.run(
             command(str(tmp_path / "model-b")), env=env, capture_output=True, timeout=120
         )
-        assert running.poll() is None, "the first job ended before the second was refused"
+        assert running.poll() is None, "the first job ended before another model was refused"
+        # A tile arrives, sorting first: every unit of a new listing differs from the first's.
+        shutil.copy(sorted(tiles.rglob("*.png"))[0], tiles / "0-new-tile.png")
+        same_options = subprocess.run(
+            command(str(tmp_path / "model-a"), "--output"),
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        assert running.poll() is None, "the first job ended before its twin was refused"
         stdout, stderr = running.communicate(timeout=300)
     finally:
         running.kill()
-    errors = [line for line in second.stderr.decode().splitlines() if "error:" in line]
-    assert second.returncode == 2 and len(errors) == 1, second.stderr.decode()[-2000:]
+    errors = [line for line in other_model.stderr.decode().splitlines() if "error:" in line]
+    assert other_model.returncode == 2 and len(errors) == 1, other_model.stderr.decode()[-2000:]
     assert "holds the output of another scoring job" in errors[0]
     assert (
         "temperature: 2.0 there, 1.0 now" in errors[0]
         or "temperature: 1.0 there, 2.0 now" in errors[0]
     )
-    assert running.returncode == 0, stderr.decode()[-3000:]
-    table = pq.read_table(out / "predictions")
-    assert table.num_rows == 36 and set(table["model_id"].to_pylist()) == {first.model_id}
-    assert (out / "_SUCCESS").exists()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_second_job_with_the_same_options_on_a_growing_input_is_refused(tmp_path) -> None:
-    """Two `breakhis score` commands with identical options on one output while the input
-    grows in between: the second is refused, the first finishes with one row per tile of
-    its own listing (before: both ran, and rows of two listings could end under `_SUCCESS`)."""
-    import pyarrow.parquet as pq
-    from test_score import _make_tiles, _save_model
-
-    tiles = tmp_path / "tiles"
-    _make_tiles(str(tiles))
-    _save_model(str(tmp_path / "model"))
-    out = tmp_path / "scores"
-    command = [
-        sys.executable, "-m", "breakhis.cli", "score", "--model", str(tmp_path / "model"),
-        "--input", str(tiles), "--output", str(out), "--attribution", "none",
-        "--unit-size", "4", "--batch-size", "4", "--num-actors", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "_job.json").exists() and time.monotonic() < deadline:
-            assert running.poll() is None, running.communicate()[1].decode()[-2000:]
-            time.sleep(0.05)
-        # A tile arrives, sorting first: every unit of a new listing differs from the first's.
-        first = sorted(tiles.rglob("*.png"))[0]
-        shutil.copy(first, tiles / "0-new-tile.png")
-        second = subprocess.run(command, env=env, capture_output=True, timeout=300)
-        assert running.poll() is None, "the first job ended before the second was refused"
-        stdout, stderr = running.communicate(timeout=300)
-    finally:
-        running.kill()
-    errors = [line for line in second.stderr.decode().splitlines() if "error:" in line]
-    assert second.returncode == 2 and len(errors) == 1, second.stderr.decode()[-2000:]
+    errors = [line for line in same_options.stderr.decode().splitlines() if "error:" in line]
+    assert same_options.returncode == 2 and len(errors) == 1, same_options.stderr.decode()[-2000:]
     assert "is being claimed by another scoring job" in errors[0]
     assert "the same model and options" in errors[0]
     assert running.returncode == 0, stderr.decode()[-3000:]
-    # One row per tile of the first job's listing (the new tile in it or not, as its
-    # paged listing went), no tile twice.
+    # One row per tile of the first job's listing (the new tile in it or not, as its paged
+    # listing went), no tile twice, every one scored by the first job's model.
     done = json.loads((out / "_SUCCESS").read_text())["summary"]
-    uris = pq.read_table(out / "predictions")["uri"].to_pylist()
+    table = pq.read_table(out / "predictions")
+    uris = table["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == done["tiles"] in (36, 37)
+    assert set(table["model_id"].to_pylist()) == {first.model_id}
