@@ -8,17 +8,51 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 
+from breakhis import cli
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def _benchmark(name: str, workdir: Path, *options: str) -> dict:
-    """Run ``breakhis benchmark NAME`` in its own process (each benchmark starts its own Ray
-    instance) and return the figures of its ``benchmark-NAME.json``."""
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """The benchmarks set torch's thread count for what they measure; later tests in this
+    process get it back as it was."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _saved(name: str, workdir: Path, printed: str) -> dict:
+    """The figures of ``benchmark-NAME.json``, after checking that the table printed is the
+    one saved beside it."""
+    figures = json.loads((workdir / f"benchmark-{name}.json").read_text())
+    table = (workdir / f"benchmark-{name}.md").read_text()
+    assert table.strip() and table.strip() in printed
+    return figures
+
+
+def _benchmark(name: str, workdir: Path, capsys, *options: str) -> dict:
+    """Run ``breakhis benchmark NAME`` through the command line's ``main`` in this process, on
+    the session's Ray (a benchmark measures on the Ray it finds initialised: a process of
+    its own would add a Python and a Ray start, 10-15 s, and check nothing more; the process
+    entry point is run by test_ingest_benchmark and the missing-split test), and return the
+    figures of its ``benchmark-NAME.json``."""
+    capsys.readouterr()
+    assert cli.main(["benchmark", name, "--workdir", str(workdir), *options]) == 0
+    return _saved(name, workdir, capsys.readouterr().out)
+
+
+def _benchmark_process(name: str, workdir: Path, *options: str) -> dict:
+    """Run ``breakhis benchmark NAME`` in its own process (for a benchmark that starts its own
+    Ray and S3 server) and return the figures of its ``benchmark-NAME.json``."""
     done = subprocess.run(
         [sys.executable, "-m", "breakhis.cli", "benchmark", name, "--workdir", str(workdir),
          *options],
@@ -28,10 +62,7 @@ def _benchmark(name: str, workdir: Path, *options: str) -> dict:
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    figures = json.loads((workdir / f"benchmark-{name}.json").read_text())
-    table = (workdir / f"benchmark-{name}.md").read_text()
-    assert table.strip() and table.strip() in done.stdout  # the table printed is the one saved
-    return figures
+    return _saved(name, workdir, done.stdout)
 
 
 def _positive(*values: float) -> bool:
@@ -39,7 +70,9 @@ def _positive(*values: float) -> bool:
 
 
 def test_ingest_benchmark(tmp_path: Path) -> None:
-    figures = _benchmark(
+    # In its own process: the ingest benchmark starts its own S3 server and Ray instances
+    # (one with a small object store), and refuses to run where Ray is initialised.
+    figures = _benchmark_process(
         "ingest", tmp_path, "--scale", "0.01", "--width", "64", "--height", "48",
         "--image-size", "32", "--batch-size", "8", "--epochs", "2",
     )  # fmt: skip
@@ -58,9 +91,9 @@ def test_ingest_benchmark(tmp_path: Path) -> None:
     assert figures["pixel_bytes"] > 0 and len(figures["targets"]) == 4
 
 
-def test_ceiling_benchmark(tmp_path: Path) -> None:
+def test_ceiling_benchmark(tmp_path: Path, capsys, ray_local, torch_threads) -> None:
     figures = _benchmark(
-        "ceiling", tmp_path, "--image-size", "32", "--batch-size", "16", "--tiles", "96",
+        "ceiling", tmp_path, capsys, "--image-size", "32", "--batch-size", "16", "--tiles", "96",
         "--epochs", "2", "--predictor-tiles", "2",
     )  # fmt: skip
     # The iterator hands every full batch of the epoch, as many as the indexer.
@@ -71,13 +104,15 @@ def test_ceiling_benchmark(tmp_path: Path) -> None:
     assert len(figures["predictor"]) == 2
 
 
-def test_gpu_benchmark_dry_run_on_the_cpu_and_the_train_benchmark_it_runs(tmp_path: Path) -> None:
+def test_gpu_benchmark_dry_run_on_the_cpu_and_the_train_benchmark_it_runs(
+    tmp_path: Path, capsys, ray_local, torch_threads
+) -> None:
     """``make bench-gpu``'s script at a toy size on the CPU: every part it runs on a GPU
     machine runs here, and the issue's table is printed. Its train part is the train
     benchmark (run_train_benchmark: smallcnn, 32 px, scale 0.02, batches of 16, 2 epochs),
     whose figures are checked here too: running ``breakhis benchmark train`` on its own as
     well cost another minute (test_cli checks that command's options and config)."""
-    figures = _benchmark("gpu", tmp_path, "--dry-run", "--parts", "predictor,train")
+    figures = _benchmark("gpu", tmp_path, capsys, "--dry-run", "--parts", "predictor,train")
     assert figures["errors"] == {}, figures["errors"]
     predictor, train = figures["parts"]["predictor"], figures["parts"]["train"]
     assert _positive(*predictor.values()) and len(predictor) == 7
@@ -102,18 +137,18 @@ def test_gpu_benchmark_dry_run_on_the_cpu_and_the_train_benchmark_it_runs(tmp_pa
     assert train["job_first_batch_s"][1] > 0
 
 
-def test_tune_benchmark(tmp_path: Path) -> None:
+def test_tune_benchmark(tmp_path: Path, capsys, ray_local, torch_threads) -> None:
     figures = _benchmark(
-        "tune", tmp_path, "--trials", "1", "--epochs", "1", "--image-size", "32",
+        "tune", tmp_path, capsys, "--trials", "1", "--epochs", "1", "--image-size", "32",
         "--scale", "0.01", "--batch-size", "16",
     )  # fmt: skip
     assert len(figures["job_run_s"]) == 1
     assert _positive(*figures["job_run_s"], figures["sweep_wall_s"], figures["job_wall_s"])
 
 
-def test_score_benchmark(tmp_path: Path) -> None:
+def test_score_benchmark(tmp_path: Path, capsys, ray_local, torch_threads) -> None:
     figures = _benchmark(
-        "score", tmp_path, "--tiles", "16", "--arch", "smallcnn", "--image-size", "32",
+        "score", tmp_path, capsys, "--tiles", "16", "--arch", "smallcnn", "--image-size", "32",
         "--tile-width", "64", "--tile-height", "48", "--batch-size", "8", "--unit-size", "8",
         "--attribution-tiles", "4", "--ig-steps", "2", "--memory-tiles", "8",
         "--memory-scales", "2",
@@ -130,7 +165,7 @@ def test_score_benchmark(tmp_path: Path) -> None:
     assert len(list((tmp_path / "copies" / "copy01").iterdir())) == 8
 
 
-def test_accuracy_benchmark(tmp_path: Path) -> None:
+def test_accuracy_benchmark(tmp_path: Path, capsys, ray_local, torch_threads) -> None:
     # One split: its reference, job and refit (two runs) take minutes on 2 cores already.
     tiny = (
         "--data", "generated", "--scale", "0.02", "--width", "64", "--height", "48",
@@ -138,7 +173,7 @@ def test_accuracy_benchmark(tmp_path: Path) -> None:
         "--splits", "2",
     )  # fmt: skip
     figures = _benchmark(
-        "accuracy", tmp_path, *tiny, "--seeds", "0", "--variants", "val-carve,refit"
+        "accuracy", tmp_path, capsys, *tiny, "--seeds", "0", "--variants", "val-carve,refit"
     )
     assert figures["data"]["kind"] == "generated" and figures["device"]
     assert figures["config"]["reference"] == "strong" and figures["data"]["manifest"]
@@ -172,12 +207,15 @@ def test_accuracy_benchmark(tmp_path: Path) -> None:
             assert differences[metric]["std"] is None  # no spread from one pair
         assert figures["target"][variant] in ("met", "missed")
 
-    # The same command again (a new process) loads every run it finished: none runs twice.
+    # The same command again loads every run it finished from its results folder (a fresh
+    # RunStore reads the files, as a new process would): none runs twice.
     # A rerun that adds a seed runs only that seed's runs, and two pairs give an interval:
     # tests/test_accuracy_benchmark.py checks both without Ray
     # (test_a_rerun_loads_the_finished_runs_and_runs_the_others,
     # test_paired_summary_of_a_known_input); training seed 1 here took a minute more.
-    again = _benchmark("accuracy", tmp_path, *tiny, "--seeds", "0", "--variants", "val-carve,refit")
+    again = _benchmark(
+        "accuracy", tmp_path, capsys, *tiny, "--seeds", "0", "--variants", "val-carve,refit"
+    )
     assert (again["runs"]["computed"], again["runs"]["resumed"]) == (0, 3)
     assert len(list((tmp_path / "results").glob("*.json"))) == 3
     assert again["pairs"][0]["sides"] == sides
