@@ -336,9 +336,10 @@ def finish_sweep(
 ) -> None:
     """Close a sweep's parent run: each trial's child run gets tags ``stop_reason`` and
     ``rank`` and, if still RUNNING (a trial ASHA stopped never closes its own run) or an
-    ASHA-stopped trial's marked FAILED by its own stop, the status of STOP_STATUS; the parent gets the leaderboard (Parquet and CSV), tags
-    ``best_trial_id`` and ``best_artifact_uri``, metric ``best_<metric>``; status
-    FINISHED. Logs a warning instead of raising (the sweep's outputs are written)."""
+    ASHA-stopped trial's run marked FAILED by its own stop, the status of STOP_STATUS; the
+    parent gets the leaderboard (Parquet and CSV), tags ``best_trial_id`` and
+    ``best_artifact_uri``, metric ``best_<metric>``; status FINISHED. Logs a warning instead
+    of raising (the sweep's outputs are written)."""
     try:
         client = parent.client()
         for row in rows:
