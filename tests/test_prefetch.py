@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from breakhis.train.prefetch import EpochPrefetcher
+from breakhis.train.prefetch import LOOKAHEAD_BYTES, EpochPrefetcher, lookahead_batches
 
 
 class Sources:
@@ -123,3 +123,14 @@ def test_refuses_epochs_out_of_order_and_bad_arguments() -> None:
         EpochPrefetcher(Sources(n=1), first=1, last=2, depth=0)
     with pytest.raises(ValueError, match="no epochs"):
         EpochPrefetcher(Sources(n=1), first=3, last=2)
+
+
+def test_lookahead_is_about_one_pool_of_bytes_within_bounds() -> None:
+    tile = 3 * 224 * 341  # a canonical 224 px tile
+    assert lookahead_batches(256 * tile) == 4  # 4 x 58.7 MB <= 256 MiB < 5 x
+    assert lookahead_batches(64 * tile) == 16  # capped
+    assert lookahead_batches(32 * 3 * 64 * 97) == 16
+    assert lookahead_batches(LOOKAHEAD_BYTES) == 2  # at least two
+    assert lookahead_batches(10 * LOOKAHEAD_BYTES) == 2
+    with pytest.raises(ValueError, match="batch_bytes"):
+        lookahead_batches(0)

@@ -158,7 +158,7 @@ def measure_iterator(config: CeilingBenchmarkConfig) -> tuple[list[float], list[
     from breakhis.data.ingest import IngestConfig, augmented_tiles, cache_tiles
     from breakhis.data.transforms import AUG_COLOUR, AUG_GEOMETRY
     from breakhis.train.loop import training_batches
-    from breakhis.train.prefetch import EpochPrefetcher
+    from breakhis.train.prefetch import EpochPrefetcher, lookahead_batches
 
     size = config.image_size
     width = canonical_width(size)
@@ -185,6 +185,7 @@ def measure_iterator(config: CeilingBenchmarkConfig) -> tuple[list[float], list[
         ),
         first=0,
         last=config.epochs - 1,
+        depth=lookahead_batches(config.batch_size * 3 * size * width),
     )
     try:
         for epoch in range(config.epochs):

@@ -11,6 +11,14 @@ previous epoch. What an epoch contains does not change: the same source, opened 
 epoch number, in the same order (Ray Data's execution counter, which numbers the epochs for
 the augmentation draws, counts the same executions).
 
+It is also the worker's only look-ahead within an epoch: the job iterates Ray Data with
+``prefetch_batches=0`` (breakhis.train.loop.training_batches), because Ray's own window hands
+a block on only once the next one has arrived, so each pool of tiles reached the worker one
+pool late and an epoch of two or three pools gave its first batch only when the whole epoch
+had been made. ``lookahead_batches`` sizes ``depth`` to about one pool of bytes instead; the
+batches of a cached epoch are views of its blocks in the object store, so looking ahead holds
+those blocks, not copies.
+
     prefetcher = EpochPrefetcher(lambda e: training_batches(shard, ..., epoch=e), first=1, last=E)
     try:
         for epoch in range(1, E + 1):
@@ -31,6 +39,19 @@ from typing import Any
 log = logging.getLogger(__name__)
 _DONE = object()
 _JOIN_S = 10.0
+LOOKAHEAD_BYTES = 256 * 1024**2
+"""Bytes of batches fetched ahead of the training step: about one mixing pool of tiles
+(breakhis.data.ingest.SHUFFLE_BUFFER_BYTES), time enough to pull the next block from another
+node while the step trains on this one."""
+MOST_BATCHES_AHEAD = 16
+
+
+def lookahead_batches(batch_bytes: int) -> int:
+    """EpochPrefetcher's ``depth`` for batches of ``batch_bytes`` bytes: LOOKAHEAD_BYTES of
+    them, at least 2 and at most MOST_BATCHES_AHEAD (4 batches of 256 tiles at 224 x 341)."""
+    if batch_bytes < 1:
+        raise ValueError(f"batch_bytes must be >= 1, got {batch_bytes}")
+    return max(2, min(MOST_BATCHES_AHEAD, LOOKAHEAD_BYTES // batch_bytes))
 
 
 class _Failure:
