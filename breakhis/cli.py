@@ -221,8 +221,16 @@ def _split_exists(config) -> None:
     PreparedDest.open(config.data).split(spec)  # LeakageError for a leaking manifest
 
 
+def _train_inputs_exist(config) -> None:
+    """The run's data and split, as run_training plans them (a light module: no torch or Ray
+    is imported before a missing or leaking manifest is reported)."""
+    from breakhis.train.plan import plan_data
+
+    plan_data(config)
+
+
 def _sweep_inputs_exist(config) -> None:
-    from breakhis.tune.job import resolve_space
+    from breakhis.tune.config import resolve_space
 
     resolve_space(config)  # a missing or bad search-space file
     _split_exists(config.train)
@@ -246,9 +254,11 @@ def _prepare(p: argparse.ArgumentParser) -> Command:
 def _train(p: argparse.ArgumentParser) -> Command:
     from breakhis.train.config import TrainConfig
 
-    # run_training reads the manifest and checks the split before it starts Ray.
+    # run_training reads the manifest and checks the split again before it starts Ray.
     runner = _deferred("breakhis.train.job:run_training")
-    return _job_command(p, TrainConfig, runner, split_dest="split", starts_ray=True)
+    return _job_command(
+        p, TrainConfig, runner, split_dest="split", starts_ray=True, check=_train_inputs_exist
+    )
 
 
 @command("tune", "hyperparameter sweep with Ray Tune (ASHA) over full training runs")

@@ -57,6 +57,7 @@ from breakhis.train.config import TrainConfig
 from breakhis.tune.config import (
     SweepConfig,
     derive_max_concurrent,
+    resolve_space,
     trial_base,
     trial_dir_name,
     trial_run_name,
@@ -69,12 +70,7 @@ from breakhis.tune.leaderboard import (
     write_leaderboard,
 )
 from breakhis.tune.search_space import (
-    DEFAULT_SEARCH_SPACE,
-    PRETRAINED_ONLY,
     SearchSpace,
-    check_search_space,
-    load_search_space,
-    parse_search_space,
 )
 
 log = logging.getLogger(__name__)
@@ -255,26 +251,6 @@ def open_sweep_tracking(
             "sweep_uri": config.experiment_uri,
         },
     )
-
-
-def resolve_space(config: SweepConfig) -> SearchSpace:
-    """The sweep's search space, loaded and checked against its training options.
-
-    Returns the SearchSpace. Raises FileNotFoundError and SearchSpaceError as
-    load_search_space() and check_search_space() do.
-    """
-    space = config.search_space
-    base = trial_base(config)
-    if space is None and (not base.pretrained or base.freeze_backbone):
-        # Freezing a randomly initialised backbone keeps nothing worth keeping; a linear
-        # probe (--freeze-backbone) keeps it frozen throughout, at no backbone rate.
-        default = {k: v for k, v in DEFAULT_SEARCH_SPACE.items() if k not in PRETRAINED_ONLY}
-        why = "--freeze-backbone" if base.freeze_backbone else "--weights none"
-        space = parse_search_space(default, f"<default search space, {why}>")
-    elif not isinstance(space, SearchSpace):
-        space = load_search_space(space)
-    check_search_space(space, base)
-    return space
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
