@@ -5,16 +5,18 @@ that both import it and neither imports the other."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from breakhis import storage
 from breakhis.evaluate.config import EvaluateOptions
-from breakhis.model.artifact import ModelCard
 from breakhis.names import CLASS_NAMES
 from breakhis.stats.bootstrap import BootstrapResult
 from breakhis.stats.metrics import majority_rate
+
+if TYPE_CHECKING:  # torch: the protocol command checks its input before importing it
+    from breakhis.model.artifact import ModelCard
 
 HEADLINE_METRICS: tuple[str, ...] = (
     "image_recognition_rate",

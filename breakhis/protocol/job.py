@@ -59,7 +59,7 @@ from breakhis.protocol.config import PER_MAGNIFICATION, ProtocolConfig  # noqa: 
 from breakhis.protocol.result import ProtocolResult, ProtocolRun, aggregate, aggregate_subtypes
 from breakhis.raysession import ensure_ray
 from breakhis.train.config import ARTIFACT_DIR, TrainConfig
-from breakhis.train.job import DATA_CPUS
+from breakhis.train.plan import DATA_CPUS
 
 log = logging.getLogger(__name__)
 
@@ -276,15 +276,16 @@ def run_protocol(config: ProtocolConfig) -> ProtocolResult:
     manifest, and RuntimeError naming every run that failed (the others are
     kept: running the same command again redoes only the failed ones).
     """
+    started = time.perf_counter()
+    dest = PreparedDest.open(config.train.data)
+    indices = _check_splits(config, dest)
+    plans = plan_runs(config, indices)
+    # Imported after the checks: a bad input is reported before Ray, torch and pandas load.
     import ray
 
     from breakhis.evaluate.data import describe_scheme
     from breakhis.protocol.report import write_protocol_report
 
-    started = time.perf_counter()
-    dest = PreparedDest.open(config.train.data)
-    indices = _check_splits(config, dest)
-    plans = plan_runs(config, indices)
     ensure_ray()
     concurrency = concurrent_runs(
         config.train, len(plans), ray.cluster_resources(), config.max_concurrent

@@ -58,7 +58,14 @@ from breakhis.train.config import (
     TrainConfig,
 )
 from breakhis.train.loop import train_loop_per_worker
-from breakhis.train.plan import DataPlan, RunPlan, check_batches, plan_data, subtype_counts
+from breakhis.train.plan import (
+    DATA_CPUS,
+    DataPlan,
+    RunPlan,
+    check_batches,
+    plan_data,
+    subtype_counts,
+)
 from breakhis.train.result import TrainResult, finish_refit, finish_run
 
 log = logging.getLogger(__name__)
@@ -237,10 +244,6 @@ def _run_datasets(
         ", ".join(f"{name} {n}" for name, n in zip(SUBTYPE_CLASS_NAMES, counts, strict=True)),
     )
     return datasets, [float(w) for w in class_weights(seen)]
-
-
-DATA_CPUS = 1.0
-"""CPUs a run needs beside its workers' reservations, for Ray Data's decode tasks."""
 
 
 def check_cluster_fits(

@@ -17,6 +17,9 @@ from breakhis.train.config import TrainConfig
 if TYPE_CHECKING:
     import ray.data
 
+DATA_CPUS = 1.0
+"""CPUs a run needs beside its workers' reservations, for Ray Data's decode tasks."""
+
 
 @dataclass(frozen=True)
 class DataPlan:
