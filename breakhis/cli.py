@@ -229,6 +229,14 @@ def _train_inputs_exist(config) -> None:
     plan_data(config)
 
 
+def _model_card_exists(config) -> None:
+    """The model's card (breakhis.model.card: no torch) before the scoring job is imported;
+    the job checks the weights."""
+    from breakhis.model.card import read_card
+
+    read_card(config.model)
+
+
 def _sweep_inputs_exist(config) -> None:
     from breakhis.tune.config import resolve_space
 
@@ -280,9 +288,8 @@ def _tune(p: argparse.ArgumentParser) -> Command:
 def _score(p: argparse.ArgumentParser) -> Command:
     from breakhis.score.config import ScoreConfig
 
-    return _job_command(
-        p, ScoreConfig, _deferred("breakhis.score.job:run_scoring"), starts_ray=True
-    )
+    runner = _deferred("breakhis.score.job:run_scoring")
+    return _job_command(p, ScoreConfig, runner, starts_ray=True, check=_model_card_exists)
 
 
 @command("evaluate", "evaluate a model on its held-out patients and write the report")
@@ -290,7 +297,14 @@ def _evaluate(p: argparse.ArgumentParser) -> Command:
     from breakhis.evaluate.config import EvaluateConfig
 
     runner = _deferred("breakhis.evaluate.job:run_evaluation")
-    return _job_command(p, EvaluateConfig, runner, split_dest="split", starts_ray=True)
+    return _job_command(
+        p,
+        EvaluateConfig,
+        runner,
+        split_dest="split",
+        starts_ray=True,
+        check=EvaluateConfig.check_inputs,
+    )
 
 
 @command("protocol", "the paper's protocol: train and evaluate one model per split, mean +- std")

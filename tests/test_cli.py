@@ -135,6 +135,44 @@ def test_help_is_fast_and_imports_no_heavy_library(argv):
     assert wall < HELP_SECONDS, f"breakhis {' '.join(argv)} took {wall:.2f} s ({seconds} s inside)"
 
 
+NOT_BEFORE_THE_INPUT_CHECK = ("torch", "torchvision", "ray", "mlflow", "captum")
+"""What a command must not import before it has refused a missing input (torch and Ray take
+seconds: a typo in a path is reported in well under a second)."""
+_BAD_INPUT_SCRIPT = """
+import sys
+from breakhis import cli
+assert cli.main(sys.argv[1:]) == 2
+print(*sorted({{m.split(".")[0] for m in sys.modules}} & {heavy}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "{x}/data", "--storage", "{x}/runs", "--name", "n"],
+        ["tune", "--data", "{x}/data", "--storage", "{x}/runs", "--name", "n",
+         "--search-space", "{x}/space.yaml", "--val-fraction", "0.2"],
+        ["protocol", "--data", "{x}/data", "--storage", "{x}/runs", "--name", "n"],
+        ["evaluate", "--model", "{x}/model", "--data", "{x}/data", "--out", "{x}/report"],
+        ["score", "--model", "{x}/model", "--input", "{x}/tiles", "--out", "{x}/scores"],
+    ],
+    ids=lambda argv: argv[0],
+)  # fmt: skip
+def test_a_missing_input_is_refused_before_torch_or_ray_is_imported(tmp_path, argv):
+    script = _BAD_INPUT_SCRIPT.format(heavy=repr(set(NOT_BEFORE_THE_INPUT_CHECK)))
+    done = subprocess.run(
+        [sys.executable, "-c", script, *(a.format(x=tmp_path) for a in argv)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"breakhis {argv[0]}: error: {tmp_path}/" in done.stderr, done.stderr
+    assert done.stdout.split() == [], f"breakhis {argv[0]} imported {done.stdout.split()}"
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_config_field_is_an_option_with_help(capsys, name):
     out = _help(capsys, name)

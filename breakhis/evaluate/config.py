@@ -84,3 +84,22 @@ class EvaluateConfig:
             raise ValueError(f"--task {self.task!r} unknown; accepted: {', '.join(TASKS)}")
         if self.split is not None:
             SplitSpec.parse(self.split)
+
+    def check_out(self) -> None:
+        """Raises ValueError when the report folder ``--out`` is a file."""
+        from breakhis import storage
+
+        if self.out and storage.is_file(self.out):
+            raise ValueError(f"--out {self.out} is a file; give a folder for the report")
+
+    def check_inputs(self) -> None:
+        """What run_evaluation checks first that needs no torch and no Ray: ``--out``, the
+        model's card (not its weights), the manifest and the split (leakage within it; the
+        leakage against the model's own patients is checked by the job). Raises as
+        run_evaluation does."""
+        from breakhis.data.dest import PreparedDest
+        from breakhis.model.card import read_card
+
+        self.check_out()
+        card = read_card(self.model)
+        PreparedDest.open(self.data).split(SplitSpec.parse(self.split or card.split))

@@ -406,8 +406,7 @@ def _plan(config: EvaluateConfig) -> _Plan:
     raises of run_evaluation but the decoding errors."""
     from breakhis.model.artifact import load_artifact
 
-    if config.out and storage.is_file(config.out):
-        raise ValueError(f"--out {config.out} is a file; give a folder for the report")
+    config.check_out()
     # Loaded once here so that a damaged artifact fails in one line, not in every actor.
     _, card = load_artifact(config.model)
     task = config.task or card.task
