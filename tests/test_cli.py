@@ -279,6 +279,7 @@ def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsy
     import breakhis.protocol.job
     import breakhis.train.job
     import breakhis.train.plan
+    from breakhis.evaluate.config import EvaluateConfig
 
     built = {}
 
@@ -294,8 +295,9 @@ def test_user_defined_splits_reach_every_job_config(tmp_path, monkeypatch, capsy
         return run
 
     monkeypatch.setattr(breakhis.train.job, "run_training", capture("train"))
-    # No data here: train's check of it (before the job is imported) passes.
+    # No data nor model here: the checks the commands run before importing a job pass.
     monkeypatch.setattr(breakhis.train.plan, "plan_data", lambda config: None)
+    monkeypatch.setattr(EvaluateConfig, "check_inputs", lambda config: None)
     monkeypatch.setattr(breakhis.evaluate.job, "run_evaluation", capture("evaluate"))
     monkeypatch.setattr(breakhis.protocol.job, "run_protocol", capture("protocol"))
     monkeypatch.setattr(breakhis.data.prepare, "prepare", capture("prepare"))
