@@ -149,3 +149,35 @@ def test_scoring_job_with_gpu_actors(ray_with_gpu, tiles, tmp_path) -> None:
     table = pq.read_table(str(tmp_path / "scores" / "predictions"), columns=["prob_malignant"])
     probs = table.column("prob_malignant").to_numpy()
     assert table.num_rows == summary.tiles and np.all((probs >= 0) & (probs <= 1))
+
+
+def test_batches_copied_on_the_prefetch_threads_stream_arrive_intact() -> None:
+    """DeviceTransfer (breakhis.train.prefetch): batches copied to the GPU on the prefetch
+    thread's stream while the caller's stream is busy are, once received, exactly the host
+    batches (the caller's stream waits for each copy)."""
+    from breakhis.train.prefetch import DeviceTransfer, EpochPrefetcher
+
+    generator = torch.Generator().manual_seed(0)
+    host = [
+        {
+            "image": torch.randint(
+                0, 256, (64, 3, 128, 194), dtype=torch.uint8, generator=generator
+            ),
+            "label": torch.randint(0, 2, (64,), generator=generator),
+        }
+        for _ in range(12)
+    ]
+    device = torch.device("cuda", torch.cuda.current_device())
+    prefetcher = EpochPrefetcher(
+        lambda epoch: iter(host), first=1, last=1, depth=4, transfer=DeviceTransfer(device)
+    )
+    busy = torch.randn(4096, 4096, device=device)
+    try:
+        for i, batch in enumerate(prefetcher.batches(1)):
+            for _ in range(4):  # keep the caller's stream busy while later copies are queued
+                busy = (busy @ busy).tanh_()
+            assert batch["image"].device == device
+            assert torch.equal(batch["image"].cpu(), host[i]["image"]), i
+            assert torch.equal(batch["label"].cpu(), host[i]["label"]), i
+    finally:
+        prefetcher.close()

@@ -7,8 +7,14 @@ import threading
 import time
 
 import pytest
+import torch
 
-from breakhis.train.prefetch import LOOKAHEAD_BYTES, EpochPrefetcher, lookahead_batches
+from breakhis.train.prefetch import (
+    LOOKAHEAD_BYTES,
+    DeviceTransfer,
+    EpochPrefetcher,
+    lookahead_batches,
+)
 
 
 class Sources:
@@ -134,3 +140,42 @@ def test_lookahead_is_about_one_pool_of_bytes_within_bounds() -> None:
     assert lookahead_batches(10 * LOOKAHEAD_BYTES) == 2
     with pytest.raises(ValueError, match="batch_bytes"):
         lookahead_batches(0)
+
+
+class RecordingTransfer:
+    """A transfer that tags each batch and records which thread sent and received it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+        self.received: list[tuple[str, object]] = []
+
+    def send(self, batch):
+        self.sent.append((threading.current_thread().name, batch))
+        return ("sent", batch)
+
+    def receive(self, item):
+        tag, batch = item
+        assert tag == "sent"
+        self.received.append((threading.current_thread().name, batch))
+        return batch
+
+
+def test_a_transfer_sends_in_the_fetching_thread_and_receives_in_the_callers() -> None:
+    sources, transfer = Sources(n=3), RecordingTransfer()
+    prefetcher = EpochPrefetcher(sources, first=1, last=2, depth=2, transfer=transfer)
+    try:
+        got = [b for e in (1, 2) for b in prefetcher.batches(e)]
+    finally:
+        prefetcher.close()
+    expected = [(e, i) for e in (1, 2) for i in range(3)]
+    assert got == expected
+    assert [b for _, b in transfer.sent] == expected
+    assert {name for name, _ in transfer.sent} == {"epoch-prefetch"}
+    assert [b for _, b in transfer.received] == expected
+    assert {name for name, _ in transfer.received} == {threading.current_thread().name}
+
+
+def test_on_the_cpu_a_device_transfer_hands_the_batch_on_as_it_is() -> None:
+    transfer = DeviceTransfer("cpu")
+    batch = {"image": torch.arange(6, dtype=torch.uint8), "label": torch.tensor([0, 1])}
+    assert transfer.receive(transfer.send(batch)) is batch

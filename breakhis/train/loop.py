@@ -63,7 +63,7 @@ from breakhis.train.epoch import (
     prepare_images,
     train_one_epoch,
 )
-from breakhis.train.prefetch import EpochPrefetcher, lookahead_batches
+from breakhis.train.prefetch import DeviceTransfer, EpochPrefetcher, lookahead_batches
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +473,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     # Each epoch's first batches are fetched while the previous epoch ends (breakhis.train.
     # prefetch): Ray Data's per-epoch start no longer waits in front of the first step.
+    # On a GPU the prefetch thread copies the batches on a stream of its own (DeviceTransfer).
+    on_gpu = w.device.type == "cuda"
     prefetcher = EpochPrefetcher(
         lambda e: training_batches(
             train_shard,
@@ -480,11 +482,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shuffle_buffer=w.shuffle_buffer,
             seed=cfg.seed,
             epoch=e,
-            device=w.device,
+            device="cpu" if on_gpu else w.device,
         ),
         first=w.start_epoch,
         last=cfg.epochs,
         depth=lookahead_batches(cfg.batch_size * 3 * math.prod(_canonical_hw(cfg))),
+        transfer=DeviceTransfer(w.device) if on_gpu else None,
     )
     try:
         _train_epochs(w, config, prefetcher, val_shard)

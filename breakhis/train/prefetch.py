@@ -19,6 +19,11 @@ had been made. ``lookahead_batches`` sizes ``depth`` to about one pool of bytes 
 batches of a cached epoch are views of its blocks in the object store, so looking ahead holds
 those blocks, not copies.
 
+On a GPU the same thread copies each batch to the device (``DeviceTransfer``): through
+page-locked memory on a CUDA stream of its own, so the copy of the next batches overlaps the
+step on the current one instead of queueing behind it on the default stream; the caller's
+stream waits for a batch's copy (a CUDA event) only when it takes the batch.
+
     prefetcher = EpochPrefetcher(lambda e: training_batches(shard, ..., epoch=e), first=1, last=E)
     try:
         for epoch in range(1, E + 1):
@@ -35,6 +40,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import torch
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -54,6 +61,52 @@ def lookahead_batches(batch_bytes: int) -> int:
     return max(2, min(MOST_BATCHES_AHEAD, LOOKAHEAD_BYTES // batch_bytes))
 
 
+class _InFlight:
+    """A batch whose copy to the GPU was queued on DeviceTransfer's stream, and the event that
+    marks its end."""
+
+    def __init__(self, batch: dict[str, Any], event: torch.cuda.Event) -> None:
+        self.batch, self.event = batch, event
+
+
+class DeviceTransfer:
+    """Moves batches (mappings of tensors) to ``device``: ``send`` in the fetching thread,
+    ``receive`` in the thread that uses them. On the CPU both return the batch as it is. On a
+    CUDA device ``send`` copies each tensor into page-locked memory and from there to the
+    device on a stream of its own, without waiting; ``receive`` makes the caller's current
+    stream wait for that copy and records the tensors as used on it (so the caching
+    allocator does not reuse their memory while the caller's kernels still read it)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+
+    def send(self, batch: Any) -> Any:
+        if self._stream is None:
+            return batch
+        with torch.cuda.stream(self._stream):
+            moved = {
+                key: value.pin_memory().to(self.device, non_blocking=True)
+                if isinstance(value, torch.Tensor)
+                else value
+                for key, value in batch.items()
+            }
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return _InFlight(moved, event)
+
+    def receive(self, item: Any) -> Any:
+        if not isinstance(item, _InFlight):
+            return item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(item.event)
+        for value in item.batch.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(current)
+        return item.batch
+
+
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -66,7 +119,8 @@ class EpochPrefetcher:
 
     batches(epoch) must be asked in order, each epoch once; an error of a source is raised by
     batches() of its epoch, in the caller's thread. close() stops the thread and closes the
-    source it holds (call it when training stops early, or fails)."""
+    source it holds (call it when training stops early, or fails). ``transfer`` (a
+    DeviceTransfer) moves each batch to its device as it is fetched."""
 
     def __init__(
         self,
@@ -75,6 +129,7 @@ class EpochPrefetcher:
         first: int,
         last: int,
         depth: int = 2,
+        transfer: DeviceTransfer | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -87,6 +142,7 @@ class EpochPrefetcher:
         self._next = first
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._transfer = transfer
 
     def batches(self, epoch: int) -> Iterator[Any]:
         """An iterator over the batches of ``epoch``; it raises what the epoch's source raised.
@@ -126,7 +182,7 @@ class EpochPrefetcher:
                 return
             if isinstance(item, _Failure):
                 raise item.error
-            yield item
+            yield item if self._transfer is None else self._transfer.receive(item)
 
     def _put(self, batches: deque[Any], item: Any) -> bool:
         """Queue ``item`` once fewer than ``depth`` batches wait (the end marker and a failure
@@ -147,7 +203,8 @@ class EpochPrefetcher:
             try:
                 source = iter(self._open(epoch))
                 for batch in source:
-                    if not self._put(batches, batch):
+                    sent = batch if self._transfer is None else self._transfer.send(batch)
+                    if not self._put(batches, sent):
                         return
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
                 self._put(batches, _Failure(error))
