@@ -35,6 +35,7 @@ across tiles.
 from __future__ import annotations
 
 import io
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -228,7 +229,13 @@ def gradcam_with_logits(
     layer=layer)`` (captum's LayerGradCam, ReLU applied) without its second forward pass.
     """
     recorded: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: recorded.append(out))
+    caller = threading.get_ident()  # another thread's pass on the same model is not ours
+
+    def record(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        if threading.get_ident() == caller:
+            recorded.append(out)
+
+    handle = layer.register_forward_hook(record)
     try:
         with torch.enable_grad():
             logits = model(images.detach().requires_grad_(True)).float()

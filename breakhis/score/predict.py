@@ -429,6 +429,7 @@ def predict_dataset(
         cpus_per_actor=options.cpus_per_actor,
         gpus_per_actor=gpus_per_actor,
         batch_size=options.batch_size,
+        calls_per_actor=options.calls_per_actor,
     )
 
 
@@ -456,17 +457,24 @@ def model_stage(
     cpus_per_actor: int,
     gpus_per_actor: float,
     batch_size: int | None,
+    calls_per_actor: int = 1,
 ) -> ray.data.Dataset:
     """``ds`` through a pool of model actors (``predictor``: TilePredictor or a callable class
     that wraps it, built with ``constructor_kwargs``), 1..``max_actors`` of them sized by
-    actor_plan. The one model stage of both pipelines, with one retry policy: an actor is
-    restarted RETRIES times, and a call waits for its actor to come back."""
+    actor_plan, each running up to ``calls_per_actor`` calls at once in threads. The one model
+    stage of both pipelines, with one retry policy: an actor is restarted RETRIES times, and a
+    call waits for its actor to come back."""
     import ray
 
+    threads = (
+        {"max_concurrent_calls_per_actor": calls_per_actor, "enable_true_multi_threading": True}
+        if calls_per_actor > 1
+        else {}
+    )
     return ds.map_batches(
         predictor,
         fn_constructor_kwargs=constructor_kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors, **threads),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         batch_size=batch_size,

@@ -16,6 +16,9 @@ ATTRIBUTION_CHOICES: tuple[str, ...] = (
 )
 """Accepted values of --attribution (``ig`` is integrated_gradients)."""
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+CONCURRENT_ATTRIBUTIONS: tuple[str, ...] = ("none", "gradcam")
+"""The attributions whose model calls may run in parallel threads on one model (calls_per_actor):
+Grad-CAM's hook records the calling thread's pass only."""
 """Accepted values of --device."""
 
 
@@ -41,6 +44,11 @@ class PredictOptions:
     """Most model actors; 0: one per GPU, or on CPUs one per ``cpus_per_actor`` CPUs less one."""
     cpus_per_actor: int = 1
     """CPUs Ray reserves per model actor."""
+    calls_per_actor: int = 1
+    """Model calls in flight per actor, each in its own thread (Ray Data's
+    ``max_concurrent_calls_per_actor``): on a GPU, 2 overlaps one batch's host side and copy
+    with another's forward pass. Above 1 only with ``--attribution none`` or ``gradcam``
+    (captum's other methods are not safe in parallel on one model)."""
     torch_threads: int = 0
     """torch threads per actor on CPUs; 0: cpus_per_actor. More oversubscribes on purpose
     (e.g. one actor using every core while decode tasks share them)."""
@@ -84,6 +92,16 @@ class PredictOptions:
         if self.torch_threads < 0:
             raise ValueError(
                 f"--torch-threads must be >= 0 (0: --cpus-per-actor), got {self.torch_threads}"
+            )
+        if not (isinstance(self.calls_per_actor, int) and self.calls_per_actor >= 1):
+            raise ValueError(
+                f"--calls-per-actor must be an integer >= 1, got {self.calls_per_actor!r}"
+            )
+        if self.calls_per_actor > 1 and self.attribution not in CONCURRENT_ATTRIBUTIONS:
+            raise ValueError(
+                f"--calls-per-actor {self.calls_per_actor} with --attribution {self.attribution}: "
+                f"calls in parallel on one model take --attribution "
+                f"{' or '.join(CONCURRENT_ATTRIBUTIONS)}; use --calls-per-actor 1"
             )
         if self.num_actors < 0:
             raise ValueError(f"--num-actors must be >= 0 (0: automatic), got {self.num_actors}")

@@ -470,4 +470,5 @@ def units_dataset(
         cpus_per_actor=options.cpus_per_actor,
         gpus_per_actor=gpus_per_actor,
         batch_size=None,
+        calls_per_actor=options.calls_per_actor,
     )
