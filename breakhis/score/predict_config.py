@@ -16,10 +16,10 @@ ATTRIBUTION_CHOICES: tuple[str, ...] = (
 )
 """Accepted values of --attribution (``ig`` is integrated_gradients)."""
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Accepted values of --device."""
 CONCURRENT_ATTRIBUTIONS: tuple[str, ...] = ("none", "gradcam")
 """The attributions whose model calls may run in parallel threads on one model (calls_per_actor):
 Grad-CAM's hook records the calling thread's pass only."""
-"""Accepted values of --device."""
 
 
 @dataclass(frozen=True)
